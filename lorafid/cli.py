@@ -1,0 +1,189 @@
+"""``lorafid audit BASE FINETUNE --rank R`` and ``lorafid rerank REPORT --rank R``.
+
+Exit codes: 0 success; 1 a lorafid error (one line on stderr saying what to do, no
+traceback); 2 bad usage; 130 interrupted (what was computed is kept in the store, and in
+``--out`` as a partial report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from lorafid import __version__
+from lorafid.audit import Audit, AuditConfig
+from lorafid.errors import LorafidError
+from lorafid.report import Report, aggregate_rank_for_energy, load_spectra, save_spectra, spectra_path
+from lorafid.store import Store
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorafid",
+        description="Measure how much of a fine-tune survives as a LoRA extracted from its delta to the base.",
+    )
+    parser.add_argument("--version", action="version", version=f"lorafid {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("audit", help="audit a base / fine-tune pair")
+    run.add_argument("base", help="Hub repo ID (org/name[@revision]), a directory of shards, or a .safetensors file")
+    run.add_argument("finetune", help="the fine-tuned model, same forms as BASE")
+    run.add_argument("--rank", type=_positive_int, default=64, help="LoRA rank to report at (default: 64)")
+    _add_output_options(run)
+    run.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    run.add_argument("--token", help="Hub token (default: HF_TOKEN or the stored login); never stored")
+    run.add_argument("--base-revision", help="revision of BASE (branch, tag or commit)")
+    run.add_argument("--finetune-revision", help="revision of FINETUNE")
+    run.add_argument("--include-embeddings", action="store_true", help="also audit embeddings and lm_head")
+    run.add_argument("--include", metavar="REGEX", help="audit only tensors whose name matches")
+    run.add_argument("--exclude", metavar="REGEX", help="skip tensors whose name matches")
+    run.add_argument("--fresh", action="store_true", help="ignore results stored by an earlier run")
+    run.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+
+    rerank = commands.add_parser("rerank", help="re-read a saved report at another rank (no weights fetched)")
+    rerank.add_argument("report", type=Path, help="a report.json written by lorafid audit --out")
+    rerank.add_argument("--rank", type=_positive_int, required=True)
+    _add_output_options(rerank)
+    rerank.add_argument("--quiet", action="store_true", help="no summary")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "audit":
+            return _audit(args)
+        return _rerank(args)
+    except LorafidError as e:
+        print(f"lorafid: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _audit(args: argparse.Namespace) -> int:
+    config = AuditConfig(
+        rank=args.rank,
+        device=args.device,
+        include_embeddings=args.include_embeddings,
+        include=args.include,
+        exclude=args.exclude,
+        base_revision=args.base_revision,
+        finetune_revision=args.finetune_revision,
+        token=args.token,
+        fresh=args.fresh,
+    )
+    with Audit(args.base, args.finetune, config) as job:
+        plan = job.plan()
+        bar = tqdm(
+            total=plan.size_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="audit", disable=args.quiet
+        )
+        try:
+            with bar:
+                for step in job.run():
+                    bar.update(step.bytes_done - bar.n)
+                    bar.set_postfix_str(f"{step.done}/{step.total} matrices", refresh=False)
+        except KeyboardInterrupt:
+            report = job.report()
+            _write(report, args)
+            done = len(report.matrices)
+            print(
+                f"lorafid: interrupted after {done} of {done + len(report.pending)} matrices; they are kept. "
+                "Run the same command again to resume.",
+                file=sys.stderr,
+            )
+            return 130
+        report = job.report()
+    _write(report, args)
+    if not args.quiet:
+        print(describe(report))
+    return 0
+
+
+def _rerank(args: argparse.Namespace) -> int:
+    try:
+        report = Report.from_json(args.report.read_text())
+    except OSError as e:
+        raise LorafidError(f"Cannot read {args.report}: {e.strerror}.") from e
+    sidecar = spectra_path(args.report)
+    if sidecar.exists():
+        report = report.with_spectra(load_spectra(sidecar))
+    else:
+        key = Store().find(report.base.spec, report.finetune.spec)
+        stored = Store().load_report(key) if key else None
+        if stored is not None and (stored.base, stored.finetune) == (report.base, report.finetune):
+            report = report.with_spectra({m.name: m.sigma_sq for m in stored.matrices if m.sigma_sq is not None})
+    report = report.with_rank(args.rank)
+    _write(report, args)
+    if not args.quiet:
+        print(describe(report))
+    return 0
+
+
+def describe(report: Report) -> str:
+    """The terminal summary: overall, per module kind, worst layers, what a LoRA cannot carry."""
+    summary = report.summary()
+    lines = [summary.sentence(), ""]
+    lines.append(f"{'module':<28}{'matrices':>9}{'kept@' + str(report.rank):>11}{'cos.dist':>10}{'rank for 90%':>14}")
+    for group in sorted(summary.by_module, key=lambda g: g.energy_retained):
+        members = [m for m in report.matrices if m.module == group.key]
+        needed = aggregate_rank_for_energy(members, 0.9)
+        lines.append(
+            f"{group.key:<28}{group.matrices:>9}{group.energy_retained:>11.1%}"
+            f"{group.mean_cosine_distance:>10.4f}{needed if needed is not None else '-':>14}"
+        )
+    layers = sorted((g for g in summary.by_layer if g.key != "-"), key=lambda g: g.energy_retained)[:3]
+    if layers:
+        lines.append("worst layers: " + ", ".join(f"{g.key} (keeps {g.energy_retained:.0%})" for g in layers))
+    total = summary.overall.energy + summary.lost_outside_lora
+    if summary.lost_outside_lora > 0:
+        lines.append(
+            f"1-D tensors (norms, biases): {summary.lost_outside_lora / total:.2%} of the change, not carried by a LoRA"
+        )
+    reasons: dict[str, int] = {}
+    for skipped in report.skipped:
+        reasons[skipped.reason] = reasons.get(skipped.reason, 0) + 1
+    if reasons:
+        lines.append("not audited: " + ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in sorted(reasons.items())))
+    if report.status != "complete":
+        lines.append(f"partial: {len(report.pending)} matrices not computed yet")
+    return "\n".join(lines)
+
+
+def _write(report: Report, args: argparse.Namespace) -> None:
+    if args.out is None:
+        return
+    text = json.dumps(report.compare_py(), indent=4) if args.format == "compare-py" else report.to_json()
+    try:
+        args.out.write_text(text + "\n")
+        if args.format == "report" and report.has_spectra():
+            save_spectra(report, spectra_path(args.out))
+    except OSError as e:
+        raise LorafidError(f"Cannot write {args.out}: {e.strerror}.") from e
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, help="write the report here (and full spectra beside it)")
+    parser.add_argument(
+        "--format",
+        choices=("report", "compare-py"),
+        default="report",
+        help="report: lorafid's JSON (default); compare-py: the seed post's results.json layout",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

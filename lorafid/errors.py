@@ -1,0 +1,52 @@
+"""Every error lorafid raises on purpose.
+
+Each class is one kind of failure a user can act on. Messages are full sentences that say
+what failed, on which repo/file/tensor, and what to do next; the CLI prints them as one
+line and the app shows them as they are. Causes are chained with ``raise ... from e``.
+"""
+
+from __future__ import annotations
+
+
+class LorafidError(Exception):
+    """Base class: a failure with a message meant for the user, not a traceback."""
+
+
+class RepoNotFoundError(LorafidError):
+    """The Hub repo does not exist, or is private and the token cannot see it."""
+
+
+class GatedRepoError(LorafidError):
+    """The repo is gated: the user must accept its licence on the Hub and pass a token."""
+
+
+class RevisionNotFoundError(LorafidError):
+    """The branch, tag or commit asked for does not exist in the repo."""
+
+
+class NotSafetensorsError(LorafidError):
+    """The source has no ``.safetensors`` weights (pickle-only repos are refused, never loaded)."""
+
+
+class SafetensorsHeaderError(LorafidError):
+    """A safetensors header is malformed: bad length, bad JSON, bad offsets, bad sizes."""
+
+
+class UnsupportedDtypeError(LorafidError):
+    """A tensor's dtype cannot be compared exactly (quantized packs, FP8 with scales...)."""
+
+
+class NoCommonTensorsError(LorafidError):
+    """The two models share no comparable weight matrix: probably not base and fine-tune."""
+
+
+class FetchError(LorafidError):
+    """Bytes could not be read correctly after retries (network fault, wrong range, short body)."""
+
+
+class LimitExceededError(LorafidError):
+    """A configured limit (model size, tensor size, queue) would be exceeded."""
+
+
+class InvalidSourceError(LorafidError):
+    """A source string is neither a valid Hub repo ID nor an allowed local path."""

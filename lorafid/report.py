@@ -1,0 +1,435 @@
+"""The audit report: records, versioned JSON, summaries, and any rank re-derived exactly.
+
+A ``Report`` holds, per matrix, the scalar statistics of Δ plus its cumulative energy on a
+fixed rank grid (``RANK_GRID``); the full spectrum (``sigma_sq``) rides along in memory
+when known, and is persisted in the store and in a ``.spectra.safetensors`` sidecar, not
+in the JSON, which stays a few MB even for a 70B pair. ``Report.with_rank(r)`` re-derives
+every metric at rank r from the spectra (exact at any r) or, without them, from the grid
+(exact at grid ranks; other ranks raise).
+
+JSON layout (``"schema": "lorafid.report/1"``), keys in a stable order:
+    schema, tool_version, created, status, base, finetune, settings, timings, summary,
+    matrices[], vectors[], skipped[], pending[].
+The summary and each matrix's ``at_rank`` block are derived: ``from_json`` ignores them
+and recomputes, so ``Report.from_json(r.to_json()) == r``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from lorafid import __version__
+from lorafid import spectrum as sp
+from lorafid.errors import LorafidError
+from lorafid.pairing import SkippedTensor
+
+SCHEMA = "lorafid.report/1"
+RANK_GRID: tuple[int, ...] = tuple(2**i for i in range(16))  # 1 … 32768: beyond any LLM's k
+"""Ranks at which the cumulative energy of every matrix is kept in the JSON."""
+PROVIDER_RANKS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
+"""Ranks LoRA-serving providers typically use; marks on the dashboard's slider."""
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """Where one model came from, pinned: what was asked for and what was read."""
+
+    spec: str
+    kind: str  # "hub" | "local"
+    repo_id: str | None
+    requested_revision: str | None
+    resolved_sha: str | None  # the commit every byte was read from (hub)
+    path: str | None
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """Everything that shaped the numbers (the rank only picks where they are read)."""
+
+    rank: int
+    device: str
+    include_embeddings: bool = False
+    include: str | None = None
+    exclude: str | None = None
+    numerics: dict[str, str | bool] = field(default_factory=lambda: dict(sp.NUMERICS))
+
+
+@dataclass(frozen=True)
+class Timings:
+    elapsed_s: float = 0.0
+    wait_for_bytes_s: float = 0.0  # time the math device sat idle waiting for weights
+    compute_s: float = 0.0
+    bytes_read: int = 0
+
+
+@dataclass(frozen=True)
+class MatrixResult:
+    """One audited matrix: statistics of Δ that hold at every rank."""
+
+    name: str
+    layer: int | None
+    module: str
+    shape: tuple[int, int]
+    dtype: str  # storage dtype of the fine-tune's tensor
+    full_rank: int
+    energy: float  # ‖Δ‖_F²
+    finetune_norm_sq: float
+    base_norm_sq: float
+    mean_abs_delta: float
+    noise_energy: float
+    rank_for_energy: dict[str, int]  # "0.9" -> smallest rank keeping 90% of Δ's energy
+    stable_rank: float
+    effective_rank: float
+    energy_grid: tuple[float, ...]  # energy retained at RANK_GRID[i]
+    sigma_sq: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def from_spectrum(
+        cls, *, name: str, layer: int | None, module: str, dtype: str, spectrum: sp.DeltaSpectrum
+    ) -> MatrixResult:
+        rows, cols = spectrum.shape
+        return cls(
+            name=name,
+            layer=layer,
+            module=module,
+            shape=(rows, cols),
+            dtype=dtype,
+            full_rank=spectrum.full_rank,
+            energy=spectrum.energy,
+            finetune_norm_sq=spectrum.finetune_norm_sq,
+            base_norm_sq=spectrum.base_norm_sq,
+            mean_abs_delta=spectrum.mean_abs_delta,
+            noise_energy=spectrum.noise_energy,
+            rank_for_energy={str(p): sp.rank_for_energy(spectrum, p) for p in sp.ENERGY_TARGETS},
+            stable_rank=sp.stable_rank(spectrum),
+            effective_rank=sp.effective_rank(spectrum),
+            energy_grid=tuple(sp.energy_retained(spectrum, r) for r in RANK_GRID),
+            sigma_sq=spectrum.sigma_sq,
+        )
+
+    def spectrum(self) -> sp.DeltaSpectrum:
+        """The full spectrum; ``sigma_sq`` is empty when not loaded (grid ranks only)."""
+        return sp.DeltaSpectrum(
+            shape=self.shape,
+            sigma_sq=self.sigma_sq if self.sigma_sq is not None else np.zeros(0),
+            energy=self.energy,
+            finetune_norm_sq=self.finetune_norm_sq,
+            base_norm_sq=self.base_norm_sq,
+            mean_abs_delta=self.mean_abs_delta,
+            noise_energy=self.noise_energy,
+        )
+
+    def energy_retained(self, rank: int) -> float:
+        """Exact at any rank with the spectrum loaded; at grid ranks (and r ≥ k) without it."""
+        if self.sigma_sq is not None or rank >= self.full_rank or self.energy == 0.0:
+            return sp.energy_retained(self.spectrum(), rank)
+        if rank in RANK_GRID:
+            return self.energy_grid[RANK_GRID.index(rank)]
+        raise SpectrumNotLoadedError(
+            f"Rank {rank} of {self.name} needs the full spectrum, which this report was loaded without. "
+            f"Load the .spectra.safetensors file written next to the report, or pick a rank from {RANK_GRID[:10]}."
+        )
+
+    def metrics(self, rank: int) -> sp.RankMetrics:
+        return sp.metrics_from_retained(self.spectrum(), rank, self.energy_retained(rank))
+
+    def noise_floor_retained(self, rank: int) -> float:
+        return sp.noise_floor_retained(self.spectrum(), rank)
+
+
+@dataclass(frozen=True)
+class VectorResult:
+    """A 1-D tensor (norm, bias): a LoRA cannot carry it, so its whole delta is lost."""
+
+    name: str
+    layer: int | None
+    module: str
+    shape: tuple[int, ...]
+    energy: float  # ‖Δ‖²
+    finetune_norm_sq: float
+
+
+class SpectrumNotLoadedError(LorafidError):
+    """A rank off the stored grid was asked for and the full spectra are not at hand."""
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """Energy-weighted figures for a group of matrices (a module kind, a layer, the model)."""
+
+    key: str
+    matrices: int
+    energy: float
+    energy_retained: float  # Σ E_i·retained_i / Σ E_i
+    mean_cosine_distance: float
+    weight_rel_error: float  # sqrt(Σ lost_i) / sqrt(Σ ‖W_ft,i‖²)
+
+
+@dataclass(frozen=True)
+class Summary:
+    rank: int
+    overall: GroupSummary
+    by_module: tuple[GroupSummary, ...]
+    by_layer: tuple[GroupSummary, ...]
+    worst: tuple[tuple[str, float], ...]  # (matrix, cosine distance), worst first
+    rank_for_90: int | None  # smallest rank whose overall retention reaches 90% (None: beyond k)
+    noise_floor_retained: float  # overall retention a pure-rounding remainder would allow
+    lost_outside_lora: float  # Δ energy in 1-D tensors: not representable by any LoRA
+
+    def sentence(self) -> str:
+        """The summary card in words."""
+        parts = [f"Rank {self.rank} keeps {self.overall.energy_retained:.0%} of this fine-tune's change"]
+        if len(self.by_module) > 1:
+            worst = min(self.by_module, key=lambda g: g.energy_retained)
+            parts.append(f"{worst.key} loses most (keeps {worst.energy_retained:.0%})")
+        if self.rank_for_90 is None:
+            parts.append("no rank below full rank reaches 90%")
+        elif self.rank_for_90 <= self.rank:
+            parts.append(f"rank {self.rank_for_90} already keeps 90%")
+        else:
+            parts.append(f"rank {self.rank_for_90} would be needed for 90%")
+        floor = 1.0 - self.noise_floor_retained
+        if floor > 1e-3:
+            parts.append(f"about {floor:.1%} of the change is storage rounding that no rank recovers")
+        return "; ".join(parts) + "."
+
+
+@dataclass(frozen=True)
+class Report:
+    """One audit of a base/fine-tune pair, complete or partial."""
+
+    base: SourceRecord
+    finetune: SourceRecord
+    settings: AuditSettings
+    matrices: tuple[MatrixResult, ...]
+    vectors: tuple[VectorResult, ...] = ()
+    skipped: tuple[SkippedTensor, ...] = ()
+    pending: tuple[str, ...] = ()  # planned matrices not computed yet (a stopped audit)
+    status: str = "complete"  # "complete" | "partial"
+    timings: Timings = Timings()
+    tool_version: str = __version__
+    created: str = ""
+
+    @property
+    def rank(self) -> int:
+        return self.settings.rank
+
+    def with_rank(self, rank: int) -> Report:
+        """The same audit read at another rank: no weights, no recompute."""
+        if rank < 1:
+            raise LorafidError(f"Rank must be a positive integer, got {rank}.")
+        return replace(self, settings=replace(self.settings, rank=rank))
+
+    def has_spectra(self) -> bool:
+        return all(m.sigma_sq is not None for m in self.matrices)
+
+    def with_spectra(self, spectra: dict[str, np.ndarray]) -> Report:
+        """Attach full spectra (from the store or a sidecar) by matrix name."""
+        matrices = tuple(
+            replace(m, sigma_sq=spectra[m.name]) if m.name in spectra else m for m in self.matrices
+        )
+        return replace(self, matrices=matrices)
+
+    def summary(self) -> Summary:
+        return summarize(self.matrices, self.vectors, self.rank)
+
+    def compare_py(self) -> dict[str, Any]:
+        """The seed post's ``results.json`` layout, over the tensors its script covers.
+
+        Its script keeps 2-D tensors whose name contains neither "embed" nor "lm_head".
+        """
+        view: dict[str, Any] = {}
+        for m in self.matrices:
+            if "embed" in m.name or "lm_head" in m.name:
+                continue
+            at = m.metrics(self.rank)
+            view[m.name] = {
+                "loss": {"mse": at.mse, "cosine_distance": at.cosine_distance},
+                "mean_diff_value": m.mean_abs_delta,
+                "diff_rank": m.full_rank,
+            }
+        return view
+
+    def to_dict(self) -> dict[str, Any]:
+        summary = self.summary()
+        return {
+            "schema": SCHEMA,
+            "tool_version": self.tool_version,
+            "created": self.created,
+            "status": self.status,
+            "base": asdict(self.base),
+            "finetune": asdict(self.finetune),
+            "settings": asdict(self.settings),
+            "timings": asdict(self.timings),
+            "summary": {**asdict(summary), "sentence": summary.sentence()},
+            "rank_grid": list(RANK_GRID),
+            "matrices": [_matrix_to_dict(m, self.rank) for m in self.matrices],
+            "vectors": [asdict(v) for v in self.vectors],
+            "skipped": [asdict(s) for s in self.skipped],
+            "pending": list(self.pending),
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        if data.get("schema") != SCHEMA:
+            raise LorafidError(
+                f"Not a lorafid report (schema {data.get('schema')!r}, expected {SCHEMA!r}); "
+                "was it written by another tool or a newer lorafid?"
+            )
+        return cls(
+            base=_source_from_dict(data["base"]),
+            finetune=_source_from_dict(data["finetune"]),
+            settings=AuditSettings(**data["settings"]),
+            matrices=tuple(_matrix_from_dict(m) for m in data["matrices"]),
+            vectors=tuple(VectorResult(**{**v, "shape": tuple(v["shape"])}) for v in data["vectors"]),
+            skipped=tuple(_skipped_from_dict(s) for s in data["skipped"]),
+            pending=tuple(data["pending"]),
+            status=data["status"],
+            timings=Timings(**data["timings"]),
+            tool_version=data["tool_version"],
+            created=data["created"],
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Report:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LorafidError(f"The report is not valid JSON ({e}).") from e
+        return cls.from_dict(data)
+
+
+def summarize(matrices: Iterable[MatrixResult], vectors: Iterable[VectorResult], rank: int) -> Summary:
+    """Energy-weighted summaries at ``rank`` over whatever matrices are done so far."""
+    done = list(matrices)
+    by_module: dict[str, list[MatrixResult]] = {}
+    by_layer: dict[str, list[MatrixResult]] = {}
+    for m in done:
+        by_module.setdefault(m.module, []).append(m)
+        by_layer.setdefault("-" if m.layer is None else str(m.layer), []).append(m)
+    worst = sorted(((m.name, m.metrics(rank).cosine_distance) for m in done), key=lambda t: -t[1])[:10]
+    total_energy = sum(m.energy for m in done)
+    floor = sum(m.energy * m.noise_floor_retained(rank) for m in done) / total_energy if total_energy else 1.0
+    vector_energy = sum(v.energy for v in vectors)
+    return Summary(
+        rank=rank,
+        overall=_group("all", done, rank),
+        by_module=tuple(_group(k, g, rank) for k, g in by_module.items()),
+        by_layer=tuple(_group(k, g, rank) for k, g in sorted(by_layer.items(), key=lambda kv: _layer_key(kv[0]))),
+        worst=tuple(worst),
+        rank_for_90=aggregate_rank_for_energy(done, 0.9),
+        noise_floor_retained=floor,
+        lost_outside_lora=vector_energy,
+    )
+
+
+def aggregate_rank_for_energy(matrices: list[MatrixResult], share: float) -> int | None:
+    """Smallest rank r at which the energy-weighted retention of all matrices reaches ``share``.
+
+    Exact (binary search over 1…max k) when every spectrum is loaded; the smallest grid
+    rank that reaches it otherwise. None when no matrix changed or nothing reaches it.
+    """
+    total = sum(m.energy for m in matrices)
+    if total == 0.0:
+        return None
+
+    def reaches(rank: int) -> bool:
+        return sum(m.energy * m.energy_retained(rank) for m in matrices) >= share * total * (1 - 1e-12)
+
+    top = max(m.full_rank for m in matrices)
+    if all(m.sigma_sq is not None for m in matrices):
+        return _first_true(reaches, 1, top)
+    candidates = [r for r in RANK_GRID if r < top] + [top]
+    return next((r for r in candidates if reaches(r)), None)
+
+
+def _first_true(predicate: Callable[[int], bool], low: int, high: int) -> int | None:
+    """Smallest x in [low, high] with predicate(x) for a monotone predicate, else None."""
+    if not predicate(high):
+        return None
+    while low < high:
+        mid = (low + high) // 2
+        if predicate(mid):
+            high = mid
+        else:
+            low = mid + 1
+    return low
+
+
+def _group(key: str, matrices: list[MatrixResult], rank: int) -> GroupSummary:
+    energy = sum(m.energy for m in matrices)
+    at = [m.metrics(rank) for m in matrices]
+    lost = sum(m.energy * (1 - a.energy_retained) for m, a in zip(matrices, at, strict=True))
+    weight = sum(m.finetune_norm_sq for m in matrices)
+    retained = 1.0 - lost / energy if energy else 1.0
+    return GroupSummary(
+        key=key,
+        matrices=len(matrices),
+        energy=energy,
+        energy_retained=retained,
+        mean_cosine_distance=sum(a.cosine_distance for a in at) / len(at) if at else 0.0,
+        weight_rel_error=math.sqrt(lost / weight) if weight else 0.0,
+    )
+
+
+def _layer_key(layer: str) -> tuple[int, int]:
+    return (1, 0) if layer == "-" else (0, int(layer))
+
+
+def _matrix_to_dict(m: MatrixResult, rank: int) -> dict[str, Any]:
+    out = {k: v for k, v in asdict(m).items() if k != "sigma_sq"}
+    try:
+        at = asdict(m.metrics(rank))
+        at["noise_floor_retained"] = m.noise_floor_retained(rank)
+    except SpectrumNotLoadedError:
+        at = None
+    out["at_rank"] = at
+    return out
+
+
+def _matrix_from_dict(data: dict[str, Any]) -> MatrixResult:
+    fields = {k: v for k, v in data.items() if k != "at_rank"}
+    fields["shape"] = tuple(fields["shape"])
+    fields["energy_grid"] = tuple(fields["energy_grid"])
+    return MatrixResult(**fields)
+
+
+def _source_from_dict(data: dict[str, Any]) -> SourceRecord:
+    return SourceRecord(**{**data, "files": tuple(data["files"])})
+
+
+def _skipped_from_dict(data: dict[str, Any]) -> SkippedTensor:
+    shapes = {k: tuple(data[k]) if data.get(k) is not None else None for k in ("base_shape", "finetune_shape")}
+    return SkippedTensor(**{**data, **shapes})
+
+
+
+def spectra_path(report_path: Path) -> Path:
+    """Where the full spectra of ``report.json`` live: ``report.spectra.safetensors``."""
+    return report_path.with_name(report_path.stem + ".spectra.safetensors")
+
+
+def save_spectra(report: Report, path: Path) -> None:
+    """Write every matrix's σ² (float64) to a safetensors file, keyed by matrix name."""
+    spectra = {m.name: np.ascontiguousarray(m.sigma_sq, dtype=np.float64) for m in report.matrices if m.sigma_sq is not None}
+    save_file(spectra, str(path), metadata={"schema": SCHEMA, "content": "sigma_sq per matrix"})
+
+
+def load_spectra(path: Path) -> dict[str, np.ndarray]:
+    """Read spectra written by ``save_spectra`` (safetensors: no code is ever executed)."""
+    try:
+        return dict(load_file(str(path)))
+    except Exception as e:  # the safetensors library raises its own types for corrupt files
+        raise LorafidError(f"Cannot read the spectra file {path}: {e}. Re-run the audit to rewrite it.") from e
