@@ -227,6 +227,8 @@ class Report:
         """The same audit read at another rank: no weights, no recompute."""
         if rank < 1:
             raise LorafidError(f"Rank must be a positive integer, got {rank}.")
+        for m in self.matrices:
+            m.energy_retained(rank)  # raises SpectrumNotLoadedError now, not halfway through a figure
         return replace(self, settings=replace(self.settings, rank=rank))
 
     def has_spectra(self) -> bool:

@@ -55,9 +55,7 @@ def build_safetensors_bytes(
     return n.to_bytes(8, "little") + raw + data
 
 
-def layout(
-    tensors: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None
-) -> tuple[dict[str, Any], bytes]:
+def layout(tensors: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None) -> tuple[dict[str, Any], bytes]:
     """Place tensors back to back in the given order: returns (header dict, data bytes).
 
     Example: [("a", "F16", (2,), b"1234"), ("b", "U8", (1,), b"x")]

@@ -1,0 +1,571 @@
+"""A Hub-compatible HTTP server on 127.0.0.1 for offline tests, with a separate "CDN" origin.
+
+The real ``huggingface_hub`` client talks to it (``endpoint=hub.endpoint`` or ``HF_ENDPOINT``),
+so tests exercise the same requests, redirects and error headers as the Hugging Face Hub:
+
+- ``GET /api/models/{id}`` and ``/api/models/{id}/revision/{rev}``: ``id``, ``sha``, ``siblings``...
+- ``GET /api/models/{id}/tree/{rev}[/{path}]`` and ``POST /api/models/{id}/paths-info/{rev}``.
+- ``HEAD|GET /{id}/resolve/{rev}/{file}``: ``*.safetensors`` answer 302 to a signed URL on the
+  CDN origin (another port); other files are served directly. Both honour single ``Range``s
+  (206 + ``Content-Range``, 416 when unsatisfiable).
+- errors carry ``X-Error-Code`` (``RepoNotFound``, ``GatedRepo``, ``RevisionNotFound``,
+  ``EntryNotFound``) and a JSON ``{"error": ...}`` body, which is what ``hf_raise_for_status`` reads.
+
+Fault injection (``hub.faults``, or ``with hub.inject(...)``) applies to every response that
+carries file bytes (CDN GETs and direct resolve GETs), never to API calls or HEADs. Every
+request to either origin is recorded in ``hub.requests``.
+
+Not a goal: Xet storage, datasets/spaces, uploads, pagination, HTTP/2, multi-range requests
+(they get the whole file with 200, as many servers do).
+
+Example::
+
+    hub.add_repo("org/base", {"model.safetensors": data})
+    with hub.inject(status_sequence=[503, 502]):
+        ...  # the next two byte responses are errors, then the server behaves
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import http.server
+import json
+import re
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
+
+Origin = Literal["hub", "cdn"]
+
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# Handler sockets time out so a stuck client can never hang a test or the shutdown.
+_SOCKET_TIMEOUT_S = 10.0
+_SLOW_PIECE_BYTES = 4096
+
+
+@dataclass
+class Faults:
+    """Ways the byte-serving responses misbehave; defaults are a well-behaved server.
+
+    ``status_sequence`` and ``rate_limit`` consume themselves one response at a time. The
+    other switches hit every byte response while ``times`` is None, else the next ``times``.
+    """
+
+    ignore_range: bool = False  # 200 with the whole file, as a Range-stripping proxy would
+    drop_connection_after_bytes: int | None = None  # send headers + this many bytes, then close
+    truncate_body: bool = False  # honest Content-Length, half the body, then close
+    status_sequence: list[int] = field(default_factory=list)  # e.g. [503, 502, 500], then OK
+    rate_limit: int = 0  # answer this many byte requests with 429
+    retry_after: str = "0"  # Retry-After value sent with each 429
+    slow_bytes_per_s: float | None = None  # pace every body at this rate
+    wrong_content_range: bool = False  # 206 whose Content-Range is one byte off
+    times: int | None = None  # budget for the four switches above marked "every"
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the server saw it: enough to count calls and check what was asked."""
+
+    origin: Origin
+    method: str
+    path: str  # raw (still quoted) path, without the query
+    query: str
+    range: str | None  # the Range header, verbatim
+    has_authorization: bool
+    headers: dict[str, str]  # lower-cased names
+    status: int
+    bytes_sent: int  # body bytes actually written
+
+
+@dataclass
+class _Repo:
+    repo_id: str
+    gated: bool = False
+    private: bool = False
+    revisions: dict[str, str] = field(default_factory=dict)  # branch/tag -> commit sha
+    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # sha -> files
+
+
+class _Handled(Exception):
+    """Raised after an error response has been sent, to stop handling the request."""
+
+
+class HubServer:
+    """The Hub and its CDN on two loopback ports. ``start()``/``stop()`` or use as a context manager."""
+
+    def __init__(self, *, valid_tokens: set[str] | None = None, cdn_url_ttl_s: float = 3600.0) -> None:
+        self.valid_tokens = valid_tokens  # None: any "Bearer ..." is accepted
+        self.cdn_url_ttl_s = cdn_url_ttl_s
+        self.faults = Faults()
+        self.requests: list[RecordedRequest] = []
+        self._repos: dict[str, _Repo] = {}
+        self._blobs: dict[str, bytes] = {}  # sha256 hex -> content, what the CDN serves
+        self._lock = threading.Lock()
+        self._key = secrets.token_bytes(16)
+        self._cdn_epoch = 0
+        self._servers: list[http.server.ThreadingHTTPServer] = []
+        self._threads: list[threading.Thread] = []
+        self.endpoint = ""
+        self.cdn_endpoint = ""
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> HubServer:
+        for origin in ("hub", "cdn"):
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self, origin))
+            server.daemon_threads = True
+            server.block_on_close = False  # idle keep-alive connections must not delay stop()
+            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+            thread.start()
+            self._servers.append(server)
+            self._threads.append(thread)
+        self.endpoint = f"http://127.0.0.1:{self._servers[0].server_address[1]}"
+        self.cdn_endpoint = f"http://127.0.0.1:{self._servers[1].server_address[1]}"
+        return self
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._servers.clear()
+        self._threads.clear()
+
+    def __enter__(self) -> HubServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- content ----------------------------------------------------------------------------
+    def add_repo(
+        self,
+        repo_id: str,
+        files: dict[str, bytes],
+        *,
+        revision: str = "main",
+        gated: bool = False,
+        private: bool = False,
+        sha: str | None = None,
+    ) -> str:
+        """Add (or add a revision to) a model repo; returns the commit SHA.
+
+        The SHA is derived from the content and revision name unless given. The SHA itself is
+        always a valid revision. ``gated``/``private`` apply to the whole repo (last call wins).
+        """
+        if sha is None:
+            digest = hashlib.sha1(revision.encode())
+            for name in sorted(files):
+                digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+            sha = digest.hexdigest()
+        if not re.fullmatch(r"[0-9a-f]{40}", sha):
+            raise ValueError(f"sha must be 40 lowercase hex characters, got {sha!r}")
+        with self._lock:
+            repo = self._repos.setdefault(repo_id, _Repo(repo_id))
+            repo.gated, repo.private = gated, private
+            repo.revisions[revision] = sha
+            repo.commits[sha] = dict(files)
+            for content in files.values():
+                self._blobs[hashlib.sha256(content).hexdigest()] = content
+        return sha
+
+    # -- faults and log ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def inject(self, **faults: Any) -> Iterator[Faults]:
+        """Use ``Faults(**faults)`` inside the block, then restore a well-behaved server."""
+        previous = self.faults
+        self.faults = Faults(**faults)
+        try:
+            yield self.faults
+        finally:
+            self.faults = previous
+
+    def expire_cdn_urls(self) -> None:
+        """Every CDN URL signed so far now answers 403 (as an expired signed URL does)."""
+        with self._lock:
+            self._cdn_epoch += 1
+
+    def clear_requests(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def requests_matching(
+        self, *, origin: Origin | None = None, method: str | None = None, path_contains: str = ""
+    ) -> list[RecordedRequest]:
+        with self._lock:
+            return [
+                r
+                for r in self.requests
+                if (origin is None or r.origin == origin)
+                and (method is None or r.method == method)
+                and path_contains in unquote(r.path)
+            ]
+
+    # -- internals used by the handler -----------------------------------------------------
+    def _record(self, request: RecordedRequest) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+    def _sign(self, blob: str) -> str:
+        with self._lock:
+            epoch = self._cdn_epoch
+        expires = int(time.time() + self.cdn_url_ttl_s)
+        signature = hmac.new(self._key, f"{blob}:{epoch}:{expires}".encode(), "sha256").hexdigest()
+        return f"{self.cdn_endpoint}/blobs/{blob}?epoch={epoch}&Expires={expires}&Signature={signature}"
+
+    def _signature_ok(self, blob: str, query: dict[str, list[str]]) -> bool:
+        try:
+            epoch = int(query["epoch"][0])
+            expires = int(query["Expires"][0])
+            signature = query["Signature"][0]
+        except (KeyError, ValueError, IndexError):
+            return False
+        expected = hmac.new(self._key, f"{blob}:{epoch}:{expires}".encode(), "sha256").hexdigest()
+        with self._lock:
+            current = self._cdn_epoch
+        return hmac.compare_digest(signature, expected) and epoch == current and expires >= time.time()
+
+    def _take_fault(self) -> tuple[str, Any] | None:
+        """Decide, atomically, which fault (if any) the next byte response gets."""
+        with self._lock:
+            f = self.faults
+            if f.status_sequence:
+                return ("status", f.status_sequence.pop(0))
+            if f.rate_limit > 0:
+                f.rate_limit -= 1
+                return ("rate_limit", f.retry_after)
+            switches = [
+                ("ignore_range", f.ignore_range),
+                ("wrong_content_range", f.wrong_content_range),
+                ("truncate_body", f.truncate_body),
+                ("drop", f.drop_connection_after_bytes is not None),
+            ]
+            active = next((name for name, on in switches if on), None)
+            if active is None or f.times == 0:
+                return None
+            if f.times is not None:
+                f.times -= 1
+            return (active, f.drop_connection_after_bytes)
+
+
+def _make_handler(hub: HubServer, origin: Origin) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(_Handler):
+        pass
+
+    Handler.hub = hub
+    Handler.origin = origin
+    return Handler
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the client pools connections
+    timeout = _SOCKET_TIMEOUT_S
+    hub: HubServer
+    origin: Origin
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # keep test output clean; the request log is in hub.requests
+
+    # -- dispatch ----------------------------------------------------------------------------
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        self._status, self._sent = 0, 0
+        split = urlsplit(self.path)
+        self._raw_path, self._query = split.path, split.query
+        length = int(self.headers.get("Content-Length") or 0)
+        self._body = self.rfile.read(length) if length else b""
+        try:
+            if self.origin == "cdn":
+                self._serve_cdn()
+            else:
+                self._serve_hub()
+        except _Handled:
+            pass
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            self.hub._record(
+                RecordedRequest(
+                    origin=self.origin,
+                    method=self.command,
+                    path=self._raw_path,
+                    query=self._query,
+                    range=self.headers.get("Range"),
+                    has_authorization=self.headers.get("Authorization") is not None,
+                    headers={k.lower(): v for k, v in self.headers.items()},
+                    status=self._status,
+                    bytes_sent=self._sent,
+                )
+            )
+
+    # -- CDN origin ------------------------------------------------------------------------
+    def _serve_cdn(self) -> None:
+        match = re.fullmatch(r"/blobs/([0-9a-f]{64})", self._raw_path)
+        content = self.hub._blobs.get(match.group(1)) if match else None
+        if match is None or content is None or self.command != "GET":
+            self._send_simple(404, b"<Error><Code>NoSuchKey</Code></Error>", "application/xml")
+            return
+        if not self.hub._signature_ok(match.group(1), parse_qs(self._query)):
+            # What CloudFront/S3 answer for an expired or tampered signed URL.
+            self._send_simple(403, b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>")
+            return
+        self._send_content(content, {"ETag": f'"{match.group(1)}"'})
+
+    # -- Hub origin ------------------------------------------------------------------------
+    def _serve_hub(self) -> None:
+        parts = [unquote(p) for p in self._raw_path.split("/")[1:]]
+        if parts[:2] == ["api", "models"] and len(parts) >= 4:
+            repo_id, rest = "/".join(parts[2:4]), parts[4:]
+            repo = self._repo(repo_id)
+            self._check_private(repo)
+            if not rest and self.command == "GET":
+                self._model_info(repo, "main")
+            elif len(rest) == 2 and rest[0] == "revision" and self.command == "GET":
+                self._model_info(repo, rest[1])
+            elif len(rest) >= 2 and rest[0] == "tree" and self.command == "GET":
+                self._tree(repo, rest[1], "/".join(rest[2:]))
+            elif len(rest) == 2 and rest[0] == "paths-info" and self.command == "POST":
+                self._paths_info(repo, rest[1])
+            else:
+                self._send_simple(404, b'{"error": "Not Found"}', "application/json")
+            return
+        if len(parts) >= 5 and parts[2] == "resolve" and self.command in ("GET", "HEAD"):
+            repo = self._repo("/".join(parts[:2]))
+            self._check_private(repo)
+            self._check_gated(repo)
+            sha, files = self._commit(repo, parts[3])
+            self._resolve(repo, sha, files, "/".join(parts[4:]))
+            return
+        self._send_simple(404, b'{"error": "Not Found"}', "application/json")
+
+    def _repo(self, repo_id: str) -> _Repo:
+        repo = self.hub._repos.get(repo_id)
+        if repo is None:
+            self._error(404, "RepoNotFound", "Repository not found")
+        assert repo is not None
+        return repo
+
+    def _token(self) -> str | None:
+        auth = self.headers.get("Authorization") or ""
+        return auth[len("Bearer ") :] if auth.startswith("Bearer ") and len(auth) > 7 else None
+
+    def _check_private(self, repo: _Repo) -> None:
+        token = self._token()
+        valid = self.hub.valid_tokens
+        if token is not None and valid is not None and token not in valid:
+            # The Hub's answer to a bad token; huggingface_hub raises a plain HfHubHTTPError.
+            self._error(401, None, "Invalid credentials in Authorization header")
+        if repo.private and token is None:
+            self._error(401, "RepoNotFound", "Repository not found")
+
+    def _check_gated(self, repo: _Repo) -> None:
+        if repo.gated and self._token() is None:
+            self._error(
+                401,
+                "GatedRepo",
+                f"Access to model {repo.repo_id} is restricted. You must have access to it and be "
+                "authenticated to access it. Please log in.",
+            )
+
+    def _commit(self, repo: _Repo, revision: str) -> tuple[str, dict[str, bytes]]:
+        sha = repo.revisions.get(revision) or (revision if revision in repo.commits else None)
+        if sha is None:
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        assert sha is not None
+        return sha, repo.commits[sha]
+
+    def _model_info(self, repo: _Repo, revision: str) -> None:
+        sha, files = self._commit(repo, revision)
+        info = {
+            "_id": hashlib.md5(repo.repo_id.encode()).hexdigest()[:24],
+            "id": repo.repo_id,
+            "modelId": repo.repo_id,
+            "author": repo.repo_id.split("/")[0],
+            "sha": sha,
+            "private": repo.private,
+            "gated": "manual" if repo.gated else False,
+            "disabled": False,
+            "tags": [],
+            "downloads": 0,
+            "likes": 0,
+            "library_name": "transformers",
+            "siblings": [{"rfilename": name} for name in sorted(files)],
+        }
+        self._send_json(info, {"X-Repo-Commit": sha})
+
+    def _entry(self, name: str, content: bytes) -> dict[str, Any]:
+        entry: dict[str, Any] = {"type": "file", "oid": _git_blob_sha(content), "size": len(content), "path": name}
+        if name.endswith(".safetensors"):
+            entry["lfs"] = {"oid": hashlib.sha256(content).hexdigest(), "size": len(content), "pointerSize": 134}
+        return entry
+
+    def _tree(self, repo: _Repo, revision: str, folder: str) -> None:
+        _, files = self._commit(repo, revision)
+        prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
+        recursive = parse_qs(self._query).get("recursive", ["false"])[0].lower() == "true"
+        entries: list[dict[str, Any]] = []
+        folders: set[str] = set()
+        for name in sorted(files):
+            if not name.startswith(prefix):
+                continue
+            rest = name[len(prefix) :]
+            if "/" in rest and not recursive:
+                folders.add(prefix + rest.split("/")[0])
+                continue
+            entries.append(self._entry(name, files[name]))
+        if prefix and not entries and not folders:
+            self._error(404, "EntryNotFound", f"{folder} does not exist on {revision!r}")
+        entries += [{"type": "directory", "oid": "0" * 40, "size": 0, "path": d} for d in sorted(folders)]
+        self._send_json(entries)
+
+    def _paths_info(self, repo: _Repo, revision: str) -> None:
+        _, files = self._commit(repo, revision)
+        paths: list[str] = []
+        if self._body:
+            if "json" in (self.headers.get("Content-Type") or ""):
+                paths = list(json.loads(self._body).get("paths", []))
+            else:
+                paths = parse_qs(self._body.decode()).get("paths", [])
+        self._send_json([self._entry(p, files[p]) for p in paths if p in files])
+
+    def _resolve(self, repo: _Repo, sha: str, files: dict[str, bytes], name: str) -> None:
+        content = files.get(name)
+        if content is None:
+            self._error(404, "EntryNotFound", f"{name} does not exist on this revision")
+        assert content is not None
+        common = {"X-Repo-Commit": sha, "Vary": "Origin, Accept-Encoding"}
+        if name.endswith(".safetensors"):
+            blob = hashlib.sha256(content).hexdigest()
+            headers = {
+                **common,
+                "ETag": f'"{blob}"',
+                "X-Linked-Etag": f'"{blob}"',
+                "X-Linked-Size": str(len(content)),
+                "Location": self.hub._sign(blob),
+            }
+            self._send_simple(302, b"", "text/plain", headers)
+            return
+        self._send_content(content, {**common, "ETag": f'"{_git_blob_sha(content)}"'})
+
+    # -- responses -------------------------------------------------------------------------
+    def _error(self, status: int, code: str | None, message: str) -> None:
+        headers = {"X-Error-Message": message}
+        if code is not None:
+            headers["X-Error-Code"] = code
+        self._send_simple(status, json.dumps({"error": message}).encode(), "application/json", headers)
+        raise _Handled
+
+    def _send_json(self, data: Any, headers: dict[str, str] | None = None) -> None:
+        self._send_simple(200, json.dumps(data).encode(), "application/json", headers)
+
+    def _send_simple(
+        self, status: int, body: bytes, content_type: str = "text/plain", headers: dict[str, str] | None = None
+    ) -> None:
+        self._status = status
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+            self._sent += len(body)
+
+    def _send_content(self, content: bytes, headers: dict[str, str]) -> None:
+        """Serve file bytes, honouring one Range, with whatever fault is switched on."""
+        size = len(content)
+        fault = self.hub._take_fault() if self.command == "GET" else None
+        kind = fault[0] if fault else None
+        if kind == "status":
+            self._send_simple(fault[1], json.dumps({"error": "injected fault"}).encode(), "application/json")
+            return
+        if kind == "rate_limit":
+            self._send_simple(429, b'{"error": "rate limited"}', "application/json", {"Retry-After": fault[1]})
+            return
+        headers = {**headers, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        wanted = self._parse_range(self.headers.get("Range"), size)
+        if wanted == "unsatisfiable":
+            self._send_simple(416, b"", "text/plain", {**headers, "Content-Range": f"bytes */{size}"})
+            return
+        status, start, end = 200, 0, size
+        if wanted is not None and kind != "ignore_range":
+            status, (start, end) = 206, wanted
+            if kind == "wrong_content_range":
+                # A one-byte shift: the bytes match the header, but not the request.
+                start, end = (start + 1, min(end + 1, size)) if end < size else (max(start - 1, 0), end - 1)
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        body = content[start:end]
+        self._status = status
+        self.send_response(status)
+        for key, value in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        limit = len(body)
+        if kind == "truncate_body":
+            limit = len(body) // 2
+        elif kind == "drop":
+            limit = min(len(body), fault[1])
+        self._write_paced(body[:limit])
+        if limit < len(body):
+            # Close mid-body: the client sees fewer bytes than Content-Length promised.
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _write_paced(self, data: bytes) -> None:
+        rate = self.hub.faults.slow_bytes_per_s
+        if not rate:
+            self.wfile.write(data)
+            self._sent += len(data)
+            return
+        for i in range(0, len(data), _SLOW_PIECE_BYTES):
+            piece = data[i : i + _SLOW_PIECE_BYTES]
+            self.wfile.write(piece)
+            self.wfile.flush()
+            self._sent += len(piece)
+            time.sleep(len(piece) / rate)
+
+    @staticmethod
+    def _parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
+        """``Range`` -> half-open (start, end), None for "whole file", or "unsatisfiable".
+
+        Example: ``bytes=0-99`` on a 50-byte file -> (0, 50); ``bytes=-10`` -> (40, 50);
+        ``bytes=60-`` -> "unsatisfiable".
+        """
+        if header is None:
+            return None
+        match = _RANGE_RE.match(header.strip())
+        if match is None or match.group(1) == match.group(2) == "":
+            return None  # multi-range or garbage: ignored, as RFC 9110 allows
+        first, last = match.group(1), match.group(2)
+        if first == "":
+            n = int(last)
+            return (max(size - n, 0), size) if n > 0 and size > 0 else "unsatisfiable"
+        start = int(first)
+        end = size if last == "" else min(int(last) + 1, size)
+        if start >= size or (last != "" and int(last) < start):
+            return "unsatisfiable"
+        return (start, end)
+
+
+def _git_blob_sha(content: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
