@@ -153,7 +153,9 @@ def parse_header(header_bytes: bytes, *, file: str, header_len: int, file_size: 
     except UnicodeDecodeError as e:
         raise _error(file, [f"the header is not UTF-8 ({e.reason} at byte {e.start})"]) from e
     if not _nesting_within(text, MAX_JSON_DEPTH):
-        raise _error(file, [f"the header is not valid JSON (brackets unbalanced or nested deeper than {MAX_JSON_DEPTH})"])
+        raise _error(
+            file, [f"the header is not valid JSON (brackets unbalanced or nested deeper than {MAX_JSON_DEPTH})"]
+        )
     problems: list[str] = []
 
     def keep_duplicates_visible(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -275,7 +277,7 @@ def _check_entry(
     spec = DTYPES.get(dtype) if isinstance(dtype, str) else None
     if spec is None:
         problems.append(f"{where}: unknown dtype {_show(dtype)}")
-    if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= _MAX_U64 for d in shape):
         problems.append(f"{where}: shape {_show(shape)} is not a list of non-negative ints")
         shape = None
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
@@ -304,7 +306,7 @@ def _check_entry(
             problems.append(f"{where}: {numel} x {dtype} does not end on a byte boundary")
         elif offsets is not None and offsets[1] - offsets[0] != nbits // 8:
             problems.append(
-                f"{where}: shape {shape} of {dtype} needs {nbits // 8} bytes, "
+                f"{where}: shape {_show(shape)} of {dtype} needs {nbits // 8} bytes, "
                 f"data_offsets {offsets} hold {offsets[1] - offsets[0]}"
             )
     if len(problems) > n_before or offsets is None or shape is None:
@@ -319,18 +321,11 @@ def _check_header_len(header_len: int, *, file: str, file_size: int | None) -> N
     if header_len > MAX_HEADER_BYTES:
         raise _error(file, [f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte cap"])
     if file_size is not None and 8 + header_len > file_size:
-        raise _error(
-            file,
-            [f"header length {header_len} runs past the end of the file ({file_size} bytes)"],
-        )
+        raise _error(file, [f"header length {header_len} runs past the end of the file ({file_size} bytes)"])
 
 
 def _is_int(value: Any) -> bool:
     return type(value) is int  # JSON true/false parse as bool, a subclass of int
-
-
-def _is_u64(value: Any) -> bool:
-    return _is_int(value) and 0 <= value <= _MAX_U64
 
 
 def _show(value: Any, limit: int = 60) -> str:

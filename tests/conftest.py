@@ -1,0 +1,32 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+
+from tests.hub_server import HubServer
+
+# -- Hub server ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
+    """A started loopback Hub + CDN (see ``tests/hub_server.py``), stopped after the test.
+
+    The machine's own Hub token and endpoint are hidden, so what the server receives depends
+    only on the test: no token unless the test passes one or sets HF_TOKEN.
+    """
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_OIDC_RESOURCE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    no_login = tmp_path_factory.mktemp("hf_home")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(Path(no_login) / "token"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_STORED_TOKENS_PATH", str(Path(no_login) / "stored_tokens"))
+    server = HubServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
