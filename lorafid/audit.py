@@ -15,6 +15,7 @@ Not here: how bytes arrive (``source``), the linear algebra (``spectrum``), the 
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -69,7 +70,7 @@ class AuditProgress:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda if available else cpu; anything else must name an available device."""
+    """ "auto" -> cuda if available else cpu; anything else must name an available device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -124,7 +125,11 @@ class Audit:
             return self._plan
         cfg = self.config
         base = open_source(
-            self._specs[0], revision=cfg.base_revision, token=cfg.token, endpoint=cfg.endpoint, allow_local=cfg.allow_local
+            self._specs[0],
+            revision=cfg.base_revision,
+            token=cfg.token,
+            endpoint=cfg.endpoint,
+            allow_local=cfg.allow_local,
         )
         finetune = open_source(
             self._specs[1],
@@ -219,7 +224,9 @@ class Audit:
             spectrum = sp.delta_spectrum(base, finetune)
         except sp.NonFiniteWeightsError:
             self._flagged.append(
-                SkippedTensor(pair.name, "non_finite", f"{pair.name}: NaN or Inf in the weights", pair.base.shape, pair.shape)
+                SkippedTensor(
+                    pair.name, "non_finite", f"{pair.name}: NaN or Inf in the weights", pair.base.shape, pair.shape
+                )
             )
             return None
         finally:
@@ -274,10 +281,8 @@ class Audit:
         finally:
             stop.set()
             while fetcher.is_alive():  # unblock a fetcher waiting on a full queue
-                try:
+                with contextlib.suppress(queue.Empty):
                     ready.get(timeout=0.1)
-                except queue.Empty:
-                    pass
 
     def _planned_names(self) -> set[str]:
         assert self._plan is not None
@@ -347,7 +352,7 @@ def _identity(headers: tuple[dict[str, TensorInfo], dict[str, TensorInfo]]) -> d
 def _read_tensor(source: Source, info: TensorInfo, pin: bool) -> torch.Tensor:
     """Read one tensor's bytes into a fresh buffer and view them with its dtype and shape."""
     buffer = torch.empty(info.size_bytes, dtype=torch.uint8, pin_memory=pin)
-    source.read_into(info.file, info.start, info.end, memoryview(buffer.numpy()))
+    source.read_into(info.file, info.start, info.end, buffer.numpy().data)
     # safetensors stores little-endian; torch views in native order (little-endian on
     # every platform torch ships for), so no byte swap is needed.
     return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)

@@ -236,9 +236,7 @@ class Report:
 
     def with_spectra(self, spectra: dict[str, np.ndarray]) -> Report:
         """Attach full spectra (from the store or a sidecar) by matrix name."""
-        matrices = tuple(
-            replace(m, sigma_sq=spectra[m.name]) if m.name in spectra else m for m in self.matrices
-        )
+        matrices = tuple(replace(m, sigma_sq=spectra[m.name]) if m.name in spectra else m for m in self.matrices)
         return replace(self, matrices=matrices)
 
     def summary(self) -> Summary:
@@ -417,7 +415,6 @@ def _skipped_from_dict(data: dict[str, Any]) -> SkippedTensor:
     return SkippedTensor(**{**data, **shapes})
 
 
-
 def spectra_path(report_path: Path) -> Path:
     """Where the full spectra of ``report.json`` live: ``report.spectra.safetensors``."""
     return report_path.with_name(report_path.stem + ".spectra.safetensors")
@@ -425,7 +422,9 @@ def spectra_path(report_path: Path) -> Path:
 
 def save_spectra(report: Report, path: Path) -> None:
     """Write every matrix's σ² (float64) to a safetensors file, keyed by matrix name."""
-    spectra = {m.name: np.ascontiguousarray(m.sigma_sq, dtype=np.float64) for m in report.matrices if m.sigma_sq is not None}
+    spectra = {
+        m.name: np.ascontiguousarray(m.sigma_sq, dtype=np.float64) for m in report.matrices if m.sigma_sq is not None
+    }
     save_file(spectra, str(path), metadata={"schema": SCHEMA, "content": "sigma_sq per matrix"})
 
 

@@ -204,4 +204,4 @@ class Store:
         """Drop an audit and its results (``--fresh``)."""
         with self._lock, self._db:
             for table, column in (("audits", "key"), ("matrices", "audit_key"), ("vectors", "audit_key")):
-                self._db.execute(f"DELETE FROM {table} WHERE {column} = ?", (key,))  # noqa: S608 (fixed names)
+                self._db.execute(f"DELETE FROM {table} WHERE {column} = ?", (key,))

@@ -33,8 +33,10 @@ def model_pair(
             name = f"model.layers.{layer}.{module}.weight"
             weight = 0.05 * torch.randn(rows, cols, generator=generator)
             if low_rank:
-                delta = 0.01 * torch.randn(rows, low_rank, generator=generator) @ torch.randn(
-                    low_rank, cols, generator=generator
+                delta = (
+                    0.01
+                    * torch.randn(rows, low_rank, generator=generator)
+                    @ torch.randn(low_rank, cols, generator=generator)
                 )
             else:
                 scale = torch.arange(1, cols + 1, dtype=torch.float32) ** -0.8

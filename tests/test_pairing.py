@@ -9,7 +9,9 @@ from lorafid.pairing import classify, match_names, plan_pairs
 from lorafid.safetensors_format import TensorInfo
 
 
-def info(name: str, shape: tuple[int, ...], dtype: str = "BF16", file: str = "a.safetensors", start: int = 100) -> TensorInfo:
+def info(
+    name: str, shape: tuple[int, ...], dtype: str = "BF16", file: str = "a.safetensors", start: int = 100
+) -> TensorInfo:
     numel = 1
     for d in shape:
         numel *= d

@@ -49,7 +49,11 @@ def make_report(matrices: tuple[MatrixResult, ...], rank: int = 2, **kw: object)
 def report() -> Report:
     generator = torch.Generator().manual_seed(3)
     random = result(
-        "model.layers.1.mlp.down_proj.weight", 1, "mlp.down_proj", torch.zeros(40, 24), torch.randn(40, 24, generator=generator)
+        "model.layers.1.mlp.down_proj.weight",
+        1,
+        "mlp.down_proj",
+        torch.zeros(40, 24),
+        torch.randn(40, 24, generator=generator),
     )
     return make_report(
         (diag_result("model.layers.0.self_attn.q_proj.weight", 0, "self_attn.q_proj", [4, 3, 2, 1]), random),
@@ -87,7 +91,7 @@ def test_without_spectra_grid_ranks_still_work_and_others_say_what_to_do(report:
     for m, original in zip(loaded.matrices, report.matrices, strict=True):
         for rank in (1, 2, 4, 8, 16):
             assert m.metrics(rank) == original.metrics(rank)
-    with pytest.raises(SpectrumNotLoadedError, match="spectra.safetensors"):
+    with pytest.raises(SpectrumNotLoadedError, match=r"spectra\.safetensors"):
         loaded.matrices[1].metrics(3)
     with pytest.raises(SpectrumNotLoadedError):
         loaded.with_rank(3)

@@ -73,7 +73,9 @@ def test_metrics_match_float64_svd_at_every_rank(kind: str, shape: tuple[int, in
         assert got.mse == pytest.approx(want["mse"], rel=1e-4, abs=1e-6 * mean_square)
         # weight_rel_error is sqrt(lost energy)/‖W‖: its tolerance follows from the 1e-5 bar on energy.
         delta_share = math.sqrt(spectrum.energy / spectrum.finetune_norm_sq)
-        assert got.weight_rel_error == pytest.approx(want["weight_rel_error"], rel=1e-4, abs=math.sqrt(1e-5) * delta_share)
+        assert got.weight_rel_error == pytest.approx(
+            want["weight_rel_error"], rel=1e-4, abs=math.sqrt(1e-5) * delta_share
+        )
         assert not any(math.isnan(v) for v in (got.mse, got.cosine_distance, got.energy_retained))
 
 
