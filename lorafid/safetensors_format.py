@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -152,7 +151,7 @@ def parse_header(header_bytes: bytes, *, file: str, header_len: int, file_size: 
         text = header_bytes.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _error(file, [f"the header is not UTF-8 ({e.reason} at byte {e.start})"]) from e
-    if not _nesting_within(text, MAX_JSON_DEPTH):
+    if not _nesting_within(header_bytes, MAX_JSON_DEPTH):
         raise _error(
             file, [f"the header is not valid JSON (brackets unbalanced or nested deeper than {MAX_JSON_DEPTH})"]
         )
@@ -168,8 +167,10 @@ def parse_header(header_bytes: bytes, *, file: str, header_len: int, file_size: 
 
     try:
         tree = json.loads(text, object_pairs_hook=keep_duplicates_visible)
-    except ValueError as e:  # JSONDecodeError, or an int longer than 4300 digits
-        raise _error(file, [f"the header is not valid JSON ({e})"]) from e
+    except json.JSONDecodeError as e:
+        raise _error(file, [f"the header is not valid JSON ({e.msg} at byte {e.pos})"]) from e
+    except ValueError as e:  # Python refuses ints of more than 4300 digits
+        raise _error(file, ["the header is not valid JSON (an integer too long to be a size)"]) from e
     if not isinstance(tree, dict):
         raise _error(file, [f"the header is a JSON {type(tree).__name__}, not an object"])
     data_len = None if file_size is None else file_size - 8 - header_len
@@ -234,25 +235,37 @@ def torch_dtype(code: str, *, where: str = "") -> torch.dtype:
     return dtype
 
 
-# String literals (escapes included) are removed before counting brackets, so a "[" inside
-# a tensor name does not count; the unrolled pattern is linear even on unterminated strings.
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_INNERMOST_PAIR = re.compile(r"\[\]|\{\}")
+# Bracket depth is measured on a skeleton of the header: escapes dropped, then every byte
+# but []{}" deleted, openers mapped to "(" and closers to ")". Only C-speed bytes methods
+# touch the whole input, so a hostile 100 MB header costs about a second, not a regex
+# backtracking storm (an escaped-quote run made a string regex take minutes).
+_TO_PARENS = bytes.maketrans(b"[{]}", b"(())")
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
+_CHUNK_BYTES = 1 << 20  # bounds the list that split() builds on a run of quotes
 
 
-def _nesting_within(text: str, depth: int) -> bool:
-    """True if the brackets outside strings balance and nest at most ``depth`` levels.
+def _nesting_within(header_bytes: bytes, depth: int) -> bool:
+    """True if the brackets outside JSON strings balance and nest at most ``depth`` levels.
 
-    Each pass deletes the innermost pairs, one level per pass, in C: a 100 MB run of "["
-    costs a few regex scans and no recursion. Example: '{"a": [[1], []]}' -> "{[[][]]}"
-    -> "{[]}" -> "{}" -> "": depth 3.
+    Mismatched kinds ("[}") pass here and fail in json.loads; what matters is that the
+    parser never recurses deeper than ``depth``. Each pass deletes every innermost pair,
+    so a balanced skeleton empties in exactly max-depth passes.
+    Example: '{"a[": [[1], []]}' -> skeleton '("("(()()))' -> outside strings "((()()))"
+    -> one pass per level: "(())" -> "()" -> "": depth 3, within 8.
     """
-    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    skeleton = header_bytes.replace(b"\\\\", b"").replace(b'\\"', b"").translate(_TO_PARENS, _NOT_STRUCTURE)
+    outside: list[bytes] = []
+    in_string = False
+    for start in range(0, len(skeleton), _CHUNK_BYTES):
+        parts = skeleton[start : start + _CHUNK_BYTES].split(b'"')
+        outside.append(b"".join(parts[int(in_string) :: 2]))
+        in_string ^= len(parts) % 2 == 0  # an odd number of quotes in this chunk
+    brackets = b"".join(outside)
     for _ in range(depth):
-        if not brackets:
-            break
-        brackets = _INNERMOST_PAIR.sub("", brackets)
+        shorter = brackets.replace(b"()", b"")
+        if len(shorter) == len(brackets):
+            break  # empty, or unbalanced: nothing left to pair
+        brackets = shorter
     return not brackets
 
 

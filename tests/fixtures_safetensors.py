@@ -7,7 +7,8 @@ N bytes of JSON, then the data section.
 Example:
     header, data = layout([("w", "F32", (2,), b"\\0" * 8)])
     raw = build_safetensors_bytes(header, data)
-    # raw[:8] == (64).to_bytes(8, "little"); tensor "w" sits at bytes [72, 80)
+    # raw[:8] == (56).to_bytes(8, "little"): 54 bytes of JSON + 2 spaces of padding;
+    # tensor "w" sits at absolute bytes [64, 72)
 """
 
 from __future__ import annotations

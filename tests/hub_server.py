@@ -35,6 +35,7 @@ import json
 import re
 import secrets
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -104,10 +105,12 @@ class HubServer:
         self.valid_tokens = valid_tokens  # None: any "Bearer ..." is accepted
         self.cdn_url_ttl_s = cdn_url_ttl_s
         self.faults = Faults()
-        self.requests: list[RecordedRequest] = []
+        self._requests: list[RecordedRequest] = []
+        self._in_flight = 0  # requests being answered; their records are not in the log yet
         self._repos: dict[str, _Repo] = {}
         self._blobs: dict[str, bytes] = {}  # sha256 hex -> content, what the CDN serves
         self._lock = threading.Lock()
+        self._quiet = threading.Condition(self._lock)
         self._key = secrets.token_bytes(16)
         self._cdn_epoch = 0
         self._servers: list[http.server.ThreadingHTTPServer] = []
@@ -118,9 +121,7 @@ class HubServer:
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> HubServer:
         for origin in ("hub", "cdn"):
-            server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self, origin))
-            server.daemon_threads = True
-            server.block_on_close = False  # idle keep-alive connections must not delay stop()
+            server = _Server(("127.0.0.1", 0), _make_handler(self, origin))
             thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
             thread.start()
             self._servers.append(server)
@@ -192,26 +193,43 @@ class HubServer:
         with self._lock:
             self._cdn_epoch += 1
 
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """A copy of the log, taken once no request is mid-answer.
+
+        A client can hold a complete response a moment before the handler thread has logged
+        it; waiting (at most 5 s) for the server to go quiet makes the log complete.
+        """
+        with self._quiet:
+            self._quiet.wait_for(lambda: self._in_flight == 0, timeout=5)
+            return list(self._requests)
+
     def clear_requests(self) -> None:
-        with self._lock:
-            self.requests.clear()
+        with self._quiet:
+            self._quiet.wait_for(lambda: self._in_flight == 0, timeout=5)
+            self._requests.clear()
 
     def requests_matching(
         self, *, origin: Origin | None = None, method: str | None = None, path_contains: str = ""
     ) -> list[RecordedRequest]:
-        with self._lock:
-            return [
-                r
-                for r in self.requests
-                if (origin is None or r.origin == origin)
-                and (method is None or r.method == method)
-                and path_contains in unquote(r.path)
-            ]
+        return [
+            r
+            for r in self.requests
+            if (origin is None or r.origin == origin)
+            and (method is None or r.method == method)
+            and path_contains in unquote(r.path)
+        ]
 
     # -- internals used by the handler -----------------------------------------------------
-    def _record(self, request: RecordedRequest) -> None:
+    def _begin(self) -> None:
         with self._lock:
-            self.requests.append(request)
+            self._in_flight += 1
+
+    def _record(self, request: RecordedRequest) -> None:
+        with self._quiet:
+            self._requests.append(request)
+            self._in_flight -= 1
+            self._quiet.notify_all()
 
     def _sign(self, blob: str) -> str:
         with self._lock:
@@ -232,7 +250,7 @@ class HubServer:
             current = self._cdn_epoch
         return hmac.compare_digest(signature, expected) and epoch == current and expires >= time.time()
 
-    def _take_fault(self) -> tuple[str, Any] | None:
+    def _take_fault(self) -> tuple[str, Any] | None:  # (kind, its argument)
         """Decide, atomically, which fault (if any) the next byte response gets."""
         with self._lock:
             f = self.faults
@@ -253,6 +271,16 @@ class HubServer:
             if f.times is not None:
                 f.times -= 1
             return (active, f.drop_connection_after_bytes)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # idle keep-alive connections must not delay stop()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client hanging up (on purpose, in fault tests) is not a server bug worth a traceback.
+        if not isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            super().handle_error(request, client_address)
 
 
 def _make_handler(hub: HubServer, origin: Origin) -> type[http.server.BaseHTTPRequestHandler]:
@@ -284,19 +312,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._dispatch()
 
     def _dispatch(self) -> None:
+        self.hub._begin()
         self._status, self._sent = 0, 0
         split = urlsplit(self.path)
         self._raw_path, self._query = split.path, split.query
-        length = int(self.headers.get("Content-Length") or 0)
-        self._body = self.rfile.read(length) if length else b""
         try:
+            length = int(self.headers.get("Content-Length") or 0)
+            self._body = self.rfile.read(length) if length else b""
             if self.origin == "cdn":
                 self._serve_cdn()
             else:
                 self._serve_hub()
         except _Handled:
             pass
-        except (BrokenPipeError, ConnectionResetError):
+        except (ConnectionError, TimeoutError, ValueError):
             self.close_connection = True
         finally:
             self.hub._record(
@@ -491,12 +520,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """Serve file bytes, honouring one Range, with whatever fault is switched on."""
         size = len(content)
         fault = self.hub._take_fault() if self.command == "GET" else None
-        kind = fault[0] if fault else None
+        kind, arg = fault if fault else (None, 0)
         if kind == "status":
-            self._send_simple(fault[1], json.dumps({"error": "injected fault"}).encode(), "application/json")
+            self._send_simple(arg, json.dumps({"error": "injected fault"}).encode(), "application/json")
             return
         if kind == "rate_limit":
-            self._send_simple(429, b'{"error": "rate limited"}', "application/json", {"Retry-After": fault[1]})
+            self._send_simple(429, b'{"error": "rate limited"}', "application/json", {"Retry-After": str(arg)})
             return
         headers = {**headers, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
         wanted = self._parse_range(self.headers.get("Range"), size)
@@ -504,7 +533,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send_simple(416, b"", "text/plain", {**headers, "Content-Range": f"bytes */{size}"})
             return
         status, start, end = 200, 0, size
-        if wanted is not None and kind != "ignore_range":
+        if isinstance(wanted, tuple) and kind != "ignore_range":
             status, (start, end) = 206, wanted
             if kind == "wrong_content_range":
                 # A one-byte shift: the bytes match the header, but not the request.
@@ -522,7 +551,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if kind == "truncate_body":
             limit = len(body) // 2
         elif kind == "drop":
-            limit = min(len(body), fault[1])
+            limit = min(len(body), arg)
         self._write_paced(body[:limit])
         if limit < len(body):
             # Close mid-body: the client sees fewer bytes than Content-Length promised.

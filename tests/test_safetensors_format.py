@@ -7,6 +7,7 @@ import json
 import math
 import string
 import struct
+import time
 
 import pytest
 import safetensors
@@ -179,7 +180,7 @@ HOSTILE: dict[str, tuple[bytes, str]] = {
     "JSON string": (build_safetensors_bytes(b'"{}"'), "JSON str, not an object"),
     "deep nesting": (build_safetensors_bytes(b"[" * 100_000), "nested deeper than 8"),
     "deep balanced nesting": (build_safetensors_bytes(b"{" + b'"a":' + b"[" * 9 + b"]" * 9 + b"}"), "nested deeper"),
-    "mismatched brackets": (build_safetensors_bytes(b'{"a": [1}]'), "unbalanced"),
+    "mismatched brackets": (build_safetensors_bytes(b'{"a": [1}]'), "not valid JSON"),
     "huge integer": (build_safetensors_bytes(b'{"a": ' + b"9" * 5000 + b"}"), "not valid JSON"),
     "entry not an object": (build_safetensors_bytes({"w": [1, 2]}), "'w': entry is a JSON list"),
     "missing key": (build_safetensors_bytes({"w": {"dtype": "F32", "shape": [2]}}, bytes(8)), "expected"),
@@ -261,6 +262,33 @@ def test_refused_headers_are_refused_by_the_reference_reader_too(case):
 @pytest.mark.parametrize("case", sorted(STRICTER_THAN_REFERENCE))
 def test_where_lorafid_is_stricter_than_the_reference_reader(case):
     assert safetensors.deserialize(HOSTILE[case][0])
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[" * 100_000,
+        b"[" * 50_000 + b"]" * 50_000,
+        b'{"' * 50_000,
+        b'"' + b'\\"' * 50_000,  # escaped quotes: a string regex would rescan from each one
+        b'{"a":' * 9 + b"1" + b"}" * 9,
+    ],
+    ids=["open", "balanced", "open-quote", "escaped-quotes", "objects"],
+)
+def test_deep_or_pathological_nesting_is_refused_quickly(payload):
+    # would raise RecursionError in json.loads, or take minutes with a backtracking regex
+    started = time.perf_counter()
+    with pytest.raises(SafetensorsHeaderError, match="not valid JSON"):
+        sf.parse_header(payload, file="f", header_len=len(payload))
+    assert time.perf_counter() - started < 2.0  # milliseconds in practice
+
+
+def test_nesting_limit_is_exact():
+    at_limit = b"[" * sf.MAX_JSON_DEPTH + b"]" * sf.MAX_JSON_DEPTH  # valid JSON, 8 deep: not an object
+    message = header_error(build_safetensors_bytes(at_limit))
+    assert "JSON list, not an object" in message
+    over = b"[" * (sf.MAX_JSON_DEPTH + 1) + b"]" * (sf.MAX_JSON_DEPTH + 1)
+    assert "nested deeper than 8" in header_error(build_safetensors_bytes(over))
 
 
 def test_absurd_shape_without_a_file_size():
@@ -355,6 +383,23 @@ def test_any_bytes_give_a_header_or_a_header_error(header_bytes, file_size):
 @given(value=HEADER_LIKE | JSON_VALUES, file_size=st.none() | st.integers(0, 10_000), pad=st.integers(0, 9))
 def test_any_json_gives_a_header_or_a_header_error(value, file_size, pad):
     parse_or_refuse(json.dumps(value).encode() + b" " * pad, file_size)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    specs=st.lists(st.tuples(st.text(max_size=6), st.lists(st.integers(0, 3), max_size=2)), max_size=4),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
+)
+def test_valid_files_with_flipped_bytes_give_a_header_or_a_header_error(specs, flips):
+    header, data = layout([(name, "U8", tuple(shape), b"x" * math.prod(shape)) for name, shape in specs])
+    raw = bytearray(build_safetensors_bytes(header, data))
+    for position, value in flips:
+        raw[position % len(raw)] = value
+    try:
+        n = sf.parse_header_length(bytes(raw), file="f", file_size=len(raw))
+    except SafetensorsHeaderError:
+        return
+    parse_or_refuse(bytes(raw[8 : 8 + n]), len(raw))
 
 
 NAMES = st.text(string.ascii_letters + string.digits + '._[]{}"\\ é', min_size=1, max_size=12).filter(
