@@ -124,19 +124,9 @@ class Audit:
         if self._plan is not None:
             return self._plan
         cfg = self.config
-        base = open_source(
-            self._specs[0],
-            revision=cfg.base_revision,
-            token=cfg.token,
-            endpoint=cfg.endpoint,
-            allow_local=cfg.allow_local,
-        )
-        finetune = open_source(
-            self._specs[1],
-            revision=cfg.finetune_revision,
-            token=cfg.token,
-            endpoint=cfg.endpoint,
-            allow_local=cfg.allow_local,
+        base, finetune = (
+            open_source(spec, revision=revision, token=cfg.token, endpoint=cfg.endpoint, allow_local=cfg.allow_local)
+            for spec, revision in zip(self._specs, (cfg.base_revision, cfg.finetune_revision), strict=True)
         )
         self._sources = (base, finetune)
         self._headers = (_all_tensors(base), _all_tensors(finetune))
