@@ -19,7 +19,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -54,6 +54,10 @@ class AuditConfig:
     fresh: bool = False  # ignore stored results and recompute everything
     max_model_bytes: int | None = None  # refuse pairs whose audited bytes exceed this
     store: Store | None = field(default=None, repr=False)  # None = Store() under LORAFID_HOME
+    # Replaces the per-matrix math: gets the two CPU tensors, returns plain numbers. On a
+    # ZeroGPU Space this is the one function decorated with @spaces.GPU, so the GPU is held
+    # only while a spectrum is computed, never while bytes stream in.
+    compute: Callable[[torch.Tensor, torch.Tensor], sp.DeltaSpectrum] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -202,16 +206,17 @@ class Audit:
 
     # -- internals ---------------------------------------------------------------------
 
+    def _spectrum_on_device(self, base: torch.Tensor, finetune: torch.Tensor) -> sp.DeltaSpectrum:
+        return sp.delta_spectrum(base.to(self.device, non_blocking=True), finetune.to(self.device, non_blocking=True))
+
     def _compute(self, pair: MatrixPair, base: torch.Tensor, finetune: torch.Tensor) -> MatrixResult | None:
         started = time.perf_counter()
-        base = base.to(self.device, non_blocking=True)
-        finetune = finetune.to(self.device, non_blocking=True)
         try:
-            if len(pair.shape) == 1:
+            if len(pair.shape) == 1:  # tiny: never worth a device transfer
                 self._vectors[pair.name] = _vector_result(pair, base, finetune)
                 self.store.put_vector(self._key, self._vectors[pair.name])
                 return None
-            spectrum = sp.delta_spectrum(base, finetune)
+            spectrum = (self.config.compute or self._spectrum_on_device)(base, finetune)
         except sp.NonFiniteWeightsError:
             self._flagged.append(
                 SkippedTensor(

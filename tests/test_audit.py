@@ -171,3 +171,19 @@ def test_spectrum_reference_helper_is_independent() -> None:
     base, finetune = torch.zeros(3, 3), torch.diag(torch.tensor([3.0, 2.0, 1.0]))
     assert reference_metrics(base, finetune, 1)["energy_retained"] == pytest.approx(9 / 14)
     assert sp.metrics_at_rank(sp.delta_spectrum(base, finetune), 1).energy_retained == pytest.approx(9 / 14)
+
+
+def test_compute_hook_gets_cpu_tensors_and_gives_the_same_numbers(tmp_path: Path, store: Store) -> None:
+    """The ZeroGPU path: a replacement spectrum function sees each pair, on the CPU, once."""
+    base_dir, finetune_dir, _, _ = local_pair(tmp_path)
+    seen: list[tuple[str, tuple[int, ...]]] = []
+
+    def compute(base: torch.Tensor, finetune: torch.Tensor) -> sp.DeltaSpectrum:
+        seen.append((base.device.type, tuple(base.shape)))
+        return sp.delta_spectrum(base, finetune)
+
+    hooked = audit(base_dir, finetune_dir, AuditConfig(rank=4, device="cpu", store=store, compute=compute))
+    plain = audit(base_dir, finetune_dir, AuditConfig(rank=4, device="cpu", store=Store(tmp_path / "plain")))
+    assert len(seen) == len(hooked.matrices) == 8
+    assert {device for device, _ in seen} == {"cpu"}
+    assert hooked.matrices == plain.matrices
