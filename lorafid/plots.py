@@ -96,7 +96,7 @@ class Grid:
     rows: tuple[str, ...]  # layer numbers as text, then OTHER_ROW if any
     modules: tuple[str, ...]
     values: np.ndarray  # rows × modules; NaN where pending or absent
-    names: tuple[tuple[str, ...], ...]  # matrix names per cell, for hover text
+    names: tuple[tuple[tuple[str, ...], ...], ...]  # rows × modules: matrix names per cell
 
 
 def grid(report: Report, metric: str) -> Grid:
@@ -129,7 +129,9 @@ def grid(report: Report, metric: str) -> Grid:
             if group and not waiting:
                 values[i, j] = pooled_metric(group, [m.energy_retained(report.rank) for m in group], metric)
     width = len(modules)
-    return Grid(rows, tuple(modules), values, tuple(names[i * width : (i + 1) * width] for i in range(len(rows))))
+    return Grid(
+        rows, tuple(modules), values, tuple(tuple(names[i * width : (i + 1) * width]) for i in range(len(rows)))
+    )
 
 
 def colour_range(report: Report, metric: str) -> tuple[float, float]:
@@ -151,7 +153,10 @@ def heatmap(report: Report, metric: str = "energy_retained") -> go.Figure:
     low, high = colour_range(report, metric)
     z = _log10(table.values, low, high) if spec.log else table.values
     text = [
-        [_hover(table.rows[i], table.modules[j], table.names[i][j], table.values[i, j], spec) for j in range(z.shape[1])]
+        [
+            _hover(table.rows[i], table.modules[j], table.names[i][j], table.values[i, j], spec)
+            for j in range(z.shape[1])
+        ]
         for i in range(z.shape[0])
     ]
     colorbar: dict[str, object] = {"title": {"text": _scale_title(spec)}}
@@ -247,9 +252,7 @@ def loss_curves(report: Report, metric: str = "energy_retained") -> go.Figure:
     groups = [*by_module.items(), ("all matrices", list(report.matrices))] if report.matrices else []
     plotted: list[float] = []
     for label, group in groups:
-        ys = [
-            _loss(group, [curves[m.name][i] for m in group], loss_metric) for i in range(len(ranks))
-        ]
+        ys = [_loss(group, [curves[m.name][i] for m in group], loss_metric) for i in range(len(ranks))]
         plotted += [y for y in ys if y is not None]
         overall = label == "all matrices"
         fig.add_trace(

@@ -1,0 +1,109 @@
+"""The dashboard in a real browser: Debian's chromium driven by Playwright.
+
+Skipped when /usr/bin/chromium or the playwright package is missing (browsers are never
+downloaded). Set ``LORAFID_SCREENSHOT=assets/dashboard.png`` to also save a full-page
+screenshot of a finished audit (a larger toy model, so the charts look like a real one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorafid.dashboard import AppConfig
+from tests.hub_server import HubServer
+from tests.models import model_pair, shard_files
+from tests.test_app import serve
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOT = os.environ.get("LORAFID_SCREENSHOT")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
+    pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),  # Gradio's stats vs pandas 3
+]
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture
+def page_url(hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "home"))
+    base, tuned = model_pair(layers=12 if SCREENSHOT else 2, dtype=torch.bfloat16)
+    hub.add_repo("org/base", shard_files(base, 2))
+    hub.add_repo("org/tuned", shard_files(tuned, 2, offset=1))
+    config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "home", examples_dir=tmp_path / "examples")
+    with serve(config) as url:
+        yield url
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def wait_for_text(page: object, selector: str, text: str, timeout_ms: int = 30_000) -> None:
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "([sel, text]) => (document.querySelector(sel)?.innerText || '').includes(text)",
+        arg=[selector, text],
+        timeout=timeout_ms,
+    )
+
+
+def test_run_move_rank_download_and_permalink(browser: object, page_url: str, tmp_path: Path) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)  # type: ignore[attr-defined]
+    page.set_default_timeout(30_000)
+    page.goto(page_url)
+    page.get_by_label("Base model").fill("org/base")
+    page.get_by_label("Fine-tuned model").fill("org/tuned")
+    page.get_by_role("button", name="Run audit").click()
+    page.wait_for_selector("#heatmap .js-plotly-plot")
+    wait_for_text(page, "#progress", "Done:")
+    wait_for_text(page, "#summary", "Rank 64 keeps")
+
+    rank_box = page.locator("#rank input[type=number]")
+    rank_box.fill("4")
+    rank_box.press("Enter")
+    wait_for_text(page, "#summary", "Rank 4 keeps")
+    wait_for_text(page, "#heatmap", "at rank 4")
+
+    with page.expect_download() as download:
+        page.locator("#download").click()
+    saved = tmp_path / "report.json"
+    download.value.save_as(saved)
+    report = json.loads(saved.read_text())
+    assert report["schema"] == "lorafid.report/1"
+    assert report["settings"]["rank"] == 4 and report["status"] == "complete"
+    assert report["finetune"]["repo_id"] == "org/tuned"
+
+    link = page.locator("#permalink textarea, #permalink input").first.input_value()
+    assert "base=org%2Fbase" in link and link.endswith("rank=4")
+    if SCREENSHOT:
+        page.screenshot(path=SCREENSHOT, full_page=True)
+
+    opened = browser.new_page(viewport={"width": 1400, "height": 1000})  # type: ignore[attr-defined]
+    opened.set_default_timeout(30_000)
+    opened.goto(link)
+    opened.wait_for_selector("#heatmap .js-plotly-plot")
+    wait_for_text(opened, "#summary", "Rank 4 keeps")
+    assert opened.get_by_label("Base model").input_value() == "org/base"
+    assert opened.get_by_label("Fine-tuned model").input_value() == "org/tuned"
+    assert opened.locator("#rank input[type=number]").input_value() == "4"
