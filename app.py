@@ -11,10 +11,9 @@ browser keeps no run history (it would hold the token). Other switches: ``LORAFI
 ``LORAFID_MAX_QUEUE``, ``LORAFID_MAX_MODEL_GB``, ``LORAFID_HOME``; "Sign in with Hugging
 Face" appears only where OAuth is configured (``OAUTH_CLIENT_ID``, set by ``hf_oauth``).
 
-ZeroGPU: not wired. The per-matrix compute (``spectrum.delta_spectrum``, which returns
-plain numbers) is what ``@spaces.GPU`` would decorate, but it is called from inside the
-audit generator, so doing it needs a hook in ``lorafid.audit``; on such a Space the audit
-runs on CPU.
+ZeroGPU: on such a Space only the per-matrix spectrum is decorated with ``@spaces.GPU``
+(``dashboard.zero_gpu_compute``, passed as ``AuditConfig.compute``): it gets CPU tensors and
+returns plain numbers, and the streaming of weights stays outside it.
 """
 
 import argparse
@@ -22,7 +21,7 @@ import functools
 import html
 import inspect
 from collections.abc import Callable, Iterator
-from typing import Any, cast
+from typing import Any
 from urllib.parse import parse_qsl
 
 import gradio as gr
@@ -43,6 +42,7 @@ from lorafid.dashboard import (
     permalink,
     summary_markdown,
     write_report_json,
+    zero_gpu_compute,
 )
 from lorafid.errors import LorafidError
 from lorafid.report import PROVIDER_RANKS, Report
@@ -92,6 +92,7 @@ class Dashboard:
     def __init__(self, config: AppConfig) -> None:
         self.config = config
         self.store = Store(config.store_home)
+        self.compute = zero_gpu_compute()  # None off ZeroGPU: the audit picks its own device
         self.catalog = Catalog(self.store, config.examples_dir)
         self.reports = ReportCache(self.catalog)
         self.downloads = download_dir()
@@ -221,6 +222,7 @@ class Dashboard:
             allow_local=self.config.allow_local,
             max_model_bytes=self.config.max_model_bytes,
             store=self.store,
+            compute=self.compute,
         )
         yield {self.progress: "Reading both models' headers…"}
         with Audit(base.strip(), finetune.strip(), config) as job:
@@ -337,7 +339,7 @@ class Dashboard:
         entries = self.catalog.entries()
         return {self.gallery: gr.Dataset(samples=_samples(entries)), self.refs: [e.ref for e in entries]}
 
-    def _token(self, typed: str, oauth_token: gr.OAuthToken | None) -> str | None:
+    def _token(self, typed: str, oauth_token: gr.OAuthToken | None) -> str | bool | None:
         """The user's token; else their sign-in; else none at all on a public deployment."""
         if typed.strip():
             return typed.strip()
@@ -346,7 +348,7 @@ class Dashboard:
         if self.config.server_token or self.config.allow_local:
             return None  # huggingface_hub's own lookup (HF_TOKEN, stored login), as in the CLI
         # False tells huggingface_hub to send no token: a public Space must not lend its own login.
-        return cast(str | None, False)
+        return False
 
 
 def _provider_choice(rank: float) -> str | None:

@@ -47,7 +47,9 @@ class AuditConfig:
     exclude: str | None = None  # regex on tensor names: skip these
     base_revision: str | None = None  # overrides "@rev" in the base spec
     finetune_revision: str | None = None
-    token: str | None = field(default=None, repr=False)  # used for requests only, never stored
+    # Used for requests only, never stored. None: huggingface_hub's lookup (HF_TOKEN, stored
+    # login); False: send no token at all (a public app must not lend its own login).
+    token: str | bool | None = field(default=None, repr=False)
     endpoint: str | None = None  # Hub URL; None = HF_ENDPOINT or huggingface.co
     allow_local: bool = True  # the public app turns this off
     prefetch: int = 2  # pairs fetched ahead of the math device (memory: ~prefetch+2 pairs)

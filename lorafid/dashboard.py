@@ -19,20 +19,49 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
 
+import torch
+
 from lorafid.audit import AuditProgress
 from lorafid.errors import LorafidError
 from lorafid.report import Report, load_spectra, spectra_path
+from lorafid.spectrum import DeltaSpectrum, delta_spectrum
 from lorafid.store import Store
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 MAX_RANK = 4096  # slider range; any rank is exact, this only bounds the widget
 DEFAULT_RANK = 64
 _TRUE = {"1", "true", "yes", "on"}
+
+
+ZERO_GPU_DURATION_S = 120  # a GPU lease per matrix: one 28672×8192 spectrum takes a few seconds
+
+
+def zero_gpu_compute(
+    env: Mapping[str, str] | None = None,
+) -> Callable[[torch.Tensor, torch.Tensor], DeltaSpectrum] | None:
+    """On a ZeroGPU Space, the per-matrix spectrum as the one ``@spaces.GPU`` function; else None.
+
+    ZeroGPU lends a GPU only inside decorated calls, so the audit's streaming stays outside
+    and only this short function (CPU tensors in, plain numbers out) holds the GPU. Detected
+    by ``SPACES_ZERO_GPU``, which ZeroGPU hardware sets; elsewhere the audit picks its device
+    itself (``AuditConfig.device``).
+    """
+    env = os.environ if env is None else env
+    if "SPACES_ZERO_GPU" not in env:
+        return None
+    import spaces  # only on Spaces; never a requirement elsewhere
+
+    @spaces.GPU(duration=ZERO_GPU_DURATION_S)
+    def spectrum_on_gpu(base: torch.Tensor, finetune: torch.Tensor) -> DeltaSpectrum:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return delta_spectrum(base.to(device), finetune.to(device))
+
+    return spectrum_on_gpu
 
 
 @dataclass(frozen=True)
@@ -132,9 +161,9 @@ class Catalog:
     ) -> tuple[str, Report] | None:
         """(ref, report) of the stored, else bundled, audit of exactly this pair and these revisions."""
         wanted = (base_revision or None, finetune_revision or None)
-        key = self.store.find(base, finetune)
+        key = self.store.find(base, finetune, *wanted)
         stored = self.store.load_report(key) if key else None
-        if key and stored is not None and _revisions(stored) == wanted:
+        if key and stored is not None:
             return f"store:{key}", stored
         for name, report in self._examples.items():
             if (report.base.spec, report.finetune.spec) == (base, finetune) and _revisions(report) == wanted:

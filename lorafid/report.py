@@ -187,10 +187,10 @@ class Summary:
 
     def sentence(self) -> str:
         """The summary card in words."""
-        parts = [f"Rank {self.rank} keeps {self.overall.energy_retained:.0%} of this fine-tune's change"]
+        parts = [f"Rank {self.rank} keeps {percent(self.overall.energy_retained)} of this fine-tune's change"]
         if len(self.by_module) > 1:
             worst = min(self.by_module, key=lambda g: g.energy_retained)
-            parts.append(f"{worst.key} loses most (keeps {worst.energy_retained:.0%})")
+            parts.append(f"{worst.key} loses most (keeps {percent(worst.energy_retained)})")
         if self.rank_for_90 is None:
             parts.append("no rank below full rank reaches 90%")
         elif self.rank_for_90 <= self.rank:
@@ -201,6 +201,18 @@ class Summary:
         if floor > 1e-3:
             parts.append(f"about {floor:.1%} of the change is storage rounding that no rank recovers")
         return "; ".join(parts) + "."
+
+
+def percent(share: float) -> str:
+    """A share as a percentage that never rounds a loss away: 0.9995 -> "99.95%", not "100%".
+
+    Examples: 0.3141 -> "31%"; 0.99949 -> "99.95%"; 1.0 -> "100%"; 0.00002 -> "0.002%".
+    """
+    if share in (0.0, 1.0) or 0.01 <= share <= 0.99:
+        return f"{share:.0%}"
+    gap = min(share, 1.0 - share)  # the part that whole percents would hide
+    decimals = min(6, max(1, -math.floor(math.log10(gap * 100))))
+    return f"{share * 100:.{decimals}f}%"
 
 
 @dataclass(frozen=True)

@@ -184,7 +184,7 @@ def open_source(
     spec: str,
     *,
     revision: str | None = None,
-    token: str | None = None,
+    token: str | bool | None = None,
     endpoint: str | None = None,
     allow_local: bool = True,
     chunk_bytes: int = 16 * 2**20,
@@ -194,7 +194,7 @@ def open_source(
     """Open a Hub repo or local path for reading (see ``parse_source_spec`` for the forms).
 
     Args:
-        token: Hub token; None uses huggingface_hub's lookup (HF_TOKEN, stored login).
+        token: Hub token; None uses huggingface_hub's lookup (HF_TOKEN, stored login); False sends none.
         endpoint: Hub URL; None uses HF_ENDPOINT, else https://huggingface.co.
         allow_local: False for public deployments, so users cannot read server files.
         chunk_bytes, max_workers: larger ranges are split into parallel GETs of this size.
@@ -274,7 +274,7 @@ class HubSource(Source):
         self,
         info: SourceInfo,
         *,
-        token: str | None = None,
+        token: str | bool | None = None,
         endpoint: str | None = None,
         chunk_bytes: int = 16 * 2**20,
         max_workers: int = 8,

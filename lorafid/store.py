@@ -177,15 +177,31 @@ class Store:
             created=report.created,
         )
 
-    def find(self, base_spec: str, finetune_spec: str) -> str | None:
-        """Key of the latest audit of this pair as typed (for permalinks): complete first."""
+    def find(
+        self,
+        base_spec: str,
+        finetune_spec: str,
+        base_revision: str | None = None,
+        finetune_revision: str | None = None,
+    ) -> str | None:
+        """Key of the latest audit of this pair as typed (for permalinks): complete first.
+
+        Revisions given apart from the spec (``--base-revision``, the app's revision boxes)
+        must match too: an audit of ``main`` never answers for ``v2``.
+        """
         with self._lock:
-            row = self._db.execute(
-                "SELECT key FROM audits WHERE base_spec = ? AND finetune_spec = ? "
-                "ORDER BY status = 'complete' DESC, updated DESC LIMIT 1",
+            rows = self._db.execute(
+                "SELECT key, report_json FROM audits WHERE base_spec = ? AND finetune_spec = ? "
+                "ORDER BY status = 'complete' DESC, updated DESC",
                 (base_spec, finetune_spec),
-            ).fetchone()
-        return row[0] if row else None
+            ).fetchall()
+        wanted = (base_revision or None, finetune_revision or None)
+        for key, frame_text in rows:
+            frame = json.loads(frame_text)
+            requested = (frame["base"]["requested_revision"], frame["finetune"]["requested_revision"])
+            if requested == wanted or _revision_in_spec(base_spec, finetune_spec, wanted, requested):
+                return str(key)
+        return None
 
     def list_audits(self, limit: int = 50) -> list[StoredAudit]:
         """The gallery: latest first."""
@@ -205,3 +221,11 @@ class Store:
         with self._lock, self._db:
             for table, column in (("audits", "key"), ("matrices", "audit_key"), ("vectors", "audit_key")):
                 self._db.execute(f"DELETE FROM {table} WHERE {column} = ?", (key,))
+
+
+def _revision_in_spec(
+    base_spec: str, finetune_spec: str, wanted: tuple[str | None, str | None], requested: tuple[str | None, str | None]
+) -> bool:
+    """True when no separate revision is asked for and the stored ones came from "@rev" in the specs."""
+    from_specs = tuple(spec.partition("@")[2] or None for spec in (base_spec, finetune_spec))
+    return wanted == (None, None) and requested == from_specs

@@ -284,3 +284,32 @@ def test_no_sign_in_button_without_oauth(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.delenv("OAUTH_CLIENT_ID", raising=False)
     app = importlib.import_module("app")
     assert not app.build_app(AppConfig.from_env()).expects_oauth
+
+
+def test_zero_gpu_decorates_only_the_spectrum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On ZeroGPU, @spaces.GPU wraps the per-matrix math: CPU tensors in, plain numbers out."""
+    import sys
+    import types
+
+    import torch
+
+    from lorafid.dashboard import zero_gpu_compute
+    from lorafid.spectrum import DeltaSpectrum
+
+    assert zero_gpu_compute({}) is None  # off ZeroGPU the audit chooses its device itself
+    decorated: list[tuple[str, int]] = []
+    fake = types.ModuleType("spaces")
+
+    def gpu(duration: int) -> object:
+        def wrap(function: object) -> object:
+            decorated.append((function.__name__, duration))  # type: ignore[attr-defined]
+            return function
+
+        return wrap
+
+    fake.GPU = gpu  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    compute = zero_gpu_compute({"SPACES_ZERO_GPU": "true"})
+    assert compute is not None and decorated == [("spectrum_on_gpu", 120)]
+    result = compute(torch.zeros(4, 4), torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0])))
+    assert isinstance(result, DeltaSpectrum) and result.energy == pytest.approx(30.0)

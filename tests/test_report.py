@@ -177,3 +177,13 @@ def test_foreign_json_is_refused() -> None:
 
 def test_grid_covers_provider_ranks() -> None:
     assert {8, 16, 32, 64, 128, 256, 512} <= set(RANK_GRID)
+
+
+@pytest.mark.parametrize(
+    ("share", "text"),
+    [(0.3141, "31%"), (0.99949, "99.95%"), (0.991, "99.1%"), (1.0, "100%"), (0.0, "0%"), (0.00002, "0.002%")],
+)
+def test_percent_never_rounds_a_loss_away(share: float, text: str) -> None:
+    from lorafid.report import percent
+
+    assert percent(share) == text
