@@ -313,3 +313,31 @@ def test_zero_gpu_decorates_only_the_spectrum(monkeypatch: pytest.MonkeyPatch) -
     assert compute is not None and decorated == [("spectrum_on_gpu", 120)]
     result = compute(torch.zeros(4, 4), torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0])))
     assert isinstance(result, DeltaSpectrum) and result.energy == pytest.approx(30.0)
+
+
+def test_one_users_failing_audit_never_affects_another(hub: HubServer, tmp_path: Path) -> None:
+    """Two users at once: a corrupt repo fails for one, the other's audit completes unchanged."""
+    add_models(hub)
+    hub.add_repo("org/corrupt", {"model.safetensors": (10**6).to_bytes(8, "little") + b"{}"})
+    home = tmp_path / "home"
+    config = AppConfig(
+        endpoint=hub.endpoint, store_home=home, examples_dir=tmp_path / "ex", device="cpu", concurrency=2
+    )
+    with serve(config) as url:
+        failing = Client(url, verbose=False).submit(
+            BASE, "org/corrupt", "", "", 8, "energy_retained", "", api_name="/run_audit"
+        )
+        good = Client(url, verbose=False).submit(BASE, TUNED, "", "", 8, "energy_retained", "", api_name="/run_audit")
+        with pytest.raises(AppError, match="org/corrupt"):
+            failing.result(timeout=120)
+        good.result(timeout=120)
+        final = good.outputs()[-1]
+    assert "Done: 8/8 matrices" in final[PROGRESS]
+    report = read_json(final[DOWNLOAD])
+    expected = Audit(BASE, TUNED, AuditConfig(rank=8, device="cpu", endpoint=hub.endpoint, store=Store(tmp_path / "x")))
+    with expected as job:
+        for _ in job.run():
+            pass
+        reference = job.report()
+    assert [m["energy"] for m in report["matrices"]] == [m.energy for m in reference.matrices]
+    assert [a.finetune_spec for a in Store(home).list_audits()] == [TUNED]  # nothing stored for the failure
