@@ -13,8 +13,10 @@ to components. Nothing here computes a metric (``report``/``plots`` do) or reads
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -345,5 +347,10 @@ def write_report_json(report: Report, directory: Path) -> Path:
 
 
 def download_dir() -> Path:
-    """A private temporary folder for report downloads (Gradio serves files from temp)."""
-    return Path(tempfile.mkdtemp(prefix="lorafid-downloads-"))
+    """A private temporary folder for report downloads (Gradio serves files from temp).
+
+    Removed when the process exits, so restarts and test runs leave nothing behind.
+    """
+    path = Path(tempfile.mkdtemp(prefix="lorafid-downloads-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
