@@ -53,6 +53,16 @@ _MANTISSA_BITS: dict[torch.dtype, int] = {
     torch.float32: 23,
     torch.float64: 52,
 }
+# Per dtype: the integer view of its bits and the mask of its exponent field.
+_EXPONENT_MASKS: dict[torch.dtype, tuple[torch.dtype, int]] = {
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.float64: (torch.int64, 0x7FF0000000000000),
+}
+# Column block of the CPU Gram product: 512 ran best for k = 4096 on 2 cores (nb=2: 2.0 s,
+# nb=4: 1.67 s, nb=8: 1.55 s, full product: 2.8 s).
+_GRAM_BLOCK = 512
 
 
 class NonFiniteWeightsError(LorafidError):
@@ -135,16 +145,18 @@ def delta_spectrum(base: torch.Tensor, finetune: torch.Tensor) -> DeltaSpectrum:
         # One allocation, Δ built in place. copy=True: for float32 input, .to() would
         # otherwise return the caller's tensor and sub_ would overwrite their weights.
         delta = finetune.to(torch.float32, copy=True)
+        finetune_norm_sq = _sum_of_squares(delta)  # delta still holds W_ft here
         delta.sub_(base)
-        if not bool(torch.isfinite(delta).all()):
-            raise NonFiniteWeightsError("NaN or Inf in the weights")
-        gram = delta.T @ delta if rows >= cols else delta @ delta.T
-        eigenvalues = torch.linalg.eigvalsh(gram.to(torch.float64))
-        del gram
-        mean_abs = float(delta.abs().mean(dtype=torch.float64)) if delta.numel() else 0.0
+        # One pass gives mean |Δ| and the finiteness check: a NaN/Inf makes the sum non-finite.
+        abs_sum = float(delta.abs().sum()) if delta.numel() else 0.0
+        if not math.isfinite(abs_sum):
+            if not bool(torch.isfinite(delta).all()):
+                raise NonFiniteWeightsError("NaN or Inf in the weights")
+            abs_sum = float(delta.abs().sum(dtype=torch.float64))  # finite values, float32 sum overflowed
+        mean_abs = abs_sum / delta.numel() if delta.numel() else 0.0
+        eigenvalues = torch.linalg.eigvalsh(_gram_lower(delta), UPLO="L")
         del delta
-        finetune_norm_sq = float(torch.linalg.vector_norm(finetune, dtype=torch.float32)) ** 2
-        base_norm_sq = float(torch.linalg.vector_norm(base, dtype=torch.float32)) ** 2
+        base_norm_sq = _sum_of_squares(base)
         noise = noise_floor_energy(finetune)
     signed = np.sort(eigenvalues.cpu().numpy())[::-1]
     energy = float(signed.sum())
@@ -174,10 +186,47 @@ def noise_floor_energy(weight: torch.Tensor) -> float:
     bits = _MANTISSA_BITS.get(weight.dtype)
     if bits is None:
         return 0.0
-    _, exponent = torch.frexp(weight.to(torch.float32))
-    ulp = torch.ldexp(torch.ones((), device=weight.device), (exponent - 1 - bits).to(torch.float32))
-    ulp = ulp.masked_fill(weight == 0, 0.0)  # an exact zero stays exact
-    return float(ulp.square().sum(dtype=torch.float64)) / 12.0
+    # Keeping only the exponent field of each weight's bits gives the float 2**(e − 1) (sign,
+    # mantissa cleared), so ulp = that · 2**-bits with no frexp/ldexp pass: 0.1 s instead of
+    # 2.8 s for 14336×4096 bf16 weights on 2 CPU cores. Zeros and subnormals map to 0.
+    as_int, exponent_field = _EXPONENT_MASKS[weight.dtype]
+    power = (weight.view(as_int) & exponent_field).view(weight.dtype)
+    return _sum_of_squares(power) * 4.0**-bits / 12.0
+
+
+def _sum_of_squares(x: torch.Tensor) -> float:
+    """Σx², summed in float32 by torch's cascaded sum (relative error ~1e-8 at 58M elements).
+
+    Not ``torch.linalg.vector_norm(x, dtype=torch.float32)`` nor ``torch.dot``: on CPU they
+    accumulate with too few partial sums and were off by 1% and 0.1% on a 14336×4096 matrix.
+    """
+    if x.dtype == torch.float64:
+        return float(x.square().sum())
+    x32 = x.to(torch.float32)
+    squares = x32.square_() if x32 is not x else x32.square()  # never overwrite the caller's
+    total = float(squares.sum())
+    return total if math.isfinite(total) else float(x.to(torch.float64).square().sum())
+
+
+def _gram_lower(delta: torch.Tensor) -> torch.Tensor:
+    """The float64 Gram matrix of Δ's smaller side; only its lower triangle is filled.
+
+    ``eigvalsh(..., UPLO="L")`` reads only the lower triangle, so on CPU the products above
+    the diagonal are skipped, block by block: 1.55 s instead of 2.8 s for a 14336×4096 Δ
+    on 2 CPU cores, with bit-identical entries. GPUs get the plain product (not measured).
+    """
+    x = delta if delta.shape[0] >= delta.shape[1] else delta.T  # Gram = xᵀx, k×k
+    k = x.shape[1]
+    if delta.device.type != "cpu" or k <= _GRAM_BLOCK:
+        return (x.T @ x).to(torch.float64)
+    gram = torch.zeros(k, k, dtype=torch.float64, device=delta.device)
+    starts = [*range(0, k, _GRAM_BLOCK), k]
+    for i in range(len(starts) - 1):
+        rows_i = slice(starts[i], starts[i + 1])
+        for j in range(i + 1):
+            cols_j = slice(starts[j], starts[j + 1])
+            gram[rows_i, cols_j] = x[:, rows_i].T @ x[:, cols_j]
+    return gram
 
 
 def cumulative_energy(spectrum: DeltaSpectrum) -> np.ndarray:

@@ -1,0 +1,129 @@
+"""lorafid's spectrum against the seed post's method, side by side, on the same matrices.
+
+    python -m bench.compare --shapes 4096x14336 --rank 64             # 2-core CPU: ~1 min
+    python -m bench.compare --device cuda --shapes 8192x28672 --rank 64
+
+The post's method (its ``compare.py``, in torch): a full SVD with U and V of Δ in float32,
+rebuild Δ_r = R·L at the rank, then ``mean((Δ − Δ_r)²)`` and ``1 − cos(Δ, Δ_r)``. lorafid:
+``spectrum.delta_spectrum`` (float32 Gram, float64 eigenvalues) and ``metrics_at_rank``.
+Both start from the same bf16 tensors already on the device and end with numbers on the
+host, so the ratio is compute only. Prints the time ratio per shape and in total, and the
+largest disagreement in cosine distance (the bar is 1e-5).
+
+One difference from the post's script is deliberate: it subtracted in bf16 before casting
+(``(fft - base).astype(float32)``), which rounds Δ once more; both methods here take Δ in
+float32, so that any disagreement is the methods', not the inputs'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TypeVar
+
+import torch
+
+from bench.synth import matrix_pair
+from lorafid import spectrum as sp
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ShapeResult:
+    shape: tuple[int, int]
+    post_s: float
+    lorafid_s: float
+    speedup: float  # post_s / lorafid_s
+    cosine_distance_post: float
+    cosine_distance_lorafid: float
+    cosine_abs_diff: float
+    mse_rel_diff: float
+
+
+def post_method(base: torch.Tensor, finetune: torch.Tensor, rank: int) -> tuple[float, float]:
+    """(mse, cosine_distance) the way the seed post computed them: full SVD, rebuild, compare."""
+    with sp.exact_matmul():
+        delta = finetune.float() - base.float()
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        r = min(rank, s.numel())
+        root = s[:r].sqrt()
+        lossy = (u[:, :r] * root) @ (root[:, None] * vh[:r])
+        mse = float(((delta - lossy) ** 2).mean())
+        # float64 sums: torch's float32 dot and norm on CPU drift by up to 1% at 58M elements,
+        # which would be the reference's error, not a disagreement between the methods.
+        dot = float((delta * lossy).sum(dtype=torch.float64))
+        norms_sq = float(delta.square().sum(dtype=torch.float64)) * float(lossy.square().sum(dtype=torch.float64))
+        cosine = dot / math.sqrt(norms_sq)
+    return mse, 1.0 - cosine
+
+
+def lorafid_method(base: torch.Tensor, finetune: torch.Tensor, rank: int) -> tuple[float, float]:
+    metrics = sp.metrics_at_rank(sp.delta_spectrum(base, finetune), rank)
+    return metrics.mse, metrics.cosine_distance
+
+
+def timed(function: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    value = function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return value, time.perf_counter() - started
+
+
+def compare_shape(shape: tuple[int, int], rank: int, device: torch.device, seed: int) -> ShapeResult:
+    base, finetune = (t.to(device) for t in matrix_pair(shape, seed))
+    if device.type == "cuda":  # first-call costs (cuSOLVER handles, kernels) are not the method's
+        lorafid_method(base[:256, :256], finetune[:256, :256], rank)
+        post_method(base[:256, :256], finetune[:256, :256], rank)
+    (post_mse, post_cos), post_s = timed(lambda: post_method(base, finetune, rank), device)
+    (ours_mse, ours_cos), ours_s = timed(lambda: lorafid_method(base, finetune, rank), device)
+    return ShapeResult(
+        shape=shape,
+        post_s=post_s,
+        lorafid_s=ours_s,
+        speedup=post_s / ours_s,
+        cosine_distance_post=post_cos,
+        cosine_distance_lorafid=ours_cos,
+        cosine_abs_diff=abs(post_cos - ours_cos),
+        mse_rel_diff=abs(post_mse - ours_mse) / post_mse if post_mse else 0.0,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="1024x4096,4096x4096,4096x14336", help="comma-separated ROWSxCOLS")
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes.split(",")]
+    print(f"device {device} · threads {torch.get_num_threads()} · rank {args.rank} · torch {torch.__version__}")
+    print(f"{'shape':>13} {'post (s)':>9} {'lorafid (s)':>12} {'speed-up':>9} {'|Δ cos dist|':>13} {'rel Δ mse':>10}")
+    results = []
+    for i, shape in enumerate(shapes):
+        result = compare_shape((shape[0], shape[1]), args.rank, device, seed=i)
+        results.append(result)
+        print(
+            f"{result.shape[0]:>6}x{result.shape[1]:<6} {result.post_s:>9.2f} {result.lorafid_s:>12.2f} "
+            f"{result.speedup:>8.1f}x {result.cosine_abs_diff:>13.1e} {result.mse_rel_diff:>10.1e}"
+        )
+    post_total = sum(r.post_s for r in results)
+    ours_total = sum(r.lorafid_s for r in results)
+    worst = max(r.cosine_abs_diff for r in results)
+    print(f"{'total':>13} {post_total:>9.2f} {ours_total:>12.2f} {post_total / ours_total:>8.1f}x")
+    print(f"largest cosine-distance disagreement: {worst:.1e} ({'within' if worst <= 1e-5 else 'ABOVE'} the 1e-5 bar)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "rank": args.rank, "results": [asdict(r) for r in results]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
