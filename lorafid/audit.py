@@ -31,9 +31,11 @@ from lorafid import spectrum as sp
 from lorafid.errors import LimitExceededError, LorafidError
 from lorafid.pairing import MatrixPair, PairingPlan, SkippedTensor, plan_pairs
 from lorafid.report import AuditSettings, MatrixResult, Report, SourceRecord, Timings, VectorResult
-from lorafid.safetensors_format import SafetensorsHeader, TensorInfo, torch_dtype
+from lorafid.safetensors_format import TensorInfo, torch_dtype
 from lorafid.source import Source, open_source
 from lorafid.store import Store, audit_key
+
+_HEADER_READERS = 8  # parallel header reads while planning
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ class Audit:
             for spec, revision in zip(self._specs, (cfg.base_revision, cfg.finetune_revision), strict=True)
         )
         self._sources = (base, finetune)
-        self._headers = (_all_tensors(base), _all_tensors(finetune))
+        self._headers = _all_tensors(base, finetune)
         self._plan = plan_pairs(
             *self._headers, include_embeddings=cfg.include_embeddings, include=cfg.include, exclude=cfg.exclude
         )
@@ -323,11 +325,20 @@ def audit(base: str, finetune: str, config: AuditConfig | None = None) -> Report
         return job.report()
 
 
-def _all_tensors(source: Source) -> dict[str, TensorInfo]:
-    """Every tensor of a source by name, across shards; a name in two shards is an error."""
-    tensors: dict[str, TensorInfo] = {}
-    for file in source.weight_files():
-        header: SafetensorsHeader = source.read_header(file)
+def _all_tensors(base: Source, finetune: Source) -> tuple[dict[str, TensorInfo], dict[str, TensorInfo]]:
+    """Every tensor of each source by name, across shards; a name in two shards is an error.
+
+    All headers of all sources are read at once (8 at a time): a 70B pair has 60 shards,
+    and one round trip after another would cost seconds before the first byte of weights.
+    """
+    sources = (base, finetune)
+    jobs = [(side, file) for side, source in enumerate(sources) for file in source.weight_files()]
+    with ThreadPoolExecutor(max_workers=max(1, min(_HEADER_READERS, len(jobs)))) as pool:
+        # map() yields in submission order: the first failing file (in order) is the one reported.
+        headers = list(pool.map(lambda job: sources[job[0]].read_header(job[1]), jobs))
+    out: tuple[dict[str, TensorInfo], dict[str, TensorInfo]] = ({}, {})
+    for (side, file), header in zip(jobs, headers, strict=True):
+        source, tensors = sources[side], out[side]
         for name, info in header.tensors.items():
             if name in tensors:
                 raise LorafidError(
@@ -335,7 +346,7 @@ def _all_tensors(source: Source) -> dict[str, TensorInfo]:
                     "the checkpoint is inconsistent. Pick a revision with one copy of each tensor."
                 )
             tensors[name] = info
-    return tensors
+    return out
 
 
 def _identity(headers: tuple[dict[str, TensorInfo], dict[str, TensorInfo]]) -> dict[str, Any]:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load, save
 
 from lorafid import spectrum as sp
 from lorafid.audit import Audit, AuditConfig, audit, resolve_device
 from lorafid.errors import FetchError, LimitExceededError, LorafidError
+from lorafid.safetensors_format import SafetensorsHeader
+from lorafid.source import LocalSource
 from lorafid.store import Store
 from tests.hub_server import HubServer
 from tests.models import model_pair, shard_files, write_dir
@@ -187,3 +191,36 @@ def test_compute_hook_gets_cpu_tensors_and_gives_the_same_numbers(tmp_path: Path
     assert len(seen) == len(hooked.matrices) == 8
     assert {device for device, _ in seen} == {"cpu"}
     assert hooked.matrices == plain.matrices
+
+
+def test_tensor_in_two_shards_is_an_error_naming_both(tmp_path: Path, store: Store) -> None:
+    base, finetune = model_pair(dtype=torch.float32)
+    base_dir = write_dir(shard_files(base, shards=1), tmp_path / "base")
+    files = shard_files(finetune, shards=2)
+    del files["model.safetensors.index.json"]  # the file list is then every shard in the folder
+    name = "model.layers.0.mlp.down_proj.weight"
+    files["model-00002-of-00002.safetensors"] = save(
+        {**load(files["model-00002-of-00002.safetensors"]), name: finetune[name]}
+    )
+    finetune_dir = write_dir(files, tmp_path / "finetune")
+    with pytest.raises(LorafidError, match=rf"{name} appears in both model-00001-of-00002.safetensors and model-00002"):
+        audit(str(base_dir), str(finetune_dir), AuditConfig(rank=4, device="cpu", store=store))
+
+
+def test_headers_of_all_shards_of_both_models_are_read_concurrently(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 70B pair has ~60 shards: reading their headers one round trip after another costs seconds."""
+    base, finetune = model_pair(dtype=torch.float32)
+    base_dir = write_dir(shard_files(base, shards=3), tmp_path / "base")
+    finetune_dir = write_dir(shard_files(finetune, shards=3, offset=1), tmp_path / "finetune")
+    all_in_flight = threading.Barrier(6, timeout=10)  # broken (an error) unless 3 + 3 reads overlap
+    read_header = LocalSource.read_header
+
+    def read_header_when_all_started(self: LocalSource, file: str) -> SafetensorsHeader:
+        all_in_flight.wait()
+        return read_header(self, file)
+
+    monkeypatch.setattr(LocalSource, "read_header", read_header_when_all_started)
+    report = audit(str(base_dir), str(finetune_dir), AuditConfig(rank=4, device="cpu", store=store))
+    assert report.status == "complete" and len(report.matrices) == 8
