@@ -90,16 +90,31 @@ class AppConfig:
         Example: {"LORAFID_MAX_MODEL_GB": "40"} -> max_model_bytes=40_000_000_000.
         """
         env = os.environ if env is None else env
-        max_gb = env.get("LORAFID_MAX_MODEL_GB")
+        max_gb = _positive_setting(env, "LORAFID_MAX_MODEL_GB", float)
         return cls(
             allow_local=allow_local or env.get("LORAFID_ALLOW_LOCAL", "").lower() in _TRUE,
-            max_model_bytes=int(float(max_gb) * 1e9) if max_gb else None,
-            concurrency=int(env.get("LORAFID_CONCURRENCY") or 1),
-            max_queue=int(env.get("LORAFID_MAX_QUEUE") or 16),
+            max_model_bytes=int(max_gb * 1e9) if max_gb else None,
+            concurrency=int(_positive_setting(env, "LORAFID_CONCURRENCY", int) or 1),
+            max_queue=int(_positive_setting(env, "LORAFID_MAX_QUEUE", int) or 16),
             oauth=bool(env.get("OAUTH_CLIENT_ID")),
             server_token=env.get("LORAFID_USE_SERVER_TOKEN", "").lower() in _TRUE,
             device=env.get("LORAFID_DEVICE") or "auto",
         )
+
+
+def _positive_setting(env: Mapping[str, str], name: str, kind: type[int] | type[float]) -> float | None:
+    """A positive number from the environment, None when unset; a clear error when not a number."""
+    text = env.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        value = 0
+    if not value > 0:
+        example = "40" if kind is float else "2"
+        raise LorafidError(f"{name}={text!r} is not a positive {kind.__name__}; unset it or set e.g. {name}={example}.")
+    return value
 
 
 # -- gallery ---------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from gradio_client.exceptions import AppError
 
 from lorafid.audit import Audit, AuditConfig
 from lorafid.dashboard import AppConfig, page_url, parse_link, permalink
+from lorafid.errors import LorafidError
 from lorafid.report import save_spectra, spectra_path
 from lorafid.store import Store
 from tests.hub_server import HubServer
@@ -273,6 +274,9 @@ def test_links_and_settings() -> None:
     assert config.oauth and not config.allow_local
     assert AppConfig.from_env({"LORAFID_ALLOW_LOCAL": "1"}).allow_local
     assert AppConfig.from_env({}, allow_local=True).allow_local
+    for name, bad in (("LORAFID_CONCURRENCY", "two"), ("LORAFID_MAX_QUEUE", "0"), ("LORAFID_MAX_MODEL_GB", "-1")):
+        with pytest.raises(LorafidError, match=rf"{name}='{bad}' is not a positive .*; unset it or set e.g."):
+            AppConfig.from_env({name: bad})
     assert page_url({"x-forwarded-host": "me-lorafid.hf.space", "x-forwarded-proto": "https"}, "http://x/") == (
         "https://me-lorafid.hf.space/"
     )

@@ -43,3 +43,16 @@ def test_tiny_preset_audit_matches_the_post(tmp_path: Path, low_rank: bool) -> N
     for matrix in report.matrices:
         expected = post_cosine_distance(base[matrix.name], finetune[matrix.name], RANK)
         assert matrix.metrics(RANK).cosine_distance == pytest.approx(expected, abs=1e-5), matrix.name
+
+
+def test_layer_time_reports_every_module_and_the_projection(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench import layer_time
+
+    monkeypatch.setattr("sys.argv", ["layer_time", "--preset", "tiny", "--layers", "10"])
+    layer_time.main()
+    out = capsys.readouterr().out
+    for module in PRESETS["tiny"].modules:
+        assert module in out
+    assert "10 layers:" in out

@@ -1,0 +1,82 @@
+"""Time ``delta_spectrum`` of an earlier commit against the working tree's, in one process.
+
+    python -m bench.before_after --rev b009564 --shape 14336x4096
+
+The earlier ``lorafid/spectrum.py`` is read with ``git show REV:lorafid/spectrum.py`` and
+loaded as a separate module; both versions run alternately on the same bf16 pair (so a
+busy neighbour slows both alike), and the script checks that they give the same spectrum.
+It needs a git checkout; the old module must import only what the current tree has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from lorafid import spectrum as current
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    rows, cols = (int(x) for x in text.lower().split("x"))
+    return rows, cols
+
+
+def load_revision(rev: str) -> ModuleType:
+    """``lorafid/spectrum.py`` as it was at ``rev``, as a module named ``spectrum_at_<rev>``."""
+    source = subprocess.run(
+        ["git", "show", f"{rev}:lorafid/spectrum.py"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    name = f"spectrum_at_{rev}"
+    path = Path(tempfile.mkdtemp()) / f"{name}.py"
+    path.write_text(source, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rev", required=True, help="the earlier commit (or tag, branch)")
+    parser.add_argument("--shape", type=parse_shape, default=(14336, 4096), help="ROWSxCOLS (default 14336x4096)")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    before = load_revision(args.rev)
+    torch.manual_seed(0)
+    base = torch.randn(*args.shape).to(torch.bfloat16)
+    finetune = (base.float() + 0.01 * torch.randn(*args.shape)).to(torch.bfloat16)
+    times: dict[str, list[float]] = {"before": [], "after": []}
+    results = {}
+    for _ in range(args.runs):
+        for label, module in (("before", before), ("after", current)):
+            started = time.perf_counter()
+            results[label] = module.delta_spectrum(base, finetune)
+            times[label].append(time.perf_counter() - started)
+    print(f"delta_spectrum {args.shape[0]}x{args.shape[1]} bf16, {torch.get_num_threads()} threads")
+    for label, runs in times.items():
+        print(f"  {label:<7} {', '.join(f'{t:.2f} s' for t in runs)}  (best {min(runs):.2f} s)")
+    print(f"  speed-up (best/best): {min(times['before']) / min(times['after']):.2f}x")
+    old, new = results["before"], results["after"]
+    gap = float(np.max(np.abs(np.asarray(old.sigma_sq) - np.asarray(new.sigma_sq)))) / max(old.energy, 1e-300)
+    exact = float(base.double().square().sum()), float(finetune.double().square().sum())
+    print(f"  max |σ² before − after| / E: {gap:.1e}; E {old.energy:.6g} vs {new.energy:.6g}")
+    for label, r in results.items():
+        rel = (r.base_norm_sq / exact[0] - 1, r.finetune_norm_sq / exact[1] - 1)
+        print(f"  {label}: ‖W_base‖², ‖W_ft‖² relative error vs float64: {rel[0]:+.1e}, {rel[1]:+.1e}")
+
+
+if __name__ == "__main__":
+    main()
