@@ -136,10 +136,14 @@ class Catalog:
     def __init__(self, store: Store, examples_dir: Path = EXAMPLES_DIR) -> None:
         self.store = store
         self.examples_dir = examples_dir
-        self._examples: dict[str, Report] = {}  # file name -> report without spectra
+        # file name -> report, with its spectra when the sidecar is there: bundled examples are
+        # small (< 1 MB), and without spectra the gallery's sentence could only name grid ranks.
+        self._examples: dict[str, Report] = {}
         for path in sorted(examples_dir.glob("*.json")) if examples_dir.is_dir() else []:
             try:
-                self._examples[path.name] = Report.from_json(path.read_text(encoding="utf-8"))
+                report = Report.from_json(path.read_text(encoding="utf-8"))
+                sidecar = spectra_path(path)
+                self._examples[path.name] = report.with_spectra(load_spectra(sidecar)) if sidecar.is_file() else report
             except (LorafidError, OSError, KeyError, TypeError):
                 continue  # not a report (another tool's JSON): not an example
 
@@ -164,9 +168,7 @@ class Catalog:
         """The report behind a gallery entry, with its full spectra when they exist."""
         kind, _, name = ref.partition(":")
         if kind == "example" and name in self._examples:
-            report = self._examples[name]
-            sidecar = spectra_path(self.examples_dir / name)
-            return report.with_spectra(load_spectra(sidecar)) if sidecar.is_file() else report
+            return self._examples[name]
         if kind == "store":
             stored = self.store.load_report(name)
             if stored is not None:

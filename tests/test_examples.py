@@ -125,3 +125,20 @@ def test_full_finetune_example_is_high_rank() -> None:
     assert _overall(spectra, 64, report) > full_8
     assert any(v.energy > 0 for v in report.vectors)  # norms and biases moved: lost to any LoRA
     assert report.summary().overall.energy_retained == pytest.approx(_overall(spectra, 64, report), abs=1e-12)
+
+
+def test_dashboard_gallery_lists_and_opens_the_bundled_examples(tmp_path: Path) -> None:
+    from lorafid.dashboard import EXAMPLES_DIR, Catalog
+    from lorafid.store import Store
+
+    assert EXAMPLES_DIR == EXAMPLES
+    catalog = Catalog(Store(tmp_path / "home"))  # the default: the bundled examples
+    entries = catalog.entries()
+    assert [e.ref for e in entries] == sorted(f"example:{name}.json" for name in NAMES)
+    labels = " | ".join(e.label for e in entries)
+    assert labels.count("example: ") == 3 and "full fine-tune" in labels and "LoRA" in labels
+    for entry in entries:
+        report = catalog.open(entry.ref)
+        assert report.has_spectra()
+        assert report.with_rank(37).summary().overall.energy_retained > 0  # any rank, from the sidecar
+        assert entry.sentence == report.summary().sentence()
