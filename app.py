@@ -225,25 +225,45 @@ class Dashboard:
             compute=self.compute,
         )
         yield {self.progress: "Reading both models' headers…"}
-        with Audit(base.strip(), finetune.strip(), config) as job:
-            plan = job.plan()
-            ref = f"store:{job.key}"
-            yield {
-                **self._view(ref, job.report(), metric, request, with_file=False),
-                self.progress: f"{len(plan.matrices)} matrices to audit ({plan.size_bytes / 1e6:,.0f} MB to read)…",
-            }
-            meter, figures, text = ProgressMeter(), Throttle(FIGURE_INTERVAL_S), Throttle(TEXT_INTERVAL_S)
-            line = ""
-            for step in job.run():
-                line = meter.line(step)
-                if figures.ready():
-                    yield {**self._view(ref, job.report(), metric, request, with_file=False), self.progress: line}
-                elif text.ready():
-                    yield {self.progress: line}
-            report = job.report()
+        job = Audit(base.strip(), finetune.strip(), config)
+        try:
+            with job:
+                plan = job.plan()
+                ref = f"store:{job.key}"
+                yield {
+                    **self._view(ref, job.report(), metric, request, with_file=False),
+                    self.progress: f"{len(plan.matrices)} matrices to audit ({plan.size_bytes / 1e6:,.0f} MB to read)…",
+                }
+                meter, figures, text = ProgressMeter(), Throttle(FIGURE_INTERVAL_S), Throttle(TEXT_INTERVAL_S)
+                line = ""
+                for step in job.run():
+                    line = meter.line(step)
+                    if figures.ready():
+                        yield {**self._view(ref, job.report(), metric, request, with_file=False), self.progress: line}
+                    elif text.ready():
+                        yield {self.progress: line}
+                report = job.report()
+        except LorafidError as e:
+            yield self._failed(job, e, metric, request)
+            raise
         yield {
             **self._view(ref, report, metric, request),
             self.progress: f"Done: {line if report.matrices else 'nothing to audit'}.",
+            **self._gallery(),
+        }
+
+    def _failed(self, job: Audit, error: LorafidError, metric: str, request: gr.Request) -> dict[Any, Any]:
+        """The last frame of a failed audit: the error in the progress line (the pop-up fades),
+        and, when matrices were finished before it, their charts (they are kept in the store)."""
+        if not job.key:  # failed while planning: nothing of this pair to show
+            return {self.progress: f"**Failed:** {_message(error)}"}
+        report = job.report()
+        done = len(report.matrices)
+        total = done + len(report.pending)
+        return {
+            **self._view(f"store:{job.key}", report, metric, request),
+            self.progress: f"**Stopped by an error after {done} of {total} matrices** (kept: run the audit again "
+            f"to resume): {_message(error)}",
             **self._gallery(),
         }
 

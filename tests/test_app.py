@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from gradio_client.exceptions import AppError
 
 from lorafid.audit import Audit, AuditConfig
 from lorafid.dashboard import AppConfig, page_url, parse_link, permalink
-from lorafid.errors import LorafidError
+from lorafid.errors import FetchError, LorafidError
 from lorafid.report import save_spectra, spectra_path
 from lorafid.store import Store
 from tests.hub_server import HubServer
@@ -191,8 +192,35 @@ def test_bundled_example_is_listed_and_opens(hub: HubServer, tmp_path: Path, mon
 
 
 def test_missing_repo_is_a_clear_error(served: Served) -> None:
+    job = served.client().submit("org/missing", TUNED, "", "", 8, "energy_retained", "", api_name="/run_audit")
     with pytest.raises(AppError, match=r"Repo org/missing was not found"):
-        run(served.client(), base="org/missing")
+        job.result(timeout=120)
+    # The pop-up fades; the progress line keeps the error (not a stale "Reading headers...").
+    assert job.outputs()[-1][PROGRESS].startswith("**Failed:** Repo org/missing was not found")
+
+
+def test_audit_failing_midway_shows_what_it_kept(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    compute = Audit._compute
+    calls = 0
+
+    def fail_at_the_fifth_matrix(self: Audit, pair: Any, base: Any, finetune: Any) -> Any:
+        nonlocal calls
+        if len(pair.shape) == 2:
+            calls += 1
+            if calls == 5:
+                raise FetchError("The CDN kept answering 503 (test).")
+        return compute(self, pair, base, finetune)
+
+    monkeypatch.setattr(Audit, "_compute", fail_at_the_fifth_matrix)
+    job = served.client().submit(BASE, TUNED, "", "", 8, "energy_retained", "", api_name="/run_audit")
+    with pytest.raises(AppError, match=r"The CDN kept answering 503"):
+        job.result(timeout=120)
+    last = job.outputs()[-1]
+    assert last[PROGRESS].startswith("**Stopped by an error after 4 of 8 matrices** (kept: run the audit again")
+    assert last[SUMMARY].startswith("**Rank 8 keeps")  # the charts of the 4 finished matrices
+    assert store_rows(served.home) == 4
+    monkeypatch.setattr(Audit, "_compute", compute)
+    assert "Done: 8/8 matrices" in run(served.client())[-1][PROGRESS]  # resumes: the other 4
 
 
 def test_gated_repo_says_what_to_do(served: Served) -> None:
