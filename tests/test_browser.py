@@ -2,7 +2,7 @@
 
 Skipped when /usr/bin/chromium or the playwright package is missing (browsers are never
 downloaded). Set ``LORAFID_SCREENSHOT=assets/dashboard.png`` to also save a full-page
-screenshot of a finished audit (a larger toy model, so the charts look like a real one).
+screenshot of the bundled MiniLM full fine-tune example, opened from the gallery.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 @pytest.fixture
 def page_url(hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "home"))
-    base, tuned = model_pair(layers=12 if SCREENSHOT else 2, dtype=torch.bfloat16)
+    base, tuned = model_pair(layers=2, dtype=torch.bfloat16)
     hub.add_repo("org/base", shard_files(base, 2))
     hub.add_repo("org/tuned", shard_files(tuned, 2, offset=1))
     config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "home", examples_dir=tmp_path / "examples")
@@ -99,8 +99,6 @@ def test_run_move_rank_download_and_permalink(browser: object, page_url: str, tm
 
     link = page.locator("#permalink textarea, #permalink input").first.input_value()
     assert "base=org%2Fbase" in link and link.endswith("rank=4")
-    if SCREENSHOT:
-        page.screenshot(path=SCREENSHOT, full_page=True)
 
     opened = browser.new_page(viewport={"width": 1400, "height": 1000})  # type: ignore[attr-defined]
     opened.set_default_timeout(30_000)
@@ -110,3 +108,26 @@ def test_run_move_rank_download_and_permalink(browser: object, page_url: str, tm
     assert opened.get_by_label("Base model").input_value() == "org/base"
     assert opened.get_by_label("Fine-tuned model").input_value() == "org/tuned"
     assert opened.locator("#rank input[type=number]").input_value() == "4"
+
+
+def test_bundled_example_opens_from_the_gallery(browser: object, hub: HubServer, tmp_path: Path) -> None:
+    config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "home")  # the bundled examples
+    with serve(config) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})  # type: ignore[attr-defined]
+        page.set_default_timeout(30_000)
+        page.goto(url)
+        page.get_by_text("example: MiniLM full fine-tune").first.click()
+        page.wait_for_selector("#heatmap .js-plotly-plot")
+        wait_for_text(page, "#summary", "Rank 64 keeps 92% of this fine-tune's change")
+        wait_for_text(page, "#heatmap", "intermediate.dense")
+        assert "all-MiniLM-L6-v2" in page.get_by_label("Base model").input_value()
+        rank_box = page.locator("#rank input[type=number]")
+        rank_box.fill("8")
+        rank_box.press("Enter")
+        wait_for_text(page, "#summary", "Rank 8 keeps 72%")
+        if SCREENSHOT:
+            rank_box.fill("64")
+            rank_box.press("Enter")
+            wait_for_text(page, "#summary", "Rank 64 keeps")
+            page.wait_for_timeout(1000)  # let Plotly finish drawing
+            page.screenshot(path=SCREENSHOT, full_page=True)
