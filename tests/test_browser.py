@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafid.dashboard import AppConfig
+from lorafid.dashboard import AppConfig, Catalog
+from lorafid.store import Store
 from tests.hub_server import HubServer
 from tests.models import model_pair, shard_files
 from tests.test_app import serve
@@ -112,19 +113,20 @@ def test_run_move_rank_download_and_permalink(browser: object, page_url: str, tm
 
 def test_bundled_example_opens_from_the_gallery(browser: object, hub: HubServer, tmp_path: Path) -> None:
     config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "home")  # the bundled examples
+    example = Catalog(Store(tmp_path / "x")).open("example:minilm-full-finetune.json")
     with serve(config) as url:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})  # type: ignore[attr-defined]
         page.set_default_timeout(30_000)
         page.goto(url)
         page.get_by_text("example: MiniLM full fine-tune").first.click()
         page.wait_for_selector("#heatmap .js-plotly-plot")
-        wait_for_text(page, "#summary", "Rank 64 keeps 92% of this fine-tune's change")
+        wait_for_text(page, "#summary", example.summary().sentence())
         wait_for_text(page, "#heatmap", "intermediate.dense")
         assert "all-MiniLM-L6-v2" in page.get_by_label("Base model").input_value()
         rank_box = page.locator("#rank input[type=number]")
         rank_box.fill("8")
         rank_box.press("Enter")
-        wait_for_text(page, "#summary", "Rank 8 keeps 72%")
+        wait_for_text(page, "#summary", example.with_rank(8).summary().sentence())
         if SCREENSHOT:
             rank_box.fill("64")
             rank_box.press("Enter")
