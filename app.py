@@ -394,7 +394,10 @@ def launch_options() -> dict[str, Any]:
     return {"run_history": False, "footer_links": ["api", "gradio", "settings"], "theme": gr.themes.Soft()}
 
 
-demo = build_app()
+try:
+    demo = build_app()  # module level: a Space imports this file and serves ``demo``
+except LorafidError as e:  # a bad server setting: one line that says which, not a traceback
+    raise SystemExit(f"lorafid: {e}") from None
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Serve the lorafid dashboard.")

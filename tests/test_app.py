@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -373,3 +376,15 @@ def test_one_users_failing_audit_never_affects_another(hub: HubServer, tmp_path:
         reference = job.report()
     assert [m["energy"] for m in report["matrices"]] == [m.energy for m in reference.matrices]
     assert [a.finetune_spec for a in Store(home).list_audits()] == [TUNED]  # nothing stored for the failure
+
+
+def test_bad_server_setting_stops_the_app_with_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "LORAFID_HOME": str(tmp_path), "LORAFID_MAX_QUEUE": "many"}
+    done = subprocess.run(
+        [sys.executable, "app.py"], cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "lorafid: LORAFID_MAX_QUEUE='many' is not a positive int; unset it or set e.g. LORAFID_MAX_QUEUE=2."
+    )
