@@ -11,25 +11,22 @@ It needs a git checkout; the old module must import only what the current tree h
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import torch
 
+from bench.compare import timed
+from bench.synth import parse_shape
 from lorafid import spectrum as current
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def parse_shape(text: str) -> tuple[int, int]:
-    rows, cols = (int(x) for x in text.lower().split("x"))
-    return rows, cols
 
 
 def load_revision(rev: str) -> ModuleType:
@@ -62,9 +59,8 @@ def main() -> None:
     results = {}
     for _ in range(args.runs):
         for label, module in (("before", before), ("after", current)):
-            started = time.perf_counter()
-            results[label] = module.delta_spectrum(base, finetune)
-            times[label].append(time.perf_counter() - started)
+            results[label], seconds = timed(functools.partial(module.delta_spectrum, base, finetune), base.device)
+            times[label].append(seconds)
     print(f"delta_spectrum {args.shape[0]}x{args.shape[1]} bf16, {torch.get_num_threads()} threads")
     for label, runs in times.items():
         print(f"  {label:<7} {', '.join(f'{t:.2f} s' for t in runs)}  (best {min(runs):.2f} s)")

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import torch
 
-from bench.synth import matrix_pair
+from bench.synth import matrix_pair, parse_shape
 from lorafid import spectrum as sp
 
 T = TypeVar("T")
@@ -104,12 +104,12 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes.split(",")]
+    shapes = [parse_shape(s) for s in args.shapes.split(",")]
     print(f"device {device} · threads {torch.get_num_threads()} · rank {args.rank} · torch {torch.__version__}")
     print(f"{'shape':>13} {'post (s)':>9} {'lorafid (s)':>12} {'speed-up':>9} {'|Δ cos dist|':>13} {'rel Δ mse':>10}")
     results = []
     for i, shape in enumerate(shapes):
-        result = compare_shape((shape[0], shape[1]), args.rank, device, seed=i)
+        result = compare_shape(shape, args.rank, device, seed=i)
         results.append(result)
         print(
             f"{result.shape[0]:>6}x{result.shape[1]:<6} {result.post_s:>9.2f} {result.lorafid_s:>12.2f} "

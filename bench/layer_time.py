@@ -13,27 +13,19 @@ printed on CUDA. The projection multiplies by the preset's real layer count.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from bench.compare import timed
 from bench.synth import PRESETS, matrix_pair
 from lorafid.spectrum import delta_spectrum
 
 LAYERS = {"tiny": 2, "small": 24, "llama8b": 32, "nemo12b": 40, "llama70b": 80}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_matrix(base: torch.Tensor, finetune: torch.Tensor) -> float:
-    _sync(base.device)
-    started = time.perf_counter()
-    delta_spectrum(base, finetune)
-    _sync(base.device)
-    return time.perf_counter() - started
+    """Seconds for one matrix's spectrum, synchronised on CUDA."""
+    return timed(lambda: delta_spectrum(base, finetune), base.device)[1]
 
 
 def main() -> None:

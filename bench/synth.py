@@ -85,6 +85,12 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def parse_shape(text: str) -> tuple[int, int]:
+    """``"4096x14336"`` -> (4096, 14336): a ROWSxCOLS command-line argument."""
+    rows, cols = (int(x) for x in text.lower().split("x"))
+    return rows, cols
+
+
 def matrix_pair(
     shape: tuple[int, int], seed: int, *, low_rank: bool = False, dtype: torch.dtype = torch.bfloat16
 ) -> tuple[torch.Tensor, torch.Tensor]:
