@@ -162,7 +162,7 @@ class _ShardWriter:
         for index, names in enumerate(self.shards):
             final = f"model-{index + 1:05d}-of-{total:05d}.safetensors"
             (self.directory / f"shard-{index:05d}.safetensors").rename(self.directory / final)
-            self.weight_map.update(dict.fromkeys(names, final))  # type: ignore[arg-type]
+            self.weight_map.update(dict.fromkeys(names, final))
         index_json = {"metadata": {}, "weight_map": self.weight_map}
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=1))
 

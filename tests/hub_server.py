@@ -13,7 +13,10 @@ so tests exercise the same requests, redirects and error headers as the Hugging 
 
 Fault injection (``hub.faults``, or ``with hub.inject(...)``) applies to every response that
 carries file bytes (CDN GETs and direct resolve GETs), never to API calls or HEADs. Every
-request to either origin is recorded in ``hub.requests``.
+request to either origin is recorded in ``hub.requests``. ``HubServer(link_bytes_per_s=...)``
+puts all those bytes, of every connection on both origins, through one shared link of that
+rate (for benchmarks: ``slow_bytes_per_s`` paces each response on its own, so 8 parallel
+range requests would get 8× the rate).
 
 Not a goal: Xet storage, datasets/spaces, uploads, pagination, HTTP/2, multi-range requests
 (they get the whole file with 200, as many servers do).
@@ -49,6 +52,23 @@ _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 # Handler sockets time out so a stuck client can never hang a test or the shutdown.
 _SOCKET_TIMEOUT_S = 10.0
 _SLOW_PIECE_BYTES = 4096
+_LINK_PIECE_BYTES = 64 * 2**10  # small enough that 8 connections interleave smoothly at 25 MB/s
+
+
+class _Link:
+    """Hands out send slots so that all senders together stay at ``bytes_per_s``; no burst credit."""
+
+    def __init__(self, bytes_per_s: float) -> None:
+        self.bytes_per_s = bytes_per_s
+        self._lock = threading.Lock()
+        self._free_at = time.monotonic()
+
+    def wait(self, size_bytes: int) -> None:
+        with self._lock:
+            start = max(time.monotonic(), self._free_at)
+            self._free_at = start + size_bytes / self.bytes_per_s
+            until = self._free_at
+        time.sleep(max(0.0, until - time.monotonic()))
 
 
 @dataclass
@@ -101,9 +121,16 @@ class _Handled(Exception):
 class HubServer:
     """The Hub and its CDN on two loopback ports. ``start()``/``stop()`` or use as a context manager."""
 
-    def __init__(self, *, valid_tokens: set[str] | None = None, cdn_url_ttl_s: float = 3600.0) -> None:
+    def __init__(
+        self,
+        *,
+        valid_tokens: set[str] | None = None,
+        cdn_url_ttl_s: float = 3600.0,
+        link_bytes_per_s: float | None = None,
+    ) -> None:
         self.valid_tokens = valid_tokens  # None: any "Bearer ..." is accepted
         self.cdn_url_ttl_s = cdn_url_ttl_s
+        self.link = _Link(link_bytes_per_s) if link_bytes_per_s else None  # one link shared by all
         self.faults = Faults()
         self._requests: list[RecordedRequest] = []
         self._in_flight = 0  # requests being answered; their records are not in the log yet
@@ -564,17 +591,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
 
     def _write_paced(self, data: bytes) -> None:
-        rate = self.hub.faults.slow_bytes_per_s
-        if not rate:
+        rate, link = self.hub.faults.slow_bytes_per_s, self.hub.link
+        if not rate and link is None:
             self.wfile.write(data)
             self._sent += len(data)
             return
-        for i in range(0, len(data), _SLOW_PIECE_BYTES):
-            piece = data[i : i + _SLOW_PIECE_BYTES]
+        size = _SLOW_PIECE_BYTES if rate else _LINK_PIECE_BYTES
+        for i in range(0, len(data), size):
+            piece = data[i : i + size]
+            if link is not None:
+                link.wait(len(piece))
             self.wfile.write(piece)
             self.wfile.flush()
             self._sent += len(piece)
-            time.sleep(len(piece) / rate)
+            if rate:
+                time.sleep(len(piece) / rate)
 
     @staticmethod
     def _parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
