@@ -140,39 +140,121 @@ def delta_spectrum(base: torch.Tensor, finetune: torch.Tensor) -> DeltaSpectrum:
         ValueError: shapes differ or are not 2-D (a caller bug: pairing checks shapes).
         NonFiniteWeightsError: NaN/Inf in either weight.
     """
-    if base.ndim != 2 or base.shape != finetune.shape:
-        raise ValueError(f"need two 2-D tensors of one shape, got {base.shape} and {finetune.shape}")
-    rows, cols = base.shape
     with torch.no_grad(), exact_matmul():
-        # One allocation, Δ built in place. copy=True: for float32 input, .to() would
-        # otherwise return the caller's tensor and sub_ would overwrite their weights.
-        delta = finetune.to(torch.float32, copy=True)
-        finetune_norm_sq = _sum_of_squares(delta)  # delta still holds W_ft here
-        delta.sub_(base)
-        # One pass gives mean |Δ| and the finiteness check: a NaN/Inf makes the sum non-finite.
-        abs_sum = float(delta.abs().sum()) if delta.numel() else 0.0
-        if not math.isfinite(abs_sum):
-            if not bool(torch.isfinite(delta).all()):
-                raise NonFiniteWeightsError("NaN or Inf in the weights")
-            abs_sum = float(delta.abs().sum(dtype=torch.float64))  # finite values, float32 sum overflowed
-        mean_abs = abs_sum / delta.numel() if delta.numel() else 0.0
+        delta, stats = _delta_and_stats(base, finetune)
         eigenvalues = torch.linalg.eigvalsh(_gram_lower(delta), UPLO="L")
         del delta
-        base_norm_sq = _sum_of_squares(base)
-        noise = noise_floor_energy(finetune)
-    signed = np.sort(eigenvalues.cpu().numpy())[::-1]
+    return _spectrum(base.shape, eigenvalues.cpu().numpy(), stats)
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """Δ with its top singular directions: the exact rank-r truncation for any r ≤ ``max_rank``.
+
+    The directions are eigenvectors of the same Gram matrix whose eigenvalues make the
+    spectrum, so the audit's numbers and the extraction describe one decomposition. With
+    ``side == "right"`` (m ≥ n, Gram = ΔᵀΔ) ``vectors`` holds V_r (n × r) and Δ_r = (ΔV_r)V_rᵀ;
+    with ``side == "left"`` (m < n, Gram = ΔΔᵀ) it holds U_r (m × r) and Δ_r = U_r(U_rᵀΔ).
+    Tensors are float32 on the device of the inputs; not for storage (Δ is a whole matrix).
+
+    Example: Δ = diag(4, 3, 2, 1), rank 2 → factors B (4×2), A (2×4) with B @ A = diag(4, 3, 0, 0).
+    """
+
+    delta: torch.Tensor = field(repr=False)
+    vectors: torch.Tensor = field(repr=False)  # columns in order of decreasing σ
+    side: str  # "right" or "left"
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) with Δ_r = B @ A, B of shape m × r and A of shape r × n (r capped at max_rank).
+
+        PEFT's names: B is ``lora_B`` (out × r) and A is ``lora_A`` (r × in) for a weight of
+        shape out × in, before any ``lora_alpha / r`` scaling.
+        """
+        r = max(0, min(rank, self.max_rank))
+        top = self.vectors[:, :r]
+        with torch.no_grad(), exact_matmul():
+            if self.side == "right":
+                return self.delta @ top, top.T.contiguous()
+            return top.contiguous(), top.T @ self.delta
+
+    def truncated(self, rank: int) -> torch.Tensor:
+        """Δ_r, the best rank-r approximation of Δ (Eckart–Young), as a dense float32 matrix."""
+        b, a = self.factors(rank)
+        with torch.no_grad(), exact_matmul():
+            return b @ a
+
+
+def decompose(base: torch.Tensor, finetune: torch.Tensor, max_rank: int) -> tuple[DeltaSpectrum, Decomposition]:
+    """The spectrum of Δ (exactly as ``delta_spectrum``) and its top ``max_rank`` directions.
+
+    One symmetric eigendecomposition (``eigh``) of the float64 Gram matrix gives both, so one
+    read of the weights serves every metric and every rank-r variant up to ``max_rank``. No
+    randomized SVD: the directions are those of the exact truncated SVD, up to float rounding
+    (directions of repeated singular values are any basis of their space, as in any SVD).
+
+    Raises: as ``delta_spectrum``.
+    """
+    with torch.no_grad(), exact_matmul():
+        delta, stats = _delta_and_stats(base, finetune)
+        eigenvalues, eigenvectors = torch.linalg.eigh(_gram_lower(delta), UPLO="L")
+        keep = max(0, min(max_rank, eigenvalues.shape[0]))
+        # eigh sorts ascending: the largest `keep` eigenvalues are the last columns.
+        top = eigenvectors[:, eigenvectors.shape[1] - keep :].flip(-1).to(torch.float32)
+        del eigenvectors
+    spectrum = _spectrum(base.shape, eigenvalues.cpu().numpy(), stats)
+    side = "right" if delta.shape[0] >= delta.shape[1] else "left"
+    if spectrum.unchanged:
+        top = top[:, :0]  # Δ = 0: every rank-r truncation is 0, with no directions
+    return spectrum, Decomposition(delta=delta, vectors=top, side=side)
+
+
+class _DeltaStats(NamedTuple):
+    finetune_norm_sq: float
+    base_norm_sq: float
+    mean_abs_delta: float
+    noise_energy: float
+
+
+def _delta_and_stats(base: torch.Tensor, finetune: torch.Tensor) -> tuple[torch.Tensor, _DeltaStats]:
+    """Δ in float32 and the scalars every spectrum records; checks shapes and finiteness."""
+    if base.ndim != 2 or base.shape != finetune.shape:
+        raise ValueError(f"need two 2-D tensors of one shape, got {base.shape} and {finetune.shape}")
+    # One allocation, Δ built in place. copy=True: for float32 input, .to() would
+    # otherwise return the caller's tensor and sub_ would overwrite their weights.
+    delta = finetune.to(torch.float32, copy=True)
+    finetune_norm_sq = _sum_of_squares(delta)  # delta still holds W_ft here
+    delta.sub_(base)
+    # One pass gives mean |Δ| and the finiteness check: a NaN/Inf makes the sum non-finite.
+    abs_sum = float(delta.abs().sum()) if delta.numel() else 0.0
+    if not math.isfinite(abs_sum):
+        if not bool(torch.isfinite(delta).all()):
+            raise NonFiniteWeightsError("NaN or Inf in the weights")
+        abs_sum = float(delta.abs().sum(dtype=torch.float64))  # finite values, float32 sum overflowed
+    mean_abs = abs_sum / delta.numel() if delta.numel() else 0.0
+    stats = _DeltaStats(finetune_norm_sq, _sum_of_squares(base), mean_abs, noise_floor_energy(finetune))
+    return delta, stats
+
+
+def _spectrum(shape: torch.Size | tuple[int, ...], eigenvalues: np.ndarray, stats: _DeltaStats) -> DeltaSpectrum:
+    """A ``DeltaSpectrum`` from the Gram matrix's eigenvalues (any order) and Δ's scalars."""
+    rows, cols = int(shape[0]), int(shape[1])
+    signed = np.sort(eigenvalues)[::-1]
     energy = float(signed.sum())
-    if energy <= 0.0 or mean_abs == 0.0:
+    if energy <= 0.0 or stats.mean_abs_delta == 0.0:
         # Exactly equal weights: Δ = 0 and nothing can be lost.
         energy, signed = 0.0, np.zeros_like(signed)
     return DeltaSpectrum(
         shape=(rows, cols),
         sigma_sq=np.clip(signed, 0.0, None),
         energy=energy,
-        finetune_norm_sq=finetune_norm_sq,
-        base_norm_sq=base_norm_sq,
-        mean_abs_delta=mean_abs,
-        noise_energy=min(noise, energy),
+        finetune_norm_sq=stats.finetune_norm_sq,
+        base_norm_sq=stats.base_norm_sq,
+        mean_abs_delta=stats.mean_abs_delta,
+        noise_energy=min(stats.noise_energy, energy),
     )
 
 

@@ -156,3 +156,47 @@ def test_tf32_state_is_restored() -> None:
     with sp.exact_matmul():
         assert torch.get_float32_matmul_precision() == "highest"
     assert torch.get_float32_matmul_precision() == before
+
+
+@pytest.mark.parametrize("shape", [(48, 20), (20, 48), (32, 32)])
+@pytest.mark.parametrize("kind", ["random", "low_rank"])
+def test_decomposition_truncation_equals_float64_svd(kind: str, shape: tuple[int, int]) -> None:
+    """Δ_r from the Gram eigenvectors equals the float64 SVD's truncation at every rank."""
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(shape, generator=gen)
+    if kind == "random":
+        update = torch.randn(shape, generator=gen) * 0.1
+    else:
+        update = torch.randn(shape[0], 5, generator=gen) @ torch.randn(5, shape[1], generator=gen) * 0.1
+    finetune = base + update
+    delta64 = finetune.double() - base.double()
+    u, s, vh = torch.linalg.svd(delta64, full_matrices=False)
+    spectrum, decomposition = sp.decompose(base, finetune, max_rank=min(shape))
+    reference = sp.delta_spectrum(base, finetune)
+    # eigh and eigvalsh are different LAPACK drivers: equal up to float64 rounding.
+    np.testing.assert_allclose(spectrum.sigma_sq, reference.sigma_sq, rtol=0, atol=1e-10 * reference.energy)
+    scale = float(delta64.norm())
+    for rank in (1, 3, 5, 8, min(shape)):
+        expected = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        b, a = decomposition.factors(rank)
+        assert b.shape == (shape[0], rank) and a.shape == (rank, shape[1])
+        got = decomposition.truncated(rank).double()
+        if kind == "low_rank" and rank == 5:
+            assert float((got - delta64).norm()) / scale < 1e-5  # exactly rank 5: nothing lost
+        # Where σ_r = σ_{r+1} the truncation is not unique; these spectra have no ties.
+        assert float((got - expected).norm()) / scale < 1e-4
+        # The residual is what the spectrum says is lost.
+        lost = float((delta64 - got).norm() ** 2) / scale**2
+        assert lost == pytest.approx(1 - sp.energy_retained(spectrum, rank), abs=1e-5)
+
+
+def test_decomposition_of_the_seed_post_example_and_of_no_change() -> None:
+    base = torch.zeros(4, 4)
+    finetune = torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0]))
+    _, decomposition = sp.decompose(base, finetune, max_rank=2)
+    torch.testing.assert_close(decomposition.truncated(2), torch.diag(torch.tensor([4.0, 3.0, 0.0, 0.0])))
+    assert decomposition.max_rank == 2
+    weight = torch.randn(6, 3)
+    spectrum, unchanged = sp.decompose(weight, weight.clone(), max_rank=2)
+    assert spectrum.unchanged and unchanged.max_rank == 0
+    assert float(unchanged.truncated(2).abs().max()) == 0.0
