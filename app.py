@@ -101,59 +101,64 @@ class Dashboard:
 
     def build(self) -> gr.Blocks:
         with gr.Blocks(title="lorafid: LoRA extraction fidelity", analytics_enabled=False) as demo:
-            gr.Markdown(INTRO)
-            with gr.Row():
-                with gr.Column(scale=3):
-                    self.base = gr.Textbox(label="Base model", placeholder="org/base-model")
-                    self.finetune = gr.Textbox(label="Fine-tuned model", placeholder="org/fine-tuned-model")
-                    with gr.Row():
-                        self.base_revision = gr.Textbox(label="Base revision", placeholder="main (optional)")
-                        self.finetune_revision = gr.Textbox(label="Fine-tuned revision", placeholder="main (optional)")
-                    self.token = gr.Textbox(
-                        label="Hugging Face token (optional: gated or private repos)",
-                        type="password",
-                        placeholder="hf_… used for this audit only, never stored",
-                    )
-                    if self.config.oauth:
-                        gr.LoginButton()
-                with gr.Column(scale=2):
-                    self.rank = gr.Slider(1, MAX_RANK, value=DEFAULT_RANK, step=1, label="Rank", elem_id="rank")
-                    self.provider_rank = gr.Radio(
-                        [str(r) for r in PROVIDER_RANKS], label="Typical provider ranks", value=str(DEFAULT_RANK)
-                    )
-                    self.metric = gr.Dropdown(
-                        [(m.label, m.key) for m in plots.METRICS.values()], value="energy_retained", label="Metric"
-                    )
-                    with gr.Row():
-                        self.run_button = gr.Button("Run audit", variant="primary")
-                        self.stop_button = gr.Button("Stop", variant="stop")
-            with gr.Accordion("Audits: examples and past runs (click one to open it)", open=True):
-                entries = self.catalog.entries()
-                self.gallery = gr.Dataset(
-                    components=["textbox", "textbox", "textbox"],
-                    headers=["Audit", "Status", "Summary"],
-                    samples=_samples(entries),
-                    type="index",
-                    layout="table",
-                    label="Audits",
-                )
-                self.refs = gr.State([e.ref for e in entries])
-            self.progress = gr.Markdown("", elem_id="progress")
-            self.summary = gr.Markdown("", elem_id="summary")
-            self.heatmap = gr.Plot(label="Layer × module", elem_id="heatmap")
-            with gr.Row():
-                self.lines = gr.Plot(label="By layer", elem_id="lines")
-                self.curves = gr.Plot(label="Loss versus rank", elem_id="curves")
-            with gr.Row():
-                self.download = gr.DownloadButton("Download JSON", value=None, elem_id="download", scale=1)
-                self.link = gr.Textbox(
-                    label="Permalink", buttons=["copy"], interactive=False, scale=4, elem_id="permalink"
-                )
-            self.ref = gr.State("")  # "store:<key>" / "example:<file>": the report lives in self.reports
-            self.query = gr.Textbox(visible=False)
+            # One tab per check, each built by its own method; further checks add a tab here.
+            with gr.Tabs():  # noqa: SIM117 - the tabs hold more than one check as they are added
+                with gr.Tab("Weight audit", id="weight-audit"):
+                    self._weight_audit_tab()
             self._wire(demo)
         demo.queue(default_concurrency_limit=self.config.concurrency, max_size=self.config.max_queue)
         return demo
+
+    def _weight_audit_tab(self) -> None:
+        """The weight audit: two repos in, per-matrix fidelity charts out (wired in ``_wire``)."""
+        gr.Markdown(INTRO)
+        with gr.Row():
+            with gr.Column(scale=3):
+                self.base = gr.Textbox(label="Base model", placeholder="org/base-model")
+                self.finetune = gr.Textbox(label="Fine-tuned model", placeholder="org/fine-tuned-model")
+                with gr.Row():
+                    self.base_revision = gr.Textbox(label="Base revision", placeholder="main (optional)")
+                    self.finetune_revision = gr.Textbox(label="Fine-tuned revision", placeholder="main (optional)")
+                self.token = gr.Textbox(
+                    label="Hugging Face token (optional: gated or private repos)",
+                    type="password",
+                    placeholder="hf_… used for this audit only, never stored",
+                )
+                if self.config.oauth:
+                    gr.LoginButton()
+            with gr.Column(scale=2):
+                self.rank = gr.Slider(1, MAX_RANK, value=DEFAULT_RANK, step=1, label="Rank", elem_id="rank")
+                self.provider_rank = gr.Radio(
+                    [str(r) for r in PROVIDER_RANKS], label="Typical provider ranks", value=str(DEFAULT_RANK)
+                )
+                self.metric = gr.Dropdown(
+                    [(m.label, m.key) for m in plots.METRICS.values()], value="energy_retained", label="Metric"
+                )
+                with gr.Row():
+                    self.run_button = gr.Button("Run audit", variant="primary")
+                    self.stop_button = gr.Button("Stop", variant="stop")
+        with gr.Accordion("Audits: examples and past runs (click one to open it)", open=True):
+            entries = self.catalog.entries()
+            self.gallery = gr.Dataset(
+                components=["textbox", "textbox", "textbox"],
+                headers=["Audit", "Status", "Summary"],
+                samples=_samples(entries),
+                type="index",
+                layout="table",
+                label="Audits",
+            )
+            self.refs = gr.State([e.ref for e in entries])
+        self.progress = gr.Markdown("", elem_id="progress")
+        self.summary = gr.Markdown("", elem_id="summary")
+        self.heatmap = gr.Plot(label="Layer × module", elem_id="heatmap")
+        with gr.Row():
+            self.lines = gr.Plot(label="By layer", elem_id="lines")
+            self.curves = gr.Plot(label="Loss versus rank", elem_id="curves")
+        with gr.Row():
+            self.download = gr.DownloadButton("Download JSON", value=None, elem_id="download", scale=1)
+            self.link = gr.Textbox(label="Permalink", buttons=["copy"], interactive=False, scale=4, elem_id="permalink")
+        self.ref = gr.State("")  # "store:<key>" / "example:<file>": the report lives in self.reports
+        self.query = gr.Textbox(visible=False)
 
     def _wire(self, demo: gr.Blocks) -> None:
         view = [self.ref, self.heatmap, self.lines, self.curves, self.summary, self.download, self.link]
