@@ -57,11 +57,19 @@ class AuditConfig:
     prefetch: int = 2  # pairs fetched ahead of the math device (memory: ~prefetch+2 pairs)
     fresh: bool = False  # ignore stored results and recompute everything
     max_model_bytes: int | None = None  # refuse pairs whose audited bytes exceed this
+    max_tensor_bytes: int | None = None  # refuse pairs with a tensor larger than this (peak memory ~7x)
+    max_tensors: int | None = None  # refuse models whose headers list more tensors than this
     store: Store | None = field(default=None, repr=False)  # None = Store() under LORAFID_HOME
     # Replaces the per-matrix math: gets the two CPU tensors, returns plain numbers. On a
     # ZeroGPU Space this is the one function decorated with @spaces.GPU, so the GPU is held
     # only while a spectrum is computed, never while bytes stream in.
     compute: Callable[[torch.Tensor, torch.Tensor], sp.DeltaSpectrum] | None = field(default=None, repr=False)
+    # Like ``compute``, but also told which matrix the tensors are (the adapter extraction writes
+    # that matrix's factors here, and the adapter audit compares it with the adapter's). It runs
+    # before the matrix is stored, so whatever it writes exists for every stored matrix.
+    compute_pair: Callable[[MatrixPair, torch.Tensor, torch.Tensor], sp.DeltaSpectrum] | None = field(
+        default=None, repr=False
+    )
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,7 @@ class Audit:
         )
         self._sources = (base, finetune)
         self._headers = _all_tensors(base, finetune)
+        self._check_tensor_count()
         self._plan = plan_pairs(
             *self._headers, include_embeddings=cfg.include_embeddings, include=cfg.include, exclude=cfg.exclude
         )
@@ -147,6 +156,7 @@ class Audit:
                 f"{cfg.max_model_bytes / 1e9:.1f} GB. Run it with the CLI on your own machine: "
                 f"lorafid audit {self._specs[0]} {self._specs[1]}"
             )
+        self._check_tensor_sizes(self._plan)
         self._key = audit_key(self._record(0), self._record(1), self._settings(), _identity(self._headers))
         if cfg.fresh:
             self.store.forget(self._key)
@@ -220,7 +230,10 @@ class Audit:
                 self._vectors[pair.name] = _vector_result(pair, base, finetune)
                 self.store.put_vector(self._key, self._vectors[pair.name])
                 return None
-            spectrum = (self.config.compute or self._spectrum_on_device)(base, finetune)
+            if self.config.compute_pair is not None:
+                spectrum = self.config.compute_pair(pair, base, finetune)
+            else:
+                spectrum = (self.config.compute or self._spectrum_on_device)(base, finetune)
         except sp.NonFiniteWeightsError:
             self._flagged.append(
                 SkippedTensor(
@@ -283,6 +296,31 @@ class Audit:
                 with contextlib.suppress(queue.Empty):
                     ready.get(timeout=0.1)
 
+    def _check_tensor_count(self) -> None:
+        """A public server's cap on tensors per model: 850k tiny tensors would hold it for minutes."""
+        limit = self.config.max_tensors
+        for spec, tensors in zip(self._specs, self._headers, strict=True):
+            if limit is not None and len(tensors) > limit:
+                raise LimitExceededError(
+                    f"{spec[:200]} lists {len(tensors):,} tensors, above this server's limit of {limit:,} per "
+                    f"model. Run it with the CLI on your own machine: lorafid audit BASE FINETUNE"
+                )
+
+    def _check_tensor_sizes(self, plan: PairingPlan) -> None:
+        """One tensor must fit in memory several times over (Δ in float32, its Gram matrix): refuse
+        it before any byte is read, with the size the header claims."""
+        limit = self.config.max_tensor_bytes
+        if limit is None:
+            return
+        for pair in (*plan.matrices, *plan.vectors):
+            size = max(pair.base.size_bytes, pair.finetune.size_bytes)
+            if size > limit:
+                raise LimitExceededError(
+                    f"Tensor {pair.name[:200]} {list(pair.shape)} takes {size / 1e9:.2f} GB, above this server's "
+                    f"per-tensor limit of {limit / 1e9:.2f} GB. Run it with the CLI on your own machine: "
+                    "lorafid audit BASE FINETUNE"
+                )
+
     def _planned_names(self) -> set[str]:
         assert self._plan is not None
         return {p.name for p in self._plan.matrices}
@@ -314,6 +352,8 @@ class Audit:
             include_embeddings=cfg.include_embeddings,
             include=cfg.include,
             exclude=cfg.exclude,
+            base_name_prefix=self._plan.base_prefix if self._plan else "",
+            finetune_name_prefix=self._plan.finetune_prefix if self._plan else "",
         )
 
 

@@ -50,3 +50,49 @@ class LimitExceededError(LorafidError):
 
 class InvalidSourceError(LorafidError):
     """A source string is neither a valid Hub repo ID nor an allowed local path."""
+
+
+class UnsafeEndpointError(LorafidError):
+    """A server-side outbound URL is refused: not https, or its host is not a public address."""
+
+
+class ProviderError(LorafidError):
+    """An OpenAI-compatible endpoint failed after retries, refused the key, or answered nonsense."""
+
+
+class ChannelUnsupportedError(ProviderError):
+    """The endpoint does not offer one way of reading log-probabilities (e.g. rejects ``echo``)."""
+
+
+class TokenMismatchError(LorafidError):
+    """The provider's tokens are not the fine-tune tokenizer's tokens: the texts cannot be compared."""
+
+
+class CatalogueError(LorafidError):
+    """A batch catalogue (CSV or YAML list of pairs) is malformed: the message names the row and field."""
+
+
+class MissingExtraError(LorafidError):
+    """An optional dependency is not installed; the message names the ``pip install lorafid[...]`` extra."""
+class AmbiguousPairingError(LorafidError):
+    """The two models' tensor names match under more than one wrapper prefix: no pairing is guessed."""
+
+
+class RegistryError(LorafidError):
+    """The results registry (a Hub dataset) could not be read or written, or lacks a result."""
+
+
+class ResultSchemaError(LorafidError):
+    """A published or stored result has a schema this lorafid does not read: refused, never misread."""
+
+
+class VerificationError(LorafidError):
+    """A re-run audit does not reproduce a published result within the precision bar."""
+
+
+class UnsupportedAdapterError(LorafidError):
+    """An adapter lorafid cannot read as a plain PEFT LoRA: DoRA, another PEFT type, or missing files."""
+
+
+class AdapterMismatchError(LorafidError):
+    """An adapter does not fit the models: it names matrices they lack, or its factors have other shapes."""

@@ -5,9 +5,13 @@ align). Output: a ``PairingPlan`` of 2-D matrix pairs to audit, 1-D pairs whose 
 LoRA cannot carry, and every other tensor with the reason it is skipped.
 
 Rules, in order:
-- names are matched exactly first; names left over are matched after stripping a known
-  wrapper prefix ("model.", "base_model.model.", "language_model." ...), when that match
-  is unique on both sides;
+- names are matched exactly first; names left over are matched after stripping the one
+  wrapper prefix learned from the two name sets (``learn_prefixes``): a checkpoint saved
+  under a head class or wrapper has every name prefixed ("bert.", "roberta.", "gpt_neox.",
+  "model.decoder.", "module." from DDP, "_orig_mod." from ``torch.compile``, nested ones
+  like "module._orig_mod."), on either side, or one wrapper replaced by another. The
+  prefixes are recorded in the plan (and the report); two prefixes that explain equally
+  many names are refused (``AmbiguousPairingError``), never guessed;
 - embeddings and ``lm_head`` are skipped unless asked for (a multi-LoRA server cannot
   carry them); when included, only the shared vocabulary rows are compared;
 - a shape mismatch, a dtype lorafid cannot diff exactly, or a tensor on one side only is
@@ -22,7 +26,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from lorafid.errors import NoCommonTensorsError, UnsupportedDtypeError
+from lorafid.errors import AmbiguousPairingError, NoCommonTensorsError, UnsupportedDtypeError
 from lorafid.safetensors_format import DTYPES, TensorInfo
 
 WRAPPER_PREFIXES: tuple[str, ...] = (
@@ -33,7 +37,11 @@ WRAPPER_PREFIXES: tuple[str, ...] = (
     "transformer.",
     "model.",
 )
-"""Prefixes that wrap the same weights under another name; longest first."""
+"""Common wrapper prefixes, longest first: only to name the module of a tensor outside the
+blocks (``classify``). Pairing learns its prefixes from the names themselves."""
+
+MAX_PREFIX_SEGMENTS = 6  # "module._orig_mod.base_model.model.model.decoder.": deeper nesting is not seen
+_GENERIC_SUFFIX_PAIRS = 16  # a suffix shared by more name pairs than this ("dense.weight") identifies nothing
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|block)\.(\d+)\.")
 _EMBEDDING = re.compile(r"(embed|wte|wpe|lm_head|output\.weight$|word_embeddings)")
@@ -89,6 +97,8 @@ class PairingPlan:
     matrices: tuple[MatrixPair, ...]
     vectors: tuple[MatrixPair, ...]  # 1-D (norms, biases): whole delta lost under a LoRA
     skipped: tuple[SkippedTensor, ...]
+    base_prefix: str = ""  # learned wrapper prefix of base names paired after stripping it
+    finetune_prefix: str = ""  # the same for the fine-tune's names
 
     @property
     def size_bytes(self) -> int:
@@ -111,37 +121,85 @@ def classify(name: str) -> tuple[int | None, str]:
     return None, stem
 
 
-def canonical_name(name: str) -> str:
-    """The name without its wrapper prefix: "base_model.model.layers.0.x" -> "layers.0.x"."""
-    for prefix in WRAPPER_PREFIXES:
-        if name.startswith(prefix):
-            return name[len(prefix) :]
-    return name
-
-
 def is_embedding(name: str) -> bool:
     """Token embeddings and output heads, which vLLM-style multi-LoRA cannot serve."""
     return bool(_EMBEDDING.search(name))
 
 
 def match_names(base_names: Iterable[str], finetune_names: Iterable[str]) -> list[tuple[str, str]]:
-    """Pairs of (base name, fine-tune name): exact matches, then unique canonical matches.
+    """Pairs of (base name, fine-tune name): exact matches, then matches under the learned prefixes.
 
     Example: base {"model.layers.0.w"}, fine-tune {"layers.0.w"} -> [("model.layers.0.w", "layers.0.w")].
     """
-    base_set, finetune_set = set(base_names), set(finetune_names)
-    pairs = [(n, n) for n in sorted(base_set & finetune_set)]
-    base_left = _unique_by_canonical(base_set - finetune_set)
-    finetune_left = _unique_by_canonical(finetune_set - base_set)
-    pairs += [(base_left[c], finetune_left[c]) for c in sorted(base_left.keys() & finetune_left.keys())]
-    return pairs
+    return _match(set(base_names), set(finetune_names))[0]
 
 
-def _unique_by_canonical(names: Iterable[str]) -> dict[str, str]:
-    by_canonical: dict[str, list[str]] = {}
+def learn_prefixes(base_names: Iterable[str], finetune_names: Iterable[str]) -> tuple[str, str]:
+    """The (base prefix, fine-tune prefix) whose removal makes the most leftover names match.
+
+    Names already equal on both sides are not considered. A candidate is every split of a
+    name at a dot (up to ``MAX_PREFIX_SEGMENTS`` leading segments) whose rest still has a
+    dot ("mlp.weight", never "weight" alone); the two prefixes of a candidate never end in
+    the same segment ("bert.encoder." / "encoder." is "bert." / "").
+    The candidate that pairs the most names wins; ("", "") when nothing pairs.
+
+    Example: base {"embeddings.w", "encoder.layer.0.q"}, fine-tune {"bert.embeddings.w",
+    "bert.encoder.layer.0.q", "cls.dense.w"} -> ("", "bert.").
+
+    Raises:
+        AmbiguousPairingError: two candidates pair equally many names (base {"model.x",
+            "transformer.x"} against fine-tune {"x"}).
+    """
+    base, finetune = set(base_names), set(finetune_names)
+    by_rest_base = _splits(base - finetune)
+    by_rest_finetune = _splits(finetune - base)
+    support: dict[tuple[str, str], int] = {}
+    for rest in by_rest_base.keys() & by_rest_finetune.keys():
+        base_prefixes, finetune_prefixes = by_rest_base[rest], by_rest_finetune[rest]
+        if "." not in rest or len(base_prefixes) * len(finetune_prefixes) > _GENERIC_SUFFIX_PAIRS:
+            continue  # "weight" alone, or a suffix many names share, says nothing about a wrapper
+        for b in base_prefixes:
+            for f in finetune_prefixes:
+                if b != f and not (b and f and b.split(".")[-2] == f.split(".")[-2]):
+                    support[(b, f)] = support.get((b, f), 0) + 1
+    if not support:
+        return "", ""
+    ranked = sorted(support.items(), key=lambda item: -item[1])
+    (best, count) = ranked[0]
+    if len(ranked) > 1 and ranked[1][1] == count:
+        tied = [pair for pair, n in ranked if n == count][:3]
+        shown = "; ".join(f"base {b or '(none)'!r} / fine-tune {f or '(none)'!r}" for b, f in tied)
+        raise AmbiguousPairingError(
+            f"The tensor names of the two models match under more than one wrapper prefix, {count} name(s) "
+            f"each ({shown}): lorafid will not guess which tensors correspond. Audit checkpoints saved "
+            "with the same model class, or with --include a pattern that selects one of them."
+        )
+    return best
+
+
+def _splits(names: Iterable[str]) -> dict[str, list[str]]:
+    """rest -> prefixes: every name split at each of its first dots (and unsplit, prefix "")."""
+    out: dict[str, list[str]] = {}
     for name in names:
-        by_canonical.setdefault(canonical_name(name), []).append(name)
-    return {c: group[0] for c, group in by_canonical.items() if len(group) == 1}
+        out.setdefault(name, []).append("")
+        parts = name.split(".")
+        for k in range(1, min(MAX_PREFIX_SEGMENTS, len(parts) - 1) + 1):
+            out.setdefault(".".join(parts[k:]), []).append(".".join(parts[:k]) + ".")
+    return out
+
+
+def _match(base: set[str], finetune: set[str]) -> tuple[list[tuple[str, str]], tuple[str, str]]:
+    """(pairs, learned prefixes): exact matches first, then the leftovers under the learned prefixes."""
+    pairs = [(n, n) for n in sorted(base & finetune)]
+    base_prefix, finetune_prefix = learn_prefixes(base, finetune)
+    if base_prefix or finetune_prefix:
+        left = finetune - base
+        for name in sorted(base - finetune):
+            if name.startswith(base_prefix):
+                other = finetune_prefix + name[len(base_prefix) :]
+                if other in left:
+                    pairs.append((name, other))
+    return pairs, (base_prefix, finetune_prefix)
 
 
 def plan_pairs(
@@ -168,7 +226,7 @@ def plan_pairs(
     matrices: list[MatrixPair] = []
     vectors: list[MatrixPair] = []
     skipped: list[SkippedTensor] = []
-    pairs = match_names(base, finetune)
+    pairs, (base_prefix, finetune_prefix) = _match(set(base), set(finetune))
     paired_base = {b for b, _ in pairs}
     paired_finetune = {f for _, f in pairs}
     skipped += [_skip(n, "only_in_base", base=base[n]) for n in sorted(base.keys() - paired_base)]
@@ -215,7 +273,13 @@ def plan_pairs(
             f"{len(finetune)} in the fine-tune, {len(pairs)} names in common). Check that the fine-tune "
             "was made from this base model (same architecture and size)."
         )
-    return PairingPlan(matrices=tuple(matrices), vectors=tuple(vectors), skipped=tuple(skipped))
+    return PairingPlan(
+        matrices=tuple(matrices),
+        vectors=tuple(vectors),
+        skipped=tuple(skipped),
+        base_prefix=base_prefix,
+        finetune_prefix=finetune_prefix,
+    )
 
 
 def _dtype_problem(base: TensorInfo, finetune: TensorInfo) -> str | None:

@@ -61,6 +61,10 @@ class AuditSettings:
     include: str | None = None
     exclude: str | None = None
     numerics: dict[str, str | bool] = field(default_factory=lambda: dict(sp.NUMERICS))
+    # Learned while pairing, not chosen: the wrapper prefix stripped from each side's names
+    # (a masked-LM fine-tune's "bert." against its bare encoder base).
+    base_name_prefix: str = ""
+    finetune_name_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,9 @@ class Report:
     timings: Timings = Timings()
     tool_version: str = __version__
     created: str = ""
+    # A PEFT adapter compared with this fine-tune (``lorafid.adapter.AdapterSection.to_dict``),
+    # audited or written by ``lorafid extract``; None for a plain audit.
+    adapter: dict[str, Any] | None = None
 
     @property
     def rank(self) -> int:
@@ -288,6 +295,7 @@ class Report:
             "vectors": [asdict(v) for v in self.vectors],
             "skipped": [asdict(s) for s in self.skipped],
             "pending": list(self.pending),
+            **({"adapter": self.adapter} if self.adapter is not None else {}),
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -312,6 +320,7 @@ class Report:
             timings=Timings(**data["timings"]),
             tool_version=data["tool_version"],
             created=data["created"],
+            adapter=data.get("adapter"),
         )
 
     @classmethod

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+from pathlib import Path
 
-from lorafid.errors import NoCommonTensorsError, UnsupportedDtypeError
-from lorafid.pairing import classify, match_names, plan_pairs
+import pytest
+import torch
+
+from lorafid.audit import Audit, AuditConfig
+from lorafid.errors import AmbiguousPairingError, NoCommonTensorsError, UnsupportedDtypeError
+from lorafid.pairing import classify, learn_prefixes, match_names, plan_pairs
 from lorafid.safetensors_format import TensorInfo
+from lorafid.store import Store
 
 
 def info(
@@ -35,19 +41,89 @@ def test_classify(name: str, expected: tuple[int | None, str]) -> None:
     assert classify(name) == expected
 
 
-def test_match_names_tolerates_wrapper_prefixes_but_prefers_exact() -> None:
+def test_match_names_prefers_exact_then_the_learned_prefix() -> None:
     base = ["model.layers.0.w", "model.layers.1.w", "lm_head.weight"]
-    finetune = ["layers.0.w", "base_model.model.layers.1.w", "lm_head.weight"]
+    finetune = ["layers.0.w", "layers.1.w", "lm_head.weight"]
     assert match_names(base, finetune) == [
         ("lm_head.weight", "lm_head.weight"),
         ("model.layers.0.w", "layers.0.w"),
-        ("model.layers.1.w", "base_model.model.layers.1.w"),
+        ("model.layers.1.w", "layers.1.w"),
     ]
 
 
-def test_ambiguous_canonical_names_are_not_guessed() -> None:
-    # "model.x" and "transformer.x" both canonicalize to "x": neither is paired with "x".
-    assert match_names(["model.x", "transformer.x"], ["x"]) == []
+# Real wrappers: encoder heads, GPT-NeoX, OPT's decoder, DDP, torch.compile, nested, PEFT merges,
+# multimodal wrappers (one wrapper replaced by another), on either side.
+@pytest.mark.parametrize(
+    ("base_prefix", "finetune_prefix"),
+    [
+        ("", "bert."),
+        ("roberta.", ""),
+        ("", "gpt_neox."),
+        ("", "model.decoder."),
+        ("", "module."),
+        ("_orig_mod.", ""),
+        ("", "module._orig_mod."),
+        ("", "base_model.model."),
+        ("model.", "model.language_model."),
+    ],
+)
+def test_the_wrapper_prefix_is_learned_from_the_names(base_prefix: str, finetune_prefix: str) -> None:
+    bare = [f"layers.{i}.{m}.weight" for i in range(3) for m in ("attn.q", "attn.k", "mlp.up")] + ["norm.weight"]
+    base = {base_prefix + n: info(base_prefix + n, (4, 4) if "layers" in n else (4,)) for n in bare}
+    extra = {"cls.head.weight": info("cls.head.weight", (4, 4))}  # a head only the fine-tune has
+    finetune = {finetune_prefix + n: info(finetune_prefix + n, (4, 4) if "layers" in n else (4,)) for n in bare}
+    plan = plan_pairs(base, finetune | extra)
+    assert (plan.base_prefix, plan.finetune_prefix) == (base_prefix, finetune_prefix)
+    assert sorted((p.base.name, p.name) for p in plan.matrices) == sorted(
+        (base_prefix + n, finetune_prefix + n) for n in bare if "layers" in n
+    )
+    assert [p.name for p in plan.vectors] == [finetune_prefix + "norm.weight"]
+    assert {(s.name, s.reason) for s in plan.skipped} == {("cls.head.weight", "only_in_finetune")}
+    assert {p.layer for p in plan.matrices} == {0, 1, 2}
+
+
+def test_ambiguous_prefixes_are_refused_with_a_message() -> None:
+    # "model.x.w" and "transformer.x.w" both become "x.w" once a prefix is stripped: which one is it?
+    with pytest.raises(AmbiguousPairingError, match=r"more than one wrapper prefix.*'model\.'.*'transformer\.'"):
+        learn_prefixes(["model.x.w", "transformer.x.w"], ["x.w"])
+    assert learn_prefixes(["a.w"], ["a.w"]) == ("", "")  # exact names need no prefix
+
+
+def test_an_encoder_and_its_masked_lm_fine_tune_saved_by_transformers(tmp_path: Path) -> None:
+    """BertModel saves bare names, BertForMaskedLM prefixes them with "bert.": they pair, exactly."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    base = transformers.BertModel(config, add_pooling_layer=False)
+    base.save_pretrained(tmp_path / "base")
+    tuned = transformers.BertForMaskedLM(config)
+    tuned.bert.load_state_dict(base.state_dict())
+    query = tuned.bert.encoder.layer[1].attention.self.query.weight
+    with torch.no_grad():
+        query += torch.randn(16, 2) @ torch.randn(2, 16) * 0.1  # a rank-2 fine-tune of one matrix
+    tuned.save_pretrained(tmp_path / "tuned")
+    store = Store(tmp_path / "store")
+    with Audit(str(tmp_path / "base"), str(tmp_path / "tuned"), AuditConfig(rank=2, device="cpu", store=store)) as job:
+        for _ in job.run():
+            pass
+        report = job.report()
+    assert (report.settings.base_name_prefix, report.settings.finetune_name_prefix) == ("", "bert.")
+    assert json.loads(report.to_json())["settings"]["finetune_name_prefix"] == "bert."
+    assert len(report.matrices) == 2 * 6  # q, k, v, attention output, intermediate, output per layer
+    by_name = {m.name: m for m in report.matrices}
+    changed = by_name["bert.encoder.layer.1.attention.self.query.weight"]
+    delta = (query.detach() - base.encoder.layer[1].attention.self.query.weight.detach()).double()
+    assert changed.energy == pytest.approx(float(delta.square().sum()), rel=1e-6)
+    assert changed.energy_retained(2) == pytest.approx(1.0, abs=1e-6)  # rank 2 keeps a rank-2 change
+    assert sum(m.energy > 0 for m in report.matrices) == 1
+    assert {s.reason for s in report.skipped if s.name.startswith("cls.")} == {"only_in_finetune"}
 
 
 def test_plan_classifies_and_lists_every_skip_with_a_reason() -> None:
