@@ -1,0 +1,400 @@
+"""Provider probe: distances, verdicts, the OpenAI-compatible client, the SSRF rules, end to end.
+
+Every request goes to 127.0.0.1 (``tests/openai_server.py``, the loopback Hub) or nowhere:
+the public-deployment rules are tested with injected resolvers and an in-process transport.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import httpx2
+import numpy as np
+import pytest
+import torch
+
+from lorafid.errors import (
+    ChannelUnsupportedError,
+    LimitExceededError,
+    ProviderError,
+    UnsafeEndpointError,
+)
+from lorafid.http_ranges import RetryPolicy
+from lorafid.netguard import GuardedTransport, NetPolicy, VisitorBudget, is_public_address
+from lorafid.openai_api import (
+    CHAT,
+    ECHO,
+    PROMPT_LOGPROBS,
+    OpenAIClient,
+    RequestBudget,
+    parse_chat,
+    parse_echo,
+    parse_prompt_logprobs,
+)
+from lorafid.probe import (
+    BASE,
+    FINETUNE,
+    FINETUNE_8BIT,
+    PromptScore,
+    candidate_names,
+    coarse_kl,
+    plan_probe,
+    round_to_8_bits,
+    summarise,
+)
+
+FAST_RETRY = RetryPolicy(max_tries=4, base_wait_s=0.001, max_wait_s=0.01)
+PUBLIC_IP = "93.184.216.34"  # only ever returned by injected resolvers: never connected to
+
+
+# -- distances -----------------------------------------------------------------------------
+
+
+def test_coarse_kl_worked_example() -> None:
+    # S = {a}: p_a = 0.5, q_a = 0.25 -> 0.5 ln 2 + 0.5 ln(0.5 / 0.75)
+    kl = coarse_kl(np.log([[0.5]]), np.log([[0.25]]))
+    assert kl[0] == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(0.5 / 0.75), abs=1e-12)
+    assert kl[0] == pytest.approx(0.1438, abs=1e-4)
+
+
+def test_coarse_kl_is_the_full_kl_on_the_whole_vocabulary_and_a_lower_bound_on_a_part() -> None:
+    generator = torch.Generator().manual_seed(0)
+    p = torch.log_softmax(torch.randn(6, 50, generator=generator, dtype=torch.float64), -1)
+    q = torch.log_softmax(torch.randn(6, 50, generator=generator, dtype=torch.float64), -1)
+    full = (p.exp() * (p - q)).sum(-1).numpy()
+    assert np.allclose(coarse_kl(p.numpy(), q.numpy()), full, atol=1e-12)
+    top = p.topk(5, dim=-1).indices
+    part = coarse_kl(p.gather(1, top).numpy(), q.gather(1, top).numpy())
+    assert np.all(part <= full + 1e-12) and np.all(part > 0)
+    # an alternative the provider listed without a usable id joins "the rest"
+    hidden = p.gather(1, top).numpy().copy()
+    hidden[:, 4] = np.nan
+    assert np.all(coarse_kl(hidden, q.gather(1, top).numpy()) <= part + 1e-12)
+
+
+def test_round_to_8_bits_per_row() -> None:
+    w = torch.tensor([[0.5, -1.0, 0.26], [0.0, 0.0, 0.0]])
+    rounded = round_to_8_bits("model.layers.0.mlp.up_proj.weight", w)
+    assert rounded[0, 2].item() == pytest.approx(round(0.26 * 127) / 127, abs=1e-7)
+    assert rounded[0, 1].item() == -1.0 and torch.equal(rounded[1], w[1])
+    assert torch.equal(round_to_8_bits("model.embed_tokens.weight", w), w)  # embeddings stay
+    assert torch.equal(round_to_8_bits("model.layers.0.input_layernorm.weight", w[0]), w[0])
+
+
+def _scores(distances: dict[str, list[float]], tokens: int = 10) -> list[PromptScore]:
+    prompts = len(next(iter(distances.values())))
+    return [
+        PromptScore(
+            i,
+            tokens,
+            {n: d[i] * tokens for n, d in distances.items()},
+            dict.fromkeys(distances, tokens),
+            dict.fromkeys(distances, 0.0),
+        )
+        for i in range(prompts)
+    ]
+
+
+def _local(names: list[str], spacing: float, tokens: float) -> dict[str, dict[str, float]]:
+    """Candidates on a line, ``spacing`` nats per token apart per step (fine-tune, ranks, base),
+    with the 8-bit reference a tenth of a step from the fine-tune (summed over ``tokens``)."""
+    place = {n: spacing * i for i, n in enumerate(n for n in names if n != FINETUNE_8BIT)}
+    place[FINETUNE_8BIT] = spacing / 10
+    return {a: {b: abs(place[a] - place[b]) * tokens for b in names} for a in names}
+
+
+def test_verdict_names_the_rank_and_the_grid_ranks_around_it() -> None:
+    names = candidate_names([16, 32, 64, 128])
+    path = [FINETUNE, "rank-128", "rank-64", "rank-32", "rank-16", BASE]
+    rng = np.random.default_rng(1)
+    distances: dict[str, list[float]] = {}
+    for name in names:
+        rank_like = name.removesuffix("-keep-extras")
+        steps = abs(path.index(rank_like) - path.index("rank-64")) if rank_like in path else 2
+        base = 0.05 * steps + (0.02 if name.endswith("keep-extras") else 0.0) + (0.01 if name == FINETUNE_8BIT else 0)
+        distances[name] = list(base + 1e-4 * rng.random(8))
+    order = [FINETUNE, FINETUNE_8BIT, *[n for n in names if n.startswith("rank-")], BASE]
+    results, verdict = summarise(_scores(distances), _local(order, 0.05, 80), [16, 32, 64, 128])
+    assert verdict.closest == "rank-64" and verdict.matches
+    assert verdict.rank_range == (32, 128)
+    assert verdict.sentence.startswith("Closest to a rank-64 extraction (between 32 and 128)")
+    assert "base's embeddings" in verdict.sentence
+    assert results["rank-32"].ruled_out and not results["rank-64"].ruled_out
+    low, high = results["rank-64"].interval
+    assert low <= results["rank-64"].distance <= high
+
+
+def test_verdict_is_no_stronger_than_the_evidence() -> None:
+    names = candidate_names([16, 64])
+    order = [FINETUNE, FINETUNE_8BIT, "rank-64", "rank-64-keep-extras", "rank-16", "rank-16-keep-extras", BASE]
+    # far from everything: matches none
+    far = {n: [3.0 + 0.01 * i for i in range(8)] for n in names}
+    _, verdict = summarise(_scores(far), _local(order, 0.05, 80), [16, 64])
+    assert not verdict.matches and verdict.sentence.startswith("Matches none of these")
+    # rank-64 and rank-16 within noise of each other: both held, the range spans them
+    noisy = {n: [1.0] * 8 for n in names}
+    rng = np.random.default_rng(0)
+    noisy["rank-64"] = list(0.01 + 0.02 * rng.random(8))
+    noisy["rank-16"] = list(0.01 + 0.02 * rng.random(8))
+    _, verdict = summarise(_scores(noisy), _local(order, 0.05, 80), [16, 64])
+    assert set(verdict.consistent) == {"rank-64", "rank-16"}
+    assert verdict.rank_range == (None, None)  # no grid rank below 16 or above 64 left to bound it
+    assert "any rank on the grid" in verdict.sentence
+    # the original weights, with 8-bit rounding indistinguishable
+    exact = {n: [0.5] * 8 for n in names}
+    exact[FINETUNE] = [1e-9] * 8
+    exact[FINETUNE_8BIT] = [2e-5] * 8
+    _, verdict = summarise(_scores(exact), _local(order, 0.05, 80), [16, 64])
+    assert verdict.sentence.startswith("Serves the original weights.") and "8-bit rounding" in verdict.sentence
+    # too few prompts for any verdict
+    _, verdict = summarise(_scores({n: v[:3] for n, v in exact.items()}), _local(order, 0.05, 30), [16, 64])
+    assert verdict.sentence.startswith("Too few prompts")
+
+
+def test_plan_counts_the_fallback_tries_and_retries() -> None:
+    plan = plan_probe([5, 7, 9], max_new_tokens=16, max_retries=4)
+    assert (plan.prompts, plan.prompt_tokens, plan.requests, plan.max_requests) == (3, 21, 5, 9)
+    assert "3 requests" in plan.describe() and "never more than 9" in plan.describe()
+
+
+# -- response shapes -----------------------------------------------------------------------
+
+# As vLLM answers POST /v1/completions {"prompt": "the cat sat", "echo": true, "max_tokens": 0,
+# "logprobs": 1} (completion/serving.py: _create_completion_logprobs; own token first).
+ECHO_ANSWER = {
+    "object": "text_completion",
+    "choices": [
+        {
+            "index": 0,
+            "text": "the cat sat",
+            "logprobs": {
+                "text_offset": [0, 3, 7],
+                "token_logprobs": [None, -2.5, -0.25],
+                "tokens": ["the", " cat", " sat"],
+                "top_logprobs": [None, {" cat": -2.5, " dog": -0.5}, {" sat": -0.25}],
+            },
+            "finish_reason": "length",
+            "prompt_logprobs": [
+                None,
+                {"3797": {"logprob": -2.5, "rank": 3, "decoded_token": " cat"}, "5679": {"logprob": -0.5, "rank": 1}},
+                {"7731": {"logprob": -0.25, "rank": 1, "decoded_token": " sat"}},
+            ],
+        }
+    ],
+}
+CHAT_ANSWER = {
+    "choices": [
+        {
+            "message": {"role": "assistant", "content": "Hi"},
+            "logprobs": {
+                "content": [
+                    {
+                        "token": "Hi",
+                        "logprob": -0.1,
+                        "bytes": [72, 105],
+                        "top_logprobs": [
+                            {"token": "Hi", "logprob": -0.1, "bytes": [72, 105]},
+                            {"token": "Hello", "logprob": -2.4, "bytes": None},
+                        ],
+                    }
+                ]
+            },
+        }
+    ]
+}
+
+
+def test_parse_the_three_response_shapes() -> None:
+    echo = parse_echo(ECHO_ANSWER)
+    assert [p.token for p in echo.positions] == ["the", " cat", " sat"]
+    assert echo.positions[0].logprob is None and echo.positions[0].top == ()
+    assert [(a.token, a.logprob) for a in echo.positions[1].top] == [(" cat", -2.5), (" dog", -0.5)]
+    prompt = parse_prompt_logprobs(ECHO_ANSWER)
+    assert [p.token_id for p in prompt.positions] == [None, 3797, 7731]
+    assert prompt.positions[1].logprob == -2.5 and prompt.positions[1].top[1].token_id == 5679
+    chat = parse_chat(CHAT_ANSWER)
+    assert chat.text == "Hi" and chat.positions[0].top[1].token == "Hello"
+    no_echo = {"choices": [{"text": " and", "logprobs": None}]}
+    with pytest.raises(ChannelUnsupportedError):
+        parse_echo(no_echo)
+    with pytest.raises(ChannelUnsupportedError):
+        parse_prompt_logprobs(no_echo)
+
+
+# -- the client: retries, budget, key ---------------------------------------------------------
+
+
+class _Scripted:
+    """An in-process transport answering from a script; records every request (no sockets)."""
+
+    def __init__(self, answers: list[tuple[int, dict[str, str], dict[str, Any]]]) -> None:
+        self.answers, self.seen = list(answers), []
+
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        self.seen.append(request)
+        status, headers, body = self.answers.pop(0)
+        return httpx2.Response(status, headers=headers, json=body)
+
+
+def test_retries_429_and_5xx_with_backoff_then_succeeds() -> None:
+    script = _Scripted([(429, {"Retry-After": "0"}, {}), (503, {}, {}), (200, {}, CHAT_ANSWER)])
+    client = OpenAIClient(
+        "https://api.test/v1", "sk-x", budget=RequestBudget(5), retry=FAST_RETRY, transport=httpx2.MockTransport(script)
+    )
+    answer = client.read(CHAT, "m", "hi", top_k=2, max_new_tokens=1)
+    assert answer.text == "Hi" and len(script.seen) == 3 and client.budget.used == 3
+    assert all(r.headers["Authorization"] == "Bearer sk-x" for r in script.seen)
+    assert "sk-x" not in repr(client)
+
+
+def test_budget_is_a_hard_cap_and_key_errors_do_not_show_the_key() -> None:
+    script = _Scripted([(503, {}, {})] * 3)
+    client = OpenAIClient(
+        "https://api.test/v1",
+        "sk-secret",
+        budget=RequestBudget(2),
+        retry=FAST_RETRY,
+        transport=httpx2.MockTransport(script),
+    )
+    with pytest.raises(LimitExceededError):
+        client.read(CHAT, "m", "hi", top_k=2, max_new_tokens=1)
+    assert len(script.seen) == 2
+    denied = OpenAIClient(
+        "https://api.test/v1",
+        "sk-secret",
+        budget=RequestBudget(2),
+        transport=httpx2.MockTransport(_Scripted([(401, {}, {"error": {"message": "bad key sk-secret"}})])),
+    )
+    with pytest.raises(ProviderError) as error:
+        denied.read(ECHO, "m", "hi", top_k=2, max_new_tokens=1)
+    assert "sk-secret" not in str(error.value) and "api-key-env" in str(error.value)
+
+
+# -- public-deployment rules -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("8.8.8.8", True),
+        ("2001:4860:4860::8888", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("100.64.0.1", False),  # carrier-grade NAT
+        ("0.0.0.0", False),
+        ("::1", False),
+        ("fe80::1", False),
+        ("fd00:ec2::254", False),  # AWS IPv6 metadata
+        ("::ffff:10.0.0.1", False),  # IPv4-mapped private
+        ("64:ff9b::a00:1", False),  # NAT64 of 10.0.0.1
+        ("224.0.0.1", False),
+    ],
+)
+def test_public_addresses(address: str, public: bool) -> None:
+    assert is_public_address(address) is public
+
+
+def _resolver(table: dict[str, list[str]]) -> Any:
+    return lambda host, port: table[host]
+
+
+def test_public_rules_refuse_http_loopback_and_private_names() -> None:
+    policy = NetPolicy.public(
+        _resolver({"api.test": [PUBLIC_IP], "intranet.test": ["10.0.0.8"], "mixed.test": [PUBLIC_IP, "127.0.0.1"]})
+    )
+    policy.check_url("https://api.test/v1")
+    for url in (
+        "http://api.test/v1",  # not https
+        "https://127.0.0.1:8000/v1",
+        "https://[::1]/v1",
+        "https://intranet.test/v1",
+        "https://mixed.test/v1",  # one private address is enough to refuse
+        "https://169.254.169.254/latest/meta-data",
+        "file:///etc/passwd",
+    ):
+        with pytest.raises(UnsafeEndpointError):
+            policy.check_url(url)
+    NetPolicy.open().check_url("http://127.0.0.1:8000/v1")  # a private deployment / the CLI
+
+
+def test_public_rules_refuse_a_redirect_to_a_private_address() -> None:
+    policy = NetPolicy.public(_resolver({"api.test": [PUBLIC_IP], "inside.test": ["192.168.0.5"]}))
+    for target in ("https://inside.test/v1/completions", "http://169.254.169.254/latest", "https://127.0.0.1/x"):
+        script = _Scripted([(307, {"Location": target}, {})])
+        client = OpenAIClient(
+            "https://api.test/v1",
+            "sk-x",
+            budget=RequestBudget(5),
+            policy=policy,
+            transport=httpx2.MockTransport(script),
+        )
+        with pytest.raises(UnsafeEndpointError):
+            client.read(ECHO, "m", "hi", top_k=1, max_new_tokens=1)
+        assert [r.url.host for r in script.seen] == ["api.test"]  # the redirect was never followed
+
+
+def test_public_rules_check_the_address_each_connection_uses() -> None:
+    # DNS rebinding: public when the URL is checked, loopback when the connection opens.
+    answers = iter([[PUBLIC_IP], ["127.0.0.1"]])
+    policy = NetPolicy.public(lambda host, port: next(answers))
+    client = OpenAIClient("https://rebind.test/v1", None, budget=RequestBudget(1), policy=policy)
+    assert isinstance(client._client._transport, GuardedTransport)
+    with pytest.raises(UnsafeEndpointError):
+        client.read(ECHO, "m", "hi", top_k=1, max_new_tokens=1)
+
+
+def test_visitor_budget() -> None:
+    now = [0.0]
+    budget = VisitorBudget(100, 3600, clock=lambda: now[0])
+    budget.take("a", 40)
+    budget.take("a", 40)
+    with pytest.raises(LimitExceededError):
+        budget.take("a", 40)
+    budget.take("b", 100)
+    now[0] = 3601.0
+    budget.take("a", 100)
+
+
+# -- against the loopback OpenAI-compatible server --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def family() -> Any:
+    pytest.importorskip("transformers")
+    from tests.llama_models import model_family
+
+    return model_family("llama", layers=2)
+
+
+@pytest.fixture
+def serve(family: Any) -> Iterator[Any]:
+    from tests.openai_server import OpenAIServer, served_weights
+
+    servers: list[OpenAIServer] = []
+
+    def start(mode: str = "finetune", tensors: dict[str, torch.Tensor] | None = None, **options: Any) -> OpenAIServer:
+        weights = tensors if tensors is not None else served_weights(family.base.tensors, family.full.tensors, mode)
+        server = OpenAIServer(family.full.files, weights, **options).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_server_shapes_agree_with_each_other(serve: Any) -> None:
+    server = serve("finetune")
+    client = OpenAIClient(server.url, None, budget=RequestBudget(3))
+    echo = client.read(ECHO, "tiny-served", "the knight drew his sword", top_k=3, max_new_tokens=1)
+    ids = client.read(PROMPT_LOGPROBS, "tiny-served", "the knight drew his sword", top_k=3, max_new_tokens=1)
+    assert [p.logprob for p in echo.positions] == [p.logprob for p in ids.positions]
+    assert [server.tokenizer.decode([p.token_id]) for p in ids.positions] == [p.token for p in echo.positions]
+    body = json.dumps([r.body for r in server.requests])
+    assert '"echo": true' in body and '"max_tokens": 0' in body
