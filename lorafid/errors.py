@@ -96,3 +96,15 @@ class UnsupportedAdapterError(LorafidError):
 
 class AdapterMismatchError(LorafidError):
     """An adapter does not fit the models: it names matrices they lack, or its factors have other shapes."""
+
+
+class UnsupportedArchitectureError(LorafidError):
+    """The model's architecture is not one the layer-streamed forward can run (Llama family only)."""
+
+
+class MissingModelFileError(LorafidError):
+    """A file beside the weights that a forward pass needs (config.json, tokenizer.json) is absent."""
+
+
+class VocabularyMismatchError(LorafidError):
+    """Base and fine-tune have different vocabularies, so their next-token distributions cannot be compared."""

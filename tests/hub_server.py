@@ -18,7 +18,18 @@ puts all those bytes, of every connection on both origins, through one shared li
 rate (for benchmarks: ``slow_bytes_per_s`` paces each response on its own, so 8 parallel
 range requests would get 8× the rate).
 
-Not a goal: Xet storage, datasets/spaces, uploads, pagination, HTTP/2, multi-range requests
+Dataset repos and writes (what ``HfApi.create_repo``/``create_commit``/``list_repo_tree``/
+``hf_hub_download`` call for ``repo_type="dataset"``; see "datasets" at the end of the handler):
+``POST /api/repos/create``, ``GET /api/datasets/{id}[/revision/{rev}]``, ``.../tree/{rev}[/{path}]``,
+``POST /api/datasets/{id}/preupload/{rev}`` (the Hub's rule: ``*.safetensors``, binary or over
+``regular_max_bytes`` -> "lfs", else "regular"), ``POST /api/datasets/{id}/commit/{rev}`` (NDJSON),
+the LFS batch API (``POST /datasets/{id}.git/info/lfs/objects/batch``, basic transfer: ``PUT``
+to the hub origin) and ``HEAD|GET /datasets/{id}/resolve/{rev}/{file}``. Anonymous writes get
+401; ``write_tokens`` (None: any token) limits who may write, others get 403 as a read-only
+token does. ``hub.dataset_commits`` logs each commit. The client must not use Xet for these
+uploads (``huggingface_hub.constants.HF_HUB_DISABLE_XET = True`` in the test).
+
+Not a goal: Xet storage, spaces, pagination, HTTP/2, multi-range requests
 (they get the whole file with 200, as many servers do).
 
 Example::
@@ -30,6 +41,7 @@ Example::
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -136,6 +148,10 @@ class HubServer:
         self._in_flight = 0  # requests being answered; their records are not in the log yet
         self._repos: dict[str, _Repo] = {}
         self._blobs: dict[str, bytes] = {}  # sha256 hex -> content, what the CDN serves
+        self._datasets: dict[str, _Repo] = {}  # dataset repos, apart from models (same IDs may exist)
+        self.write_tokens: set[str] | None = None  # None: any token may write to datasets
+        self.regular_max_bytes = 10 * 2**20  # larger files must go through LFS, as on the Hub
+        self.dataset_commits: list[tuple[str, str, tuple[str, ...]]] = []  # (repo, commit sha, paths)
         self._lock = threading.Lock()
         self._quiet = threading.Condition(self._lock)
         self._key = secrets.token_bytes(16)
@@ -203,6 +219,12 @@ class HubServer:
             for content in files.values():
                 self._blobs[hashlib.sha256(content).hexdigest()] = content
         return sha
+
+    def dataset_files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+        """The files of a dataset repo at a revision (what commits made of it)."""
+        with self._lock:
+            repo = self._datasets[repo_id]
+            return dict(repo.commits[repo.revisions.get(revision, revision)])
 
     # -- faults and log ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -341,6 +363,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch()
 
+    def do_PUT(self) -> None:
+        self._dispatch()
+
     def _dispatch(self) -> None:
         self.hub._begin()
         self._status, self._sent = 0, 0
@@ -388,6 +413,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     # -- Hub origin ------------------------------------------------------------------------
     def _serve_hub(self) -> None:
         parts = [unquote(p) for p in self._raw_path.split("/")[1:]]
+        if self._serve_datasets(parts):
+            return
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
             repo_id, rest = "/".join(parts[2:4]), parts[4:]
             repo = self._repo(repo_id)
@@ -628,6 +655,170 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if start >= size or (last != "" and int(last) < start):
             return "unsatisfiable"
         return (start, end)
+
+    # -- datasets: create, commit (regular + LFS), list, download --------------------------
+    def _serve_datasets(self, parts: list[str]) -> bool:
+        """Answer dataset and write requests; False when the path is not one of them."""
+        if parts[:3] == ["api", "repos", "create"] and self.command == "POST":
+            self._create_repo()
+        elif parts[:2] == ["api", "datasets"] and len(parts) >= 4:
+            repo = self._dataset("/".join(parts[2:4]))
+            self._check_private(repo)
+            rest = parts[4:]
+            if not rest and self.command == "GET":
+                self._dataset_info(repo, "main")
+            elif len(rest) == 2 and rest[0] == "revision" and self.command == "GET":
+                self._dataset_info(repo, rest[1])
+            elif len(rest) >= 2 and rest[0] == "tree" and self.command == "GET":
+                self._tree(repo, rest[1], "/".join(rest[2:]))
+            elif len(rest) == 2 and rest[0] == "paths-info" and self.command == "POST":
+                self._paths_info(repo, rest[1])
+            elif len(rest) == 2 and rest[0] == "preupload" and self.command == "POST":
+                self._check_write(repo)
+                self._preupload(repo, rest[1])
+            elif len(rest) == 2 and rest[0] == "commit" and self.command == "POST":
+                self._check_write(repo)
+                self._dataset_commit(repo, rest[1])
+            else:
+                self._send_simple(404, b'{"error": "Not Found"}', "application/json")
+        elif (
+            parts[:1] == ["datasets"] and len(parts) >= 6 and parts[3] == "resolve" and self.command in ("GET", "HEAD")
+        ):
+            repo = self._dataset("/".join(parts[1:3]))
+            self._check_private(repo)
+            sha, files = self._commit(repo, parts[4])
+            self._resolve(repo, sha, files, "/".join(parts[5:]))
+        elif parts[:1] == ["datasets"] and parts[-4:] == ["info", "lfs", "objects", "batch"] and len(parts) == 7:
+            repo = self._dataset("/".join(parts[1:3]).removesuffix(".git"))
+            self._check_write(repo)
+            self._lfs_batch()
+        elif parts[:1] == ["lfs-upload"] and len(parts) == 2 and self.command == "PUT":
+            self._lfs_put(parts[1])
+        else:
+            return False
+        return True
+
+    def _dataset(self, repo_id: str) -> _Repo:
+        repo = self.hub._datasets.get(repo_id)
+        if repo is None:
+            self._error(404, "RepoNotFound", "Repository not found")
+        assert repo is not None
+        return repo
+
+    def _check_write(self, repo: _Repo | None) -> None:
+        """401 without a token (the Hub's answer), 403 for a token that may not write."""
+        token = self._token()
+        if token is None:
+            self._error(401, None, "Invalid username or password.")
+        allowed = self.hub.write_tokens
+        if allowed is not None and token not in allowed:
+            where = repo.repo_id if repo is not None else "this namespace"
+            self._error(403, None, f"You don't have the rights to write to {where}: read-only token.")
+
+    def _create_repo(self) -> None:
+        self._check_write(None)
+        payload = json.loads(self._body or b"{}")
+        repo_id = f"{payload.get('organization') or 'user'}/{payload['name']}"
+        if payload.get("type") != "dataset":
+            self._error(400, None, "The loopback Hub creates dataset repos only")
+        url = f"{self.hub.endpoint}/datasets/{repo_id}"
+        with self.hub._lock:
+            if repo_id in self.hub._datasets:
+                exists = True
+            else:
+                exists = False
+                repo = _Repo(repo_id, private=payload.get("visibility") == "private")
+                attributes = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+                sha = hashlib.sha1(repo_id.encode() + b"\0initial").hexdigest()
+                repo.revisions["main"], repo.commits[sha] = sha, {".gitattributes": attributes}
+                self.hub._datasets[repo_id] = repo
+        if exists:
+            self._send_simple(409, json.dumps({"error": "You already created this dataset repo", "url": url}).encode())
+            return
+        self._send_json({"url": url, "name": repo_id})
+
+    def _dataset_info(self, repo: _Repo, revision: str) -> None:
+        sha, files = self._commit(repo, revision)
+        info = {
+            "_id": hashlib.md5(repo.repo_id.encode()).hexdigest()[:24],
+            "id": repo.repo_id,
+            "author": repo.repo_id.split("/")[0],
+            "sha": sha,
+            "private": repo.private,
+            "gated": False,
+            "disabled": False,
+            "tags": [],
+            "downloads": 0,
+            "likes": 0,
+            "siblings": [{"rfilename": name} for name in sorted(files)],
+        }
+        self._send_json(info, {"X-Repo-Commit": sha})
+
+    def _preupload(self, repo: _Repo, revision: str) -> None:
+        self._commit(repo, revision)
+        files = json.loads(self._body).get("files", [])
+        answers = []
+        for f in files:
+            sample = base64.b64decode(f.get("sample", ""))
+            lfs = f["path"].endswith(".safetensors") or f["size"] > self.hub.regular_max_bytes or b"\0" in sample
+            answers.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False})
+        self._send_json({"files": answers})
+
+    def _lfs_batch(self) -> None:
+        payload = json.loads(self._body)
+        objects = []
+        for obj in payload.get("objects", []):
+            oid, size = obj["oid"], int(obj["size"])
+            entry: dict[str, Any] = {"oid": oid, "size": size}
+            if oid not in self.hub._blobs:  # already stored: no actions, the client skips the upload
+                entry["actions"] = {"upload": {"href": f"{self.hub.endpoint}/lfs-upload/{oid}"}}
+            objects.append(entry)
+        self._send_simple(
+            200, json.dumps({"objects": objects, "transfer": "basic"}).encode(), "application/vnd.git-lfs+json"
+        )
+
+    def _lfs_put(self, oid: str) -> None:
+        if hashlib.sha256(self._body).hexdigest() != oid:
+            self._error(400, None, "LFS object does not match its oid")
+        with self.hub._lock:
+            self.hub._blobs[oid] = self._body
+        self._send_simple(200, b"")
+
+    def _dataset_commit(self, repo: _Repo, revision: str) -> None:
+        """Apply an NDJSON commit (header, file, lfsFile, deletedFile lines) on top of ``revision``."""
+        parent, files = self._commit(repo, revision)
+        files = dict(files)
+        summary, touched = "", []
+        for line in self._body.splitlines():
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            key, value = item["key"], item["value"]
+            touched += [] if key == "header" else [value["path"]]
+            if key == "header":
+                summary = value.get("summary", "")
+            elif key == "file":
+                files[value["path"]] = base64.b64decode(value["content"])
+            elif key == "lfsFile":
+                blob = self.hub._blobs.get(value["oid"])
+                if blob is None:
+                    self._error(400, None, f"LFS object {value['oid']} of {value['path']} was never uploaded")
+                assert blob is not None
+                files[value["path"]] = blob
+            elif key == "deletedFile":
+                files.pop(value["path"], None)
+            else:
+                self._error(400, None, f"Unsupported commit operation {key!r}")
+        digest = hashlib.sha1(parent.encode() + summary.encode())
+        for name in sorted(files):
+            digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+        sha = digest.hexdigest()
+        with self.hub._lock:
+            repo.commits[sha] = files
+            repo.revisions[revision] = sha
+            self.hub.dataset_commits.append((repo.repo_id, sha, tuple(touched)))
+        url = f"{self.hub.endpoint}/datasets/{repo.repo_id}/commit/{sha}"
+        self._send_json({"commitUrl": url, "commitOid": sha, "success": True})
 
 
 def _git_blob_sha(content: bytes) -> str:

@@ -1,0 +1,370 @@
+"""The results registry against the loopback Hub: publish, batch, read back, refuse, degrade.
+
+Every write goes through huggingface_hub's ``create_repo``/``create_commit`` (preupload, LFS
+batch + PUT for the spectra, NDJSON commit) and every read through ``list_repo_tree`` and
+``hf_hub_download``, as against the Hub. Xet is off: the loopback Hub speaks plain LFS.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import CommitOperationAdd, HfApi
+
+from lorafid.audit import Audit, AuditConfig
+from lorafid.errors import RegistryError, ResultSchemaError, VerificationError
+from lorafid.registry import (
+    PRECISION,
+    TABLE_RANKS,
+    Registry,
+    RegistryEntry,
+    RegistrySettings,
+    RegistryWriter,
+    compare,
+    entry_for,
+    publish_refusal,
+    result_files,
+    result_path,
+    verify,
+)
+from lorafid.report import Report
+from lorafid.store import Store
+from tests.hub_server import HubServer
+from tests.models import model_pair, shard_files
+
+BASE, TUNED, TUNED2, GATED, PRIVATE = "org/base", "org/tuned", "org/tuned-2", "org/gated", "org/private"
+REGISTRY = "lorafid/results"
+WRITER, READER = "server-write-token", "read-only-token"
+
+
+@pytest.fixture
+def hub(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> HubServer:
+    """The loopback Hub with a public pair, a second public fine-tune, a gated and a private one."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    base, tuned = model_pair(layers=2, dtype=torch.bfloat16)
+    hub.add_repo(BASE, shard_files(base, 2))
+    hub.add_repo(TUNED, shard_files(tuned, 3, offset=1))
+    hub.add_repo(TUNED2, shard_files({**base, **_shifted(base, 2)}, 1))
+    hub.add_repo(GATED, shard_files(tuned, 1), gated=True)
+    hub.add_repo(PRIVATE, shard_files(tuned, 1), private=True)
+    hub.write_tokens = {WRITER}
+    return hub
+
+
+def _shifted(tensors: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Another fine-tune of the same base: a rank-2 change to every matrix."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in tensors.items():
+        if t.ndim == 2 and "embed" not in name:
+            rows, cols = t.shape
+            delta = 0.02 * torch.randn(rows, 2, generator=g) @ torch.randn(2, cols, generator=g)
+            out[name] = (t.float() + delta).to(t.dtype)
+    return out
+
+
+def run_audit(hub: HubServer, store: Store, finetune: str = TUNED, token: str | bool = False, **kw: object) -> Report:
+    config = AuditConfig(rank=8, device="cpu", endpoint=hub.endpoint, store=store, token=token, **kw)  # type: ignore[arg-type]
+    with Audit(BASE, finetune, config) as job:
+        for _ in job.run():
+            pass
+        return job.report()
+
+
+def registry(hub: HubServer, tmp_path: Path, token: str | bool = WRITER, name: str = "cache") -> Registry:
+    return Registry(REGISTRY, token=token, endpoint=hub.endpoint, cache_dir=tmp_path / name)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "server-a")
+    yield s
+    s.close()
+
+
+def reference_energy_at(report: Report, rank: int) -> float:
+    """Energy-weighted share kept at ``rank``, straight from the spectra with numpy."""
+    kept = total = 0.0
+    for m in report.matrices:
+        s = np.sort(np.asarray(m.sigma_sq, dtype=np.float64))[::-1]
+        kept += float(s[:rank].sum())
+        total += float(s.sum())
+    return kept / total
+
+
+# -- naming, publishability -------------------------------------------------------------------------
+
+
+def test_result_is_named_by_both_commits_settings_and_version(hub: HubServer, store: Store) -> None:
+    report = run_audit(hub, store)
+    path = result_path(report)
+    name = f"{report.base.resolved_sha}-{report.finetune.resolved_sha}-"
+    assert path.startswith(f"results/{BASE}/{TUNED}/{name}") and path.endswith(f"-lorafid{report.tool_version}.json")
+    assert result_path(report.with_rank(64)) == path  # the rank only picks where numbers are read
+    excluded = run_audit(hub, store, exclude="down_proj")
+    assert result_path(excluded) != path  # other settings, other numbers, other file
+
+
+def test_only_audits_of_two_public_repos_are_published(hub: HubServer, store: Store) -> None:
+    public = run_audit(hub, store)
+    gated = run_audit(hub, store, GATED, token="visitor-token")
+    private = run_audit(hub, store, PRIVATE, token="visitor-token")
+    assert publish_refusal(public, endpoint=hub.endpoint) is None
+    assert "org/gated is gated" in str(publish_refusal(gated, endpoint=hub.endpoint))
+    assert "org/private is not public" in str(publish_refusal(private, endpoint=hub.endpoint))
+    # The check sends no token, whatever token the audit used.
+    checks = hub.requests_matching(path_contains="/api/models/org/gated/revision/")
+    assert checks and not any(r.has_authorization for r in checks)
+    # The app's record of visibility when audited is used as is, without a call.
+    hub.clear_requests()
+    assert "was not public when audited" in str(publish_refusal(public, visibility=(True, False)))
+    assert publish_refusal(public, visibility=(True, True)) is None
+    assert hub.requests == []
+    partial = Report(
+        public.base, public.finetune, public.settings, public.matrices[:2], pending=("x",), status="partial"
+    )
+    assert "only complete audits" in str(publish_refusal(partial, visibility=(True, True)))
+
+
+# -- write, batch, read back -------------------------------------------------------------------------
+
+
+def test_published_results_are_batched_in_one_commit_and_opened_by_another_server(
+    hub: HubServer, store: Store, tmp_path: Path
+) -> None:
+    first, second = run_audit(hub, store), run_audit(hub, store, TUNED2)
+    writer = RegistryWriter(registry(hub, tmp_path), tmp_path / "server-a" / "outbox", interval_s=3600)
+    writer.submit(first)
+    writer.submit(second)
+    assert [e.finetune for e in writer.pending()] == [TUNED, TUNED2]
+    assert hub.dataset_commits == []  # submitting only writes the outbox
+    assert writer.flush() == 2
+    assert len(hub.dataset_commits) == 1  # both results and their index row in one commit
+    ((_, _, paths),) = hub.dataset_commits
+    assert len(paths) == 5 and sum(p.startswith("index/") for p in paths) == 1
+    assert writer.pending() == [] and writer.flush() == 0 and len(hub.dataset_commits) == 1
+    # The spectra went through the LFS batch API and a PUT, as a binary file must on the Hub.
+    assert len(hub.requests_matching(method="PUT", path_contains="/lfs-upload/")) == 2
+
+    # A second server: empty store, empty cache, no token at all.
+    hub.clear_requests()
+    other = registry(hub, tmp_path, token=False, name="server-b-cache")
+    assert sorted((e.base, e.finetune) for e in other.entries()) == [(BASE, TUNED), (BASE, TUNED2)]
+    entry = other.find(BASE, TUNED)
+    assert entry is not None and entry.finetune_sha == first.finetune.resolved_sha
+    opened = other.open(entry)
+    assert opened.base == first.base and opened.finetune == first.finetune and opened.settings == first.settings
+    assert [m.name for m in opened.matrices] == [m.name for m in first.matrices]
+    for got, want in zip(opened.matrices, first.matrices, strict=True):
+        assert np.array_equal(got.sigma_sq, want.sigma_sq)  # float64 spectra, bit for bit
+    at_37 = opened.with_rank(37).summary().overall.energy_retained  # off the grid: needs the spectra
+    assert at_37 == pytest.approx(first.with_rank(37).summary().overall.energy_retained, abs=1e-12)
+    # The table's figures, against numpy from the spectra.
+    for rank in TABLE_RANKS:
+        assert entry.energy_at[str(rank)] == pytest.approx(reference_energy_at(first, rank), abs=1e-9)
+    assert entry.rank_for_90 == first.summary().rank_for_90
+    assert hub.requests and not any(r.has_authorization for r in hub.requests)
+
+
+def test_permalink_lookup_by_pinned_commits_and_branch(hub: HubServer, store: Store, tmp_path: Path) -> None:
+    report = run_audit(hub, store)
+    reg = registry(hub, tmp_path)
+    writer = RegistryWriter(reg, tmp_path / "outbox")
+    writer.submit(report)
+    writer.flush()
+    base_sha, tuned_sha = report.base.resolved_sha or "", report.finetune.resolved_sha or ""
+    assert reg.find(BASE, TUNED, base_sha, tuned_sha) is not None
+    assert reg.find(BASE, TUNED, base_sha[:12], tuned_sha[:7]) is not None
+    assert reg.find(BASE, f"{TUNED}@{tuned_sha[:10]}") is not None
+    assert reg.find(BASE, TUNED, base_sha, "0" * 40) is None  # another commit of the fine-tune
+    assert reg.find(BASE, TUNED, None, "v2") is None  # a branch it was not audited at
+    assert reg.find(TUNED, BASE) is None
+    entry = reg.entry(report.base.resolved_sha or "")  # a unique prefix of the name
+    assert reg.entry(entry.path).name == entry.name
+    with pytest.raises(RegistryError, match="No result"):
+        reg.entry("f" * 20)
+
+
+def test_writer_thread_commits_what_is_queued(hub: HubServer, store: Store, tmp_path: Path) -> None:
+    reports = [run_audit(hub, store), run_audit(hub, store, TUNED2)]
+    writer = RegistryWriter(registry(hub, tmp_path), tmp_path / "outbox", interval_s=0.2)
+    for report in reports:
+        writer.submit(report)
+    writer.start()
+    try:
+        for _ in range(200):
+            if not writer.pending():
+                break
+            time.sleep(0.05)
+    finally:
+        writer.close()
+    assert writer.pending() == [] and writer.state.published == 2
+    assert len(hub.dataset_commits) == 1  # queued before the thread started: one commit for both
+
+
+def test_a_result_already_published_is_not_committed_again(hub: HubServer, store: Store, tmp_path: Path) -> None:
+    report = run_audit(hub, store)
+    reg = registry(hub, tmp_path)
+    RegistryWriter(reg, tmp_path / "a").submit(report)
+    assert RegistryWriter(reg, tmp_path / "a").flush() == 1
+    again = RegistryWriter(registry(hub, tmp_path, name="b-cache"), tmp_path / "b")
+    again.submit(report)  # the same pair, commits and settings on another server
+    assert again.flush() == 0 and again.pending() == []
+    assert len(hub.dataset_commits) == 1
+
+
+def test_large_result_files_go_through_lfs_and_read_back(hub: HubServer, store: Store, tmp_path: Path) -> None:
+    hub.regular_max_bytes = 1000  # the report JSON is larger: the Hub would ask for LFS
+    report = run_audit(hub, store)
+    writer = RegistryWriter(registry(hub, tmp_path), tmp_path / "outbox")
+    writer.submit(report)
+    writer.flush()
+    assert len(hub.requests_matching(method="PUT", path_contains="/lfs-upload/")) == 2  # report + spectra
+    opened = registry(hub, tmp_path, token=False, name="reader").open(result_path(report).rsplit("/", 1)[1])
+    assert opened.to_dict()["matrices"] == report.to_dict()["matrices"]
+
+
+# -- degrade, never lose -----------------------------------------------------------------------------
+
+
+def test_read_only_registry_keeps_results_until_a_writable_token(hub: HubServer, store: Store, tmp_path: Path) -> None:
+    report = run_audit(hub, store)
+    outbox = tmp_path / "outbox"
+    writer = RegistryWriter(registry(hub, tmp_path, token=READER), outbox)
+    writer.submit(report)
+    with pytest.raises(RegistryError, match="Could not write to the registry lorafid/results"):
+        writer.flush()
+    assert "403" in str(writer.state.last_error) or "read-only" in str(writer.state.last_error)
+    assert "kept on this server and will be retried" in writer.note()
+    assert [e.name for e in writer.pending()] == [entry_for(report).name]  # nothing lost
+    assert hub.dataset_commits == []
+    fixed = RegistryWriter(registry(hub, tmp_path), outbox)  # e.g. the server restarted with a write token
+    assert fixed.flush() == 1 and fixed.pending() == []
+    assert registry(hub, tmp_path, token=False, name="reader").find(BASE, TUNED) is not None
+
+
+def test_unreachable_registry_is_a_clear_error_and_keeps_the_outbox(
+    store: Store, hub: HubServer, tmp_path: Path
+) -> None:
+    report = run_audit(hub, store)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once the socket closes
+    down = Registry(REGISTRY, token=WRITER, endpoint=closed, cache_dir=tmp_path / "cache")
+    with pytest.raises(RegistryError, match="Could not read the registry lorafid/results"):
+        down.entries()  # huggingface_hub retries the connection for ~24 s, once
+    with pytest.raises(RegistryError, match="is unreachable"):
+        down.open(entry_for(report))  # then reads fail at once
+    writer = RegistryWriter(down, tmp_path / "outbox")
+    writer.submit(report)
+    with pytest.raises(RegistryError, match="Could not write"):
+        writer.flush()
+    assert len(writer.pending()) == 1
+
+
+# -- integrity ---------------------------------------------------------------------------------------
+
+
+def _publish_raw(hub: HubServer, files: dict[str, bytes]) -> None:
+    api = HfApi(endpoint=hub.endpoint, token=WRITER)
+    api.create_repo(REGISTRY, repo_type="dataset", exist_ok=True)
+    ops = [CommitOperationAdd(p, c) for p, c in files.items()]
+    api.create_commit(REGISTRY, ops, commit_message="raw", repo_type="dataset")
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ("lorafid.report/2", "upgrade lorafid to open it"),
+        ("lorafid.report/0", "open it with lorafid 0.0.1, or re-run the audit"),
+        ("other.tool/1", "is not a lorafid result"),
+    ],
+)
+def test_results_of_another_schema_are_refused_clearly(
+    hub: HubServer, store: Store, tmp_path: Path, schema: str, message: str
+) -> None:
+    report = run_audit(hub, store)
+    files = result_files(report)
+    path = result_path(report)
+    data = json.loads(files[path])
+    data["schema"], data["tool_version"] = schema, "0.0.1"
+    files[path] = json.dumps(data).encode()
+    files["index/0000-old.jsonl"] = (entry_for(report).to_json() + "\n").encode()
+    _publish_raw(hub, files)
+    reg = registry(hub, tmp_path, token=False)
+    with pytest.raises(ResultSchemaError, match=message):
+        reg.open(reg.find(BASE, TUNED) or "")
+
+
+def test_index_rows_of_an_unknown_schema_are_counted_not_misread(hub: HubServer, store: Store, tmp_path: Path) -> None:
+    report = run_audit(hub, store)
+    row = json.loads(entry_for(report).to_json())
+    future = {**row, "schema": "lorafid.registry/9", "energy_at": "a new layout"}
+    _publish_raw(hub, {**result_files(report), "index/0000-mixed.jsonl": (json.dumps(future) + "\n").encode()})
+    reg = registry(hub, tmp_path, token=False)
+    assert reg.entries() == [] and reg.unreadable_rows == 1
+    with pytest.raises(ResultSchemaError, match="Upgrade lorafid"):
+        RegistryEntry.from_dict(future)
+
+
+def test_spectra_that_do_not_fit_their_report_are_refused(hub: HubServer, store: Store, tmp_path: Path) -> None:
+    report = run_audit(hub, store)
+    files = result_files(report)
+    short = report.with_spectra({m.name: np.asarray(m.sigma_sq)[:-1] for m in report.matrices})
+    spectra_file = result_path(report).removesuffix(".json") + ".spectra.safetensors"
+    files[spectra_file] = result_files(short)[spectra_file]
+    files["index/0000.jsonl"] = (entry_for(report).to_json() + "\n").encode()
+    _publish_raw(hub, files)
+    with pytest.raises(RegistryError, match="do not match its report"):
+        registry(hub, tmp_path, token=False).open(entry_for(report))
+
+
+def test_compare_holds_a_rerun_to_the_precision_bar(hub: HubServer, store: Store) -> None:
+    report = run_audit(hub, store)
+    same = compare(report, report)
+    assert same.agrees and same.max_energy_diff == 0.0
+    assert same.ranks_compared == sum(min(m.shape) for m in report.matrices)  # every rank of every matrix
+    name = report.matrices[0].name
+
+    def nudged(share: float) -> Report:
+        """Move ``share`` of the first matrix's energy from its first to its last singular value."""
+        spectra = {m.name: np.array(m.sigma_sq, dtype=np.float64) for m in report.matrices}
+        moved = share * report.matrices[0].energy
+        spectra[name][0] -= moved
+        spectra[name][-1] += moved
+        return report.with_spectra(spectra)
+
+    assert compare(report, nudged(0.1 * PRECISION)).agrees
+    off = compare(report, nudged(10 * PRECISION))
+    assert not off.agrees and name in off.problems[0] and off.max_energy_diff == pytest.approx(10 * PRECISION)
+    with pytest.raises(VerificationError, match=f"does not reproduce here within 1e-05: {name}"):
+        verify(report, nudged(10 * PRECISION), "here")
+    other_commit = Report(
+        report.base,
+        report.finetune.__class__(**{**report.finetune.__dict__, "resolved_sha": "0" * 40}),
+        report.settings,
+        report.matrices,
+    )
+    assert any("fine-tune was read at commit" in p for p in compare(report, other_commit).problems)
+
+
+# -- settings ----------------------------------------------------------------------------------------
+
+
+def test_registry_settings_from_the_environment() -> None:
+    assert RegistrySettings.from_env({}) is None
+    settings = RegistrySettings.from_env({"LORAFID_REGISTRY": "org/results", "LORAFID_REGISTRY_TOKEN": "hf_secret"})
+    assert settings is not None and settings.repo_id == "org/results" and settings.interval_s == 60.0
+    assert "hf_secret" not in repr(settings)
+    with pytest.raises(RegistryError, match="not a dataset repo ID"):
+        RegistrySettings.from_env({"LORAFID_REGISTRY": "no-slash"})
+    with pytest.raises(RegistryError, match="INTERVAL_S"):
+        RegistrySettings.from_env({"LORAFID_REGISTRY": "org/r", "LORAFID_REGISTRY_INTERVAL_S": "soon"})
