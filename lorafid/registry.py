@@ -216,7 +216,7 @@ def publish_refusal(
             if not public:
                 return f"{record.repo_id} was not public when audited: only audits of two public repos are published."
         return None
-    api = HfApi(endpoint=endpoint, token=False)
+    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=False)
     for record in (report.base, report.finetune):
         try:
             info = api.model_info(str(record.repo_id), revision=record.resolved_sha, token=False)
@@ -254,6 +254,7 @@ class Registry:
                 f"{_cut(repo_id)!r} is not a dataset repo ID; use org/name, e.g. my-org/lorafid-results."
             )
         self.repo_id = repo_id
+        endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None  # read now, as source.py does
         self.api = HfApi(endpoint=endpoint, token=token, library_name="lorafid", library_version=__version__)
         self.cache_dir = Path(cache_dir) if cache_dir else _default_cache() / repo_id.replace("/", "--")
         self.listing_ttl_s = listing_ttl_s

@@ -368,3 +368,64 @@ def test_registry_settings_from_the_environment() -> None:
         RegistrySettings.from_env({"LORAFID_REGISTRY": "no-slash"})
     with pytest.raises(RegistryError, match="INTERVAL_S"):
         RegistrySettings.from_env({"LORAFID_REGISTRY": "org/r", "LORAFID_REGISTRY_INTERVAL_S": "soon"})
+
+
+# -- the CLI: audit --publish, open, audit --verify ---------------------------------------------------
+
+
+@pytest.fixture
+def cli_env(hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubServer:
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "publisher-home"))
+    return hub
+
+
+def test_cli_publishes_opens_and_verifies(
+    cli_env: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lorafid.cli import main
+
+    audit = ["audit", BASE, TUNED, "--rank", "8", "--device", "cpu", "--quiet"]
+    assert main([*audit, "--publish", REGISTRY, "--token", WRITER]) == 0
+    published = capsys.readouterr().out
+    assert f"Published to {cli_env.endpoint}/datasets/{REGISTRY}: results/{BASE}/{TUNED}/" in published
+    ref = published.split(f"lorafid open {REGISTRY} ")[1].split()[0]
+    assert len(cli_env.dataset_commits) == 1
+    assert all(r.headers.get("authorization") == f"Bearer {WRITER}" for r in cli_env.requests if r.method == "POST")
+
+    monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "reader-home"))  # another machine: nothing stored
+    out = tmp_path / "opened.json"
+    assert main(["open", REGISTRY]) == 0 and "1 result(s)" in capsys.readouterr().out
+    assert main(["open", REGISTRY, ref, "--rank", "37", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("Rank 37 keeps ")
+    opened = Report.from_json(out.read_text())
+    assert opened.rank == 37 and opened.finetune.repo_id == TUNED and (tmp_path / "opened.spectra.safetensors").exists()
+
+    assert main(["audit", BASE, TUNED, "--device", "cpu", "--quiet", "--verify", ref, "--registry", REGISTRY]) == 0
+    assert "Verified: 8 matrices" in capsys.readouterr().out
+    assert main(["audit", BASE, TUNED, "--device", "cpu", "--quiet", "--verify", str(out)]) == 0  # a local copy too
+    capsys.readouterr()
+
+    # A result whose spectra were altered after the fact does not verify, and says where.
+    entry = Registry(REGISTRY, token=False, endpoint=cli_env.endpoint, cache_dir=tmp_path / "c").entry(ref)
+    report = Registry(REGISTRY, token=False, endpoint=cli_env.endpoint, cache_dir=tmp_path / "c").open(entry)
+    name = report.matrices[3].name
+    spectra = {m.name: np.array(m.sigma_sq) for m in report.matrices}
+    spectra[name][0] *= 0.99
+    _publish_raw(cli_env, {entry.spectra_path: result_files(report.with_spectra(spectra))[entry.spectra_path]})
+    monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "third-home"))
+    assert main(["audit", BASE, TUNED, "--device", "cpu", "--quiet", "--verify", ref, "--registry", REGISTRY]) == 1
+    error = capsys.readouterr().err
+    assert "does not reproduce" in error and name in error and "Traceback" not in error
+    assert main(["audit", BASE, TUNED2, "--device", "cpu", "--verify", ref, "--registry", REGISTRY]) == 1
+    assert f"not of {TUNED2}" in capsys.readouterr().err
+
+
+def test_cli_never_publishes_a_gated_audit(cli_env: HubServer, capsys: pytest.CaptureFixture[str]) -> None:
+    from lorafid.cli import main
+
+    argv = ["audit", BASE, GATED, "--rank", "8", "--device", "cpu", "--quiet", "--token", WRITER]
+    assert main([*argv, "--publish", REGISTRY]) == 1
+    error = capsys.readouterr().err
+    assert "Not published: org/gated is gated" in error and "kept in the local store" in error
+    assert cli_env.dataset_commits == [] and not cli_env.requests_matching(path_contains="/api/repos/create")
