@@ -7,11 +7,14 @@ re-derived later from the stored spectrum without touching weights.
 Method (the numerics policy, recorded in every report as ``NUMERICS``):
     Δ in float32 (exact for bf16/fp16 inputs: both fit in float32 and their difference
     is rounded once). The eigenvalues of the Gram matrix ΔᵀΔ (or ΔΔᵀ, the smaller side)
-    are exactly σ_i². The Gram matrix is formed in float32 with TF32 off, then its
-    eigenvalues are computed in float64. Measured on 2 CPU cores for a 14336×4096 Δ:
-    Gram 2.8 s + float64 ``eigvalsh`` 2.5 s, cumulative-energy error vs a float64 SVD
-    2e-10; ``svdvals`` in float32 takes 10.8 s for an error of 1e-7, and the full SVD with
-    U and V that a LoRA extractor runs costs more still.
+    are exactly σ_i². The Gram matrix is formed in float32 with TF32 off, and its
+    eigenvalues are computed in float32, then again in float64 only where float32's
+    rounding could move the cumulative-energy curve by more than ``FLOAT32_NOISE_BUDGET``
+    (see ``float32_noise_share``): in practice, nearly exactly-low-rank deltas. Measured
+    on 2 CPU cores for a 4096×4096 Gram: ``eigvalsh`` 1.0-1.9 s in float32 against
+    2.3-3.4 s in float64; the curve's error vs a float64 SVD stays ≤ 3e-7 either way
+    (docs/ARCHITECTURE.md, "Numerics"). ``svdvals`` in float32 takes 10.8 s for a
+    14336×4096 Δ, and the full SVD with U and V that a LoRA extractor runs costs more still.
 
 Not done here: randomized / top-r SVD (biased: it under-counts retained energy), any I/O,
 any notion of layers or files.
@@ -41,7 +44,8 @@ NUMERICS: dict[str, str | bool] = {
     "method": "gram-eigvalsh",  # exact full spectrum; never randomized SVD
     "delta_dtype": "float32",
     "gram_dtype": "float32",
-    "eigen_dtype": "float64",
+    # float32 eigenvalues, recomputed in float64 where their noise could exceed FLOAT32_NOISE_BUDGET
+    "eigen_dtype": "float32-checked",
     "tf32": False,
 }
 """The numerics policy, in one place; ``report.py`` copies it into every report."""
@@ -62,6 +66,10 @@ _FLOAT_LAYOUTS: dict[torch.dtype, _FloatLayout] = {
     torch.float32: _FloatLayout(23, torch.int32, 0x7F800000),
     torch.float64: _FloatLayout(52, torch.int64, 0x7FF0000000000000),
 }
+FLOAT32_NOISE_BUDGET = 1e-7
+"""Largest estimated error of the cumulative-energy curve (a share of E) accepted from float32
+eigenvalues: a hundredth of the 1e-5 bar, the rest is left for the float32 Gram itself."""
+
 # Column block of the CPU Gram product: 512 ran best for k = 4096 on 2 cores (nb=2: 2.0 s,
 # nb=4: 1.67 s, nb=8: 1.55 s, full product: 2.8 s).
 _GRAM_BLOCK = 512
@@ -87,6 +95,7 @@ class DeltaSpectrum:
     base_norm_sq: float
     mean_abs_delta: float  # = the seed post's mean_diff_value
     noise_energy: float  # estimated energy of storage rounding in Δ (see noise_floor_energy)
+    eigen_dtype: str = field(default="float64", compare=False)  # what the eigenvalues were computed in
 
     @property
     def full_rank(self) -> int:
@@ -142,9 +151,47 @@ def delta_spectrum(base: torch.Tensor, finetune: torch.Tensor) -> DeltaSpectrum:
     """
     with torch.no_grad(), exact_matmul():
         delta, stats = _delta_and_stats(base, finetune)
-        eigenvalues = torch.linalg.eigvalsh(_gram_lower(delta), UPLO="L")
+        gram = _gram_lower(delta)
         del delta
-    return _spectrum(base.shape, eigenvalues.cpu().numpy(), stats)
+        eigenvalues, eigen_dtype = _checked_eigenvalues(gram)
+    return _spectrum(base.shape, eigenvalues.cpu().numpy(), stats, eigen_dtype)
+
+
+def _checked_eigenvalues(gram: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Eigenvalues of the float32 Gram (lower triangle): float32, or float64 where that could matter.
+
+    Float32 ``eigvalsh`` takes about half the time of float64 at k = 4096 on CPU. Its
+    eigenvalues are each within k·u·λ_max of the exact ones (u = 2**-24; the textbook bound
+    for a backward-stable symmetric solver), and their errors cancel in the partial sums that
+    make the curve (measured ≤ 3e-7 of E on flat, decaying and exactly-low-rank spectra). What
+    does not cancel is the noise in eigenvalues that are truly zero; ``float32_noise_share``
+    estimates it, and above ``FLOAT32_NOISE_BUDGET`` the eigenvalues are computed again in float64.
+    """
+    values = torch.linalg.eigvalsh(gram, UPLO="L")
+    if float32_noise_share(values) <= FLOAT32_NOISE_BUDGET:
+        return values.to(torch.float64), "float32"
+    return torch.linalg.eigvalsh(gram.to(torch.float64), UPLO="L"), "float64"
+
+
+def float32_noise_share(eigenvalues: torch.Tensor) -> float:
+    """Estimated share of E by which float32 eigenvalues of a Gram matrix may move the curve.
+
+    A Gram matrix has no negative eigenvalue, so the most negative computed one, −ν, is pure
+    rounding noise, and measures it. Eigenvalues within ν of zero cannot be told from that
+    noise: each may be off by up to ν, and partial sums of them do not cancel (a nearly
+    exactly-low-rank Δ has thousands). The estimate is ``count(λ ≤ ν) · ν / E``; 0 when no
+    eigenvalue is negative. Example: Δ of exact rank 8 at k = 4096 in float32: ν ≈ 3.4·u·λ_max,
+    4088 eigenvalues at the noise level, estimate 1e-4 → float64. A bf16 full fine-tune's Δ at
+    the same size has no negative eigenvalue → 0 → float32.
+    """
+    values = eigenvalues.to(torch.float64)
+    total = float(values.sum())
+    noise = -float(values.min()) if values.numel() else 0.0
+    if noise <= 0.0:
+        return 0.0
+    if total <= 0.0:
+        return math.inf
+    return int((values <= noise).sum()) * noise / total
 
 
 @dataclass(frozen=True)
@@ -200,7 +247,7 @@ def decompose(base: torch.Tensor, finetune: torch.Tensor, max_rank: int) -> tupl
     """
     with torch.no_grad(), exact_matmul():
         delta, stats = _delta_and_stats(base, finetune)
-        eigenvalues, eigenvectors = torch.linalg.eigh(_gram_lower(delta), UPLO="L")
+        eigenvalues, eigenvectors = torch.linalg.eigh(_gram_lower(delta).to(torch.float64), UPLO="L")
         keep = max(0, min(max_rank, eigenvalues.shape[0]))
         # eigh sorts ascending: the largest `keep` eigenvalues are the last columns.
         top = eigenvectors[:, eigenvectors.shape[1] - keep :].flip(-1).to(torch.float32)
@@ -239,7 +286,9 @@ def _delta_and_stats(base: torch.Tensor, finetune: torch.Tensor) -> tuple[torch.
     return delta, stats
 
 
-def _spectrum(shape: torch.Size | tuple[int, ...], eigenvalues: np.ndarray, stats: _DeltaStats) -> DeltaSpectrum:
+def _spectrum(
+    shape: torch.Size | tuple[int, ...], eigenvalues: np.ndarray, stats: _DeltaStats, eigen_dtype: str = "float64"
+) -> DeltaSpectrum:
     """A ``DeltaSpectrum`` from the Gram matrix's eigenvalues (any order) and Δ's scalars."""
     rows, cols = int(shape[0]), int(shape[1])
     signed = np.sort(eigenvalues)[::-1]
@@ -255,6 +304,7 @@ def _spectrum(shape: torch.Size | tuple[int, ...], eigenvalues: np.ndarray, stat
         base_norm_sq=stats.base_norm_sq,
         mean_abs_delta=stats.mean_abs_delta,
         noise_energy=min(stats.noise_energy, energy),
+        eigen_dtype=eigen_dtype,
     )
 
 
@@ -292,7 +342,7 @@ def _sum_of_squares(x: torch.Tensor) -> float:
 
 
 def _gram_lower(delta: torch.Tensor) -> torch.Tensor:
-    """The float64 Gram matrix of Δ's smaller side; only its lower triangle is filled.
+    """The float32 Gram matrix of Δ's smaller side; only its lower triangle is filled.
 
     ``eigvalsh(..., UPLO="L")`` reads only the lower triangle, so on CPU the products above
     the diagonal are skipped, block by block: 1.55 s instead of 2.8 s for a 14336×4096 Δ
@@ -301,8 +351,8 @@ def _gram_lower(delta: torch.Tensor) -> torch.Tensor:
     x = delta if delta.shape[0] >= delta.shape[1] else delta.T  # Gram = xᵀx, k×k
     k = x.shape[1]
     if delta.device.type != "cpu" or k <= _GRAM_BLOCK:
-        return (x.T @ x).to(torch.float64)
-    gram = torch.zeros(k, k, dtype=torch.float64, device=delta.device)
+        return x.T @ x
+    gram = torch.zeros(k, k, dtype=torch.float32, device=delta.device)
     starts = [*range(0, k, _GRAM_BLOCK), k]
     for i in range(len(starts) - 1):
         rows_i = slice(starts[i], starts[i + 1])
