@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -50,19 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     rerank.add_argument("--rank", type=_positive_int, required=True)
     _add_output_options(rerank)
     rerank.add_argument("--quiet", action="store_true", help="no summary")
-    _add_registry(commands, run)
+    _add_batch(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "audit" and args.verify:
-            return _verify(args)
         if args.command == "audit":
             return _audit(args)
-        if args.command == "open":
-            return _open(args)
+        if args.command == "batch":
+            return _batch(args)
         return _rerank(args)
     except LorafidError as e:
         print(f"lorafid: error: {e}", file=sys.stderr)
@@ -105,8 +104,6 @@ def _audit(args: argparse.Namespace) -> int:
     _write(report, args)
     if not args.quiet:
         print(describe(report))
-    if args.publish is not None:
-        return _publish(report, args)
     return 0
 
 
@@ -130,130 +127,108 @@ def _rerank(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- the results registry: audit --publish / --verify, open ------------------------------------
-
-
-def _add_registry(commands: argparse._SubParsersAction, audit: argparse.ArgumentParser) -> None:
-    """``audit --publish [DATASET]``, ``audit --verify REF`` and ``lorafid open DATASET [REF]``."""
-    audit.add_argument(
-        "--publish",
-        nargs="?",
-        const="",
-        metavar="DATASET",
-        help="publish the result to a Hub dataset you can write to (default: $LORAFID_REGISTRY), "
-        "with your own token; only audits of two public repos are published",
+def _add_batch(commands: argparse._SubParsersAction) -> None:
+    batch = commands.add_parser(
+        "batch", help="audit every pair of a catalogue (CSV or YAML) on Ray, locally or on a cluster"
     )
-    audit.add_argument(
-        "--verify",
-        metavar="REF",
-        help="re-run a published result (a name in --registry, or a report.json) at its commits "
-        "and check every rank agrees within 1e-5",
+    batch.add_argument("catalogue", type=Path, help="CSV or YAML: base, finetune[, revisions, rank(s), label, split]")
+    batch.add_argument(
+        "--ray",
+        default="local",
+        metavar="local|auto|ADDRESS",
+        help="local: start Ray on this machine (default); auto: join the cluster `ray start` runs here or "
+        "RAY_ADDRESS; ADDRESS: join that cluster (host:6379 or ray://host:10001)",
     )
-    audit.add_argument("--registry", metavar="DATASET", help="registry for --verify (default: $LORAFID_REGISTRY)")
-    opened = commands.add_parser("open", help="open a published result from a registry dataset (no weights fetched)")
-    opened.add_argument("dataset", help="the registry: a Hub dataset org/name")
-    opened.add_argument("ref", nargs="?", help="the result's name or a unique prefix of it; omit to list them")
-    opened.add_argument("--rank", type=_positive_int, help="read it at this rank (default: the published one)")
-    opened.add_argument("--token", help="Hub token, for a private registry (default: HF_TOKEN or the stored login)")
-    _add_output_options(opened)
-    opened.add_argument("--quiet", action="store_true", help="no summary")
+    batch.add_argument(
+        "--out", type=Path, default=Path("lorafid-batch"), help="reports and table (default: ./lorafid-batch)"
+    )
+    batch.add_argument("--rank", type=_positive_int, default=64, help="rank for rows that name none (default: 64)")
+    batch.add_argument(
+        "--split", type=_positive_int, default=1, help="tasks per pair, by layers, for rows that name none"
+    )
+    batch.add_argument("--cpus-per-task", type=float, default=1.0, help="cores Ray gives each task (default: 1)")
+    batch.add_argument(
+        "--gpus-per-task", type=float, help="GPUs per task (default: 1 when the cluster has GPUs, else 0)"
+    )
+    batch.add_argument("--max-concurrent", type=_positive_int, default=8, help="tasks streaming at once (default: 8)")
+    batch.add_argument("--max-retries", type=int, default=3, help="retries of a task whose worker died (default: 3)")
+    batch.add_argument("--num-cpus", type=_positive_int, help="size of a local Ray instance (default: all cores)")
+    batch.add_argument(
+        "--token", help="Hub token (default: HF_TOKEN or the stored login); reaches tasks via their environment"
+    )
+    batch.add_argument("--include-embeddings", action="store_true", help="also audit embeddings and lm_head")
+    batch.add_argument("--include", metavar="REGEX", help="audit only tensors whose name matches")
+    batch.add_argument("--exclude", metavar="REGEX", help="skip tensors whose name matches")
+    batch.add_argument("--fresh", action="store_true", help="recompute every pair, even those already complete")
+    batch.add_argument("--quiet", action="store_true", help="no progress bar, no table")
 
 
-def _registry_id(given: str | None, option: str) -> str:
-    import os
+def _batch(args: argparse.Namespace) -> int:
+    """Exit 0 when every pair is complete; 1 when some failed (all recorded in the table); 130 on Ctrl-C."""
+    from lorafid import batch
+    from lorafid.catalogue import load_catalogue
+    from lorafid.store import default_home
 
-    repo_id = given or os.environ.get("LORAFID_REGISTRY", "")
-    if not repo_id:
-        raise LorafidError(f"Name the registry dataset: {option} org/name, or set LORAFID_REGISTRY.")
-    return repo_id
+    pairs = load_catalogue(args.catalogue)
+    batch.connect(args.ray, num_cpus=args.num_cpus)
+    options = batch.BatchOptions(
+        rank=args.rank,
+        split=args.split,
+        include_embeddings=args.include_embeddings,
+        include=args.include,
+        exclude=args.exclude,
+        fresh=args.fresh,
+        cpus_per_task=args.cpus_per_task,
+        gpus_per_task=args.gpus_per_task,
+        max_concurrent=args.max_concurrent,
+        max_retries=args.max_retries,
+        token=args.token,
+        # On this machine's Ray every task shares the driver's store; on a cluster each node keeps its own.
+        store_home=default_home() if args.ray == "local" else None,
+        progress=not args.quiet,
+    )
+    bar = tqdm(total=len(pairs), unit="pair", desc="batch", disable=args.quiet)
 
+    def show(p: batch.BatchProgress) -> None:
+        bar.update(p.done - bar.n)
+        failed = f", {p.failed} failed" if p.failed else ""
+        bar.set_postfix_str(f"{p.bytes_done / 1e9:.2f}/{p.bytes_total / 1e9:.2f} GB{failed}", refresh=True)
 
-def _publish(report: Report, args: argparse.Namespace) -> int:
-    """Publish a finished audit to the user's own dataset with the user's own token."""
-    from lorafid.registry import Registry, publish, publish_refusal
-
-    repo_id = _registry_id(args.publish, "--publish")
-    reason = publish_refusal(report)
-    if reason is not None:
-        raise LorafidError(f"Not published: {reason} The result is kept in the local store.")
-    registry = Registry(repo_id, token=args.token)
-    entry = publish(registry, report)
-    print(f"Published to {registry.url}: {entry.path}\nOpen it with: lorafid open {repo_id} {entry.name[:16]}")
-    return 0
-
-
-def _open(args: argparse.Namespace) -> int:
-    from lorafid.registry import Registry
-
-    registry = Registry(args.dataset, token=args.token)
-    if args.ref is None:
-        entries = registry.entries()
-        for e in entries:
-            kept = " ".join(f"{r}:{percent(v)}" for r, v in e.energy_at.items())
-            print(f"{e.name[:16]}  {e.finetune} vs {e.base}  kept at {kept}  ({e.created})")
-        print(f"{len(entries)} result(s) in {registry.url}")
-        if registry.unreadable_rows:
-            print(
-                f"{registry.unreadable_rows} index row(s) of a newer schema were skipped: upgrade lorafid to see them."
-            )
-        return 0
-    report = registry.open(args.ref)
-    if args.rank is not None:
-        report = report.with_rank(args.rank)
-    _write(report, args)
+    with bar:
+        result = batch.run_batch(pairs, options, out=args.out, on_progress=show)
+    rows = result.table(args.rank)
     if not args.quiet:
-        print(describe(report))
-    return 0
-
-
-def _verify(args: argparse.Namespace) -> int:
-    """Re-run the audit a published result names, at its commits, and compare every rank."""
-    import tempfile
-
-    from lorafid.registry import PRECISION, Registry, read_published, verify
-
-    ref = Path(args.verify)
-    if ref.is_file():
-        published, where = read_published(json.loads(ref.read_text()), str(ref)), str(ref)
-        if spectra_path(ref).exists():
-            published = published.with_spectra(load_spectra(spectra_path(ref)))
-    else:
-        registry = Registry(_registry_id(args.registry, "--registry"), token=args.token)
-        entry = registry.entry(args.verify)
-        published, where = registry.open(entry), f"{registry.repo_id}/{entry.name}"
-    for given, record in ((args.base, published.base), (args.finetune, published.finetune)):
-        if given.partition("@")[0] != (record.repo_id or record.spec):
-            raise LorafidError(
-                f"{where} is an audit of {published.finetune.spec} vs {published.base.spec}, not of {given}."
-            )
-    s = published.settings
-    with tempfile.TemporaryDirectory(prefix="lorafid-verify-") as home:
-        store = Store(home)  # a fresh store: every number is recomputed, none reused
-        config = AuditConfig(
-            rank=published.rank,
-            device=args.device,
-            include_embeddings=s.include_embeddings,
-            include=s.include,
-            exclude=s.exclude,
-            base_revision=published.base.resolved_sha,
-            finetune_revision=published.finetune.resolved_sha,
-            token=args.token,
-            store=store,
+        print(describe_table(rows))
+        print(f"table: {args.out / 'table.csv'} and table.json; reports in {args.out / 'pairs'}")
+    if result.interrupted:
+        print(
+            "lorafid: interrupted; finished pairs and computed matrices are kept. Run the same command to resume.",
+            file=sys.stderr,
         )
-        with Audit(args.base.partition("@")[0], args.finetune.partition("@")[0], config) as job:
-            plan = job.plan()
-            with tqdm(total=plan.size_bytes, unit="B", unit_scale=True, desc="verify", disable=args.quiet) as bar:
-                for step in job.run():
-                    bar.update(step.bytes_done - bar.n)
-            recomputed = job.report()
-        store.close()
-    result = verify(published, recomputed, where)
-    print(
-        f"Verified: {result.matrices} matrices of {where} reproduced at {result.ranks_compared} ranks; largest "
-        f"difference {result.max_energy_diff:.1e} in energy retained, {result.max_cosine_diff:.1e} in cosine "
-        f"distance (bar: {PRECISION:g})."
-    )
+        return 130
+    if result.failed:
+        names = ", ".join(o.pair.name for o in result.failed[:3]) + (" ..." if len(result.failed) > 3 else "")
+        print(
+            f"lorafid: error: {len(result.failed)} of {len(pairs)} pairs failed ({names}); their errors are in "
+            f"{args.out / 'table.csv'}. Run the same command again to retry them.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def describe_table(rows: Sequence[Any], limit: int = 20) -> str:
+    """The batch's table in the terminal: worst loss first, failures with their error."""
+    lines = [f"{'loss':>8}{'kept':>9}{'rank':>6}{'for 90%':>9}  pair"]
+    for row in rows[:limit]:
+        if row.loss is None:
+            lines.append(f"{row.status:>8}{'':>9}{row.rank:>6}{'':>9}  {row.label}: {row.error}")
+            continue
+        needed = row.rank_for_90 if row.rank_for_90 is not None else "-"
+        lines.append(f"{percent(row.loss):>8}{percent(row.energy_retained):>9}{row.rank:>6}{needed:>9}  {row.label}")
+    if len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more rows in the table")
+    return "\n".join(lines)
 
 
 def describe(report: Report) -> str:
