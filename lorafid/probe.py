@@ -3,7 +3,7 @@
 The provider's log-probabilities on fixed texts are compared with those of local candidates
 computed from the public weights by the behaviour engine (``lorafid.forward``): the fine-tune,
 the served model at each candidate rank in both serving modes (``rank-64``: a multi-LoRA
-server's, embeddings / ``lm_head`` / norms at the base's values; ``rank-64-keep-extras``: those
+server's, embeddings / ``lm_head`` / norms at the base's values; ``rank-64+extras``: those
 at the fine-tune's values), the base, and the fine-tune rounded to 8 bits (``finetune-8bit``, a
 quantization reference: rounding alone must not pass for an extraction).
 
@@ -32,12 +32,14 @@ Not here: HTTP (``openai_api``), SSRF rules (``netguard``), the forward pass (``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -56,8 +58,10 @@ DEFAULT_TOP_K = 20  # vLLM's default --max-logprobs and OpenAI's chat limit
 DEFAULT_NEW_TOKENS = 32  # chat channel: greedy continuation length scored locally
 BOOTSTRAP_RESAMPLES = 2000
 MIN_PROMPTS_FOR_VERDICT = 5  # fewer scored prompts: no bootstrap is meaningful, no verdict
-# KL below this is float noise of a serving stack, whatever the candidates: a bf16 forward of
-# the same weights differs from a float32 one by about this much on small models.
+# KL below this is float noise of a serving stack, whatever the candidates: a bfloat16 forward of
+# the test suite's tiny Llama differs from its float32 forward by 8.4e-5 nats per token (mean over
+# 8 prompts, 1.4e-4 at most). Larger models drift more; the tolerance also grows with the 8-bit
+# reference's own distance from the fine-tune, which grows with them.
 NOISE_FLOOR_NATS = 1e-4
 FINETUNE, FINETUNE_8BIT, BASE = "finetune", "finetune-8bit", "base"
 
@@ -66,17 +70,17 @@ def candidate_names(ranks: Sequence[int]) -> list[str]:
     """Every candidate, nearest the fine-tune first: finetune, 8-bit, ranks high→low (both modes), base."""
     names = [FINETUNE, FINETUNE_8BIT]
     for r in sorted(set(ranks), reverse=True):
-        names += [f"rank-{r}", f"rank-{r}-keep-extras"]
+        names += [f"rank-{r}", f"rank-{r}+extras"]
     return [*names, BASE]
 
 
 def parse_candidate(name: str) -> tuple[int | None, bool]:
-    """(rank, keep_extras) of a candidate name: "rank-64-keep-extras" -> (64, True); "base" -> (None, False)."""
+    """(rank, keep_extras) of a candidate name: "rank-64+extras" -> (64, True); "base" -> (None, False)."""
     if not name.startswith("rank-"):
         return None, False
     rest = name[5:]
-    keep = rest.endswith("-keep-extras")
-    return int(rest.removesuffix("-keep-extras")), keep
+    keep = rest.endswith("+extras")
+    return int(rest.removesuffix("+extras")), keep
 
 
 def round_to_8_bits(name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -548,11 +552,11 @@ def _neighbours(name: str, ranks: Sequence[int]) -> list[str]:
     """Candidates next to ``name`` on the path fine-tune → high ranks → low ranks → base."""
     grid = sorted(set(ranks), reverse=True)
     rank, keep = parse_candidate(name)
-    suffix = "-keep-extras" if keep else ""
+    suffix = "+extras" if keep else ""
     if name in (FINETUNE, FINETUNE_8BIT):
-        return [FINETUNE_8BIT if name == FINETUNE else FINETUNE, f"rank-{grid[0]}", f"rank-{grid[0]}-keep-extras"]
+        return [FINETUNE_8BIT if name == FINETUNE else FINETUNE, f"rank-{grid[0]}", f"rank-{grid[0]}+extras"]
     if name == BASE:
-        return [f"rank-{grid[-1]}", f"rank-{grid[-1]}-keep-extras"]
+        return [f"rank-{grid[-1]}", f"rank-{grid[-1]}+extras"]
     if rank is None:
         raise ValueError(f"unknown candidate {name!r}")
     i = grid.index(rank)
@@ -710,6 +714,53 @@ def raise_unless_usable(collection: Collection) -> None:
     """A probe that got no prompt at all has nothing to compare."""
     if not collection.observations:
         raise ProviderError(f"The provider answered no prompt ({collection.error or 'every request failed'}).")
+
+
+# -- prompts -----------------------------------------------------------------------------------
+
+MAX_PROMPTS = 200  # a probe is a few dozen requests; more is a benchmark, not a check
+MAX_PROMPT_FILE_BYTES = 4 * 2**20
+
+
+def probe_prompts(path: Path | None) -> tuple[list[str], dict[str, Any]]:
+    """The texts to send and the record of which set they are (name, version).
+
+    ``path``: one text per line, or JSON Lines with a ``text`` field (blank lines skipped);
+    its version is the first 12 hex digits of the file's SHA-256, so a report names exactly
+    which texts were sent. ``None``: the built-in, versioned set of the behaviour check.
+    """
+    if path is None:
+        from lorafid.behaviour import builtin_prompts
+
+        texts, version = builtin_prompts()
+        return list(texts), {"name": "builtin", "version": version}
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise LorafidError(f"Cannot read the prompt file {path}: {e.strerror}.") from e
+    if len(raw) > MAX_PROMPT_FILE_BYTES:
+        raise LimitExceededError(
+            f"{path} is over {MAX_PROMPT_FILE_BYTES // 2**20} MB; a probe needs a few dozen texts."
+        )
+    texts = []
+    for number, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                text = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError):
+                raise LorafidError(
+                    f'{path}, line {number}: a JSON line needs a text field, e.g. {{"text": "..."}}.'
+                ) from None
+            texts.append(str(text))
+        else:
+            texts.append(line)
+    if not texts:
+        raise LorafidError(f"{path} holds no text; write one prompt per line.")
+    if len(texts) > MAX_PROMPTS:
+        raise LimitExceededError(f"{path} holds {len(texts)} texts; a probe sends at most {MAX_PROMPTS}.")
+    return texts, {"name": path.name, "version": hashlib.sha256(raw).hexdigest()[:12]}
 
 
 # -- the whole probe ---------------------------------------------------------------------------

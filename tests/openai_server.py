@@ -22,7 +22,8 @@ nothing with the layer-streamed engine the probe uses.
 ``OpenAIServer(reject_echo=True)`` answers ``echo`` with 400 as chat-only providers do;
 ``vllm_extensions=False`` ignores ``prompt_logprobs`` and ``return_token_ids`` (OpenAI's own API);
 ``chat_only=True`` answers 404 on ``/v1/completions``; ``status_sequence`` sends those
-statuses first (with ``Retry-After: 0``); ``token_shift`` reports every token id shifted by
+statuses first (with ``Retry-After: 0``), ``fail_after=N`` answers 503 to every request after
+the N-th (a provider going down mid-probe); ``token_shift`` reports every token id shifted by
 that much (a server with another vocabulary). Every request is recorded in ``requests``.
 """
 
@@ -46,15 +47,15 @@ def served_weights(
 ) -> dict[str, torch.Tensor]:
     """The weights a provider in ``mode`` runs: "finetune", "base", "finetune-8bit",
     "rank-R" (a multi-LoRA server: base + Δ_R on each block matrix, the rest the base's) or
-    "rank-R-keep-extras" (the rest the fine-tune's)."""
+    "rank-R+extras" (the rest the fine-tune's)."""
     if mode == "finetune":
         return dict(finetune)
     if mode == "base":
         return dict(base)
     if mode == "finetune-8bit":
         return {n: _int8_rows(t) if t.ndim == 2 and ".layers." in n else t for n, t in finetune.items()}
-    rank = int(mode.split("-")[1])
-    keep = mode.endswith("-keep-extras")
+    keep = mode.endswith("+extras")
+    rank = int(mode.removeprefix("rank-").removesuffix("+extras"))
     out = {}
     for name, weight in finetune.items():
         if weight.ndim == 2 and not is_embedding(name):
@@ -85,6 +86,7 @@ class _Options:
     vllm_extensions: bool = True
     status_sequence: list[int] = field(default_factory=list)
     token_shift: int = 0
+    fail_after: int | None = None
 
 
 class OpenAIServer:
@@ -101,9 +103,12 @@ class OpenAIServer:
         vllm_extensions: bool = True,
         status_sequence: list[int] | None = None,
         token_shift: int = 0,
+        fail_after: int | None = None,
     ) -> None:
         self.model_name = model_name
-        self.options = _Options(reject_echo, chat_only, vllm_extensions, list(status_sequence or []), token_shift)
+        self.options = _Options(
+            reject_echo, chat_only, vllm_extensions, list(status_sequence or []), token_shift, fail_after
+        )
         self.requests: list[Recorded] = []
         self.tokenizer = _tokenizer(files)
         self.model = _model(files, tensors)
@@ -161,7 +166,9 @@ class OpenAIServer:
             return 400, {"error": {"message": "echo is not supported with logprobs", "code": 400}}
         ids = self.tokenizer(str(body["prompt"]))["input_ids"]
         rows = self.logprobs(ids)
-        k_prompt = (body.get("prompt_logprobs") if self.options.vllm_extensions else None) or (body.get("logprobs") if body.get("echo") else None)
+        k_prompt = (body.get("prompt_logprobs") if self.options.vllm_extensions else None) or (
+            body.get("logprobs") if body.get("echo") else None
+        )
         prompt_lp: list[dict[str, Any] | None] | None = None
         if k_prompt is not None:
             prompt_lp = [None]
@@ -261,6 +268,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with app._lock:
             app.requests.append(Recorded(self.path, body, self.headers.get("Authorization")))
             status = app.options.status_sequence.pop(0) if app.options.status_sequence else None
+            if app.options.fail_after is not None and len(app.requests) > app.options.fail_after:
+                status = 503
         if status is not None:
             self._send(status, {"error": {"message": f"injected {status}"}}, {"Retry-After": "0"})
             return

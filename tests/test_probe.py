@@ -20,6 +20,7 @@ from lorafid.errors import (
     ChannelUnsupportedError,
     LimitExceededError,
     ProviderError,
+    TokenMismatchError,
     UnsafeEndpointError,
 )
 from lorafid.http_ranges import RetryPolicy
@@ -112,9 +113,9 @@ def test_verdict_names_the_rank_and_the_grid_ranks_around_it() -> None:
     rng = np.random.default_rng(1)
     distances: dict[str, list[float]] = {}
     for name in names:
-        rank_like = name.removesuffix("-keep-extras")
+        rank_like = name.removesuffix("+extras")
         steps = abs(path.index(rank_like) - path.index("rank-64")) if rank_like in path else 2
-        base = 0.05 * steps + (0.02 if name.endswith("keep-extras") else 0.0) + (0.01 if name == FINETUNE_8BIT else 0)
+        base = 0.05 * steps + (0.02 if name.endswith("+extras") else 0.0) + (0.01 if name == FINETUNE_8BIT else 0)
         distances[name] = list(base + 1e-4 * rng.random(8))
     order = [FINETUNE, FINETUNE_8BIT, *[n for n in names if n.startswith("rank-")], BASE]
     results, verdict = summarise(_scores(distances), _local(order, 0.05, 80), [16, 32, 64, 128])
@@ -129,7 +130,7 @@ def test_verdict_names_the_rank_and_the_grid_ranks_around_it() -> None:
 
 def test_verdict_is_no_stronger_than_the_evidence() -> None:
     names = candidate_names([16, 64])
-    order = [FINETUNE, FINETUNE_8BIT, "rank-64", "rank-64-keep-extras", "rank-16", "rank-16-keep-extras", BASE]
+    order = [FINETUNE, FINETUNE_8BIT, "rank-64", "rank-64+extras", "rank-16", "rank-16+extras", BASE]
     # far from everything: matches none
     far = {n: [3.0 + 0.01 * i for i in range(8)] for n in names}
     _, verdict = summarise(_scores(far), _local(order, 0.05, 80), [16, 64])
@@ -398,3 +399,180 @@ def test_server_shapes_agree_with_each_other(serve: Any) -> None:
     assert [server.tokenizer.decode([p.token_id]) for p in ids.positions] == [p.token for p in echo.positions]
     body = json.dumps([r.body for r in server.requests])
     assert '"echo": true' in body and '"max_tokens": 0' in body
+
+
+# -- the whole probe, end to end ------------------------------------------------------------
+
+RANKS = (4, 8, 16, 32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny matrices: on a loaded 2-core machine torch's second thread makes each one 100x slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def pair(hub: Any, family: Any) -> tuple[str, str]:
+    from tests.llama_models import publish
+
+    publish(hub, "org/base", family.base)
+    publish(hub, "org/finetune", family.full)
+    return "org/base", "org/finetune"
+
+
+def _texts(server: Any, count: int = 8) -> list[str]:
+    from tests.openai_server import vocabulary_prompts
+
+    return list(vocabulary_prompts(server.tokenizer, count))
+
+
+def _probe(hub: Any, pair: tuple[str, str], server: Any, texts: list[str] | None = None, **options: Any) -> Any:
+    from lorafid.probe import Probe, ProbeConfig
+
+    settings: dict[str, Any] = {"ranks": RANKS, "top_k": 5, "hub_token": False, "hub_endpoint": hub.endpoint}
+    settings.update(options)
+    config = ProbeConfig(server.url, "tiny-served", retry=FAST_RETRY, **settings)
+    return Probe(*pair, texts or _texts(server), {"name": "test", "version": "1"}, config)
+
+
+@pytest.mark.parametrize(
+    ("mode", "closest", "opening", "rank_range"),
+    [
+        ("finetune", FINETUNE, "Serves the original weights.", None),
+        ("rank-8", "rank-8", "Closest to a rank-8 extraction (between 4 and 16); served as a multi-LoRA", (4, 16)),
+        (
+            "rank-8+extras",
+            "rank-8+extras",
+            "Closest to a rank-8 extraction (between 4 and 16); served with the fine-tune's",
+            (4, 16),
+        ),
+        ("base", BASE, "Serves the base model", None),
+        # 8-bit rounding moves this tiny model by less than the noise floor: named, not mistaken for a rank
+        ("finetune-8bit", FINETUNE_8BIT, "Serves the original weights.", None),
+    ],
+)
+def test_probe_names_the_served_mode(
+    hub: Any, pair: tuple[str, str], serve: Any, mode: str, closest: str, opening: str, rank_range: Any
+) -> None:
+    server = serve(mode)
+    probe = _probe(hub, pair, server)
+    plan = probe.plan()
+    report = probe.run()
+    assert report.verdict.closest == closest and report.verdict.matches
+    assert report.verdict.sentence.startswith(opening), report.verdict.sentence
+    assert report.verdict.rank_range == rank_range
+    assert report.candidates[closest].distance < 1e-6  # the engine and the server's forward agree
+    assert report.method == ECHO and report.status == "complete"
+    assert len(server.requests) == report.requests["sent"] == plan.prompts <= plan.requests
+
+
+def test_a_rank_between_the_grid_ranks_lands_in_the_interval(hub: Any, pair: tuple[str, str], serve: Any) -> None:
+    report = _probe(hub, pair, serve("rank-12")).run()
+    lower, upper = report.verdict.rank_range
+    assert report.verdict.closest in ("rank-8", "rank-16") and lower < 12 < upper
+
+
+def test_another_model_matches_none(hub: Any, pair: tuple[str, str], serve: Any, family: Any) -> None:
+    # A different fine-tune of the same base (a merged rank-8 LoRA trained on the same texts).
+    report = _probe(hub, pair, serve(tensors=family.lora.tensors)).run()
+    assert not report.verdict.matches and report.verdict.sentence.startswith("Matches none of these")
+
+
+def test_echo_refused_falls_back_to_chat(hub: Any, pair: tuple[str, str], serve: Any) -> None:
+    server = serve("rank-8", reject_echo=True, vllm_extensions=False)
+    probe = _probe(hub, pair, server, max_new_tokens=12)
+    plan = probe.plan()
+    report = probe.run()
+    assert report.method == CHAT
+    assert [t["channel"] for t in report.channels_tried] == [ECHO, PROMPT_LOGPROBS, CHAT]
+    assert report.channels_tried[0]["outcome"].startswith("refused: HTTP 400")
+    assert len(server.requests) == report.requests["sent"] == plan.requests  # the two refused tries were announced
+    assert report.verdict.closest == "rank-8" and report.verdict.rank_range == (4, 16)
+    assert sum(row["tokens"] for row in report.prompts) == 8 * 12  # every generated token scored locally
+
+
+def test_vllm_prompt_logprobs_when_echo_is_refused(hub: Any, pair: tuple[str, str], serve: Any) -> None:
+    server = serve("base", reject_echo=True)
+    report = _probe(hub, pair, server).run()
+    assert report.method == PROMPT_LOGPROBS and report.verdict.closest == BASE
+    assert server.requests[1].body["prompt_logprobs"] == 5 and server.requests[1].body["return_token_ids"]
+
+
+def test_other_tokens_are_a_clear_error(hub: Any, pair: tuple[str, str], serve: Any) -> None:
+    with pytest.raises(TokenMismatchError, match="does not serve this tokenizer"):
+        _probe(hub, pair, serve("finetune", token_shift=1)).run()
+
+
+def test_a_provider_failing_midway_leaves_a_partial_report(hub: Any, pair: tuple[str, str], serve: Any) -> None:
+    server = serve("rank-8", fail_after=5)
+    report = _probe(hub, pair, server, concurrency=1, max_retries=3).run()
+    assert report.status == "partial" and len(report.prompts) == 5
+    assert report.requests["sent"] <= report.requests["max"] and report.failed_prompts
+    assert report.verdict.closest == "rank-8"  # the five prompts it got still tell
+
+
+def test_the_key_goes_only_into_the_header(
+    hub: Any, pair: tuple[str, str], serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = serve("finetune")
+    texts = _texts(server, 5)
+    with caplog.at_level("DEBUG"):
+        report = _probe(hub, pair, server, texts, api_key="sk-do-not-store-42").run()
+    assert all(r.authorization == "Bearer sk-do-not-store-42" for r in server.requests)
+    text = report.to_json()
+    assert "sk-do-not-store-42" not in text and "sk-do-not-store-42" not in caplog.text
+    document = json.loads(text)
+    assert document["schema"] == "lorafid.probe/1" and document["endpoint_host"] == "127.0.0.1"
+    assert "/v1" not in json.dumps(document["endpoint_host"])
+    from huggingface_hub import HfApi
+
+    for role, repo in (("base", pair[0]), ("finetune", pair[1])):
+        assert document[role]["sha"] == HfApi(endpoint=hub.endpoint).model_info(repo).sha
+    for name in ("finetune", "base", "rank-8", "rank-8+extras", "finetune-8bit"):
+        assert {"distance", "interval", "top1_agreement"} <= set(document["candidates"][name])
+    assert {"verdict", "method", "model", "prompt_set"} <= set(document)
+
+
+def test_cli_probe(
+    hub: Any, pair: tuple[str, str], serve: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from lorafid.cli import main
+
+    server = serve("rank-16")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(_texts(server, 6)) + "\n")
+    out = tmp_path / "probe.json"
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    monkeypatch.setenv("PROVIDER_KEY", "sk-cli-secret")
+    code = main(
+        [
+            "probe",
+            "--endpoint",
+            server.url,
+            "--model",
+            "tiny-served",
+            *pair,
+            "--ranks",
+            "4,8,16,32",
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(out),
+            "--api-key-env",
+            "PROVIDER_KEY",
+            "--top-logprobs",
+            "5",
+            "--quiet",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "The probe sends 6 prompts" in captured.err  # announced before sending
+    assert captured.out.startswith("Closest to a rank-16 extraction (between 8 and 32)")
+    document = json.loads(out.read_text())
+    assert document["prompt_set"]["name"] == "prompts.txt" and len(document["prompt_set"]["version"]) == 12
+    assert "sk-cli-secret" not in out.read_text() + captured.out + captured.err
