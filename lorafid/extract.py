@@ -77,7 +77,7 @@ class ExtractConfig:
 
     rank: int
     dtype: str | None = None  # factor dtype: bfloat16 / float16 / float32; None = each fine-tune weight's
-    modules_to_save: tuple[str, ...] = ()  # module names (PEFT's matching) copied whole from the fine-tune
+    modules_to_save: tuple[str, ...] = ()  # module name suffixes (PEFT's matching) copied whole from the fine-tune
     audit: AuditConfig = field(default_factory=AuditConfig)
 
 
@@ -263,7 +263,9 @@ class Extraction:
         for file in self._finetune_source.weight_files():
             for name, info in self._finetune_source.read_header(file).tensors.items():
                 module = name.rpartition(".")[0]
-                if any(module == t or module.endswith("." + t) for t in self.config.modules_to_save):
+                # PEFT's own test (peft.utils.other._set_trainable): a plain suffix, so "norm" also
+                # names "input_layernorm"; the adapter must hold every module PEFT will wrap.
+                if any(module.endswith(t) for t in self.config.modules_to_save):
                     found[PEFT_PREFIX + name] = info
         missing = [t for t in self.config.modules_to_save if not any(k.rpartition(".")[0].endswith(t) for k in found)]
         if missing:
