@@ -81,6 +81,7 @@ class Source(ABC):
 
     info: SourceInfo
     _files: list[str]
+    _other_files: frozenset[str] = frozenset()  # root-level file names, weights included
 
     def weight_files(self) -> list[str]:
         """The safetensors files to read, relative names, in index or name order."""
@@ -100,6 +101,24 @@ class Source(ABC):
             return parse_file_prefix(bytes(prefix), file=file, file_size=size)
         except SafetensorsHeaderError as e:
             raise SafetensorsHeaderError(f"{self.describe()}: {e}") from e
+
+    def read_small_file(self, name: str, max_bytes: int = MAX_INDEX_BYTES) -> bytes | None:
+        """A small root-level file of the repo or directory read whole (``config.json``,
+        ``tokenizer.json``), at the same pinned commit; None when the file is not there.
+
+        For files beside the weights that other layers need; never used for weights.
+
+        Raises:
+            FetchError: the file is larger than ``max_bytes`` or cannot be read.
+        """
+        if not _is_plain_name(name):
+            raise FetchError(f"{name!r} is not a plain file name of {self.describe()}.")
+        if name not in self._other_files:
+            return None
+        return self._read_small_file(name, max_bytes)
+
+    @abstractmethod
+    def _read_small_file(self, name: str, max_bytes: int) -> bytes: ...
 
     def describe(self, file: str | None = None) -> str:
         """``repo org/name@1a2b3c4d5e6f`` or ``/abs/path``, plus the file: for messages."""
@@ -301,6 +320,7 @@ class HubSource(Source):
         )
         try:
             names = [s.rfilename for s in model.siblings or []]
+            self._other_files = frozenset(n for n in names if "/" not in n)
             self._files = choose_weight_files(
                 names,
                 lambda: self._reader.fetch_whole(INDEX_FILE, MAX_INDEX_BYTES),
@@ -334,6 +354,9 @@ class HubSource(Source):
 
     def close(self) -> None:
         self._reader.close()
+
+    def _read_small_file(self, name: str, max_bytes: int) -> bytes:
+        return self._reader.fetch_whole(name, max_bytes)
 
     def _locate(self, file: str) -> RemoteFile:
         """HEAD the resolve URL at the pinned SHA: the CDN location (or itself) and the size."""
@@ -399,6 +422,7 @@ class LocalSource(Source):
             self._root = path
             with os.scandir(path) as entries:
                 names = sorted(e.name for e in entries if e.is_file())
+            self._other_files = frozenset(names)
             self._files = choose_weight_files(
                 names,
                 lambda: _read_small(os.path.join(path, INDEX_FILE)),
@@ -408,6 +432,8 @@ class LocalSource(Source):
         elif os.path.isfile(path) and path.endswith(".safetensors"):
             self._root, name = os.path.split(path)
             self._files = [name]
+            with os.scandir(self._root) as entries:
+                self._other_files = frozenset(e.name for e in entries if e.is_file())
         elif os.path.isfile(path):
             raise NotSafetensorsError(f"{path} is not a .safetensors file; lorafid reads safetensors weights only.")
         else:
@@ -451,6 +477,14 @@ class LocalSource(Source):
     def close(self) -> None:
         pass  # files are opened per read
 
+    def _read_small_file(self, name: str, max_bytes: int) -> bytes:
+        path = os.path.join(self._root, name)
+        size = os.path.getsize(path)
+        if size > max_bytes:
+            raise FetchError(f"{path} is {size} bytes; more than the {max_bytes} expected of it.")
+        with open(path, "rb") as fh:
+            return fh.read()
+
 
 def _read_small(path: str) -> bytes:
     size = os.path.getsize(path)
@@ -458,6 +492,11 @@ def _read_small(path: str) -> bytes:
         raise SafetensorsHeaderError(f"{path} is {size} bytes; an index is expected to be under {MAX_INDEX_BYTES}.")
     with open(path, "rb") as fh:
         return fh.read()
+
+
+def _is_plain_name(name: str) -> bool:
+    """A root-level file name: no folders, no parent references, no control characters."""
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") and name.isprintable()
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
