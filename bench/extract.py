@@ -1,0 +1,98 @@
+"""Extraction time per matrix: lorafid's factors against a full SVD of the same Δ (mergekit's way).
+
+    python -m bench.extract                                          # 2-core CPU, 4096x14336, rank 64
+    python -m bench.extract --device cuda --shapes 4096x14336,8192x28672 --rank 64 128
+
+Both sides start from the same bf16 (base, fine-tune) tensors already on the device and end
+with the rank-r factors (B, A) on it, in float32:
+
+- lorafid: ``spectrum.decompose`` (Δ in float32, float32 Gram matrix of the smaller side,
+  one float64 ``eigh``) and ``Decomposition.factors(r)``: the work ``lorafid extract`` does per
+  matrix, and it yields the full spectrum (every rank's loss) as well.
+- baseline: what ``mergekit-extract-lora`` runs per matrix: ``torch.linalg.svd(Δ.float(),
+  full_matrices=False)`` and the factors ``U_r·sqrt(S_r)``, ``sqrt(S_r)·V_rᵀ``.
+
+Each is timed alone (synchronised on CUDA) after a warm-up matrix. Printed per shape: both
+times, their ratio, and how far apart the two rank-r truncations are (‖Δ_r − Δ'_r‖/‖Δ'_r‖,
+in float64) with the energy each keeps, so the speed is not bought with accuracy.
+The matrices are ``bench.synth`` pairs: bf16 weights with a decaying-spectrum Δ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from functools import partial
+
+import torch
+
+from bench.compare import timed
+from bench.synth import matrix_pair, parse_shape
+from lorafid import spectrum as sp
+
+
+def lorafid_factors(base: torch.Tensor, finetune: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) with B·A = Δ_r, from one decomposition (what ``lorafid extract`` runs per matrix)."""
+    _, decomposition = sp.decompose(base, finetune, rank)
+    return decomposition.factors(rank)
+
+
+def svd_factors(base: torch.Tensor, finetune: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """mergekit-extract-lora's per-matrix work: full SVD of Δ in float32, split sqrt(S)."""
+    with sp.exact_matmul():
+        delta = finetune.float() - base.float()
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        root = s[:rank].sqrt()
+        return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+def agreement(
+    base: torch.Tensor,
+    finetune: torch.Tensor,
+    ours: tuple[torch.Tensor, torch.Tensor],
+    theirs: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[float, float, float]:
+    """(relative distance of the two truncations, energy kept by ours, energy kept by theirs), float64."""
+    delta = finetune.double() - base.double()
+    ours_r = ours[0].double() @ ours[1].double()
+    theirs_r = theirs[0].double() @ theirs[1].double()
+    energy = float(delta.square().sum())
+    kept = [1.0 - float((delta - t).square().sum()) / energy for t in (ours_r, theirs_r)]
+    distance = math.sqrt(float((ours_r - theirs_r).square().sum()) / float(theirs_r.square().sum()))
+    return distance, kept[0], kept[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="4096x14336", help="comma-separated ROWSxCOLS (default: 4096x14336)")
+    parser.add_argument("--rank", type=int, nargs="+", default=[64])
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False  # as lorafid does; the baseline gets the same
+    warm = [t.to(device) for t in matrix_pair((512, 512), seed=1)]
+    lorafid_factors(*warm, 8)
+    svd_factors(*warm, 8)
+    print(f"device {device} · {torch.get_num_threads()} CPU threads · compute only, per matrix")
+    header = ("shape", "rank", "lorafid s", "full SVD s", "speedup", "Δ_r apart", "kept (ours / SVD)")
+    print("{:>12} {:>5} {:>10} {:>11} {:>8} {:>10} {:>22}".format(*header))
+    total = [0.0, 0.0]
+    for seed, text in enumerate(args.shapes.split(",")):
+        shape = parse_shape(text)
+        base, finetune = (t.to(device) for t in matrix_pair(shape, seed=seed))
+        for rank in args.rank:
+            ours, ours_s = timed(partial(lorafid_factors, base, finetune, rank), device)
+            theirs, svd_s = timed(partial(svd_factors, base, finetune, rank), device)
+            total[0] += ours_s
+            total[1] += svd_s
+            distance, kept_ours, kept_svd = agreement(base, finetune, ours, theirs)
+            print(
+                f"{text:>12} {rank:>5} {ours_s:>10.2f} {svd_s:>11.2f} {svd_s / ours_s:>7.1f}x {distance:>10.1e} "
+                f"{kept_ours:>10.7f} / {kept_svd:.7f}",
+                flush=True,
+            )
+    print(f"total: lorafid {total[0]:.2f} s, full SVD {total[1]:.2f} s, {total[1] / total[0]:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
