@@ -25,39 +25,34 @@ Example::
     result = run_batch(load_catalogue(Path("catalogue.csv")), BatchOptions(rank=64), out=Path("audits"))
     for row in result.table(): print(row.label, row.loss)
 
-Not here: the audit itself (``audit``), the JSON (``report``), reading catalogues
-(``catalogue``). Ray is imported only when a batch runs: ``import lorafid`` never needs it.
+Not here: what runs on the workers (``batch_tasks``), the table and files (``batch_results``),
+reading catalogues (``catalogue``), the audit itself (``audit``). Ray is imported only when a
+batch runs: ``import lorafid`` never needs it.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
-import re
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lorafid import spectrum as sp
-from lorafid.audit import Audit, AuditConfig, AuditProgress
+from lorafid.audit import AuditConfig
+from lorafid.batch_progress import ProgressBoard
+from lorafid.batch_results import BatchResult, PairOutcome, write_pair, write_table
+from lorafid.batch_tasks import PairResult, PairTask, audit_task, part_task
 from lorafid.catalogue import CataloguePair
 from lorafid.errors import LorafidError, MissingExtraError
-from lorafid.report import MatrixResult, Report, save_spectra
-from lorafid.store import Store, default_home
+from lorafid.report import Report
+from lorafid.store import Store
 
-TABLE_SCHEMA = "lorafid.batch/1"
-_PARTS_STORE = "parts"  # sub-folder of LORAFID_HOME for the chunks of split pairs (kept out of the gallery)
-_PROGRESS_EVERY_S = 0.5
-_POLL_S = 0.5
+_POLL_S = 0.5  # how often the driver looks at progress while no task finishes
 
 
 @dataclass(frozen=True)
@@ -92,55 +87,6 @@ class BatchProgress:
     failed: int
     bytes_done: int  # weights streamed by running and finished tasks (as last reported)
     bytes_total: int  # of the pairs planned so far
-
-
-@dataclass(frozen=True)
-class PairOutcome:
-    """What became of one catalogue row."""
-
-    index: int  # position in the catalogue
-    pair: CataloguePair
-    status: str  # "complete" | "failed" | "pending" (the batch was interrupted first)
-    report: Report | None = field(default=None, repr=False)  # at the pair's first rank, with spectra
-    key: str | None = None  # store key: the dashboard opens it as "store:<key>"
-    error: str | None = None
-    from_store: bool = False  # complete before this run: nothing was fetched
-    report_file: str | None = None  # relative to ``out``
-
-
-@dataclass(frozen=True)
-class TableRow:
-    """One line of the final table: a pair read at one rank."""
-
-    label: str
-    base: str
-    finetune: str
-    rank: int
-    status: str
-    loss: float | None  # share of the fine-tune's change lost at this rank (1 − energy retained)
-    energy_retained: float | None
-    weight_rel_error: float | None  # ‖W_ft − W_served‖ / ‖W_ft‖ over the audited matrices
-    rank_for_90: int | None  # smallest rank keeping 90% of the change
-    matrices: int
-    sentence: str
-    base_sha: str | None
-    finetune_sha: str | None
-    gallery_ref: str | None  # "store:<key>", what the dashboard's gallery opens
-    report_file: str | None
-    error: str | None
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    outcomes: tuple[PairOutcome, ...]  # catalogue order
-    interrupted: bool = False
-
-    @property
-    def failed(self) -> list[PairOutcome]:
-        return [o for o in self.outcomes if o.status == "failed"]
-
-    def table(self, default_rank: int = 64) -> list[TableRow]:
-        return results_table(self.outcomes, default_rank)
 
 
 # -- Ray -----------------------------------------------------------------------------------
@@ -206,7 +152,7 @@ def run_batch(
             todo.append(index)
             continue
         key, report = stored
-        outcomes[index] = _finish(out, index, pair, options, key, report, from_store=True)
+        outcomes[index] = write_pair(out, index, pair, _first_rank(pair, options), key, report, from_store=True)
     driver = _Driver(ray, pairs, options, store, out, outcomes, on_progress)
     interrupted = False
     try:
@@ -215,6 +161,7 @@ def run_batch(
         interrupted = True
         driver.cancel()
     finally:
+        driver.close()
         store.close()
     result = BatchResult(
         tuple(outcomes.get(i, PairOutcome(i, pair, "pending")) for i, pair in enumerate(pairs)), interrupted
@@ -251,9 +198,12 @@ class _Driver:
         token = options.token or _driver_token()
         if token:  # the environment, not the arguments: Ray shows arguments in task specs and logs
             self.task_options["runtime_env"] = {"env_vars": {"HF_TOKEN": token}}
-        self.audit_remote = ray.remote(_audit_task).options(**self.task_options)
-        self.part_remote = ray.remote(_part_task).options(**self.task_options)
-        self.board = ray.remote(num_cpus=0)(_Board).remote() if options.progress else None
+        self.audit_remote = ray.remote(audit_task).options(**self.task_options)
+        self.part_remote = ray.remote(part_task).options(**self.task_options)
+        self.board: Any = None  # the progress actor, started with the first task
+        self._asked: Any = None  # the board's answer being computed
+        self._running: dict[tuple[int, int], tuple[int, int]] = {}  # its latest answer
+        self._finished_bytes: dict[int, int] = {}  # pair index -> its weights, from its result
         self.streaming: set[Any] = set()  # refs that count against max_concurrent
         self.finals: dict[Any, int] = {}  # ref of a pair's report -> catalogue index
 
@@ -264,6 +214,8 @@ class _Driver:
             queue.extend((index, part, parts) for part in range(parts) if parts > 1)
             queue.append((index, parts, parts))
         part_refs: dict[int, list[Any]] = {}
+        if todo and self.options.progress:
+            self.board = self.ray.remote(num_cpus=0)(ProgressBoard).remote()
         self._progress()
         while queue or self.finals:
             while queue and (queue[0][1] == queue[0][2] > 1 or len(self.streaming) < self.options.max_concurrent):
@@ -285,14 +237,18 @@ class _Driver:
                     self._collect(ref, self.finals.pop(ref))
             self._progress()
 
+    def close(self) -> None:
+        if self.board is not None:
+            self.ray.kill(self.board)
+
     def cancel(self) -> None:
         for ref in self.streaming | self.finals.keys():
             self.ray.cancel(ref)
 
-    def _task(self, index: int) -> _Task:
+    def _task(self, index: int) -> PairTask:
         pair, options = self.pairs[index], self.options
         config = AuditConfig(
-            rank=(pair.ranks or (options.rank,))[0],
+            rank=_first_rank(pair, options),
             include_embeddings=options.include_embeddings,
             include=options.include,
             exclude=options.exclude,
@@ -303,136 +259,38 @@ class _Driver:
             compute=options.compute,
         )
         home = str(options.store_home) if options.store_home is not None else None
-        return _Task(index, pair.base, pair.finetune, config, home)
+        return PairTask(index, pair.base, pair.finetune, config, home)
 
     def _collect(self, ref: Any, index: int) -> None:
         pair = self.pairs[index]
         try:
-            result: _PairResult = self.ray.get(ref)
+            result: PairResult = self.ray.get(ref)
         except self.ray.exceptions.RayError as e:
             self.outcomes[index] = PairOutcome(index, pair, "failed", error=_task_error(e, self.options.max_retries))
             return
+        self._finished_bytes[index] = result.size_bytes
         report = Report.from_json(result.report_json).with_spectra(result.spectra)
         _keep(self.store, result.key, report)
-        self.outcomes[index] = _finish(self.out, index, pair, self.options, result.key, report, from_store=False)
+        self.outcomes[index] = write_pair(
+            self.out, index, pair, _first_rank(pair, self.options), result.key, report, from_store=False
+        )
 
     def _progress(self) -> None:
         if self.on_progress is None:
             return
-        done_bytes, total_bytes = self.ray.get(self.board.totals.remote()) if self.board is not None else (0, 0)
+        if self.board is not None:
+            # Never wait on the board: the actor takes seconds to start, and the tasks must not.
+            if self._asked is None:
+                self._asked = self.board.snapshot.remote()
+            elif self.ray.wait([self._asked], timeout=0)[0]:
+                self._running = self.ray.get(self._asked)
+                self._asked = self.board.snapshot.remote()
+        running = [v for (index, _), v in self._running.items() if index not in self._finished_bytes]
+        finished = sum(self._finished_bytes.values())
+        done = finished + sum(d for d, _ in running)
+        total = finished + sum(t for _, t in running)
         failed = sum(o.status == "failed" for o in self.outcomes.values())
-        self.on_progress(BatchProgress(len(self.outcomes), len(self.pairs), failed, done_bytes, total_bytes))
-
-
-# -- tasks (run on Ray workers) ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Task:
-    """A task's arguments: everything but the token, which comes from the environment."""
-
-    index: int
-    base: str
-    finetune: str
-    config: AuditConfig  # token None (the worker's HF_TOKEN), store None (set from store_home)
-    store_home: str | None  # None: the worker's LORAFID_HOME
-
-
-@dataclass(frozen=True)
-class _PairResult:
-    key: str
-    report_json: str
-    spectra: dict[str, np.ndarray]
-
-
-class _Board:
-    """A Ray actor holding the latest byte counts of every running task (key: (pair, part))."""
-
-    def __init__(self) -> None:
-        self._bytes: dict[tuple[int, int], tuple[int, int]] = {}
-
-    def update(self, key: tuple[int, int], done: int, total: int) -> None:
-        self._bytes[key] = (done, total)
-
-    def totals(self) -> tuple[int, int]:
-        return sum(d for d, _ in self._bytes.values()), sum(t for _, t in self._bytes.values())
-
-
-def _audit_task(task: _Task, board: Any, *parts: tuple[MatrixResult, ...]) -> _PairResult:
-    """The whole audit of one pair; ``parts``: matrices already computed by the pair's chunk tasks."""
-    store = Store(task.store_home)
-    try:
-        config = replace(task.config, store=store)
-        if parts:
-            with Audit(task.base, task.finetune, config) as probe:
-                probe.plan()  # its key: where the chunks' matrices go, so that the audit finds them done
-                if config.fresh:
-                    store.forget(probe.key)
-                for matrices in parts:
-                    for matrix in matrices:
-                        store.put_matrix(probe.key, matrix)
-            config = replace(config, fresh=False)
-        with Audit(task.base, task.finetune, config) as job:
-            _drive(job, board, (task.index, -1))
-            report = job.report()
-            spectra = {m.name: m.sigma_sq for m in report.matrices if m.sigma_sq is not None}
-            return _PairResult(job.key, report.to_json(indent=None), spectra)
-    finally:
-        store.close()
-
-
-def _part_task(task: _Task, board: Any, part: int, parts: int) -> tuple[MatrixResult, ...]:
-    """Matrices of chunk ``part`` of ``parts`` of the pair's layers, not stored yet (with spectra).
-
-    Chunks are contiguous runs of layers (layers 0-7 of 32 in 4 parts): a chunk then reads
-    few shards. Matrices outside the layers (lm_head) and 1-D tensors are left to the report task.
-    """
-    store = Store(task.store_home)
-    try:
-        with Audit(task.base, task.finetune, replace(task.config, store=store)) as probe:
-            plan = probe.plan()
-            done = set() if task.config.fresh else set(store.matrices(probe.key))
-        layers = sorted({m.layer for m in plan.matrices if m.layer is not None})
-        mine = set(_chunk(layers, part, parts))
-        names = [m.name for m in plan.matrices if m.layer in mine and m.name not in done]
-    finally:
-        store.close()
-    if not names:
-        return ()
-    home = Path(task.store_home) if task.store_home else default_home()
-    parts_store = Store(home / _PARTS_STORE)
-    try:
-        # Exact names, so that this audit reads exactly these matrices; its own key keeps
-        # its progress apart (a retried chunk resumes from its own stored matrices).
-        only = "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
-        config = replace(task.config, include=only, exclude=None, fresh=False, store=parts_store)
-        with Audit(task.base, task.finetune, config) as job:
-            _drive(job, board, (task.index, part))
-            return job.report().matrices
-    finally:
-        parts_store.close()
-
-
-def _drive(job: Audit, board: Any, key: tuple[int, int]) -> None:
-    """Run the audit to the end, telling the progress board every half second."""
-    last = 0.0
-    step: AuditProgress | None = None
-    for step in job.run():
-        if board is not None and time.monotonic() - last >= _PROGRESS_EVERY_S:
-            board.update.remote(key, step.bytes_done, step.bytes_total)
-            last = time.monotonic()
-    if board is not None and step is not None:
-        board.update.remote(key, step.bytes_done, step.bytes_total)
-
-
-def _chunk(items: list[int], part: int, parts: int) -> list[int]:
-    """Contiguous chunk ``part`` of ``parts``, sizes differing by at most one.
-
-    Example: items 0..9, parts 3 -> [0, 1, 2, 3], [4, 5, 6], [7, 8, 9].
-    """
-    size, extra = divmod(len(items), parts)
-    start = part * size + min(part, extra)
-    return items[start : start + size + (1 if part < extra else 0)]
+        self.on_progress(BatchProgress(len(self.outcomes), len(self.pairs), failed, done, total))
 
 
 # -- results -------------------------------------------------------------------------------
@@ -470,102 +328,6 @@ def _keep(store: Store, key: str, report: Report) -> None:
     store.save_report(key, report)
 
 
-def _finish(
-    out: Path | None,
-    index: int,
-    pair: CataloguePair,
-    options: BatchOptions,
-    key: str,
-    report: Report,
-    *,
-    from_store: bool,
-) -> PairOutcome:
-    """The outcome of a complete pair, its report written to ``out/pairs/`` at the pair's first rank."""
-    report = report.with_rank((pair.ranks or (options.rank,))[0])
-    relative = None
-    if out is not None:
-        relative = f"pairs/{index + 1:03d}-{_slug(pair.name)}.json"
-        path = out / relative
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(report.to_json() + "\n")
-            save_spectra(report, path.with_name(path.stem + ".spectra.safetensors"))
-        except OSError as e:
-            raise LorafidError(f"Cannot write {path}: {e.strerror}.") from e
-    return PairOutcome(index, pair, report.status, report, key, None, from_store, relative)
-
-
-def results_table(outcomes: Sequence[PairOutcome], default_rank: int = 64) -> list[TableRow]:
-    """One row per pair and rank: the worst loss first, then failed and pending pairs in catalogue order."""
-    rows: list[TableRow] = []
-    for o in outcomes:
-        for rank in o.pair.ranks or (default_rank,):
-            rows.append(_row(o, rank))
-    return sorted(rows, key=lambda r: (r.loss is None, -(r.loss or 0.0)))
-
-
-def _row(outcome: PairOutcome, rank: int) -> TableRow:
-    pair, report = outcome.pair, outcome.report
-    if report is None:
-        return TableRow(
-            pair.name,
-            pair.base,
-            pair.finetune,
-            rank,
-            status=outcome.status,
-            loss=None,
-            energy_retained=None,
-            weight_rel_error=None,
-            rank_for_90=None,
-            matrices=0,
-            sentence="",
-            base_sha=None,
-            finetune_sha=None,
-            gallery_ref=None,
-            report_file=None,
-            error=outcome.error or ("not run: the batch was interrupted" if outcome.status == "pending" else None),
-        )
-    summary = report.with_rank(rank).summary()
-    return TableRow(
-        pair.name,
-        pair.base,
-        pair.finetune,
-        rank,
-        status=outcome.status,
-        loss=1.0 - summary.overall.energy_retained,
-        energy_retained=summary.overall.energy_retained,
-        weight_rel_error=summary.overall.weight_rel_error,
-        rank_for_90=summary.rank_for_90,
-        matrices=len(report.matrices),
-        sentence=summary.sentence(),
-        base_sha=report.base.resolved_sha,
-        finetune_sha=report.finetune.resolved_sha,
-        gallery_ref=f"store:{outcome.key}" if outcome.key else None,
-        report_file=outcome.report_file,
-        error=None,
-    )
-
-
-def write_table(rows: Sequence[TableRow], out: Path) -> None:
-    """``out/table.csv`` (one line per row) and ``out/table.json`` (``{"schema", "created", "rows"}``)."""
-    names = list(TableRow.__dataclass_fields__)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "table.csv").open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=names)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: "" if v is None else v for k, v in asdict(row).items()})
-        document = {
-            "schema": TABLE_SCHEMA,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "rows": [asdict(r) for r in rows],
-        }
-        (out / "table.json").write_text(json.dumps(document, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    except OSError as e:
-        raise LorafidError(f"Cannot write the table to {out}: {e.strerror}.") from e
-
-
 def _task_error(error: Exception, retries: int) -> str:
     """One line for the table: the audit's own message, else what Ray says happened."""
     cause = getattr(error, "cause", None)
@@ -587,6 +349,6 @@ def _driver_token() -> str | None:
     return get_token()
 
 
-def _slug(text: str) -> str:
-    """A file-name-safe form: "org/ft-a @ v2" -> "org_ft-a_v2"."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "pair"
+def _first_rank(pair: CataloguePair, options: BatchOptions) -> int:
+    """The rank a pair's report is written at: its row's first, else the batch's."""
+    return (pair.ranks or (options.rank,))[0]
