@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 from lorafid import spectrum as sp
-from lorafid.errors import LimitExceededError, LorafidError
+from lorafid.errors import EmptySelectionError, LimitExceededError, LorafidError, NoCommonTensorsError
 from lorafid.pairing import MatrixPair, PairingPlan, SkippedTensor, plan_pairs
 from lorafid.report import AuditSettings, MatrixResult, Report, SourceRecord, Timings, VectorResult
 from lorafid.safetensors_format import TensorInfo, torch_dtype
@@ -106,6 +107,7 @@ class Audit:
     def __init__(self, base: str, finetune: str, config: AuditConfig | None = None) -> None:
         self.config = config or AuditConfig()
         self.device = resolve_device(self.config.device)
+        self._owns_store = self.config.store is None  # a store we opened is ours to close
         self.store = self.config.store or Store()
         self._specs = (base, finetune)
         self._sources: tuple[Source, Source] | None = None
@@ -126,9 +128,14 @@ class Audit:
         self.close()
 
     def close(self) -> None:
-        if self._sources:
-            for source in self._sources:
-                source.close()
+        """Close both sources and the store this audit opened (a store passed in stays open)."""
+        try:
+            if self._sources:
+                for source in self._sources:
+                    source.close()
+        finally:
+            if self._owns_store:
+                self.store.close()
 
     @property
     def key(self) -> str:
@@ -140,16 +147,29 @@ class Audit:
         if self._plan is not None:
             return self._plan
         cfg = self.config
-        base, finetune = (
-            open_source(spec, revision=revision, token=cfg.token, endpoint=cfg.endpoint, allow_local=cfg.allow_local)
-            for spec, revision in zip(self._specs, (cfg.base_revision, cfg.finetune_revision), strict=True)
+        _check_patterns(cfg)  # before any request: a typo in a pattern costs nothing
+        base = open_source(
+            self._specs[0],
+            revision=cfg.base_revision,
+            token=cfg.token,
+            endpoint=cfg.endpoint,
+            allow_local=cfg.allow_local,
         )
+        try:
+            finetune = open_source(
+                self._specs[1],
+                revision=cfg.finetune_revision,
+                token=cfg.token,
+                endpoint=cfg.endpoint,
+                allow_local=cfg.allow_local,
+            )
+        except BaseException:
+            base.close()  # nobody else holds it yet: its HTTP connections would leak
+            raise
         self._sources = (base, finetune)
         self._headers = _all_tensors(base, finetune)
         self._check_tensor_count()
-        self._plan = plan_pairs(
-            *self._headers, include_embeddings=cfg.include_embeddings, include=cfg.include, exclude=cfg.exclude
-        )
+        self._plan = _plan_pairs(self._headers, cfg)
         if cfg.max_model_bytes is not None and self._plan.size_bytes > cfg.max_model_bytes:
             raise LimitExceededError(
                 f"This audit would read {self._plan.size_bytes / 1e9:.1f} GB, above this server's limit of "
@@ -363,6 +383,35 @@ def audit(base: str, finetune: str, config: AuditConfig | None = None) -> Report
         for _ in job.run():
             pass
         return job.report()
+
+
+def _check_patterns(cfg: AuditConfig) -> None:
+    for label, pattern in (("include", cfg.include), ("exclude", cfg.exclude)):
+        if pattern:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise LorafidError(
+                    f"The {label} pattern {pattern!r} is not a valid regular expression ({e}); fix it, or leave it out."
+                ) from e
+
+
+def _plan_pairs(headers: tuple[dict[str, TensorInfo], dict[str, TensorInfo]], cfg: AuditConfig) -> PairingPlan:
+    """``plan_pairs`` with the settings; when the filters leave nothing, say so instead of blaming the models."""
+    try:
+        return plan_pairs(*headers, include_embeddings=cfg.include_embeddings, include=cfg.include, exclude=cfg.exclude)
+    except NoCommonTensorsError:
+        if not (cfg.include or cfg.exclude):
+            raise
+        unfiltered = plan_pairs(*headers, include_embeddings=cfg.include_embeddings)  # raises if the models differ
+        filters = ", ".join(
+            f"{label} {pattern!r}" for label, pattern in (("include", cfg.include), ("exclude", cfg.exclude)) if pattern
+        )
+        example = unfiltered.matrices[0].name
+        raise EmptySelectionError(
+            f"The filter ({filters}) matched none of the {len(unfiltered.matrices)} weight matrices the models share "
+            f"(for example {example}). Patterns are regular expressions searched in tensor names; loosen them."
+        ) from None
 
 
 def _all_tensors(base: Source, finetune: Source) -> tuple[dict[str, TensorInfo], dict[str, TensorInfo]]:

@@ -144,7 +144,7 @@ class Catalog:
                 report = Report.from_json(path.read_text(encoding="utf-8"))
                 sidecar = spectra_path(path)
                 self._examples[path.name] = report.with_spectra(load_spectra(sidecar)) if sidecar.is_file() else report
-            except (LorafidError, OSError, KeyError, TypeError):
+            except (LorafidError, OSError):
                 continue  # not a report (another tool's JSON): not an example
 
     def entries(self, limit: int = 50) -> list[GalleryEntry]:

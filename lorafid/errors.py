@@ -40,6 +40,10 @@ class NoCommonTensorsError(LorafidError):
     """The two models share no comparable weight matrix: probably not base and fine-tune."""
 
 
+class EmptySelectionError(LorafidError):
+    """The include/exclude patterns leave no weight matrix to audit (the models do share some)."""
+
+
 class FetchError(LorafidError):
     """Bytes could not be read correctly after retries (network fault, wrong range, short body)."""
 
@@ -74,6 +78,8 @@ class CatalogueError(LorafidError):
 
 class MissingExtraError(LorafidError):
     """An optional dependency is not installed; the message names the ``pip install lorafid[...]`` extra."""
+
+
 class AmbiguousPairingError(LorafidError):
     """The two models' tensor names match under more than one wrapper prefix: no pairing is guessed."""
 

@@ -303,11 +303,27 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
-        if data.get("schema") != SCHEMA:
+        """Decode ``to_dict``'s layout. Raises LorafidError (only) for anything else.
+
+        The one place where a damaged or foreign document becomes a message: a missing or
+        mistyped field is reported by name, never as a KeyError/TypeError traceback.
+        """
+        schema = data.get("schema") if isinstance(data, dict) else None
+        if schema != SCHEMA:
             raise LorafidError(
-                f"Not a lorafid report (schema {data.get('schema')!r}, expected {SCHEMA!r}); "
+                f"Not a lorafid report (schema {schema!r}, expected {SCHEMA!r}); "
                 "was it written by another tool or a newer lorafid?"
             )
+        try:
+            return cls._decode(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+            raise LorafidError(
+                f"The report is incomplete or damaged ({what}). Write it again with lorafid audit --out."
+            ) from e
+
+    @classmethod
+    def _decode(cls, data: dict[str, Any]) -> Report:
         return cls(
             base=_source_from_dict(data["base"]),
             finetune=_source_from_dict(data["finetune"]),

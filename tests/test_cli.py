@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import save
 
+from lorafid import audit as audit_module
+from lorafid import cli
+from lorafid.audit import Audit, AuditConfig
 from lorafid.cli import main
+from lorafid.errors import LorafidError
 from lorafid.report import Report
 from tests.hub_server import HubServer
 from tests.models import model_pair, shard_files, write_dir
@@ -158,3 +164,94 @@ def test_corrupt_local_file_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes((10**9).to_bytes(8, "little") + b"{}")
     assert_one_line_error(run_cli("audit", str(good), str(bad)), "bad.safetensors")
+
+
+def test_bad_include_pattern_is_one_usage_line_before_any_work(pair_dirs: tuple, isolated_home: Path) -> None:
+    base_dir, finetune_dir, _, _ = pair_dirs
+    result = run_cli("audit", str(base_dir), str(finetune_dir), "--include", "q_proj[")
+    assert result.returncode == 2
+    assert "not a valid regular expression" in result.stderr and "Traceback" not in result.stderr
+    assert not (isolated_home / "store.sqlite3").exists()
+    # The library says the same to callers that are not the CLI (the app, batch).
+    with pytest.raises(LorafidError, match="not a valid regular expression"):
+        Audit(str(base_dir), str(finetune_dir), AuditConfig(exclude="(")).plan()
+
+
+def test_include_that_matches_nothing_names_the_filter_not_the_models(pair_dirs: tuple) -> None:
+    base_dir, finetune_dir, _, _ = pair_dirs
+    result = run_cli("audit", str(base_dir), str(finetune_dir), "--include", "no_such_module")
+    assert_one_line_error(result, "'no_such_module'", "matched none of the")
+    assert "share no comparable" not in result.stderr
+
+
+def test_out_into_a_missing_folder_fails_before_the_audit(
+    pair_dirs: tuple, tmp_path: Path, isolated_home: Path
+) -> None:
+    base_dir, finetune_dir, _, _ = pair_dirs
+    out = tmp_path / "missing" / "report.json"
+    assert_one_line_error(run_cli("audit", str(base_dir), str(finetune_dir), "--out", str(out)), "does not exist")
+    assert not (isolated_home / "store.sqlite3").exists()  # nothing was opened, read or computed
+
+
+def test_rerank_at_a_large_rank_keeps_columns_apart_and_files_share_a_mode(
+    pair_dirs: tuple, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base_dir, finetune_dir, _, _ = pair_dirs
+    out = tmp_path / "r.json"
+    assert main(["audit", str(base_dir), str(finetune_dir), "--rank", "4", "--out", str(out), "--quiet"]) == 0
+    assert (tmp_path / "r.spectra.safetensors").stat().st_mode == out.stat().st_mode
+    assert main(["rerank", str(out), "--rank", "100000"]) == 0
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("module"))
+    assert header.split() == ["module", "matrices", "kept@100000", "cos.dist", "rank", "for", "90%"]
+    assert "not audited: 1 embedding" in printed
+    assert cli._count(2, "embedding") == "2 embeddings" and cli._count(1, "shape_mismatch") == "1 shape mismatch"
+
+
+def test_rerank_of_an_incomplete_report_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    path.write_text('{"schema": "lorafid.report/1"}')
+    assert_one_line_error(run_cli("rerank", str(path), "--rank", "8"), "incomplete or damaged", "'base'")
+    path.write_text("[1, 2]")
+    assert_one_line_error(run_cli("rerank", str(path), "--rank", "8"), "Not a lorafid report")
+
+
+def test_python_m_lorafid_from_the_folder_that_holds_a_clone(tmp_path: Path) -> None:
+    """A clone named lorafid beside the cwd looks like a namespace package; the command still runs."""
+    (tmp_path / "lorafid").symlink_to(Path(__file__).resolve().parents[1], target_is_directory=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "lorafid", "--version"], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("lorafid ")
+
+
+def test_plan_closes_the_base_when_the_finetune_fails_to_open(
+    pair_dirs: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base_dir, _, _, _ = pair_dirs
+    opened: list[Any] = []
+    real_open = audit_module.open_source
+
+    def recording_open(*args: Any, **kwargs: Any) -> Any:
+        source = real_open(*args, **kwargs)
+        closed = source.close
+        source.closed = False
+
+        def close() -> None:
+            source.closed = True
+            closed()
+
+        source.close = close
+        opened.append(source)
+        return source
+
+    monkeypatch.setattr(audit_module, "open_source", recording_open)
+    job = Audit(str(base_dir), str(tmp_path / "no_such_dir"), AuditConfig())
+    with pytest.raises(LorafidError, match="no such file or directory"):
+        job.plan()
+    assert len(opened) == 1 and opened[0].closed
+    # The store the audit opened for itself is closed with it.
+    job.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        job.store.list_audits()
