@@ -226,6 +226,14 @@ class LayerStream:
         self, token_ids: Sequence[Sequence[int]], variants: Sequence[Variant]
     ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """See ``stream_logprobs``."""
+        for event in self.events(token_ids, variants):
+            if not isinstance(event, ForwardProgress):
+                yield event
+
+    def events(
+        self, token_ids: Sequence[Sequence[int]], variants: Sequence[Variant]
+    ) -> Iterator[ForwardProgress | tuple[int, dict[str, torch.Tensor]]]:
+        """As ``logprobs``, with a ``ForwardProgress`` after each stage (for live progress)."""
         plan = self.plan()
         texts = _check_inputs(token_ids, variants, plan.config.vocab_size)
         started = time.perf_counter()
@@ -250,7 +258,7 @@ class LayerStream:
         self._compute(embed_all)
         tied_embedding = raw if _head_is_embedding(plan) else None
         del raw
-        self._report(1, stages, started)
+        yield self._report(1, stages, started)
 
         rotary = _rotary(skeleton, plan.config, device, dtype)
         positions = [torch.arange(len(t), device=device).unsqueeze(0) for t in texts]
@@ -289,7 +297,7 @@ class LayerStream:
             self._compute(run_block)
             del raw
             self._held.clear()
-            self._report(layer + 2, stages, started)
+            yield self._report(layer + 2, stages, started)
 
         # Stage N+2: final norm and head, text by text, all variants at once.
         head = "model.embed_tokens.weight" if _head_is_embedding(plan) else "lm_head.weight"
@@ -308,7 +316,7 @@ class LayerStream:
         self._compute(prepare_head)
         del raw
         final_norm = skeleton.model.norm
-        self._report(stages, stages, started)
+        yield self._report(stages, stages, started)
         for i in range(len(texts)):
             out: dict[str, torch.Tensor] = {}
 
@@ -324,6 +332,31 @@ class LayerStream:
             self.stats.elapsed_s = time.perf_counter() - started
             yield i, out
 
+    def state_dicts(self, variants: Sequence[Variant]) -> Iterator[tuple[Variant, dict[str, torch.Tensor]]]:
+        """Each variant's whole state dict (model parameter names, compute dtype, on the device).
+
+        For generation when the model fits: all variants are built in one pass over the blocks
+        (each model read once), so memory is (variants + 2) whole models. The caller checks
+        that it fits (``ModelPlan.size_bytes``) before asking.
+        """
+        plan = self.plan()
+        states: dict[str, dict[str, torch.Tensor]] = {v.name: {} for v in variants}
+        outside = {n for n in plan.finetune_tensors if not n.startswith("model.layers.")}
+        with torch.no_grad(), sp.exact_matmul():
+            raw = self._read(outside, variants)
+            for variant in variants:
+                for name in outside:
+                    states[variant.name][name] = self._extra_weight(variant, name, raw)
+            del raw
+            for layer in range(plan.config.num_hidden_layers):
+                prefix = f"model.layers.{layer}."
+                raw = self._read({n for n in plan.finetune_tensors if n.startswith(prefix)}, variants)
+                for variant, weights in self._block_weights(variants, raw, prefix):
+                    states[variant.name].update({prefix + n: t for n, t in weights.items()})
+                del raw
+        for variant in variants:
+            yield variant, states.pop(variant.name)
+
     # -- internals ---------------------------------------------------------------------
 
     def _compute(self, fn: Callable[[], None]) -> None:
@@ -335,10 +368,12 @@ class LayerStream:
                 self.config.compute(fn)
         self.stats.compute_s += time.perf_counter() - started
 
-    def _report(self, stage: int, stages: int, started: float) -> None:
+    def _report(self, stage: int, stages: int, started: float) -> ForwardProgress:
         self.stats.elapsed_s = time.perf_counter() - started
+        progress = ForwardProgress(stage, stages, self.stats.bytes_read, self.stats.elapsed_s)
         if self.config.progress is not None:
-            self.config.progress(ForwardProgress(stage, stages, self.stats.bytes_read, self.stats.elapsed_s))
+            self.config.progress(progress)
+        return progress
 
     def _hold(self, purpose: str, tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> None:
         """Record that these tensors are materialised now (for ``stats.peak_weight_bytes``)."""
@@ -434,6 +469,23 @@ def stream_logprobs(
     """
     with LayerStream(base, finetune, config) as stream:
         yield from stream.logprobs(token_ids, variants)
+
+
+def build_model(config: Any, state: dict[str, torch.Tensor], device: torch.device) -> Any:
+    """A whole causal LM holding ``state`` (from ``LayerStream.state_dicts``), for generation.
+
+    Built on the meta device and given the tensors themselves (no random init, no copy); the
+    rotary embedding, whose buffers are not weights, is rebuilt on the device.
+    """
+    model = _skeleton(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    if "lm_head.weight" not in state:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
+    left = [n for n, t in model.named_parameters() if t.is_meta]
+    if left:
+        raise LorafidError(f"Internal error: no weight for {left[0]} when building the whole model.")
+    return model.eval()
 
 
 def read_config_json(source: Source) -> dict[str, Any] | None:
