@@ -29,7 +29,7 @@ import ipaddress
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -171,6 +171,36 @@ class GuardedTransport(httpx2.HTTPTransport):
             keepalive_expiry=5.0,
             network_backend=_GuardedBackend(policy),
         )
+
+
+@dataclass(frozen=True)
+class ProbeServerSettings:
+    """How a dashboard deployment lets visitors probe endpoints (read from the environment).
+
+    ``LORAFID_PROBE_ANY_ENDPOINT=1``: a private deployment; the public rules are off (any
+    scheme, any address, the environment's proxies). ``LORAFID_PROBE_REQUESTS_PER_HOUR``:
+    requests one visitor may make the server send in an hour (default 300: ten default probes).
+    """
+
+    any_endpoint: bool = False
+    requests_per_hour: int = 300
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ProbeServerSettings:
+        raw = env.get("LORAFID_PROBE_REQUESTS_PER_HOUR", "").strip()
+        try:
+            per_hour = int(raw) if raw else cls.requests_per_hour
+        except ValueError:
+            per_hour = 0
+        if per_hour < 1:
+            raise LimitExceededError(
+                f"LORAFID_PROBE_REQUESTS_PER_HOUR={raw!r} is not a positive whole number; set it to e.g. 300."
+            )
+        any_endpoint = env.get("LORAFID_PROBE_ANY_ENDPOINT", "").strip().lower() in ("1", "true", "yes", "on")
+        return cls(any_endpoint=any_endpoint, requests_per_hour=per_hour)
+
+    def policy(self) -> NetPolicy:
+        return NetPolicy.open() if self.any_endpoint else NetPolicy.public()
 
 
 class VisitorBudget:

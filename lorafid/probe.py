@@ -119,10 +119,16 @@ class ProbePlan:
         )
 
 
-def plan_probe(token_counts: Sequence[int], *, max_new_tokens: int, max_retries: int) -> ProbePlan:
-    """The plan for prompts of these token counts; ``max_retries`` is the total retry allowance."""
+def plan_probe(
+    token_counts: Sequence[int], *, max_new_tokens: int, max_retries: int, channels: int = len(CHANNELS)
+) -> ProbePlan:
+    """The plan for prompts of these token counts; ``max_retries`` is the total retry allowance.
+
+    Example: token counts (5, 7, 9), 3 channels, 4 retries -> 3 requests, 5 if the first two
+    channels are refused on the first prompt, never more than 9.
+    """
     n = len(token_counts)
-    requests = n + len(CHANNELS) - 1
+    requests = n + channels - 1
     return ProbePlan(n, int(sum(token_counts)), max_new_tokens, requests, requests + max_retries)
 
 
@@ -199,6 +205,18 @@ class TokenMap:
         return token in self.forms[expected] or "\ufffd" in token
 
 
+def alternative_ids(position: Position, tokens: TokenMap) -> tuple[int | None, ...]:
+    """The ids of a position's alternatives; None for a text with no id, or an id listed twice."""
+    seen: set[int] = set()
+    out: list[int | None] = []
+    for alternative in position.top:
+        token_id = tokens.id_of(alternative.token, alternative.token_id)
+        out.append(token_id if token_id is not None and token_id not in seen else None)
+        if token_id is not None:
+            seen.add(token_id)
+    return tuple(out)
+
+
 def align_prompt(index: int, answer: ProviderAnswer, ids: Sequence[int], tokens: TokenMap) -> Observation:
     """The provider's scored prompt, checked token by token against ``ids``.
 
@@ -229,7 +247,7 @@ def align_prompt(index: int, answer: ProviderAnswer, ids: Sequence[int], tokens:
         tuple(ids),
         scored,
         tuple(positions[t] for t in scored),
-        tuple(tuple(tokens.id_of(a.token, a.token_id) for a in positions[t].top) for t in scored),
+        tuple(alternative_ids(positions[t], tokens) for t in scored),
     )
 
 
@@ -247,9 +265,7 @@ def align_chat(index: int, answer: ProviderAnswer, context: Sequence[int], token
     ids = (*context, *continuation)
     scored = tuple(len(context) + j for j, p in enumerate(answer.positions) if p.top)
     kept = tuple(p for p in answer.positions if p.top)
-    return Observation(
-        index, ids, scored, kept, tuple(tuple(tokens.id_of(a.token, a.token_id) for a in p.top) for p in kept)
-    )
+    return Observation(index, ids, scored, kept, tuple(alternative_ids(p, tokens) for p in kept))
 
 
 def collect(
@@ -352,17 +368,15 @@ def gather(observation: Observation, logprobs: torch.Tensor) -> Gathered:
 
     Row t of ``logprobs`` predicts token t + 1, so scored token t reads row t − 1.
     """
-    rows = torch.tensor([t - 1 for t in observation.scored], dtype=torch.long)
+    rows = logprobs.index_select(0, torch.tensor([t - 1 for t in observation.scored], dtype=torch.long))
     width = max((len(a) for a in observation.alternative_ids), default=0)
-    alt = np.full((len(rows), width), np.nan)
-    chosen = np.empty(len(rows))
-    picked = logprobs.index_select(0, rows).to(torch.float64) if len(rows) else logprobs[:0].double()
-    for t, ids in enumerate(observation.alternative_ids):
-        for j, token_id in enumerate(ids):
-            if token_id is not None:
-                alt[t, j] = float(picked[t, token_id])
-        chosen[t] = float(picked[t, observation.ids[observation.scored[t]]])
-    return Gathered(alt, chosen, picked.argmax(dim=1).numpy() if len(rows) else np.zeros(0, dtype=np.int64))
+    listed = [[i for i in ids] + [None] * (width - len(ids)) for ids in observation.alternative_ids]
+    index = torch.tensor([[i if i is not None else 0 for i in row] for row in listed], dtype=torch.long)
+    alt = rows.gather(1, index.reshape(len(listed), width)).double().numpy()
+    alt[np.array([[i is None for i in row] for row in listed], dtype=bool).reshape(alt.shape)] = np.nan
+    own = torch.tensor([observation.ids[t] for t in observation.scored], dtype=torch.long)
+    chosen = rows.gather(1, own[:, None])[:, 0].double().numpy()
+    return Gathered(alt, chosen, rows.argmax(dim=1).numpy())
 
 
 def candidate_variants(ranks: Sequence[int]) -> list[Any]:
@@ -719,48 +733,27 @@ def raise_unless_usable(collection: Collection) -> None:
 # -- prompts -----------------------------------------------------------------------------------
 
 MAX_PROMPTS = 200  # a probe is a few dozen requests; more is a benchmark, not a check
-MAX_PROMPT_FILE_BYTES = 4 * 2**20
 
 
 def probe_prompts(path: Path | None) -> tuple[list[str], dict[str, Any]]:
     """The texts to send and the record of which set they are (name, version).
 
-    ``path``: one text per line, or JSON Lines with a ``text`` field (blank lines skipped);
-    its version is the first 12 hex digits of the file's SHA-256, so a report names exactly
-    which texts were sent. ``None``: the built-in, versioned set of the behaviour check.
+    ``None``: the behaviour check's built-in set, versioned by ``behaviour.PROMPT_SET``. A
+    file (``behaviour.read_prompts``: one text per line, or JSON Lines with ``text``) is
+    versioned by the first 12 hex digits of its SHA-256, so a report names exactly what was sent.
     """
-    if path is None:
-        from lorafid.behaviour import builtin_prompts
+    from lorafid.behaviour import PROMPT_SET, builtin_prompts, read_prompts
 
-        texts, version = builtin_prompts()
-        return list(texts), {"name": "builtin", "version": version}
+    if path is None:
+        return [p.text for p in builtin_prompts()], {"name": "builtin", "version": PROMPT_SET}
+    prompts = read_prompts(path)
+    if len(prompts) > MAX_PROMPTS:
+        raise LimitExceededError(f"{path} holds {len(prompts)} texts; a probe sends at most {MAX_PROMPTS}.")
     try:
-        raw = path.read_bytes()
+        version = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     except OSError as e:
         raise LorafidError(f"Cannot read the prompt file {path}: {e.strerror}.") from e
-    if len(raw) > MAX_PROMPT_FILE_BYTES:
-        raise LimitExceededError(
-            f"{path} is over {MAX_PROMPT_FILE_BYTES // 2**20} MB; a probe needs a few dozen texts."
-        )
-    texts = []
-    for number, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                text = json.loads(line)["text"]
-            except (ValueError, KeyError, TypeError):
-                raise LorafidError(
-                    f'{path}, line {number}: a JSON line needs a text field, e.g. {{"text": "..."}}.'
-                ) from None
-            texts.append(str(text))
-        else:
-            texts.append(line)
-    if not texts:
-        raise LorafidError(f"{path} holds no text; write one prompt per line.")
-    if len(texts) > MAX_PROMPTS:
-        raise LimitExceededError(f"{path} holds {len(texts)} texts; a probe sends at most {MAX_PROMPTS}.")
-    return texts, {"name": path.name, "version": hashlib.sha256(raw).hexdigest()[:12]}
+    return [p.text for p in prompts], {"name": path.name, "version": version}
 
 
 # -- the whole probe ---------------------------------------------------------------------------
@@ -786,6 +779,9 @@ class ProbeConfig:
     hub_endpoint: str | None = None
     allow_local: bool = True
     device: str = "auto"
+    max_model_bytes: int | None = None  # refuse pairs whose weights (both models) exceed this
+    # Wraps each block's compute of the local forward (a ZeroGPU Space's @spaces.GPU function).
+    compute: Callable[[Callable[[], None]], None] | None = field(default=None, compare=False, repr=False)
     transport: Any = field(default=None, compare=False, repr=False)  # replaces HTTP (tests)
 
 
@@ -835,7 +831,10 @@ class Probe:
             )
             counts = [len(self._encode(t)) for t in self.texts]
             self._plan = plan_probe(
-                counts, max_new_tokens=self.config.max_new_tokens, max_retries=self.config.max_retries
+                counts,
+                max_new_tokens=self.config.max_new_tokens,
+                max_retries=self.config.max_retries,
+                channels=len(self.config.channels),
             )
         return self._plan
 
@@ -897,7 +896,7 @@ class Probe:
                 raise
         scored = [o for o in observations if any(s.prompt_index == o.prompt_index for s in scores)]
         candidates, verdict = summarise(scores, local_distances(scored, gathered), c.ranks)
-        complete = error is None and not collection.failed and len(scores) == len(self.texts)
+        complete = collection.complete and error is None and len(scores) == len(self.texts)
         return ProbeReport(
             status="complete" if complete else "partial",
             endpoint_host=urlsplit(c.endpoint).hostname or "",
@@ -970,18 +969,6 @@ class Probe:
             base_revision=self._sources[0].resolved_sha,
             finetune_revision=self._sources[1].resolved_sha,
             allow_local=self.config.allow_local,
+            max_model_bytes=self.config.max_model_bytes,
+            compute=self.config.compute,
         )
-
-
-__all__ = [
-    "SCHEMA",
-    "LorafidError",
-    "ProbePlan",
-    "ProbeReport",
-    "candidate_names",
-    "coarse_kl",
-    "collect",
-    "plan_probe",
-    "round_to_8_bits",
-    "summarise",
-]

@@ -10,6 +10,11 @@ tensors are read. The rank is not part of it: every rank comes from the same spe
 
 Spectra are stored as raw little-endian float64 bytes and read back with
 ``np.frombuffer``: nothing in the store is ever unpickled. Tokens are never stored.
+
+Visibility: for each audit the app records whether each side was readable anonymously
+(public) when it was audited (``set_visibility``). Only audits public on both sides are
+listed for everyone (``list_audits(shared_only=True)``); an audit without that record (a
+CLI run, an older store) counts as private.
 """
 
 from __future__ import annotations
@@ -51,6 +56,19 @@ CREATE TABLE IF NOT EXISTS vectors (
     result_json TEXT NOT NULL,
     PRIMARY KEY (audit_key, name)
 );
+CREATE TABLE IF NOT EXISTS documents (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    created REAL NOT NULL,
+    body_json TEXT NOT NULL,
+    PRIMARY KEY (kind, key)
+);
+CREATE TABLE IF NOT EXISTS visibility (
+    audit_key TEXT PRIMARY KEY,
+    base_public INTEGER NOT NULL,
+    finetune_public INTEGER NOT NULL,
+    checked REAL NOT NULL
+);
 """
 
 
@@ -83,6 +101,8 @@ class StoredAudit:
     status: str
     updated: float
     sentence: str
+    base_sha: str | None = None  # resolved commits, to tell apart audits of the same names
+    finetune_sha: str | None = None
 
 
 class Store:
@@ -150,6 +170,22 @@ class Store:
                 (key, report.base.spec, report.finetune.spec, report.status, time.time(), json.dumps(frame)),
             )
 
+    def put_document(self, kind: str, document: dict[str, Any]) -> str:
+        """Keep a finished JSON result of another check (e.g. kind "probe"); its key is the first
+        16 hex digits of the SHA-256 of its canonical JSON, so the same result keeps one key.
+        The caller stores nothing secret in it (no token, no API key)."""
+        body = json.dumps(document, sort_keys=True, separators=(",", ":"))
+        key = hashlib.sha256(body.encode()).hexdigest()[:16]
+        with self._lock, self._db:
+            self._db.execute("INSERT OR REPLACE INTO documents VALUES (?, ?, ?, ?)", (kind, key, time.time(), body))
+        return key
+
+    def load_document(self, kind: str, key: str) -> dict[str, Any] | None:
+        """A document kept by ``put_document``, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT body_json FROM documents WHERE kind = ? AND key = ?", (kind, key)).fetchone()
+        return dict(json.loads(row[0])) if row else None
+
     def load_report(self, key: str) -> Report | None:
         """The stored audit with full spectra, matrices in the order they were planned."""
         with self._lock:
@@ -203,23 +239,69 @@ class Store:
                 return str(key)
         return None
 
-    def list_audits(self, limit: int = 50) -> list[StoredAudit]:
-        """The gallery: latest first."""
+    def list_audits(self, limit: int = 50, *, shared_only: bool = False) -> list[StoredAudit]:
+        """The gallery: latest first; only audits with at least one result (a crash at 0 is no entry).
+
+        ``shared_only``: only audits whose two sides were both public when audited.
+        """
+        shared = (
+            "AND EXISTS (SELECT 1 FROM visibility v WHERE v.audit_key = a.key AND v.base_public AND v.finetune_public)"
+        )
         with self._lock:
             rows = self._db.execute(
-                "SELECT key, base_spec, finetune_spec, status, updated, report_json FROM audits "
-                "ORDER BY updated DESC LIMIT ?",
+                "SELECT key, base_spec, finetune_spec, status, updated, report_json FROM audits a "
+                "WHERE EXISTS (SELECT 1 FROM matrices m WHERE m.audit_key = a.key) "
+                + (shared if shared_only else "")
+                + " ORDER BY updated DESC LIMIT ?",
                 (limit,),
             ).fetchall()
-        return [
-            StoredAudit(key, base, finetune, status, updated, json.loads(frame).get("summary", {}).get("sentence", ""))
-            for key, base, finetune, status, updated, frame in rows
-        ]
+        out = []
+        for key, base, finetune, status, updated, text in rows:
+            frame = json.loads(text)
+            sentence = frame.get("summary", {}).get("sentence", "")
+            shas = (frame["base"].get("resolved_sha"), frame["finetune"].get("resolved_sha"))
+            out.append(StoredAudit(key, base, finetune, status, updated, sentence, *shas))
+        return out
+
+    def find_pinned(self, base_repo: str, finetune_repo: str, base_sha: str, finetune_sha: str) -> str | None:
+        """Key of the latest audit of these two Hub repos at exactly these commits (complete first)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key FROM audits WHERE json_extract(report_json, '$.base.repo_id') = ? "
+                "AND json_extract(report_json, '$.finetune.repo_id') = ? "
+                "AND json_extract(report_json, '$.base.resolved_sha') = ? "
+                "AND json_extract(report_json, '$.finetune.resolved_sha') = ? "
+                "ORDER BY status = 'complete' DESC, updated DESC LIMIT 1",
+                (base_repo, finetune_repo, base_sha, finetune_sha),
+            ).fetchall()
+        return str(rows[0][0]) if rows else None
+
+    def set_visibility(self, key: str, base_public: bool, finetune_public: bool) -> None:
+        """Record whether each side was readable without a token when audited."""
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO visibility VALUES (?, ?, ?, ?)",
+                (key, int(base_public), int(finetune_public), time.time()),
+            )
+
+    def visibility(self, key: str) -> tuple[bool, bool]:
+        """(base public, fine-tune public) as recorded; (False, False) when never recorded."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT base_public, finetune_public FROM visibility WHERE audit_key = ?", (key,)
+            ).fetchone()
+        return (bool(row[0]), bool(row[1])) if row else (False, False)
 
     def forget(self, key: str) -> None:
         """Drop an audit and its results (``--fresh``)."""
         with self._lock, self._db:
-            for table, column in (("audits", "key"), ("matrices", "audit_key"), ("vectors", "audit_key")):
+            tables = (
+                ("audits", "key"),
+                ("matrices", "audit_key"),
+                ("vectors", "audit_key"),
+                ("visibility", "audit_key"),
+            )
+            for table, column in tables:
                 self._db.execute(f"DELETE FROM {table} WHERE {column} = ?", (key,))
 
 

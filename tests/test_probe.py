@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -153,6 +154,29 @@ def test_verdict_is_no_stronger_than_the_evidence() -> None:
     # too few prompts for any verdict
     _, verdict = summarise(_scores({n: v[:3] for n, v in exact.items()}), _local(order, 0.05, 30), [16, 64])
     assert verdict.sentence.startswith("Too few prompts")
+
+
+def test_prompt_sets_are_named_and_versioned(tmp_path: Path) -> None:
+    from lorafid.probe import probe_prompts
+
+    texts, info = probe_prompts(None)
+    assert len(texts) >= 24 and info == {"name": "builtin", "version": "builtin-v1"}
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"text": "first text"}\n{"text": "second"}\n')
+    texts, info = probe_prompts(path)
+    assert texts == ["first text", "second"] and info["name"] == "mine.jsonl" and len(info["version"]) == 12
+    path.write_text('{"text": "first text"}\n{"text": "changed"}\n')
+    assert probe_prompts(path)[1]["version"] != info["version"]
+
+
+def test_stored_probe_documents_round_trip(tmp_path: Path) -> None:
+    from lorafid.store import Store
+
+    store = Store(tmp_path)
+    document = {"schema": "lorafid.probe/1", "verdict": {"closest": "rank-64"}}
+    key = store.put_document("probe", document)
+    assert store.load_document("probe", key) == document and store.put_document("probe", document) == key
+    assert store.load_document("behaviour", key) is None and store.load_document("probe", "0" * 16) is None
 
 
 def test_plan_counts_the_fallback_tries_and_retries() -> None:
@@ -576,3 +600,40 @@ def test_cli_probe(
     document = json.loads(out.read_text())
     assert document["prompt_set"]["name"] == "prompts.txt" and len(document["prompt_set"]["version"]) == 12
     assert "sk-cli-secret" not in out.read_text() + captured.out + captured.err
+
+
+@pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # gradio's own pandas use
+def test_dashboard_tab_refuses_private_endpoints_on_public_servers_and_runs_on_private_ones(
+    hub: Any, pair: tuple[str, str], serve: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gradio_client import Client
+
+    import lorafid.probe
+    from lorafid.dashboard import AppConfig
+    from lorafid.store import Store
+    from tests.test_app import serve as serve_app
+
+    server = serve("rank-8")
+    texts = _texts(server)
+    monkeypatch.setattr(lorafid.probe, "probe_prompts", lambda path: (texts, {"name": "test", "version": "1"}))
+    monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "home"))
+    config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "home", examples_dir=tmp_path, device="cpu")
+    arguments = ["tiny-served", "sk-app-secret", *pair, "4,8,16,32"]
+    with serve_app(config) as url:  # a public deployment: the default
+        for endpoint, reason in ((server.url, "only calls https"), ("https://127.0.0.1:1/v1", "not a public address")):
+            with pytest.raises(Exception, match=reason):
+                Client(url, verbose=False).predict(endpoint, *arguments, api_name="/run_probe")
+    assert server.requests == []  # nothing was sent
+    monkeypatch.setenv("LORAFID_PROBE_ANY_ENDPOINT", "1")  # a private deployment
+    with serve_app(config) as url:
+        status, verdict, _, table, _, download, link = Client(url, verbose=False).predict(
+            server.url, *arguments, api_name="/run_probe"
+        )
+    assert "Closest to a rank\\-8 extraction" in verdict and "?probe=" in link and "requests sent" in status
+    assert table["data"][0][0] == "rank-8"
+    assert json.loads(Path(download).read_text())["schema"] == "lorafid.probe/1"
+    assert all(r.authorization == "Bearer sk-app-secret" for r in server.requests)
+    key = link.split("?probe=")[1].rstrip(")")
+    stored = Store(tmp_path / "home").load_document("probe", key)
+    assert stored is not None and stored["verdict"]["closest"] == "rank-8"
+    assert "sk-app-secret" not in json.dumps(stored) and "/v1" not in json.dumps(stored)
