@@ -648,13 +648,13 @@ class Dashboard:
                 }
                 meter, figures, text = ProgressMeter(), Throttle(FIGURE_INTERVAL_S), Throttle(TEXT_INTERVAL_S)
                 line = ""
-                steps = job.run()
+                steps = job.run()  # a generator: closing it keeps what it computed
                 for step in steps:
                     line = meter.line(step)
                     shown = f"{meter.bar(step)}\n\n{line}"
                     if deadline is not None and time.monotonic() > deadline:
                         timed_out = True
-                        steps.close()  # keeps every matrix computed so far in the store
+                        steps.close()  # type: ignore[attr-defined]  # keeps every matrix computed so far
                         break
                     if figures.ready():
                         started = time.perf_counter()

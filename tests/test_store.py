@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +52,32 @@ def test_forget_drops_everything(tmp_path: Path) -> None:
     store.save_report("k", report)
     store.forget("k")
     assert store.load_report("k") is None and store.matrices("k") == {}
+
+
+def test_gallery_lists_only_audits_with_results_and_shared_ones_when_asked(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    with_result = report_for("org/base", None, None)
+    store.put_matrix("done", with_result.matrices[0])
+    store.save_report("done", with_result)
+    crashed = dataclasses.replace(with_result, matrices=(), pending=("m.layers.0.x.weight",), status="partial")
+    store.save_report("crashed", crashed)  # planned, then failed before its first matrix
+    assert [a.key for a in store.list_audits()] == ["done"]
+    assert store.list_audits(shared_only=True) == []  # never checked: private
+    store.set_visibility("done", True, False)
+    assert store.list_audits(shared_only=True) == []  # a gated or private side: not shared
+    store.set_visibility("done", True, True)
+    assert [a.key for a in store.list_audits(shared_only=True)] == ["done"]
+    assert store.visibility("done") == (True, True) and store.visibility("crashed") == (False, False)
+    listed = store.list_audits()[0]
+    assert (listed.base_sha, listed.finetune_sha) == ("a" * 40, "b" * 40)
+    store.forget("done")
+    assert store.visibility("done") == (False, False)
+
+
+def test_find_pinned_matches_repos_and_commits(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.save_report("main", report_for("org/base", None, None))
+    store.save_report("at", report_for("org/base@r1", "r1", None))  # same repos and commits, typed otherwise
+    assert store.find_pinned("org/base", "org/ft", "a" * 40, "b" * 40) == "at"  # the latest of the two
+    assert store.find_pinned("org/base", "org/ft", "a" * 40, "c" * 40) is None
+    assert store.find_pinned("org/other", "org/ft", "a" * 40, "b" * 40) is None
