@@ -12,9 +12,11 @@ with the rank-r factors (B, A) on it, in float32:
 - baseline: what ``mergekit-extract-lora`` runs per matrix: ``torch.linalg.svd(Δ.float(),
   full_matrices=False)`` and the factors ``U_r·sqrt(S_r)``, ``sqrt(S_r)·V_rᵀ``.
 
-Each is timed alone (synchronised on CUDA) after a warm-up matrix. Printed per shape: both
-times, their ratio, and how far apart the two rank-r truncations are (‖Δ_r − Δ'_r‖/‖Δ'_r‖,
-in float64) with the energy each keeps, so the speed is not bought with accuracy.
+Each is timed alone (synchronised on CUDA) after a warm-up matrix, in wall seconds and, on
+CPU, in CPU seconds of this process (all its threads): on a shared machine the wall clock
+counts other people's work, the CPU time does not. Printed per shape: both times, their
+ratio, and how far apart the two rank-r truncations are (‖Δ_r − Δ'_r‖/‖Δ'_r‖, in float64)
+with the energy each keeps, so the speed is not bought with accuracy.
 The matrices are ``bench.synth`` pairs: bf16 weights with a decaying-spectrum Δ.
 """
 
@@ -22,13 +24,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
+from collections.abc import Callable
 from functools import partial
+from typing import TypeVar
 
 import torch
 
 from bench.compare import timed
 from bench.synth import matrix_pair, parse_shape
 from lorafid import spectrum as sp
+
+T = TypeVar("T")
 
 
 def lorafid_factors(base: torch.Tensor, finetune: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +51,13 @@ def svd_factors(base: torch.Tensor, finetune: torch.Tensor, rank: int) -> tuple[
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         root = s[:rank].sqrt()
         return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+def cpu_timed(function: Callable[[], T], device: torch.device) -> tuple[T, float, float]:
+    """(result, wall seconds, CPU seconds of this process) of one call."""
+    started = time.process_time()
+    result, wall = timed(function, device)
+    return result, wall, time.process_time() - started
 
 
 def agreement(
@@ -74,24 +88,35 @@ def main() -> None:
     lorafid_factors(*warm, 8)
     svd_factors(*warm, 8)
     print(f"device {device} · {torch.get_num_threads()} CPU threads · compute only, per matrix")
-    header = ("shape", "rank", "lorafid s", "full SVD s", "speedup", "Δ_r apart", "kept (ours / SVD)")
-    print("{:>12} {:>5} {:>10} {:>11} {:>8} {:>10} {:>22}".format(*header))
-    total = [0.0, 0.0]
+    header = (
+        "shape",
+        "rank",
+        "lorafid s",
+        "full SVD s",
+        "speedup",
+        "CPU s (ours / SVD)",
+        "Δ_r apart",
+        "kept (ours / SVD)",
+    )
+    print("{:>12} {:>5} {:>10} {:>11} {:>8} {:>19} {:>10} {:>22}".format(*header))
+    total = [0.0, 0.0, 0.0, 0.0]
     for seed, text in enumerate(args.shapes.split(",")):
         shape = parse_shape(text)
         base, finetune = (t.to(device) for t in matrix_pair(shape, seed=seed))
         for rank in args.rank:
-            ours, ours_s = timed(partial(lorafid_factors, base, finetune, rank), device)
-            theirs, svd_s = timed(partial(svd_factors, base, finetune, rank), device)
-            total[0] += ours_s
-            total[1] += svd_s
+            ours, ours_s, ours_cpu = cpu_timed(partial(lorafid_factors, base, finetune, rank), device)
+            theirs, svd_s, svd_cpu = cpu_timed(partial(svd_factors, base, finetune, rank), device)
+            total = [a + b for a, b in zip(total, (ours_s, svd_s, ours_cpu, svd_cpu), strict=True)]
             distance, kept_ours, kept_svd = agreement(base, finetune, ours, theirs)
             print(
-                f"{text:>12} {rank:>5} {ours_s:>10.2f} {svd_s:>11.2f} {svd_s / ours_s:>7.1f}x {distance:>10.1e} "
-                f"{kept_ours:>10.7f} / {kept_svd:.7f}",
+                f"{text:>12} {rank:>5} {ours_s:>10.2f} {svd_s:>11.2f} {svd_s / ours_s:>7.1f}x "
+                f"{ours_cpu:>8.1f} / {svd_cpu:>8.1f} {distance:>10.1e} {kept_ours:>10.7f} / {kept_svd:.7f}",
                 flush=True,
             )
-    print(f"total: lorafid {total[0]:.2f} s, full SVD {total[1]:.2f} s, {total[1] / total[0]:.1f}x")
+    print(
+        f"total: lorafid {total[0]:.2f} s, full SVD {total[1]:.2f} s, {total[1] / total[0]:.1f}x; "
+        f"CPU {total[2]:.1f} s vs {total[3]:.1f} s, {total[3] / max(total[2], 1e-9):.1f}x"
+    )
 
 
 if __name__ == "__main__":

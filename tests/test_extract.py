@@ -295,3 +295,16 @@ def test_streamed_writer_reads_back_with_the_reference_reader(tmp_path: Path) ->
         lora_a = f.get_tensor("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight")
     assert torch.equal(norm, finetune["model.layers.0.input_layernorm.weight"])
     assert lora_a.dtype == torch.float16 and lora_a.shape == (2, 32)
+
+
+def test_bench_extract_agrees_with_the_full_svd(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The benchmark's two methods give the same truncation (no timing is checked)."""
+    from bench import extract as bench_extract
+
+    monkeypatch.setattr("sys.argv", ["extract", "--shapes", "96x160,160x96", "--rank", "8"])
+    bench_extract.main()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith(("96x", "160x"))]
+    assert [r[0] for r in rows] == ["96x160", "160x96"]
+    for row in rows:
+        assert float(row[8]) < 1e-4  # the two rank-8 truncations, relative distance
+        assert float(row[9]) == pytest.approx(float(row[11]), abs=1e-6)  # energy kept, ours / SVD's
