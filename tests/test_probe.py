@@ -24,6 +24,7 @@ from lorafid.errors import (
     TokenMismatchError,
     UnsafeEndpointError,
 )
+from lorafid.evidence import BASE, FINETUNE, FINETUNE_8BIT, PromptScore, candidate_names, coarse_kl, summarise
 from lorafid.http_ranges import RetryPolicy
 from lorafid.netguard import GuardedTransport, NetPolicy, VisitorBudget, is_public_address
 from lorafid.openai_api import (
@@ -36,17 +37,7 @@ from lorafid.openai_api import (
     parse_echo,
     parse_prompt_logprobs,
 )
-from lorafid.probe import (
-    BASE,
-    FINETUNE,
-    FINETUNE_8BIT,
-    PromptScore,
-    candidate_names,
-    coarse_kl,
-    plan_probe,
-    round_to_8_bits,
-    summarise,
-)
+from lorafid.probe import plan_probe, round_to_8_bits
 
 FAST_RETRY = RetryPolicy(max_tries=4, base_wait_s=0.001, max_wait_s=0.01)
 PUBLIC_IP = "93.184.216.34"  # only ever returned by injected resolvers: never connected to
