@@ -530,3 +530,36 @@ def _source_record(source: Source) -> dict[str, Any]:
         "resolved_sha": info.resolved_sha,
         "path": info.path,
     }
+
+
+def describe(report: dict[str, Any]) -> str:
+    """The terminal summary of a ``lorafid.behaviour/1`` document: one line per variant.
+
+    Example line: ``rank-64           0.0123   0.0456   97.5%   -0.0031   1024``.
+    """
+    settings = report["settings"]
+    lines = [
+        f"{report['finetune']['spec']} vs its variants, {settings['prompts']} prompts "
+        f"({settings['prompt_set']}{', chat template' if settings['chat_template'] else ''}), reference: the fine-tune",
+        f"{'variant':<18}{'KL mean':>10}{'KL p95':>10}{'KL max':>10}{'top-1':>9}{'Δ loglik':>10}{'tokens':>8}",
+    ]
+    for name, v in report["variants"].items():
+        lines.append(
+            f"{name:<18}{v['kl_mean']:>10.4f}{v['kl_p95']:>10.4f}{v['kl_max']:>10.4f}"
+            f"{v['top1_agreement']:>9.1%}{v['loglik_delta']:>10.4f}{v['tokens']:>8}"
+        )
+    if report["extras_share"]:
+        shares = ", ".join(f"rank {r}: {s:.0%}" for r, s in report["extras_share"].items())
+        lines.append(f"share of the KL due to embeddings/lm_head/norms/biases left at the base: {shares}")
+    rows = report.get("continuations") or []
+    if rows:
+        diverged = {name: [r["variants"][name]["first_divergence"] for r in rows] for name in rows[0]["variants"]}
+        lines.append(
+            "greedy continuations identical to the fine-tune's: "
+            + ", ".join(f"{n} {sum(d is None for d in ds)}/{len(ds)}" for n, ds in diverged.items())
+        )
+    elif report.get("continuations_note"):
+        lines.append(f"continuations {report['continuations_note']}")
+    if report["status"] != "complete":
+        lines.append(f"partial: {len(report['prompts'])} of {settings['prompts']} prompts scored")
+    return "\n".join(lines)

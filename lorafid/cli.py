@@ -1,4 +1,4 @@
-"""``lorafid audit BASE FINETUNE --rank R`` and ``lorafid rerank REPORT --rank R``.
+"""``lorafid audit BASE FINETUNE --rank R``, ``lorafid rerank REPORT --rank R``, ``lorafid behave BASE FINETUNE``.
 
 Exit codes: 0 success; 1 a lorafid error (one line on stderr saying what to do, no
 traceback); 2 bad usage; 130 interrupted (what was computed is kept in the store, and in
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(commands)
     _add_registry(commands, run)
     _add_probe(commands)
+    _add_behave(commands)
     return parser
 
 
@@ -91,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _extract(args)
         if args.command == "probe":
             return _probe(args)
+        if args.command == "behave":
+            return _behave(args)
         return _rerank(args)
     except LorafidError as e:
         print(f"lorafid: error: {e}", file=sys.stderr)
@@ -655,6 +658,80 @@ def _probe(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _add_behave(commands: argparse._SubParsersAction) -> None:
+    behave = commands.add_parser(
+        "behave", help="next-token KL and top-1 agreement of the served extraction vs the fine-tune, per prompt"
+    )
+    behave.add_argument("base", help="the base model: Hub repo ID (org/name[@revision]) or a local directory")
+    behave.add_argument("finetune", help="the fine-tune (the reference), same forms as BASE; its tokenizer is used")
+    behave.add_argument("--ranks", type=_rank_list, default=(16, 64, 256), help="ranks to serve (default: 16,64,256)")
+    behave.add_argument("--prompts", type=Path, help="one text per line, or JSONL with 'text' (default: built-in)")
+    behave.add_argument(
+        "--serving",
+        choices=("lora-only", "keep-extras", "both"),
+        default="both",
+        help="embeddings/lm_head/norms/biases at the base's (lora-only, as multi-LoRA servers run it) or the "
+        "fine-tune's (keep-extras); both (default) also gives the share of KL they cause",
+    )
+    behave.add_argument("--chat-template", action="store_true", help="wrap each prompt as a user turn (chat models)")
+    behave.add_argument("--max-tokens", type=_positive_int, default=256, help="tokens per prompt (default: 256)")
+    behave.add_argument(
+        "--continuation-tokens",
+        type=int,
+        default=24,
+        help="greedy tokens per prompt side by side, when the models fit (default: 24; 0: none)",
+    )
+    behave.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    behave.add_argument("--token", help="Hub token (default: HF_TOKEN or the stored login); never stored")
+    behave.add_argument("--base-revision", help="revision of BASE (branch, tag or commit)")
+    behave.add_argument("--finetune-revision", help="revision of FINETUNE")
+    behave.add_argument("--out", type=Path, help="write the lorafid.behaviour/1 JSON report here")
+    behave.add_argument("--quiet", action="store_true", help="no progress bar, no table")
+    _add_verbose(behave)
+
+
+def _behave(args: argparse.Namespace) -> int:
+    """Exit 0 with a complete check; 130 on Ctrl-C (the prompts already scored are written to --out)."""
+    from lorafid.behaviour import BehaviourCheck, BehaviourConfig, describe, read_prompts
+
+    _check_writable(args.out)
+    config = BehaviourConfig(
+        ranks=tuple(args.ranks),
+        serving=args.serving,
+        prompts=read_prompts(args.prompts) if args.prompts else None,
+        chat_template=args.chat_template,
+        max_tokens=max(2, args.max_tokens),
+        continuation_tokens=max(0, args.continuation_tokens),
+        device=args.device,
+        token=args.token,
+        base_revision=args.base_revision,
+        finetune_revision=args.finetune_revision,
+    )
+    check = BehaviourCheck(args.base, args.finetune, config)
+    bar = tqdm(total=1, desc="behave", disable=args.quiet)
+    interrupted = False
+    try:
+        with bar:
+            for step in check.run():
+                bar.total = step.total
+                bar.desc = step.stage
+                bar.update(step.done - bar.n)
+    except KeyboardInterrupt:
+        interrupted = True
+    report = check.report()
+    if args.out is not None:
+        try:
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+        except OSError as e:
+            raise LorafidError(f"Cannot write {args.out}: {e.strerror}.") from e
+    if not args.quiet or interrupted:
+        print(describe(report))
+    if interrupted:
+        print("lorafid: interrupted; the prompts scored so far are in the report.", file=sys.stderr)
+        return 130
     return 0
 
 

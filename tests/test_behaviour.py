@@ -257,3 +257,26 @@ def test_bad_settings_are_clear_errors() -> None:
         BehaviourConfig(serving="half").check()
     with pytest.raises(LorafidError, match="positive integers"):
         BehaviourConfig(ranks=(0,)).check()
+
+
+def test_cli_behave_writes_the_report(
+    dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lorafid.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the knight drew his sword\none plus two is three\n", encoding="utf-8")
+    out = tmp_path / "behaviour.json"
+    argv = [
+        "behave", str(dirs["base"]), str(dirs["lora"]), "--ranks", "4,8", "--prompts", str(prompts),
+        "--serving", "lora-only", "--continuation-tokens", "3", "--device", "cpu", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["schema"] == SCHEMA and report["settings"]["ranks"] == [4, 8]
+    assert set(report["variants"]) == {"base", "rank-4", "rank-8"}
+    assert [row["text"] for row in report["prompts"]] == ["the knight drew his sword", "one plus two is three"]
+    printed = capsys.readouterr().out
+    assert "rank-8" in printed and "top-1" in printed and "continuations identical" in printed
+    assert main(["behave", str(dirs["base"]), str(tmp_path / "missing"), "--quiet"]) == 1
+    assert "no such file or directory" in capsys.readouterr().err
