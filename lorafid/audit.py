@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -354,15 +354,8 @@ class Audit:
         """The pinned record of the base (side 0) or the fine-tune (side 1)."""
         info = self._require_sources()[side].info
         files = sorted({t.file for t in self._headers[side].values()})
-        return SourceRecord(
-            spec=info.spec,
-            kind=info.kind,
-            repo_id=info.repo_id,
-            requested_revision=info.requested_revision,
-            resolved_sha=info.resolved_sha,
-            path=info.path,
-            files=tuple(files),
-        )
+        # A record is the source's info (same fields, same names) plus the files read.
+        return SourceRecord(**asdict(info), files=tuple(files))
 
     def _settings(self) -> AuditSettings:
         cfg = self.config

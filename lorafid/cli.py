@@ -24,8 +24,9 @@ from tqdm import tqdm
 from lorafid import __version__
 from lorafid.audit import Audit, AuditConfig
 from lorafid.errors import LorafidError
-from lorafid.report import Report, aggregate_rank_for_energy, load_spectra, percent, save_spectra, spectra_path
+from lorafid.report import Report, load_spectra, save_spectra, spectra_path
 from lorafid.store import Store
+from lorafid.summary import aggregate_rank_for_energy, percent
 
 if TYPE_CHECKING:
     from lorafid.adapter import AdapterAudit
@@ -500,7 +501,7 @@ def describe(report: Report) -> str:
         needed = aggregate_rank_for_energy(members, 0.9)
         lines.append(
             f"{group.key:<27} {group.matrices:>8} {group.energy_retained:>{max(10, len(kept))}.1%} "
-            f"{group.mean_cosine_distance:>9.4f} {needed if needed is not None else '-':>13}"
+            f"{group.cosine_distance:>9.4f} {needed if needed is not None else '-':>13}"
         )
     layers = sorted((g for g in summary.by_layer if g.key != "-"), key=lambda g: g.energy_retained)[:3]
     if layers:

@@ -44,6 +44,14 @@ class EmptySelectionError(LorafidError):
     """The include/exclude patterns leave no weight matrix to audit (the models do share some)."""
 
 
+class NonFiniteWeightsError(LorafidError):
+    """A weight or its delta holds NaN or Inf: no spectrum is meaningful for that matrix."""
+
+
+class SpectrumNotLoadedError(LorafidError):
+    """A rank off the stored grid was asked for and the full spectra are not at hand."""
+
+
 class FetchError(LorafidError):
     """Bytes could not be read correctly after retries (network fault, wrong range, short body)."""
 

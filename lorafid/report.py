@@ -1,4 +1,4 @@
-"""The audit report: records, versioned JSON, summaries, and any rank re-derived exactly.
+"""The audit report: records, versioned JSON, and any rank re-derived exactly.
 
 A ``Report`` holds, per matrix, the scalar statistics of Δ plus its cumulative energy on a
 fixed rank grid (``RANK_GRID``); the full spectrum (``sigma_sq``) rides along in memory
@@ -16,20 +16,22 @@ and recomputes, so ``Report.from_json(r.to_json()) == r``.
 
 from __future__ import annotations
 
+import functools
 import json
-import math
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from lorafid import __version__
 from lorafid import spectrum as sp
-from lorafid.errors import LorafidError
+from lorafid.errors import LorafidError, SpectrumNotLoadedError
 from lorafid.pairing import SkippedTensor
+
+if TYPE_CHECKING:
+    from lorafid.summary import Summary
 
 SCHEMA = "lorafid.report/1"
 RANK_GRID: tuple[int, ...] = tuple(2**i for i in range(16))  # 1 … 32768: beyond any LLM's k
@@ -120,8 +122,20 @@ class MatrixResult:
             sigma_sq=spectrum.sigma_sq,
         )
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], sigma_sq: np.ndarray | None = None) -> MatrixResult:
+        """The record from its JSON fields (the report's or the store's); derived ``at_rank`` is ignored."""
+        fields = {k: v for k, v in data.items() if k != "at_rank"}
+        fields["shape"] = tuple(fields["shape"])
+        fields["energy_grid"] = tuple(fields["energy_grid"])
+        return cls(**fields, sigma_sq=sigma_sq)
+
     def spectrum(self) -> sp.DeltaSpectrum:
         """The full spectrum; ``sigma_sq`` is empty when not loaded (grid ranks only)."""
+        return self._spectrum
+
+    @functools.cached_property
+    def _spectrum(self) -> sp.DeltaSpectrum:
         return sp.DeltaSpectrum(
             shape=self.shape,
             sigma_sq=self.sigma_sq if self.sigma_sq is not None else np.zeros(0),
@@ -132,10 +146,28 @@ class MatrixResult:
             noise_energy=self.noise_energy,
         )
 
+    @functools.cached_property
+    def _cumulative(self) -> np.ndarray | None:
+        """Σ_{i≤r} σ_i² / E for r = 1…k, computed once per record; None without the spectrum.
+
+        Every rank read is then one lookup: a slider move over 560 matrices of k = 8192 used
+        to re-sum each spectrum for each rank it asked about (seconds; bench/summary_speed.py).
+        """
+        return None if self.sigma_sq is None else sp.cumulative_energy(self.spectrum())
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickles (Ray results) carry the record, not what is derived from it.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_cumulative", "_spectrum")}
+
     def energy_retained(self, rank: int) -> float:
         """Exact at any rank with the spectrum loaded; at grid ranks (and r ≥ k) without it."""
-        if self.sigma_sq is not None or rank >= self.full_rank or self.energy == 0.0:
-            return sp.energy_retained(self.spectrum(), rank)
+        if rank >= self.full_rank or self.energy == 0.0:
+            return 1.0  # exactly: the rank-k "approximation" is Δ itself (as spectrum.energy_retained)
+        if rank <= 0:
+            return 0.0
+        curve = self._cumulative
+        if curve is not None:
+            return float(curve[min(rank, len(curve)) - 1])
         if rank in RANK_GRID:
             return self.energy_grid[RANK_GRID.index(rank)]
         raise SpectrumNotLoadedError(
@@ -161,62 +193,9 @@ class VectorResult:
     energy: float  # ‖Δ‖²
     finetune_norm_sq: float
 
-
-class SpectrumNotLoadedError(LorafidError):
-    """A rank off the stored grid was asked for and the full spectra are not at hand."""
-
-
-@dataclass(frozen=True)
-class GroupSummary:
-    """Energy-weighted figures for a group of matrices (a module kind, a layer, the model)."""
-
-    key: str
-    matrices: int
-    energy: float
-    energy_retained: float  # Σ E_i·retained_i / Σ E_i
-    mean_cosine_distance: float
-    weight_rel_error: float  # sqrt(Σ lost_i) / sqrt(Σ ‖W_ft,i‖²)
-
-
-@dataclass(frozen=True)
-class Summary:
-    rank: int
-    overall: GroupSummary
-    by_module: tuple[GroupSummary, ...]
-    by_layer: tuple[GroupSummary, ...]
-    worst: tuple[tuple[str, float], ...]  # (matrix, cosine distance), worst first
-    rank_for_90: int | None  # smallest rank whose overall retention reaches 90% (None: beyond k)
-    noise_floor_retained: float  # overall retention a pure-rounding remainder would allow
-    lost_outside_lora: float  # Δ energy in 1-D tensors: not representable by any LoRA
-
-    def sentence(self) -> str:
-        """The summary card in words."""
-        parts = [f"Rank {self.rank} keeps {percent(self.overall.energy_retained)} of this fine-tune's change"]
-        if len(self.by_module) > 1:
-            worst = min(self.by_module, key=lambda g: g.energy_retained)
-            parts.append(f"{worst.key} loses most (keeps {percent(worst.energy_retained)})")
-        if self.rank_for_90 is None:
-            parts.append("no rank below full rank reaches 90%")
-        elif self.rank_for_90 <= self.rank:
-            parts.append(f"rank {self.rank_for_90} already keeps 90%")
-        else:
-            parts.append(f"rank {self.rank_for_90} would be needed for 90%")
-        floor = 1.0 - self.noise_floor_retained
-        if floor > 1e-3:
-            parts.append(f"about {floor:.1%} of the change is storage rounding that no rank recovers")
-        return "; ".join(parts) + "."
-
-
-def percent(share: float) -> str:
-    """A share as a percentage that never rounds a loss away: 0.9995 -> "99.95%", not "100%".
-
-    Examples: 0.3141 -> "31%"; 0.99949 -> "99.95%"; 1.0 -> "100%"; 0.00002 -> "0.002%".
-    """
-    if share in (0.0, 1.0) or 0.01 <= share <= 0.99:
-        return f"{share:.0%}"
-    gap = min(share, 1.0 - share)  # the part that whole percents would hide
-    decimals = min(6, max(1, -math.floor(math.log10(gap * 100))))
-    return f"{share * 100:.{decimals}f}%"
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VectorResult:
+        return cls(**{**data, "shape": tuple(data["shape"])})
 
 
 @dataclass(frozen=True)
@@ -259,6 +238,9 @@ class Report:
         return replace(self, matrices=matrices)
 
     def summary(self) -> Summary:
+        """Energy-weighted figures at this rank (``lorafid.summary``)."""
+        from lorafid.summary import summarize  # summary.py reads these records: import it late
+
         return summarize(self.matrices, self.vectors, self.rank)
 
     def compare_py(self) -> dict[str, Any]:
@@ -328,8 +310,8 @@ class Report:
             base=_source_from_dict(data["base"]),
             finetune=_source_from_dict(data["finetune"]),
             settings=AuditSettings(**data["settings"]),
-            matrices=tuple(_matrix_from_dict(m) for m in data["matrices"]),
-            vectors=tuple(VectorResult(**{**v, "shape": tuple(v["shape"])}) for v in data["vectors"]),
+            matrices=tuple(MatrixResult.from_dict(m) for m in data["matrices"]),
+            vectors=tuple(VectorResult.from_dict(v) for v in data["vectors"]),
             skipped=tuple(_skipped_from_dict(s) for s in data["skipped"]),
             pending=tuple(data["pending"]),
             status=data["status"],
@@ -348,83 +330,6 @@ class Report:
         return cls.from_dict(data)
 
 
-def summarize(matrices: Iterable[MatrixResult], vectors: Iterable[VectorResult], rank: int) -> Summary:
-    """Energy-weighted summaries at ``rank`` over whatever matrices are done so far."""
-    done = list(matrices)
-    by_module: dict[str, list[MatrixResult]] = {}
-    by_layer: dict[str, list[MatrixResult]] = {}
-    for m in done:
-        by_module.setdefault(m.module, []).append(m)
-        by_layer.setdefault("-" if m.layer is None else str(m.layer), []).append(m)
-    worst = sorted(((m.name, m.metrics(rank).cosine_distance) for m in done), key=lambda t: -t[1])[:10]
-    total_energy = sum(m.energy for m in done)
-    floor = sum(m.energy * m.noise_floor_retained(rank) for m in done) / total_energy if total_energy else 1.0
-    vector_energy = sum(v.energy for v in vectors)
-    return Summary(
-        rank=rank,
-        overall=_group("all", done, rank),
-        by_module=tuple(_group(k, g, rank) for k, g in by_module.items()),
-        by_layer=tuple(_group(k, g, rank) for k, g in sorted(by_layer.items(), key=lambda kv: _layer_key(kv[0]))),
-        worst=tuple(worst),
-        rank_for_90=aggregate_rank_for_energy(done, 0.9),
-        noise_floor_retained=floor,
-        lost_outside_lora=vector_energy,
-    )
-
-
-def aggregate_rank_for_energy(matrices: list[MatrixResult], share: float) -> int | None:
-    """Smallest rank r at which the energy-weighted retention of all matrices reaches ``share``.
-
-    Exact (binary search over 1…max k) when every spectrum is loaded; the smallest grid
-    rank that reaches it otherwise. None when no matrix changed or nothing reaches it.
-    """
-    total = sum(m.energy for m in matrices)
-    if total == 0.0:
-        return None
-
-    def reaches(rank: int) -> bool:
-        return sum(m.energy * m.energy_retained(rank) for m in matrices) >= share * total * (1 - 1e-12)
-
-    top = max(m.full_rank for m in matrices)
-    if all(m.sigma_sq is not None for m in matrices):
-        return _first_true(reaches, 1, top)
-    candidates = [r for r in RANK_GRID if r < top] + [top]
-    return next((r for r in candidates if reaches(r)), None)
-
-
-def _first_true(predicate: Callable[[int], bool], low: int, high: int) -> int | None:
-    """Smallest x in [low, high] with predicate(x) for a monotone predicate, else None."""
-    if not predicate(high):
-        return None
-    while low < high:
-        mid = (low + high) // 2
-        if predicate(mid):
-            high = mid
-        else:
-            low = mid + 1
-    return low
-
-
-def _group(key: str, matrices: list[MatrixResult], rank: int) -> GroupSummary:
-    energy = sum(m.energy for m in matrices)
-    at = [m.metrics(rank) for m in matrices]
-    lost = sum(m.energy * (1 - a.energy_retained) for m, a in zip(matrices, at, strict=True))
-    weight = sum(m.finetune_norm_sq for m in matrices)
-    retained = 1.0 - lost / energy if energy else 1.0
-    return GroupSummary(
-        key=key,
-        matrices=len(matrices),
-        energy=energy,
-        energy_retained=retained,
-        mean_cosine_distance=sum(a.cosine_distance for a in at) / len(at) if at else 0.0,
-        weight_rel_error=math.sqrt(lost / weight) if weight else 0.0,
-    )
-
-
-def _layer_key(layer: str) -> tuple[int, int]:
-    return (1, 0) if layer == "-" else (0, int(layer))
-
-
 def _matrix_to_dict(m: MatrixResult, rank: int) -> dict[str, Any]:
     out = {k: v for k, v in asdict(m).items() if k != "sigma_sq"}
     try:
@@ -434,13 +339,6 @@ def _matrix_to_dict(m: MatrixResult, rank: int) -> dict[str, Any]:
         at = None
     out["at_rank"] = at
     return out
-
-
-def _matrix_from_dict(data: dict[str, Any]) -> MatrixResult:
-    fields = {k: v for k, v in data.items() if k != "at_rank"}
-    fields["shape"] = tuple(fields["shape"])
-    fields["energy_grid"] = tuple(fields["energy_grid"])
-    return MatrixResult(**fields)
 
 
 def _source_from_dict(data: dict[str, Any]) -> SourceRecord:
@@ -471,3 +369,15 @@ def load_spectra(path: Path) -> dict[str, np.ndarray]:
         return dict(load_file(str(path)))
     except Exception as e:  # the safetensors library raises its own types for corrupt files
         raise LorafidError(f"Cannot read the spectra file {path}: {e}. Re-run the audit to rewrite it.") from e
+
+
+_MOVED_TO_SUMMARY = ("GroupSummary", "Summary", "percent", "summarize", "aggregate_rank_for_energy")
+
+
+def __getattr__(name: str) -> Any:
+    """Summaries moved to ``lorafid.summary``; ``from lorafid.report import percent`` still works."""
+    if name in _MOVED_TO_SUMMARY:
+        from lorafid import summary
+
+        return getattr(summary, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

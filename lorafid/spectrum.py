@@ -35,7 +35,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from lorafid.errors import LorafidError
+# Re-exported: callers catch ``sp.NonFiniteWeightsError``; the class lives with every other error.
+from lorafid.errors import NonFiniteWeightsError as NonFiniteWeightsError
 
 ENERGY_TARGETS: tuple[float, ...] = (0.5, 0.9, 0.99)
 """Energy shares for ``rank_for_energy``: "what rank would have kept half / 90% / 99%"."""
@@ -73,10 +74,6 @@ eigenvalues: a hundredth of the 1e-5 bar, the rest is left for the float32 Gram 
 # Column block of the CPU Gram product: 512 ran best for k = 4096 on 2 cores (nb=2: 2.0 s,
 # nb=4: 1.67 s, nb=8: 1.55 s, full product: 2.8 s).
 _GRAM_BLOCK = 512
-
-
-class NonFiniteWeightsError(LorafidError):
-    """A weight or its delta holds NaN or Inf: no spectrum is meaningful for that matrix."""
 
 
 @dataclass(frozen=True)

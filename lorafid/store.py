@@ -143,10 +143,7 @@ class Store:
             rows = self._db.execute("SELECT result_json, sigma_sq FROM matrices WHERE audit_key = ?", (key,)).fetchall()
         out = {}
         for text, blob in rows:
-            fields = json.loads(text)
-            fields["shape"] = tuple(fields["shape"])
-            fields["energy_grid"] = tuple(fields["energy_grid"])
-            result = MatrixResult(**fields, sigma_sq=np.frombuffer(blob, dtype="<f8").copy())
+            result = MatrixResult.from_dict(json.loads(text), sigma_sq=np.frombuffer(blob, dtype="<f8").copy())
             out[result.name] = result
         return out
 
@@ -155,8 +152,8 @@ class Store:
             rows = self._db.execute("SELECT result_json FROM vectors WHERE audit_key = ?", (key,)).fetchall()
         out = {}
         for (text,) in rows:
-            fields = json.loads(text)
-            out[fields["name"]] = VectorResult(**{**fields, "shape": tuple(fields["shape"])})
+            result = VectorResult.from_dict(json.loads(text))
+            out[result.name] = result
         return out
 
     def save_report(self, key: str, report: Report) -> None:

@@ -146,6 +146,9 @@ def test_summary_is_energy_weighted_by_hand() -> None:
     assert sentence.startswith("Rank 2 keeps 84% of this fine-tune's change")
     assert "mlp.up_proj loses most (keeps 83%)" in sentence
     assert "rank 3 would be needed for 90%" in sentence
+    # One pooling rule: the group read as one block-diagonal Δ, so cos. distance = 1 − sqrt(27/32).
+    assert summary.overall.cosine_distance == pytest.approx(1 - math.sqrt(27 / 32))
+    assert by_module["mlp.up_proj"].cosine_distance == pytest.approx(1 - math.sqrt(25 / 30))
 
 
 def test_aggregate_rank_on_grid_without_spectra() -> None:
@@ -187,3 +190,58 @@ def test_percent_never_rounds_a_loss_away(share: float, text: str) -> None:
     from lorafid.report import percent
 
     assert percent(share) == text
+
+
+def test_rank_reads_sum_each_spectrum_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slider move must not re-sum every spectrum for every rank it asks about (issue: 5 s at 70B)."""
+    generator = torch.Generator().manual_seed(5)
+    matrices = tuple(
+        result(
+            f"model.layers.{i}.mlp.up_proj.weight",
+            i,
+            "mlp.up_proj",
+            torch.zeros(48, 32),
+            torch.randn(48, 32, generator=generator),
+        )
+        for i in range(6)
+    )
+    loaded = Report.from_json(make_report(matrices).to_json()).with_spectra({m.name: m.sigma_sq for m in matrices})
+    calls = []
+    real = sp.cumulative_energy
+    monkeypatch.setattr(sp, "cumulative_energy", lambda spectrum: calls.append(1) or real(spectrum))
+    for rank in (3, 17, 5, 30):
+        loaded.with_rank(rank).summary()
+    assert len(calls) == len(matrices)
+    # ...and the cached curve gives exactly what the spectrum gives, at every rank.
+    for m, fresh in zip(loaded.matrices, matrices, strict=True):
+        for rank in range(0, 34):
+            assert m.energy_retained(rank) == sp.energy_retained(fresh.spectrum(), rank)
+
+
+def test_records_pickle_without_their_derived_curve() -> None:
+    import pickle
+
+    m = diag_result("model.layers.0.mlp.up_proj.weight", 0, "mlp.up_proj", [4, 3, 2, 1])
+    m.energy_retained(2)  # fills the cache
+    state = m.__getstate__()
+    assert "_cumulative" not in state and "_spectrum" not in state
+    again = pickle.loads(pickle.dumps(m))
+    assert again == m and again.energy_retained(2) == pytest.approx(25 / 30)
+
+
+def test_damaged_report_fields_are_one_lorafid_error() -> None:
+    good = make_report((diag_result("model.layers.0.mlp.up_proj.weight", 0, "mlp.up_proj", [2, 1]),)).to_dict()
+    for damage in ({"base": None}, {"matrices": [{"name": "x"}]}, {"timings": {"elapsed": 1}}):
+        with pytest.raises(LorafidError, match="incomplete or damaged"):
+            Report.from_dict({**good, **damage})
+    with pytest.raises(LorafidError, match="missing field 'settings'"):
+        Report.from_dict({k: v for k, v in good.items() if k != "settings"})
+
+
+def test_a_source_record_is_the_source_info_plus_its_files() -> None:
+    """audit.py builds one from the other by field name: they must not drift apart."""
+    from dataclasses import fields
+
+    from lorafid.source import SourceInfo
+
+    assert [f.name for f in fields(SourceRecord)] == [f.name for f in fields(SourceInfo)] + ["files"]
