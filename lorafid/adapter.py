@@ -397,6 +397,7 @@ class AdapterMatrix:
     delta_rel_error: float | None
     cosine_distance: float | None
     best_energy_kept: float  # the spectrum's energy_retained at this rank (Eckart–Young)
+    best_delta_rel_error: float
     best_cosine_distance: float
     method: str  # "factored" | "dense": how ⟨Δ, X⟩ was computed
 
@@ -418,6 +419,7 @@ class AdapterMatrix:
             delta_rel_error=fit.delta_rel_error,
             cosine_distance=fit.cosine_distance,
             best_energy_kept=best.energy_retained,
+            best_delta_rel_error=best.delta_rel_error,
             best_cosine_distance=best.cosine_distance,
             method=fit.method,
         )

@@ -101,6 +101,7 @@ def test_peft_merge_equals_base_plus_exact_truncation(llama: dict, tmp_path: Pat
         assert float(residual / delta.square().sum()) == pytest.approx(1 - m.energy_retained(rank), abs=1e-6)
         fit = next(a for a in section["matrices"] if a["name"] == m.name)
         assert fit["energy_kept"] == pytest.approx(m.energy_retained(rank), abs=1e-6)
+        assert fit["best_delta_rel_error"] == pytest.approx(float(residual / delta.square().sum()) ** 0.5, abs=1e-6)
     # What a LoRA does not carry stays the base's: norms and embeddings.
     name = "model.layers.0.input_layernorm.weight"
     assert torch.equal(merged_weights[name], llama["base_weights"][name])
