@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -112,22 +113,32 @@ class RequestBudget:
 
 
 class RateLimiter:
-    """Spaces request starts at least ``1 / rate_per_s`` seconds apart, across threads."""
+    """Spaces request starts at least ``1 / rate_per_s`` seconds apart, across threads.
 
-    def __init__(self, rate_per_s: float | None) -> None:
+    Example: at 2 per second, four requests asked for at once start at 0, 0.5, 1.0 and 1.5 s.
+    """
+
+    def __init__(
+        self,
+        rate_per_s: float | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self._interval_s = 1.0 / rate_per_s if rate_per_s else 0.0
-        self._next_s = 0.0
+        self._next_s = -math.inf
+        self._clock, self._sleep = clock, sleep
         self._lock = threading.Lock()
 
     def wait(self) -> None:
         if not self._interval_s:
             return
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             start = max(now, self._next_s)
             self._next_s = start + self._interval_s
         if start > now:
-            time.sleep(start - now)
+            self._sleep(start - now)
 
 
 class OpenAIClient:

@@ -205,10 +205,10 @@ def align_prompt(index: int, answer: ProviderAnswer, ids: Sequence[int], tokens:
     positions = answer.positions
     if (
         len(positions) == len(ids) - 1
-        and len(ids) > 1
-        and all(tokens.accepts(p.token, p.token_id, i) for p, i in zip(positions, ids[1:], strict=True))
+        and positions
+        and not tokens.accepts(positions[0].token, positions[0].token_id, ids[0])
     ):
-        ids = ids[1:]
+        ids = ids[1:]  # the provider added no BOS; every other token must still be the same
     if len(positions) != len(ids):
         raise TokenMismatchError(
             f"Prompt {index}: the provider has {len(positions)} tokens where the fine-tune's tokenizer has "

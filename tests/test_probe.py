@@ -170,6 +170,17 @@ def test_stored_probe_documents_round_trip(tmp_path: Path) -> None:
     assert store.load_document("behaviour", key) is None and store.load_document("probe", "0" * 16) is None
 
 
+def test_a_quantized_provider_is_not_taken_for_an_extraction() -> None:
+    names = candidate_names([16, 64])
+    order = [FINETUNE, FINETUNE_8BIT, "rank-64", "rank-64+extras", "rank-16", "rank-16+extras", BASE]
+    quantized = {n: [0.5 + 0.01 * i for i in range(8)] for n in names}
+    quantized[FINETUNE_8BIT] = [1e-6] * 8
+    quantized[FINETUNE] = [0.02 + 0.001 * i for i in range(8)]
+    _, verdict = summarise(_scores(quantized), _local(order, 0.05, 80), [16, 64])
+    assert verdict.closest == FINETUNE_8BIT and verdict.rank_range is None
+    assert verdict.sentence.startswith("Serves the original weights, quantized")
+
+
 def test_plan_counts_the_fallback_tries_and_retries() -> None:
     plan = plan_probe([5, 7, 9], max_new_tokens=16, max_retries=4)
     assert (plan.prompts, plan.prompt_tokens, plan.requests, plan.max_requests) == (3, 21, 5, 9)
@@ -289,6 +300,30 @@ def test_budget_is_a_hard_cap_and_key_errors_do_not_show_the_key() -> None:
     assert "sk-secret" not in str(error.value) and "api-key-env" in str(error.value)
 
 
+def test_rate_limit_spaces_request_starts() -> None:
+    from lorafid.openai_api import RateLimiter
+
+    slept: list[float] = []
+    limiter = RateLimiter(2.0, clock=lambda: 10.0, sleep=slept.append)  # four requests asked for at once
+    for _ in range(4):
+        limiter.wait()
+    assert slept == [0.5, 1.0, 1.5]
+    RateLimiter(None, clock=lambda: 0.0, sleep=slept.append).wait()
+    assert len(slept) == 3
+
+
+def test_a_redirect_to_another_origin_does_not_get_the_key() -> None:
+    script = _Scripted([(307, {"Location": "https://mirror.test/v1/chat/completions"}, {}), (200, {}, CHAT_ANSWER)])
+    policy = NetPolicy.public(_resolver({"api.test": [PUBLIC_IP], "mirror.test": [PUBLIC_IP]}))
+    client = OpenAIClient(
+        "https://api.test/v1", "sk-x", budget=RequestBudget(5), policy=policy, transport=httpx2.MockTransport(script)
+    )
+    assert client.read(CHAT, "m", "hi", top_k=2, max_new_tokens=1).text == "Hi"
+    assert [r.url.host for r in script.seen] == ["api.test", "mirror.test"]
+    assert script.seen[0].headers["Authorization"] == "Bearer sk-x" and "Authorization" not in script.seen[1].headers
+    assert client.budget.used == 2  # the redirect counted as a request
+
+
 # -- public-deployment rules -------------------------------------------------------------------
 
 
@@ -403,6 +438,30 @@ def serve(family: Any) -> Iterator[Any]:
     yield start
     for server in servers:
         server.stop()
+
+
+def test_token_check_tolerates_a_missing_bos_and_refuses_other_tokens(family: Any, tmp_path: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    from lorafid.openai_api import Alternative, Position, ProviderAnswer
+    from lorafid.probe import TokenMap, align_prompt
+
+    for name, content in family.full.files.items():
+        (tmp_path / name).write_bytes(content)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    tokens = TokenMap(tokenizer)
+    words = ["the", "knight", "drew", "his", "sword"]
+    ids = [tokenizer.bos_token_id, *tokenizer(" ".join(words))["input_ids"]]  # as a BOS-adding tokenizer would
+    positions = [Position(words[0], None, None, ())]
+    positions += [
+        Position(w, None, -1.0, (Alternative(w, None, -1.0), Alternative("dragon", None, -2.0))) for w in words[1:]
+    ]
+    observation = align_prompt(0, ProviderAnswer(ECHO, tuple(positions), ""), ids, tokens)
+    assert observation.ids == tuple(ids[1:]) and observation.scored == (1, 2, 3, 4)
+    assert observation.alternative_ids[0] == (ids[2], tokenizer.convert_tokens_to_ids("dragon"))
+    positions[2] = Position("dragon", None, -1.0, ())
+    with pytest.raises(TokenMismatchError, match="token 2: the provider has 'dragon'"):
+        align_prompt(0, ProviderAnswer(ECHO, tuple(positions), ""), ids, tokens)
 
 
 def test_server_shapes_agree_with_each_other(serve: Any) -> None:
