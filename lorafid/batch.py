@@ -77,6 +77,22 @@ class BatchOptions:
     # Replaces the per-matrix math in every task, as AuditConfig.compute; must pickle.
     compute: Callable[[torch.Tensor, torch.Tensor], sp.DeltaSpectrum] | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        wrong = [
+            f"{name} must be {rule}"
+            for name, ok, rule in (
+                ("rank", self.rank >= 1, "at least 1"),
+                ("split", self.split >= 1, "at least 1"),
+                ("max_concurrent", self.max_concurrent >= 1, "at least 1"),
+                ("max_retries", self.max_retries >= 0, "0 or more"),
+                ("cpus_per_task", self.cpus_per_task > 0, "positive"),
+                ("gpus_per_task", self.gpus_per_task is None or self.gpus_per_task >= 0, "0 or more"),
+            )
+            if not ok
+        ]
+        if wrong:
+            raise LorafidError("Batch options: " + "; ".join(wrong) + ".")
+
 
 @dataclass(frozen=True)
 class BatchProgress:
@@ -285,7 +301,13 @@ class _Driver:
             elif self.ray.wait([self._asked], timeout=0)[0]:
                 self._running = self.ray.get(self._asked)
                 self._asked = self.board.snapshot.remote()
-        running = [v for (index, _), v in self._running.items() if index not in self._finished_bytes]
+        # A split pair's report task covers the whole pair: once it reports, its chunks no longer count.
+        whole = {index for index, part in self._running if part == -1}
+        running = [
+            v
+            for (index, part), v in self._running.items()
+            if index not in self._finished_bytes and (part == -1 or index not in whole)
+        ]
         finished = sum(self._finished_bytes.values())
         done = finished + sum(d for d, _ in running)
         total = finished + sum(t for _, t in running)
@@ -337,7 +359,8 @@ def _task_error(error: Exception, retries: int) -> str:
         return f"{type(cause).__name__}: {cause}"
     name = type(error).__name__
     if "WorkerCrashed" in name or "NodeDied" in name or "ObjectLost" in name:
-        return f"the worker running this pair was lost {retries + 1} times ({name}); see `ray logs` on its node"
+        tries = f"{retries + 1} times" if retries else "once"
+        return f"the worker running this pair was lost {tries} ({name}); see `ray logs` on its node"
     first = str(error).strip().splitlines()
     return f"{name}: {first[0] if first else 'no message'}"
 

@@ -98,7 +98,7 @@ def part_task(task: PairTask, board: Any, part: int, parts: int) -> tuple[Matrix
         # Exact names, so that this audit reads exactly these matrices; its own key keeps
         # its progress apart (a retried chunk resumes from its own stored matrices).
         only = "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
-        config = replace(task.config, include=only, exclude=None, fresh=False, store=parts_store)
+        config = replace(task.config, include=only, exclude=None, store=parts_store)
         with Audit(task.base, task.finetune, config) as job:
             _drive(job, board, (task.index, part))
             return job.report().matrices

@@ -26,7 +26,7 @@ from lorafid import spectrum as sp
 from lorafid.batch import BatchOptions, BatchProgress, _Driver, import_ray, run_batch
 from lorafid.catalogue import CataloguePair, load_catalogue, parse_csv, parse_yaml
 from lorafid.cli import main
-from lorafid.errors import CatalogueError, MissingExtraError
+from lorafid.errors import CatalogueError, LorafidError, MissingExtraError
 from lorafid.report import load_spectra
 from lorafid.store import Store
 from tests.hub_server import HubServer
@@ -35,6 +35,11 @@ from tests.models import model_pair, shard_files, write_dir
 RANK = 8
 
 # -- catalogues (no Ray) -------------------------------------------------------------------
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(LorafidError, match="split must be at least 1; max_concurrent must be at least 1"):
+        BatchOptions(split=0, max_concurrent=0)
 
 
 def test_csv_and_yaml_catalogues_read_the_same_pairs(tmp_path: Path) -> None:
@@ -308,6 +313,18 @@ def test_a_killed_worker_is_retried_and_resumes_from_the_stored_matrices(
     clean = 2 * (16 + 4)
     assert clean + 2 <= reads <= clean + 2 * 4, reads
     assert reads < clean + 2 * (4 + kept)  # what a retry from scratch would at least cost
+
+    # A worker lost more often than Ray retries: that pair fails with a clear line, the other completes.
+    for i in (1, 2):
+        small_base, small_finetune = model_pair(layers=1, seed=10 + i)
+        hub.add_repo(f"org/base-{i}", shard_files(small_base, 1))
+        hub.add_repo(f"org/ft-{i}", shard_files(small_finetune, 1))
+    pairs = [CataloguePair(f"org/base-{i}", f"org/ft-{i}") for i in (1, 2)]
+    lost = run_batch(pairs, replace(options, max_retries=0, compute=KillOnce(tmp_path / "killed-2", after=0)))
+    assert sorted(o.status for o in lost.outcomes) == ["complete", "failed"]
+    assert lost.failed[0].error == (
+        "the worker running this pair was lost once (WorkerCrashedError); see `ray logs` on its node"
+    )
 
 
 def test_split_pair_through_the_cli_equals_the_unsplit_audit(
