@@ -10,6 +10,9 @@ Public by default: local paths are refused unless started with ``--allow-local``
 browser keeps no run history (it would hold the token). Other switches: ``LORAFID_CONCURRENCY``,
 ``LORAFID_MAX_QUEUE``, ``LORAFID_MAX_MODEL_GB``, ``LORAFID_HOME``; "Sign in with Hugging
 Face" appears only where OAuth is configured (``OAUTH_CLIENT_ID``, set by ``hf_oauth``).
+The Provider check tab (``lorafid.probe``) calls only https endpoints on public addresses and
+reads only public repos unless ``LORAFID_PROBE_ANY_ENDPOINT=1`` (a private deployment); each
+visitor may make it send ``LORAFID_PROBE_REQUESTS_PER_HOUR`` requests an hour (default 300).
 
 ZeroGPU: on such a Space only the per-matrix spectrum is decorated with ``@spaces.GPU``
 (``dashboard.zero_gpu_compute``, passed as ``AuditConfig.compute``): it gets CPU tensors and
@@ -20,6 +23,7 @@ import argparse
 import atexit
 import functools
 import inspect
+import json
 import os
 import re
 import time
@@ -84,6 +88,14 @@ log-probabilities on a fixed prompt set are compared with those of the fine-tune
 extractions at each candidate rank, of the base, and of the fine-tune rounded to 8 bits, all
 computed here from the public weights. The number of requests is shown before any is sent.
 """
+BEHAVIOUR_INTRO = """**What does the served extraction do to the model's outputs?** The fine-tune, its base and the
+extraction at each rank run side by side on a built-in set of 36 short prompts, one layer at a
+time (weights are read once, by HTTP ranges); each is scored against the fine-tune: KL of the
+next-token distributions, top-1 agreement, log-likelihood change, and greedy continuations.
+"lora-only" is what a multi-LoRA server runs (embeddings, lm_head, norms at the base's values);
+"keep-extras" keeps the fine-tune's. Llama, Mistral, Qwen2 and Qwen3 models.
+"""
+BEHAVIOUR_GENERATE_BYTES = 4 * 2**30  # side-by-side continuations only when the whole models fit in this
 FIGURE_INTERVAL_S = 0.5  # rebuild the charts at most twice a second while an audit streams
 TEXT_INTERVAL_S = 0.1
 MAX_INPUT_CHARS = 200  # a Hub repo ID is at most 96 characters, a revision a branch name or SHA
@@ -202,6 +214,8 @@ class Dashboard:
                     self._weight_audit_tab()
                 with gr.Tab("Provider check", id="provider-check"):
                     self._provider_check_tab(demo)
+                with gr.Tab("Behaviour", id="behaviour"):
+                    self._behaviour_tab(demo)
                 if self.registry is not None:
                     with gr.Tab("Published results", id="published-results"):
                         self._results_tab(demo)
@@ -347,6 +361,170 @@ class Dashboard:
             self.probe_table: table,
             self.probe_rows: rows,
         }
+
+    def _behaviour_tab(self, demo: gr.Blocks) -> None:
+        """Behaviour: next-token KL and top-1 agreement of the served extraction against the fine-tune."""
+        gr.Markdown(BEHAVIOUR_INTRO)
+        with gr.Row():
+            self.behave_base = gr.Textbox(label="Base model", placeholder="org/base-model")
+            self.behave_finetune = gr.Textbox(label="Fine-tuned model", placeholder="org/fine-tuned-model")
+        with gr.Row():
+            self.behave_ranks = gr.Textbox(label="Ranks", value="16,64,256")
+            self.behave_serving = gr.Radio(
+                ["both", "lora-only", "keep-extras"], value="both", label="Embeddings, lm_head, norms, biases"
+            )
+            self.behave_chat = gr.Checkbox(label="Wrap prompts in the fine-tune's chat template", value=False)
+        self.behave_button = gr.Button("Run behaviour check", variant="primary")
+        self.behave_status = gr.Markdown()
+        self.behave_plot = gr.Plot(label="KL and top-1 agreement by rank, beside the weight audit's energy kept")
+        self.behave_table = gr.Dataframe(label="Each variant against the fine-tune", interactive=False)
+        self.behave_rows = gr.Dataframe(label="Per prompt: mean KL per token", interactive=False, wrap=True)
+        self.behave_continuations = gr.Dataframe(
+            label="Greedy continuations, side by side", interactive=False, wrap=True
+        )
+        with gr.Row():
+            self.behave_file = gr.File(label="JSON (lorafid.behaviour/1)", interactive=False)
+            self.behave_link = gr.Markdown()
+        outputs = [self.behave_status, self.behave_plot, self.behave_table, self.behave_rows]
+        outputs += [self.behave_continuations, self.behave_file, self.behave_link]
+        self.behave_button.click(
+            self.run_behaviour,
+            [self.behave_base, self.behave_finetune, self.behave_ranks, self.behave_serving, self.behave_chat],
+            outputs,
+            api_name="run_behaviour",
+            show_progress="minimal",
+            concurrency_id="audit",  # reads and runs weights like an audit
+            concurrency_limit=self.config.concurrency,
+        )
+        # The same two repos as the weight audit, unless typed here.
+        self.base.change(lambda v: v, self.base, self.behave_base, queue=False, api_visibility="private")
+        self.finetune.change(lambda v: v, self.finetune, self.behave_finetune, queue=False, api_visibility="private")
+        behave_query = gr.Textbox(visible=False)
+        demo.load(
+            self.open_behaviour_link,
+            [behave_query],
+            [*outputs, self.behave_base, self.behave_finetune],
+            js="(query) => [window.location.search]",
+            api_visibility="private",
+            queue=False,
+        )
+
+    @user_errors
+    def run_behaviour(
+        self, base: str, finetune: str, ranks: str, serving: str, chat: bool, request: gr.Request
+    ) -> Iterator[dict[Any, Any]]:
+        """Stream the check (progress in the status line), then store it and show every view."""
+        from lorafid.behaviour import BehaviourCheck, BehaviourConfig
+
+        for label, value in (("base model", base), ("fine-tuned model", finetune)):
+            if not value.strip() or len(value) > MAX_INPUT_CHARS:
+                raise LorafidError(f"Give the {label} (at most {MAX_INPUT_CHARS} characters).")
+        try:
+            rank_list = tuple(int(r) for r in ranks.replace(" ", "").split(",") if r)
+        except ValueError:
+            raise LorafidError("Ranks are whole numbers separated by commas, e.g. 16,64,256.") from None
+        if not rank_list or min(rank_list) < 1 or max(rank_list) > MAX_RANK * 64 or len(rank_list) > 8:
+            raise LorafidError("Give 1 to 8 ranks, each a positive whole number, e.g. 16,64,256.")
+        config = BehaviourConfig(
+            ranks=rank_list,
+            serving=serving if serving in ("both", "lora-only", "keep-extras") else "both",
+            chat_template=bool(chat),
+            continuation_tokens=16,
+            max_generate_bytes=BEHAVIOUR_GENERATE_BYTES,
+            device=self.config.device,
+            token=None if self.config.allow_local or self.config.server_token else False,
+            endpoint=self.config.endpoint,
+            allow_local=self.config.allow_local,
+            max_model_bytes=self.config.max_model_bytes,
+        )
+        check = BehaviourCheck(base.strip(), finetune.strip(), config)
+        shown = 0.0
+        for step in check.run():
+            if time.monotonic() - shown > TEXT_INTERVAL_S or step.stage == "done":
+                shown = time.monotonic()
+                yield {self.behave_status: md_text(f"{step.stage}: {step.done}/{step.total}. {step.message}")}
+        document = check.report()
+        key = self.store.put_document("behaviour", document)
+        path = self.downloads / f"lorafid-behaviour-{key}.json"
+        path.write_text(json.dumps(document, indent=1) + "\n")
+        link = page_url(request.headers, str(request.url)) + f"?behaviour={key}"
+        yield self._behaviour_view(document) | {
+            self.behave_file: str(path),
+            self.behave_link: f"[Permalink]({link})",
+        }
+
+    def open_behaviour_link(self, query: str, request: gr.Request) -> dict[Any, Any]:
+        """On page load: ``?behaviour=KEY`` shows a stored behaviour check."""
+        key = dict(_parse_query(query)).get("behaviour", "")
+        if not (len(key) == 16 and all(c in "0123456789abcdef" for c in key)):
+            return {}
+        document = self.store.load_document("behaviour", key)
+        if document is None:
+            return {self.behave_status: "That behaviour check is not stored on this server."}
+        return self._behaviour_view(document) | {
+            self.behave_base: str((document.get("base") or {}).get("spec") or ""),
+            self.behave_finetune: str((document.get("finetune") or {}).get("spec") or ""),
+        }
+
+    def _behaviour_view(self, document: dict[str, Any]) -> dict[Any, Any]:
+        """Status line, chart and the three tables of a ``lorafid.behaviour/1`` document."""
+        from lorafid.behaviour import describe
+
+        variants = document.get("variants") or {}
+        table = pd.DataFrame(
+            [
+                [name, v["kl_mean"], v["kl_p95"], v["kl_max"], v["top1_agreement"], v["loglik_delta"], v["tokens"]]
+                for name, v in variants.items()
+            ],
+            columns=["variant", "KL mean", "KL p95", "KL max", "top-1 agreement", "Δ log-likelihood", "tokens"],
+        )
+        rows = pd.DataFrame(
+            [
+                [r["id"], r["text"], r["tokens"], *(r["variants"][n]["kl_mean"] for n in variants)]
+                for r in document.get("prompts") or []
+            ],
+            columns=["prompt", "text", "tokens", *variants],
+        )
+        continuations = document.get("continuations") or []
+        names = list(continuations[0]["variants"]) if continuations else []
+        side = pd.DataFrame(
+            [
+                [
+                    c["prompt"],
+                    c["finetune"],
+                    *(
+                        f"{c['variants'][n]['text']} [departs at token {c['variants'][n]['first_divergence']}]"
+                        if c["variants"][n]["first_divergence"] is not None
+                        else c["variants"][n]["text"] + " [same]"
+                        for n in names
+                    ),
+                ]
+                for c in continuations
+            ],
+            columns=["prompt", "fine-tune", *names],
+        )
+        summary = describe(document).splitlines()
+        status = summary[0] + ("  \n" + summary[-1] if len(summary) > 2 and "share" in summary[-1] else "")
+        return {
+            self.behave_status: md_text(status, MAX_MESSAGE_CHARS),
+            self.behave_plot: behaviour_figure(document, self._energy_kept(document)),
+            self.behave_table: table,
+            self.behave_rows: rows,
+            self.behave_continuations: side,
+        }
+
+    def _energy_kept(self, document: dict[str, Any]) -> dict[int, float] | None:
+        """The weight audit's overall energy kept at the document's ranks, if that pair's audit is stored."""
+        base, finetune = document.get("base") or {}, document.get("finetune") or {}
+        key = self.store.find(str(base.get("spec") or ""), str(finetune.get("spec") or ""))
+        report = self.store.load_report(key) if key else None
+        if report is None or report.status != "complete":
+            return None
+        try:
+            ranks = document["settings"]["ranks"]
+            return {r: report.with_rank(r).summary().overall.energy_retained for r in ranks}
+        except (LorafidError, KeyError):
+            return None
 
     def _weight_audit_tab(self) -> None:
         """The weight audit: two repos in, per-matrix fidelity charts out (wired in ``_wire``)."""
@@ -549,11 +727,11 @@ class Dashboard:
         demo.load(
             self.open_link,
             [self.query, self.rank, self.metric],
-            [*view, *inputs, self.rank, self.metric, self.progress, self.gallery, self.refs, self.provider_rank],
+            [*view, *inputs, self.rank, self.metric, self.progress, self.gallery, self.refs],
             js="(query, rank, metric) => [window.location.search, rank, metric]",
             api_name="open_link",
             queue=False,
-        )
+        ).then(self.quick_picks, [self.ref, self.rank], self.provider_rank, api_visibility="private", queue=False)
 
     # -- handlers ------------------------------------------------------------------------
 
@@ -766,7 +944,7 @@ class Dashboard:
             self.base_revision: link.base_revision,
             self.finetune_revision: link.finetune_revision,
             self.metric: metric,
-            **self._rank_controls(MAX_RANK, wanted),  # the slider's bounds until an audit is open
+            **self._rank_controls(MAX_RANK, wanted, picks=False),  # the slider's bounds until an audit is open
         }
         token = False if oauth_token is None else oauth_token.token
         revisions = (link.base_revision, link.finetune_revision)
@@ -814,7 +992,7 @@ class Dashboard:
         return {
             **self._view(ref, report.with_rank(shown), metric, request),
             **self._prefill(report),
-            **self._rank_controls(largest, shown),
+            **self._rank_controls(largest, shown, picks=False),  # the picks follow (quick_picks)
             self.metric: metric,
             self.progress: self._opened(ref, report) + note,
         }
@@ -829,7 +1007,7 @@ class Dashboard:
                 f"{code_span(report.finetune.spec)}. These models are local files, not Hub repos, so the form "
                 "stays empty for your own pair."
             )
-        where = {"store": "from this server's store", "registry": "from the public results registry"}.get(kind, "")
+        where = {"store": "from the store", "registry": "from the public results registry"}.get(kind, "")
         status = "partial: press **Run audit** to resume it" if report.status != "complete" else report.status
         return f"Opened {where} ({status})."
 
@@ -950,16 +1128,18 @@ class Dashboard:
             self.finetune_revision: report.finetune.requested_revision or "",
         }
 
-    def _rank_controls(self, largest: int, rank: float) -> dict[Any, Any]:
-        """The slider bounded by the audit's largest k, the quick picks that fit under it."""
+    def _rank_controls(self, largest: int, rank: float, *, picks: bool = True) -> dict[Any, Any]:
+        """The slider bounded by the audit's largest k (and the quick picks that fit under it)."""
         top = max(1, int(largest))
         value = min(max(1, int(rank)), top)
-        return {
-            self.rank: gr.Slider(maximum=top, value=value, label=_rank_label(top)),
-            self.provider_rank: gr.Radio(
-                choices=[str(r) for r in PROVIDER_RANKS if r <= top], value=_provider_choice(value)
-            ),
-        }
+        controls: dict[Any, Any] = {self.rank: gr.Slider(maximum=top, value=value, label=_rank_label(top))}
+        if picks:
+            controls[self.provider_rank] = _quick_picks(top, value)
+        return controls
+
+    def quick_picks(self, ref: str, rank: float) -> Any:
+        """After a permalink opened: the typical ranks that fit under the opened audit's largest k."""
+        return _quick_picks(_largest_k(self.reports.get(ref)) if ref else MAX_RANK, rank)
 
     def _hub_links(self, report: Report) -> str:
         """Both Hub repos, linked to their pages at the audited commits (IDs and SHAs are validated
@@ -1058,6 +1238,11 @@ def _samples(entries: list[GalleryEntry]) -> list[list[str]]:
     return [[pair(e), status(e), html_text(e.sentence)] for e in entries]
 
 
+def _quick_picks(largest: int, rank: float) -> Any:
+    """The typical provider ranks up to ``largest``, the one equal to ``rank`` selected."""
+    return gr.Radio(choices=[str(r) for r in PROVIDER_RANKS if r <= largest], value=_provider_choice(rank))
+
+
 def _rank_label(largest: int) -> str:
     return f"Any rank (1 to {largest:,})"
 
@@ -1065,6 +1250,37 @@ def _rank_label(largest: int) -> str:
 def _largest_k(report: Report) -> int:
     """The largest rank any of the report's matrices has (min of its shape); a bound for the slider."""
     return max((min(m.shape) for m in report.matrices), default=MAX_RANK)
+
+
+def behaviour_figure(document: dict[str, Any], energy_kept: dict[int, float] | None) -> Any:
+    """KL (left) and top-1 agreement with the weight audit's energy kept (right), by rank."""
+    from plotly.subplots import make_subplots
+
+    variants = document.get("variants") or {}
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("KL(fine-tune ‖ variant), nats per token", "share"))
+    for suffix, label, dash in (("", "lora-only", "solid"), ("+extras", "keep-extras", "dot")):
+        points = sorted(
+            (v["rank"], v)
+            for name, v in variants.items()
+            if v.get("kind") == "served" and name.endswith(suffix) and (suffix or not name.endswith("+extras"))
+        )
+        if not points:
+            continue
+        ranks = [r for r, _ in points]
+        line = {"dash": dash}
+        figure.add_scatter(x=ranks, y=[v["kl_mean"] for _, v in points], name=f"KL, {label}", line=line, row=1, col=1)
+        figure.add_scatter(
+            x=ranks, y=[v["top1_agreement"] for _, v in points], name=f"top-1, {label}", line=line, row=1, col=2
+        )
+    if "base" in variants:
+        figure.add_hline(y=variants["base"]["kl_mean"], line_dash="dash", annotation_text="base", row=1, col=1)
+    if energy_kept:
+        ranks = sorted(energy_kept)
+        figure.add_scatter(x=ranks, y=[energy_kept[r] for r in ranks], name="energy kept (weight audit)", row=1, col=2)
+    figure.update_xaxes(type="log", title_text="rank")
+    figure.update_yaxes(range=[0, 1.02], row=1, col=2)
+    figure.update_layout(height=380, margin={"t": 40, "b": 40, "l": 50, "r": 20}, legend={"orientation": "h"})
+    return figure
 
 
 def _parse_query(query: str) -> list[tuple[str, str]]:

@@ -656,6 +656,9 @@ def test_cli_probe(
 def test_dashboard_tab_refuses_private_endpoints_on_public_servers_and_runs_on_private_ones(
     hub: Any, pair: tuple[str, str], serve: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import importlib
+
+    import gradio as gr
     from gradio_client import Client
 
     import lorafid.probe
@@ -669,10 +672,11 @@ def test_dashboard_tab_refuses_private_endpoints_on_public_servers_and_runs_on_p
     monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "home"))
     config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "home", examples_dir=tmp_path, device="cpu")
     arguments = ["tiny-served", "sk-app-secret", *pair, "4,8,16,32"]
-    with serve_app(config) as url:  # a public deployment: the default
-        for endpoint, reason in ((server.url, "only calls https"), ("https://127.0.0.1:1/v1", "not a public address")):
-            with pytest.raises(Exception, match=reason):
-                Client(url, verbose=False).predict(endpoint, *arguments, api_name="/run_probe")
+    app = importlib.import_module("app")
+    public = app.Dashboard(config)  # a public deployment: the default
+    for endpoint, reason in ((server.url, "only calls https"), ("https://127.0.0.1:1/v1", "not a public address")):
+        with pytest.raises(gr.Error, match=reason):
+            next(public.run_probe(endpoint, *arguments, request=None))
     assert server.requests == []  # nothing was sent
     monkeypatch.setenv("LORAFID_PROBE_ANY_ENDPOINT", "1")  # a private deployment
     with serve_app(config) as url:
@@ -687,3 +691,9 @@ def test_dashboard_tab_refuses_private_endpoints_on_public_servers_and_runs_on_p
     stored = Store(tmp_path / "home").load_document("probe", key)
     assert stored is not None and stored["verdict"]["closest"] == "rank-8"
     assert "sk-app-secret" not in json.dumps(stored) and "/v1" not in json.dumps(stored)
+    # the permalink opens the stored check for anyone, with the fields filled in
+    viewer = app.Dashboard(config)
+    viewer.build()
+    shown = viewer.open_probe_link(f"?probe={key}", None)
+    assert shown[viewer.probe_verdict] == verdict and shown[viewer.probe_finetune] == pair[1]
+    assert viewer.open_probe_link("?probe=../../etc", None) == {}
