@@ -53,7 +53,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, Literal, overload
+from urllib.parse import quote, urlencode
 
 import httpx2
 import numpy as np
@@ -137,9 +138,21 @@ class RegistryEntry:
                 f"{REGISTRY_SCHEMA}. Upgrade lorafid to read it."
             )
         try:
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__})
-        except (KeyError, TypeError) as e:
+            entry = cls(**{k: data[k] for k in cls.__dataclass_fields__})
+            texts = (entry.path, entry.base, entry.finetune, entry.base_sha, entry.finetune_sha, entry.created)
+            well_formed = (
+                all(isinstance(t, str) for t in texts)
+                and entry.path.startswith("results/")
+                and entry.path.endswith(".json")
+                and ".." not in entry.path
+                and all(isinstance(v, float | int) for v in entry.energy_at.values())
+                and (entry.rank_for_90 is None or isinstance(entry.rank_for_90, int))
+            )
+        except (KeyError, TypeError, AttributeError) as e:
             raise ResultSchemaError(f"An index row of {REGISTRY_SCHEMA} is malformed ({e}).") from e
+        if not well_formed:
+            raise ResultSchemaError(f"An index row of {REGISTRY_SCHEMA} is malformed (a field of the wrong type).")
+        return entry
 
 
 def settings_hash(report: Report) -> str:
@@ -301,8 +314,8 @@ class Registry:
                 (f.path for f in self.api.list_repo_tree(self.repo_id, "index", repo_type="dataset")),
                 reverse=True,
             )
-        except RemoteEntryNotFoundError:
-            shards = []  # a new registry: nothing published yet
+        except (RemoteEntryNotFoundError, RepositoryNotFoundError):
+            shards = []  # a new registry, or no index yet: nothing published
         except _NETWORK_ERRORS as e:
             self._note_failure(e)
             raise RegistryError(f"Could not read the registry {self.repo_id} ({_reason(e)}).") from e
@@ -563,14 +576,20 @@ class RegistryWriter:
             return len(fresh)
 
     def start(self) -> RegistryWriter:
-        """Commit in the background: the first queued result waits at most ``interval_s``."""
+        """Commit in the background, at most once per ``interval_s``: a result queued after a
+        quiet spell is committed at once; those queued soon after wait and go together."""
         if self._thread is None:
+            if self.pending():
+                self._wake.set()  # left by a previous run (a commit failed, or the server stopped)
             self._thread = threading.Thread(target=self._loop, name="lorafid-registry", daemon=True)
             self._thread.start()
         return self
 
     def close(self, *, flush: bool = True) -> None:
-        """Stop the thread; by default try one last commit (what fails stays in the outbox)."""
+        """Stop the thread; by default try one last commit (what fails stays in the outbox).
+        Only the first call does anything (the app also registers it to run at exit)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -747,3 +766,65 @@ def _reason(error: Exception) -> str:
 
 def _cut(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# -- the public results table ---------------------------------------------------------------------
+
+TABLE_HEADERS: tuple[str, ...] = (
+    "Fine-tune",
+    "Base",
+    *(f"Kept at rank {r} (%)" for r in TABLE_RANKS),
+    "Rank for 90%",
+    "Matrices",
+    "Audited",
+    "lorafid",
+    "Full result",
+)
+TABLE_TYPES: tuple[Literal["str", "number", "markdown"], ...] = (
+    "markdown",
+    "markdown",
+    "number",  # one per TABLE_RANKS
+    "number",
+    "number",
+    "number",
+    "number",
+    "number",
+    "str",
+    "str",
+    "markdown",
+)
+
+
+def table_rows(
+    entries: list[RegistryEntry], *, hub_url: str, registry: Registry, base: str | None = None
+) -> list[list[Any]]:
+    """Rows of the public results table (``TABLE_HEADERS``), optionally for one base model.
+
+    Shares are numbers (percent, so the table sorts them as numbers); repo cells link to the
+    Hub at the audited commit; the last cell links to the result file and opens it here.
+    Rows whose repo IDs or SHAs are not well-formed are left out (they would be links).
+    """
+    rows = []
+    for e in entries:
+        if base and e.base != base:
+            continue
+        if not all(_REPO_ID_RE.match(r) for r in (e.base, e.finetune)) or not all(
+            re.fullmatch(r"[0-9a-f]{40}", s) for s in (e.base_sha, e.finetune_sha)
+        ):
+            continue
+        link = urlencode(
+            {"base": e.base, "finetune": e.finetune, "base_revision": e.base_sha, "finetune_revision": e.finetune_sha}
+        )
+        rows.append(
+            [
+                f"[{e.finetune}]({hub_url}/{e.finetune}/tree/{e.finetune_sha}) @{e.finetune_sha[:7]}",
+                f"[{e.base}]({hub_url}/{e.base}/tree/{e.base_sha}) @{e.base_sha[:7]}",
+                *(round(100 * float(e.energy_at.get(str(r), float("nan"))), 3) for r in TABLE_RANKS),
+                e.rank_for_90,
+                e.matrices,
+                e.created[:10],
+                e.tool_version,
+                f"[JSON]({registry.url}/blob/main/{quote(e.path)}) · [open](?{link})",
+            ]
+        )
+    return rows

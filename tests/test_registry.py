@@ -7,23 +7,31 @@ batch + PUT for the spectra, NDJSON commit) and every read through ``list_repo_t
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
+from gradio_client import Client
 from huggingface_hub import CommitOperationAdd, HfApi
 
 from lorafid.audit import Audit, AuditConfig
+from lorafid.dashboard import AppConfig
 from lorafid.errors import RegistryError, ResultSchemaError, VerificationError
 from lorafid.registry import (
     PRECISION,
+    TABLE_HEADERS,
     TABLE_RANKS,
+    TABLE_TYPES,
     Registry,
     RegistryEntry,
     RegistrySettings,
@@ -33,6 +41,7 @@ from lorafid.registry import (
     publish_refusal,
     result_files,
     result_path,
+    table_rows,
     verify,
 )
 from lorafid.report import Report
@@ -193,11 +202,11 @@ def test_permalink_lookup_by_pinned_commits_and_branch(hub: HubServer, store: St
         reg.entry("f" * 20)
 
 
-def test_writer_thread_commits_what_is_queued(hub: HubServer, store: Store, tmp_path: Path) -> None:
+def test_writer_thread_commits_what_a_previous_run_left_at_once(hub: HubServer, store: Store, tmp_path: Path) -> None:
     reports = [run_audit(hub, store), run_audit(hub, store, TUNED2)]
-    writer = RegistryWriter(registry(hub, tmp_path), tmp_path / "outbox", interval_s=0.2)
-    for report in reports:
-        writer.submit(report)
+    for report in reports:  # queued by a server that stopped before committing them
+        RegistryWriter(registry(hub, tmp_path), tmp_path / "outbox").submit(report)
+    writer = RegistryWriter(registry(hub, tmp_path), tmp_path / "outbox", interval_s=3600)  # the next start
     writer.start()
     try:
         for _ in range(200):
@@ -429,3 +438,144 @@ def test_cli_never_publishes_a_gated_audit(cli_env: HubServer, capsys: pytest.Ca
     error = capsys.readouterr().err
     assert "Not published: org/gated is gated" in error and "kept in the local store" in error
     assert cli_env.dataset_commits == [] and not cli_env.requests_matching(path_contains="/api/repos/create")
+
+
+# -- the dashboard: publish in the background, open from a second server, the results table ------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(client: Client, base: str, finetune: str, rank: int = 8, token: str = "") -> list[tuple]:
+    """Every streamed update of one audit through the page's endpoint, the final one last."""
+    job = client.submit(base, finetune, "", "", rank, "energy_retained", token, api_name="/run_audit")
+    job.result(timeout=120)
+    return job.outputs()
+
+
+def plain(markdown: str) -> str:
+    """Markdown of untrusted text as the reader sees it (backslash escapes removed)."""
+    return re.sub(r"\\(.)", r"\1", markdown)
+
+
+def progress_of(outputs: tuple | list) -> str:
+    """The progress line among a handler's outputs (the only text that starts like one)."""
+    starts = ("Done:", "Opened", "This pair has not been audited", "Could not open")
+    return plain(next(str(v) for v in outputs if isinstance(v, str) and v.startswith(starts)))
+
+
+@contextlib.contextmanager
+def dashboard(config: AppConfig) -> Iterator[tuple[Client, Any]]:
+    """A dashboard (with its ``Dashboard`` object, to reach its writer) served on a free port."""
+    app = importlib.import_module("app")
+    board = app.Dashboard(config)
+    demo = board.build()
+    demo.launch(
+        prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **app.launch_options()
+    )
+    try:
+        yield Client(demo.local_url, verbose=False), board
+    finally:
+        demo.close()
+        if board.publisher is not None:
+            board.publisher.close(flush=False)
+
+
+def final_progress(updates: list[tuple]) -> str:
+    return progress_of(updates[-1])
+
+
+@pytest.fixture
+def app_env(hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubServer:
+    importlib.import_module("app")  # its module-level demo is built before the registry is configured
+    monkeypatch.setenv("LORAFID_REGISTRY", REGISTRY)
+    monkeypatch.setenv("LORAFID_REGISTRY_TOKEN", WRITER)
+    monkeypatch.setenv("LORAFID_REGISTRY_INTERVAL_S", "3600")  # the test commits with flush()
+    return hub
+
+
+def config_for(hub: HubServer, home: Path) -> AppConfig:
+    return AppConfig(endpoint=hub.endpoint, store_home=home, examples_dir=home / "no-examples", device="cpu")
+
+
+def test_dashboard_publishes_public_audits_only_and_a_second_server_opens_them(
+    app_env: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub, visitor = app_env, "visitor-token"
+    with dashboard(config_for(hub, tmp_path / "server-a")) as (client, board):
+        public = run(client, BASE, TUNED, rank=8, token=visitor)
+        assert f"will be published to {REGISTRY}" in final_progress(public)
+        link = next(v for v in public[-1] if isinstance(v, str) and v.startswith("http") and "finetune_revision=" in v)
+        gated = run(client, BASE, GATED, rank=8, token=visitor)
+        assert f"Not published: {GATED} was not public when audited" in final_progress(gated)
+        board.publisher.flush()  # the writer's thread may have committed the first result already
+        assert board.publisher.pending() == [] and len(hub.dataset_commits) == 1
+        # Every registry request carried the server's own token; the visitor's never reached it.
+        registry_requests = [
+            r for r in hub.requests if any(p in r.path for p in ("datasets", "/api/repos/", "/lfs-upload/"))
+        ]
+        assert len([r for r in registry_requests if r.method in ("POST", "PUT")]) >= 4  # create, preupload, LFS, commit
+        assert all(
+            r.headers.get("authorization") == f"Bearer {WRITER}" for r in registry_requests if r.method == "POST"
+        )
+        assert not any(visitor in r.headers.get("authorization", "") for r in registry_requests)
+    files = hub.dataset_files(REGISTRY)
+    assert [p for p in files if p.startswith("results/")] == [
+        p for p in files if p.startswith(f"results/{BASE}/{TUNED}/")
+    ]  # the gated audit is not there
+    assert not any(GATED in content.decode("latin-1") for content in files.values())
+
+    # A second server: an empty store, no write token. The pinned link opens from the registry.
+    monkeypatch.delenv("LORAFID_REGISTRY_TOKEN")
+    with dashboard(config_for(hub, tmp_path / "server-b")) as (client, board):
+        assert board.publisher is None
+        query = "?" + link.split("?", 1)[1]
+        opened = client.predict(query, 8, "energy_retained", api_name="/open_link")
+        assert re.match(r"Opened from .*registry", progress_of(opened))
+        assert any(str(v).startswith("**Rank 8 keeps") for v in opened)  # the summary card
+        gallery = next(v for v in opened if isinstance(v, dict) and "samples" in v)
+        assert any(TUNED in row[0] and "published" in row[0] for row in gallery["samples"])
+        table = client.predict("All base models", api_name="/results_table")
+        frame = table[0]
+        assert len(frame["data"]) == 1 and TUNED in frame["data"][0][0]
+        assert "1 published audit(s)." in table[2]
+    assert Store(tmp_path / "server-b").list_audits() == []  # opened from the registry, not recomputed
+
+
+def test_dashboard_with_a_read_only_registry_keeps_everything_here(
+    app_env: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORAFID_REGISTRY_TOKEN", READER)
+    with dashboard(config_for(app_env, tmp_path / "server")) as (client, board):
+        updates = run(client, BASE, TUNED, rank=8)
+        link = next(v for v in updates[-1] if isinstance(v, str) and v.startswith("http") and "finetune_revision=" in v)
+        with pytest.raises(RegistryError):
+            board.publisher.flush()
+        note = board.publisher.note()
+        assert "could not be written" in note and "1 result(s) are kept on this server" in note
+        opened = client.predict("?" + link.split("?", 1)[1], 8, "mse", api_name="/open_link")
+        assert re.match(r"Opened from .*store", progress_of(opened))  # the local store still serves it
+        assert app_env.dataset_commits == []
+    assert len(RegistryWriter(registry(app_env, tmp_path), tmp_path / "server" / "registry-outbox").pending()) == 1
+
+
+def test_results_table_rows_filter_and_link(hub: HubServer, store: Store, tmp_path: Path) -> None:
+    reg = registry(hub, tmp_path)
+    writer = RegistryWriter(reg, tmp_path / "outbox")
+    first, second = run_audit(hub, store), run_audit(hub, store, TUNED2)
+    writer.submit(first)
+    writer.submit(second)
+    writer.flush()
+    entries = reg.entries()
+    rows = table_rows(entries, hub_url="https://hub.example", registry=reg)
+    assert len(rows) == 2 and all(len(r) == len(TABLE_HEADERS) == len(TABLE_TYPES) for r in rows)
+    row = next(r for r in rows if TUNED2 in r[0])
+    sha = second.finetune.resolved_sha or ""
+    assert row[0] == f"[{TUNED2}](https://hub.example/{TUNED2}/tree/{sha}) @{sha[:7]}"
+    assert row[2:6] == [round(100 * reference_energy_at(second, r), 3) for r in TABLE_RANKS]
+    assert row[6] == second.summary().rank_for_90
+    assert f"finetune_revision={sha}" in row[-1] and "/blob/main/results/" in row[-1]
+    assert table_rows(entries, hub_url="", registry=reg, base="org/other") == []
