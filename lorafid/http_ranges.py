@@ -10,7 +10,12 @@ never "the first N bytes of what came back".
 Where the bytes live is someone else's job: the reader calls ``locate(file)`` (the Hub's
 resolve -> CDN redirect, done by ``source.py``), caches the answer, and calls it again when
 the signed CDN URL has expired (403). Transient failures (429, 5xx, connection errors, short
-bodies) are retried with bounded exponential backoff.
+bodies) are retried with bounded exponential backoff, and each retry is logged (``logging``,
+logger ``lorafid.http_ranges``, level INFO: ``lorafid --verbose`` shows them).
+
+Requests go through huggingface_hub's configured HTTP client (``get_session``), so proxies,
+CA bundles and transports set with ``huggingface_hub.set_client_factory`` apply to the byte
+reads as they do to the Hub API calls.
 
 Not here: Hub API calls, error mapping for repos, header parsing, any retry of a response
 that came back wrong-but-complete (wrong status or Content-Range: retrying would not help).
@@ -18,6 +23,7 @@ that came back wrong-but-complete (wrong status or Content-Range: retrying would
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -27,8 +33,11 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
 import httpx2
+from huggingface_hub import get_session
 
 from lorafid.errors import FetchError
+
+logger = logging.getLogger(__name__)
 
 # connect 10 s: a Hub or CDN that does not accept a connection in 10 s is down; read 60 s:
 # the longest pause between two body packets we wait out before retrying the chunk.
@@ -106,6 +115,7 @@ class RangeReader:
         describe: file name -> "repo org/name, file x" for error messages.
         chunk_bytes: largest single GET; ranges above it are split and fetched in parallel.
         max_workers: parallel GETs per reader.
+        client: the HTTP client; None uses huggingface_hub's configured, shared one (never closed here).
     """
 
     def __init__(
@@ -116,18 +126,15 @@ class RangeReader:
         chunk_bytes: int = 16 * 2**20,
         max_workers: int = 8,
         retry: RetryPolicy | None = None,
+        client: httpx2.Client | None = None,
     ) -> None:
         if chunk_bytes < 1 or max_workers < 1:
             raise ValueError("chunk_bytes and max_workers must be positive")
         self._locate_fn, self._describe = locate, describe
         self.chunk_bytes, self.max_workers = chunk_bytes, max_workers
         self.retry = retry or RetryPolicy()
-        # follow_redirects=False: the only redirect we accept is resolve -> CDN, done by locate().
-        self._client = httpx2.Client(
-            timeout=HTTP_TIMEOUT,
-            follow_redirects=False,
-            limits=httpx2.Limits(max_connections=2 * max_workers, max_keepalive_connections=2 * max_workers),
-        )
+        # Looked up per request, not kept: set_client_factory() replaces the shared client.
+        self._own_client = client
         self._pool: ThreadPoolExecutor | None = None
         self._located: dict[str, RemoteFile] = {}
         self._lock = threading.Lock()
@@ -179,7 +186,7 @@ class RangeReader:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-        self._client.close()
+        # The client is huggingface_hub's shared one, or the caller's: not ours to close.
 
     # -- internals ---------------------------------------------------------------------------
     def _get_pool(self) -> ThreadPoolExecutor:
@@ -220,6 +227,7 @@ class RangeReader:
                     ) from e
                 relocations += 1
                 attempt -= 1  # an expired URL is not a failed try
+                logger.info("%s: the signed file URL expired (HTTP 403); resolving it again", self._describe(file))
                 remote = self._locate(file, stale=remote)
             except _Transient as e:
                 if attempt >= self.retry.max_tries:
@@ -227,7 +235,18 @@ class RangeReader:
                         f"Bytes {start}-{end - 1} of {self._describe(file)} could not be read after "
                         f"{attempt} tries (last: {e}). The Hub or the network is failing; try again later."
                     ) from e
-                time.sleep(self.retry.wait_s(attempt, e.retry_after_s))
+                wait_s = self.retry.wait_s(attempt, e.retry_after_s)
+                logger.info(
+                    "bytes %d-%d of %s: %s; retrying in %.1f s (try %d of %d)",
+                    start,
+                    end - 1,
+                    self._describe(file),
+                    e,
+                    wait_s,
+                    attempt + 1,
+                    self.retry.max_tries,
+                )
+                time.sleep(wait_s)
 
     def _get_once(self, file: str, remote: RemoteFile, start: int, end: int, out: memoryview) -> None:
         """One GET of ``[start, end)`` straight into ``out``; raises unless every check passes."""
@@ -236,7 +255,11 @@ class RangeReader:
         with self._lock:
             self.requests_made += 1
         try:
-            with self._client.stream("GET", remote.url, headers=headers) as response:
+            client = self._own_client if self._own_client is not None else get_session()
+            # follow_redirects=False: the only redirect accepted is resolve -> CDN, done by locate().
+            with client.stream(
+                "GET", remote.url, headers=headers, follow_redirects=False, timeout=HTTP_TIMEOUT
+            ) as response:
                 status = response.status_code
                 if status == 403:
                     raise _Expired()

@@ -37,6 +37,7 @@ from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_url
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import build_hf_headers
 
+from lorafid import __version__
 from lorafid.errors import (
     FetchError,
     GatedRepoError,
@@ -50,6 +51,7 @@ from lorafid.errors import (
 from lorafid.http_ranges import RangeReader, RemoteFile, RetryPolicy
 from lorafid.safetensors_format import HEADER_PROBE_BYTES, SafetensorsHeader, parse_file_prefix, parse_header_length
 
+LIBRARY_NAME = "lorafid"  # with __version__, in the user agent of every request (Hub API, resolve, CDN)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -307,9 +309,9 @@ class HubSource(Source):
         self.info = info
         self._files = []
         try:
-            model = HfApi(endpoint=self._endpoint, token=token).model_info(
-                self._repo_id, revision=info.requested_revision, timeout=30
-            )
+            model = HfApi(
+                endpoint=self._endpoint, token=token, library_name=LIBRARY_NAME, library_version=__version__
+            ).model_info(self._repo_id, revision=info.requested_revision, timeout=30)
         except (hf_errors.HfHubHTTPError, httpx2.TransportError) as e:
             raise self._hub_error(e) from e
         if not re.fullmatch(r"[0-9a-f]{40}", model.sha or ""):
@@ -363,14 +365,20 @@ class HubSource(Source):
         url = hf_hub_url(self._repo_id, file, revision=self.info.resolved_sha, endpoint=self._endpoint)
         try:
             meta = get_hf_file_metadata(
-                url, token=self._token, timeout=30, endpoint=self._endpoint, retry_on_errors=True
+                url,
+                token=self._token,
+                timeout=30,
+                endpoint=self._endpoint,
+                retry_on_errors=True,
+                library_name=LIBRARY_NAME,
+                library_version=__version__,
             )
         except (hf_errors.HfHubHTTPError, httpx2.TransportError) as e:
             raise self._hub_error(e, file) from e
         if meta.size is None:
             raise FetchError(f"{self.describe(file)}: the Hub did not report the file size; cannot read by range.")
         location = urljoin(url, meta.location)
-        headers = build_hf_headers(token=self._token)
+        headers = build_hf_headers(token=self._token, library_name=LIBRARY_NAME, library_version=__version__)
         if _origin(location) != _origin(self._endpoint):
             headers.pop("authorization", None)  # the CDN URL is signed; the token stays with the Hub
         return RemoteFile(location, meta.size, headers)

@@ -255,3 +255,16 @@ def test_plan_closes_the_base_when_the_finetune_fails_to_open(
     job.close()
     with pytest.raises(sqlite3.ProgrammingError):
         job.store.list_audits()
+
+
+def test_verbose_shows_retries_on_stderr(hub: HubServer, hub_env: dict[str, str], tmp_path: Path) -> None:
+    base, finetune = model_pair()
+    hub.add_repo("org/base", shard_files(base, 1))
+    hub.add_repo("org/ft", shard_files(finetune, 1))
+    with hub.inject(status_sequence=[503]):
+        result = run_cli("--verbose", "audit", "org/base", "org/ft", "--quiet", env=hub_env)
+    assert result.returncode == 0, result.stderr
+    assert "lorafid: bytes " in result.stderr and "HTTP 503; retrying in" in result.stderr
+    with hub.inject(status_sequence=[503]):
+        quiet = run_cli("audit", "org/base", "org/ft", "--quiet", "--fresh", env=hub_env)
+    assert quiet.returncode == 0 and "retrying" not in quiet.stderr

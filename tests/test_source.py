@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 import safetensors.torch
 import torch
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download, set_client_factory
+from huggingface_hub.utils._http import default_client_factory
 
+import lorafid
+from lorafid import http_ranges
 from lorafid.errors import (
     FetchError,
     GatedRepoError,
@@ -30,7 +35,7 @@ from lorafid.errors import (
     RevisionNotFoundError,
     SafetensorsHeaderError,
 )
-from lorafid.http_ranges import RetryPolicy, chunk_bounds, expected_content_range, http_range
+from lorafid.http_ranges import RangeReader, RemoteFile, RetryPolicy, chunk_bounds, expected_content_range, http_range
 from lorafid.safetensors_format import HEADER_PROBE_BYTES
 from lorafid.source import (
     HubSource,
@@ -600,3 +605,113 @@ def test_hub_and_local_agree(hub: HubServer, tmp_path: Path) -> None:
         assert isinstance(remote, HubSource)
         assert remote.read_header("model.safetensors").tensors == local.read_header("model.safetensors").tensors
         assert read_all(remote) == read_all(local)
+
+
+# -- one configured client, named, with logged retries ----------------------------------------
+
+
+def test_every_request_names_lorafid_and_its_version(hub: HubServer) -> None:
+    hub.add_repo("org/m", {"model.safetensors": st(tensors())})
+    with open_hub(hub, "org/m") as src:
+        read_all(src)
+    origins = {r.origin for r in hub.requests}
+    assert {"hub", "cdn"} <= origins  # API, resolve and byte requests all seen
+    for request in hub.requests:
+        assert f"lorafid/{lorafid.__version__}" in request.headers.get("user-agent", ""), request
+
+
+def test_byte_reads_go_through_huggingface_hubs_configured_client(hub: HubServer) -> None:
+    """What users configure (proxies, CA bundles, transports) through huggingface_hub applies to range reads."""
+    hub.add_repo("org/m", {"model.safetensors": st(tensors())})
+    set_client_factory(lambda: httpx2.Client(headers={"X-Configured-Client": "yes"}, follow_redirects=True))
+    try:
+        with open_hub(hub, "org/m") as src:
+            read_all(src)
+    finally:
+        set_client_factory(default_client_factory)
+    assert cdn_gets(hub) and all(r.headers.get("x-configured-client") == "yes" for r in cdn_gets(hub))
+
+
+def test_retries_are_logged_not_silent(hub: HubServer, caplog: pytest.LogCaptureFixture) -> None:
+    hub.add_repo("org/m", {"model.safetensors": st(tensors())})
+    with (
+        open_hub(hub, "org/m") as src,
+        hub.inject(status_sequence=[503]),
+        caplog.at_level(logging.INFO, logger="lorafid"),
+    ):
+        src.read_header("model.safetensors")
+    retries = [r.getMessage() for r in caplog.records if r.name == "lorafid.http_ranges"]
+    assert len(retries) == 1
+    assert "HTTP 503; retrying in" in retries[0] and "org/m" in retries[0] and "(try 2 of 4)" in retries[0]
+    assert TOKEN not in retries[0]
+
+
+# -- each response check, proven by a server that breaks exactly that rule --------------------
+
+PAYLOAD = bytes(range(256)) * 4
+
+
+def streamed(status: int, headers: dict[str, str], body: bytes = b"") -> httpx2.Response:
+    """A response whose body arrives as a stream, as from a socket (``iter_raw`` reads it)."""
+    return httpx2.Response(
+        status, headers={**headers, "Content-Length": str(len(body))}, stream=httpx2.ByteStream(body)
+    )
+
+
+def scripted_reader(*responses: httpx2.Response, retry: RetryPolicy = FAST) -> tuple[RangeReader, list[str]]:
+    """A reader whose server answers with ``responses`` in order (then the correct 206), by range."""
+    queue = list(responses)
+    seen: list[str] = []
+
+    def handle(request: httpx2.Request) -> httpx2.Response:
+        seen.append(request.headers["Range"])
+        if queue:
+            return queue.pop(0)
+        start, end = (int(x) for x in request.headers["Range"].removeprefix("bytes=").split("-"))
+        body = PAYLOAD[start : end + 1]
+        return streamed(206, {"Content-Range": f"bytes {start}-{end}/{len(PAYLOAD)}"}, body)
+
+    reader = RangeReader(
+        lambda file: RemoteFile("http://cdn.invalid/f", len(PAYLOAD), {}),
+        lambda file: f"repo org/m, file {file}",
+        retry=retry,
+        client=httpx2.Client(transport=httpx2.MockTransport(handle)),
+    )
+    return reader, seen
+
+
+def read_range(reader: RangeReader, start: int, end: int) -> bytes:
+    buf = bytearray(end - start)
+    reader.read_into("f", start, end, memoryview(buf))
+    return bytes(buf)
+
+
+def test_scripted_server_serves_correct_bytes() -> None:
+    reader, _ = scripted_reader()
+    assert read_range(reader, 10, 300) == PAYLOAD[10:300]
+
+
+def test_a_compressed_body_is_refused() -> None:
+    """Same length, right Content-Range, but Content-Encoding: gzip: the bytes are not the file's."""
+    lying = streamed(206, {"Content-Range": "bytes 0-99/1024", "Content-Encoding": "gzip"}, PAYLOAD[:100])
+    reader, _ = scripted_reader(lying)
+    with pytest.raises(FetchError, match=r"compressed the body \(gzip\)"):
+        read_range(reader, 0, 100)
+
+
+def test_a_body_longer_than_the_range_is_refused() -> None:
+    too_long = streamed(206, {"Content-Range": "bytes 0-99/1024"}, PAYLOAD[:110])
+    reader, _ = scripted_reader(too_long)
+    with pytest.raises(FetchError, match="more bytes than the range holds"):
+        read_range(reader, 0, 100)
+
+
+def test_retry_after_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server asking for an hour is waited on for max_retry_after_s, then read."""
+    waits: list[float] = []
+    monkeypatch.setattr(http_ranges.time, "sleep", waits.append)
+    policy = RetryPolicy(max_tries=3, max_retry_after_s=30.0)
+    assert policy.wait_s(1, 3600.0) == 30.0 and policy.wait_s(1, 2.0) == 2.0
+    reader, seen = scripted_reader(streamed(429, {"Retry-After": "3600"}), retry=policy)
+    assert read_range(reader, 0, 100) == PAYLOAD[:100]
+    assert waits == [30.0] and len(seen) == 2

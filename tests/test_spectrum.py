@@ -151,11 +151,23 @@ def test_noise_floor_explains_bf16_loss_of_an_exactly_low_rank_update() -> None:
     assert floor_lost == pytest.approx(lost, rel=0.2)  # ...and the floor accounts for it
 
 
-def test_tf32_state_is_restored() -> None:
-    before = torch.get_float32_matmul_precision()
-    with sp.exact_matmul():
-        assert torch.get_float32_matmul_precision() == "highest"
-    assert torch.get_float32_matmul_precision() == before
+def test_exact_matmul_turns_tf32_off_and_restores_it() -> None:
+    """Start from the TF32 settings a user may have chosen, so that doing nothing cannot pass."""
+    saved = (torch.get_float32_matmul_precision(),)
+    try:
+        torch.set_float32_matmul_precision("high")  # TF32 allowed (allow_tf32 reads True)
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+        with sp.exact_matmul():
+            assert torch.get_float32_matmul_precision() == "highest"
+            assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+        with pytest.raises(RuntimeError), sp.exact_matmul():  # restored on an error too
+            raise RuntimeError("boom")
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
 
 
 @pytest.mark.parametrize("shape", [(48, 20), (20, 48), (32, 32)])
