@@ -280,3 +280,38 @@ def test_cli_behave_writes_the_report(
     assert "rank-8" in printed and "top-1" in printed and "continuations identical" in printed
     assert main(["behave", str(dirs["base"]), str(tmp_path / "missing"), "--quiet"]) == 1
     assert "no such file or directory" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # gradio's own pandas use
+def test_dashboard_behaviour_tab_runs_stores_and_reopens(
+    hub: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gradio_client import Client
+
+    import lorafid.behaviour
+    from lorafid.dashboard import AppConfig
+    from lorafid.store import Store
+    from tests.test_app import serve as serve_app
+
+    family = model_family("llama", 2)
+    publish(hub, "org/base", family.base)
+    publish(hub, "org/tuned", family.full)
+    monkeypatch.setattr(lorafid.behaviour, "builtin_prompts", lambda: PROMPTS[:2])
+    monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "home"))
+    config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "home", examples_dir=tmp_path, device="cpu")
+    with serve_app(config) as url:
+        client = Client(url, verbose=False)
+        with pytest.raises(Exception, match="local path"):  # a public server reads Hub repos only
+            client.predict("./base", "org/tuned", "4", "both", False, api_name="/run_behaviour")
+        status, _, table, rows, side, download, link = client.predict(
+            "org/base", "org/tuned", "4,48", "both", False, api_name="/run_behaviour"
+        )
+    assert "2 prompts" in status and "?behaviour=" in link
+    assert [row[0] for row in table["data"]] == ["base", "rank-4", "rank-4+extras", "rank-48", "rank-48+extras"]
+    assert table["data"][-1][1] < FLOOR  # full rank, extras kept: lossless
+    assert [row[0] for row in rows["data"]] == ["knight", "sum"]
+    assert len(side["data"]) == 2 and side["data"][0][-1].endswith("[same]")
+    document = json.loads(Path(download).read_text())
+    assert document["schema"] == SCHEMA and document["base"]["repo_id"] == "org/base"
+    key = link.split("?behaviour=")[1].rstrip(")")
+    assert Store(tmp_path / "home").load_document("behaviour", key) == document
