@@ -13,7 +13,7 @@ Method (the numerics policy, recorded in every report as ``NUMERICS``):
     (see ``float32_noise_share``): in practice, nearly exactly-low-rank deltas. Measured
     on 2 CPU cores for a 4096×4096 Gram: ``eigvalsh`` 1.0-1.9 s in float32 against
     2.3-3.4 s in float64; the curve's error vs a float64 SVD stays ≤ 3e-7 either way
-    (docs/ARCHITECTURE.md, "Numerics"). ``svdvals`` in float32 takes 10.8 s for a
+    (docs/ARCHITECTURE.md, "Numerics policy"). ``svdvals`` in float32 takes 10.8 s for a
     14336×4096 Δ, and the full SVD with U and V that a LoRA extractor runs costs more still.
 
 Not done here: randomized / top-r SVD (biased: it under-counts retained energy), any I/O,
@@ -107,7 +107,7 @@ class DeltaSpectrum:
 
 @dataclass(frozen=True)
 class RankMetrics:
-    """The DESIGN.md metric table at one rank r (r above k behaves as k)."""
+    """Every metric at one rank r (r above k behaves as k); defined in docs/ARCHITECTURE.md, "Metrics"."""
 
     rank: int
     energy_retained: float
@@ -399,7 +399,7 @@ def metrics_from_retained(spectrum: DeltaSpectrum, rank: int, retained: float) -
 
 
 def metrics_at_rank(spectrum: DeltaSpectrum, rank: int) -> RankMetrics:
-    """Every metric of DESIGN.md's table at ``rank``, exactly, from the stored spectrum."""
+    """Every metric at ``rank``, exactly, from the stored spectrum (``RankMetrics``)."""
     return metrics_from_retained(spectrum, rank, energy_retained(spectrum, rank))
 
 
