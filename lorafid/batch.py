@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -135,12 +136,27 @@ def connect(address: str | None = "local", *, num_cpus: int | None = None) -> No
                 address="local", num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 2**20, **quiet
             )
         else:
+            _check_reachable(address)
             ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise LorafidError(
             f"Could not connect to Ray at {address!r} ({e}). Start a cluster with `ray start --head` and pass "
             "the address it prints, or use --ray local."
         ) from e
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast on a cluster address nobody answers at: Ray itself would retry without end.
+
+    Example: "10.0.0.5:6379" and "ray://10.0.0.5:10001" are probed; "auto" is left to Ray.
+    """
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"nothing answers at {host}:{port}: {e.strerror or e}") from e
 
 
 def run_batch(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ import pytest
 import torch
 
 from lorafid import spectrum as sp
-from lorafid.batch import BatchOptions, BatchProgress, _Driver, import_ray, run_batch
+from lorafid.batch import BatchOptions, BatchProgress, _check_reachable, _Driver, import_ray, run_batch
 from lorafid.catalogue import CataloguePair, load_catalogue, parse_csv, parse_yaml
 from lorafid.cli import main
 from lorafid.errors import CatalogueError, LorafidError, MissingExtraError
@@ -35,6 +36,16 @@ from tests.models import model_pair, shard_files, write_dir
 RANK = 8
 
 # -- catalogues (no Ray) -------------------------------------------------------------------
+
+
+def test_a_cluster_address_nobody_answers_at_fails_fast() -> None:
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(ConnectionError, match=f"nothing answers at 127.0.0.1:{port}"):
+            _check_reachable(address, timeout_s=2)
+    _check_reachable("auto")  # left to Ray: RAY_ADDRESS or the cluster `ray start` runs here
 
 
 def test_options_are_checked() -> None:
