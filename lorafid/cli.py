@@ -606,7 +606,8 @@ def _add_probe(commands: argparse._SubParsersAction) -> None:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    """Exit 0 with a complete probe; 1 when some prompts failed (the report keeps the rest)."""
+    """Exit 0 with a complete probe; 1 when some prompts failed, 130 when interrupted (the report
+    and the verdict keep the prompts it got)."""
     from lorafid.probe import Probe, ProbeConfig, probe_prompts
 
     _check_writable(args.out)
@@ -652,13 +653,15 @@ def _probe(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"\nread by {report.method}; {report.requests['sent']} requests sent\n{report.table()}")
     if report.status != "complete":
-        failed = len(report.failed_prompts)
+        interrupted = (report.error or "").startswith("interrupted")
+        failed = len(texts) - len(report.prompts)
         print(
-            f"lorafid: error: the probe is partial ({failed} of {len(texts)} prompts failed: "
-            f"{report.error or next(iter(report.failed_prompts.values()), '')}); the report keeps the rest.",
+            f"lorafid: {'interrupted' if interrupted else 'error'}: the probe is partial ({failed} of {len(texts)} "
+            f"prompts missing: {report.error or next(iter(report.failed_prompts.values()), '')}); the report keeps "
+            "the rest. Run the same command again for a complete probe.",
             file=sys.stderr,
         )
-        return 1
+        return 130 if interrupted else 1
     return 0
 
 

@@ -697,3 +697,23 @@ def test_dashboard_tab_refuses_private_endpoints_on_public_servers_and_runs_on_p
     shown = viewer.open_probe_link(f"?probe={key}", None)
     assert shown[viewer.probe_verdict] == verdict and shown[viewer.probe_finetune] == pair[1]
     assert viewer.open_probe_link("?probe=../../etc", None) == {}
+
+
+def test_cli_probe_that_loses_the_provider_midway_keeps_a_partial_report(
+    hub: Any, pair: tuple[str, str], serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from lorafid.cli import main
+
+    server = serve("rank-8", fail_after=6)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(_texts(server, 8)) + "\n")
+    out = tmp_path / "probe.json"
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    arguments = ["--model", "tiny-served", *pair, "--ranks", "4,8,16,32", "--prompts", str(prompts)]
+    options = ["--out", str(out), "--concurrency", "1", "--max-retries", "1", "--quiet"]
+    code = main(["probe", "--endpoint", server.url, *arguments, *options])
+    assert code == 1 and "the probe is partial (2 of 8 prompts missing" in capsys.readouterr().err
+    document = json.loads(out.read_text())
+    assert document["status"] == "partial" and len(document["prompts"]) == 6
+    # six answers, then failures and retries until the announced cap: 8 prompts + 2 channel tries + 1 retry
+    assert document["requests"]["sent"] == document["requests"]["max"] == 11 == len(server.requests)
