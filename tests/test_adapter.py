@@ -332,3 +332,42 @@ def test_cli_audit_with_adapter_writes_the_section(
     assert "of the change of the 6 matrices it touches; no rank-8 adapter could carry more." in printed
     data = json.loads(out.read_text())
     assert data["adapter"]["summary"]["matrices"] == 6 and data["adapter"]["source"]["repo_id"] == "org/lora"
+
+
+def test_adapter_curve_marks_the_adapter_next_to_the_optimum(tmp_path: Path, trained: dict) -> None:
+    from lorafid import plots
+
+    config = json.loads(trained["adapter"]["adapter_config.json"])
+    config["lora_alpha"] = 32  # the factors served at twice their scale: ‖Δ − 2Δ‖ = ‖Δ‖, all lost
+    adapter = {**trained["adapter"], "adapter_config.json": json.dumps(config).encode()}
+    report = audit_adapter(*_local(tmp_path, trained["base"], trained["finetune"], adapter), AuditConfig(rank=8))
+    figure = plots.adapter_curve(report)
+    line, marker = figure.data
+    assert line.name == "best adapter of each rank" and marker.name == "this adapter"
+    assert list(marker.x) == [8] and marker.y[0] == pytest.approx(1.0, abs=1e-6)
+    best = dict(zip(line.x, line.y, strict=True))
+    assert best[1] > best[4] > 0.0  # the optimum falls with rank; Δ is rank 8, so it reaches ~0 there
+    assert 8 not in best or best[8] < 1e-6
+    assert "the best rank-8 adapter would carry" in figure.layout.title.text
+
+
+def test_dashboard_compares_a_published_adapter(hub: HubServer, trained: dict, tmp_path: Path) -> None:
+    from gradio_client import Client
+
+    from lorafid.dashboard import AppConfig
+    from tests.test_app import serve
+
+    hub.add_repo("org/base", trained["base"])
+    hub.add_repo("org/merged", trained["finetune"])
+    hub.add_repo("org/lora", trained["adapter"])
+    config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "home", examples_dir=tmp_path / "ex", device="cpu")
+    with serve(config) as url:
+        client = Client(url, verbose=False)
+        summary, plot = client.predict(
+            "org/base", "org/merged", "", "", "org/lora", "", 8, "", api_name="/adapter_audit"
+        )
+        text = summary.replace("\\", "")  # the Markdown escapes of md_text
+        assert "The adapter (rank 8) carries 100" in text and "no rank-8 adapter could carry more" in text
+        assert "this adapter" in json.dumps(plot)
+        with pytest.raises(Exception, match="not a PEFT adapter"):
+            client.predict("org/base", "org/merged", "", "", "org/base", "", 8, "", api_name="/adapter_audit")
