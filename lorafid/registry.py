@@ -292,7 +292,8 @@ class Registry:
         operations.append(CommitOperationAdd(shard, "".join(r.to_json() + "\n" for r in rows).encode()))
         try:
             if not self._created:
-                self.api.create_repo(self.repo_id, repo_type="dataset", exist_ok=True)
+                # Public: anyone must be able to read and check what is published.
+                self.api.create_repo(self.repo_id, repo_type="dataset", private=False, exist_ok=True)
                 self._created = True
             info = self.api.create_commit(self.repo_id, operations, commit_message=message, repo_type="dataset")
         except _NETWORK_ERRORS as e:
@@ -314,8 +315,13 @@ class Registry:
                 (f.path for f in self.api.list_repo_tree(self.repo_id, "index", repo_type="dataset")),
                 reverse=True,
             )
-        except (RemoteEntryNotFoundError, RepositoryNotFoundError):
-            shards = []  # a new registry, or no index yet: nothing published
+        except RemoteEntryNotFoundError:
+            shards = []  # no index yet: nothing published
+        except RepositoryNotFoundError as e:
+            raise RegistryError(
+                f"The registry {self.repo_id} was not found: nothing was published to it yet, its name is "
+                "wrong, or it is private and this server has no token that reads it."
+            ) from e
         except _NETWORK_ERRORS as e:
             self._note_failure(e)
             raise RegistryError(f"Could not read the registry {self.repo_id} ({_reason(e)}).") from e

@@ -196,6 +196,8 @@ def test_permalink_lookup_by_pinned_commits_and_branch(hub: HubServer, store: St
     assert reg.find(BASE, TUNED, base_sha, "0" * 40) is None  # another commit of the fine-tune
     assert reg.find(BASE, TUNED, None, "v2") is None  # a branch it was not audited at
     assert reg.find(TUNED, BASE) is None
+    with pytest.raises(RegistryError, match="registry org/never-created was not found"):
+        Registry("org/never-created", endpoint=hub.endpoint, cache_dir=tmp_path / "x").entries()
     entry = reg.entry(report.base.resolved_sha or "")  # a unique prefix of the name
     assert reg.entry(entry.path).name == entry.name
     with pytest.raises(RegistryError, match="No result"):
