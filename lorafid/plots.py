@@ -229,11 +229,11 @@ def heatmap(report: Report, metric: str = "energy_retained") -> go.Figure:
         )
     )
     fig.update_layout(
-        title={"text": f"{spec.label} at rank {report.rank}{_progress_note(report)}", "y": 0.99, "yanchor": "top"},
+        title=f"{spec.label} at rank {report.rank}{_progress_note(report)}",  # above the colour bar (margin t)
         xaxis={"title": "module", "type": "category", "automargin": True},
         yaxis={"title": "layer", "type": "category", "autorange": "reversed", "automargin": True},
-        height=max(420, 220 + 14 * len(table.rows)),
-        margin={"l": 50, "r": 20, "t": 120, "b": 40},
+        height=max(450, 250 + 14 * len(table.rows)),
+        margin={"l": 50, "r": 20, "t": 150, "b": 40},
     )
     return fig
 
@@ -376,9 +376,8 @@ def loss_curves(report: Report, metric: str = "energy_retained") -> go.Figure:
     major = [4**e for e in range(0, 9) if 4**e <= top]
     minor = [2**e for e in range(0, 17) if 2**e <= top and 2**e not in major]
     fig.update_layout(
-        title=f"{spec.loss_label} versus rank{_progress_note(report)}",
-        xaxis={
-            "title": "LoRA rank",
+        title=f"{spec.loss_label}<br>versus LoRA rank{_progress_note(report)}",  # two lines: a phone's width
+        xaxis={  # no axis title: the chart's says "versus LoRA rank", and a phone needs the room
             "type": "log",
             "tickvals": major,
             "ticktext": [str(t) for t in major],

@@ -31,6 +31,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SCREENSHOT = os.environ.get("LORAFID_SCREENSHOT")
+SCREENSHOT_DIR = os.environ.get("LORAFID_SCREENSHOT_DIR")  # also keep the layout test's screenshots there
+VIEWPORTS = {"desktop": (1400, 900), "phone": (390, 844)}
 
 pytestmark = [
     pytest.mark.browser,
@@ -99,7 +101,7 @@ def test_run_move_rank_download_and_permalink(browser: object, page_url: str, tm
     assert report["finetune"]["repo_id"] == "org/tuned"
 
     link = page.locator("#permalink textarea, #permalink input").first.input_value()
-    assert "base=org%2Fbase" in link and link.endswith("rank=4")
+    assert "base=org%2Fbase" in link and "rank=4" in link and link.endswith("&metric=energy_retained")
 
     opened = browser.new_page(viewport={"width": 1400, "height": 1000})  # type: ignore[attr-defined]
     opened.set_default_timeout(30_000)
@@ -118,11 +120,12 @@ def test_bundled_example_opens_from_the_gallery(browser: object, hub: HubServer,
         page = browser.new_page(viewport={"width": 1400, "height": 1000})  # type: ignore[attr-defined]
         page.set_default_timeout(30_000)
         page.goto(url)
-        page.get_by_text("example: MiniLM full fine-tune").first.click()
+        page.get_by_text("MiniLM full fine-tune, float32").first.click()
         page.wait_for_selector("#heatmap .js-plotly-plot")
         wait_for_text(page, "#summary", example.summary().sentence())
         wait_for_text(page, "#heatmap", "intermediate.dense")
-        assert "all-MiniLM-L6-v2" in page.get_by_label("Base model").input_value()
+        wait_for_text(page, "#progress", "all-MiniLM-L6-v2")  # described beside the form, not in it
+        assert page.get_by_label("Base model").input_value() == ""
         rank_box = page.locator("#rank input[type=number]")
         rank_box.fill("8")
         rank_box.press("Enter")
@@ -133,3 +136,61 @@ def test_bundled_example_opens_from_the_gallery(browser: object, hub: HubServer,
             wait_for_text(page, "#summary", "Rank 64 keeps")
             page.wait_for_timeout(1000)  # let Plotly finish drawing
             page.screenshot(path=SCREENSHOT, full_page=True)
+
+
+LAYOUT_JS = """() => {
+  const width = window.innerWidth;
+  const rect = (el) => el.getBoundingClientRect();
+  const wordsWhole = (el) => { const text = el.firstChild || el;
+    const words = [...(text.textContent || '').matchAll(/\\S+/g)];
+    return text.nodeType === 3 && words.every((m) => { const r = document.createRange();
+      r.setStart(text, m.index); r.setEnd(text, m.index + m[0].length);
+      return new Set([...r.getClientRects()].map((b) => Math.round(b.top))).size === 1; }); };
+  const cells = [...document.querySelectorAll('#gallery tbody tr:first-child td')];
+  const numbers = [...document.querySelectorAll('#summary table td:last-child')];
+  const legendBelow = (id) => { const plot = document.querySelector(id + ' .nsewdrag');
+    const legend = document.querySelector(id + ' .legend'); return rect(legend).top >= rect(plot).bottom; };
+  const ticks = [...document.querySelectorAll('#curves .xtick text')].map(rect).sort((a, b) => a.left - b.left);
+  return {
+    overflow: document.documentElement.scrollWidth - width,
+    galleryCells: cells.length,
+    galleryInside: cells.every((c) => rect(c).left >= 0 && rect(c).right <= width + 1 && rect(c).width > 40),
+    galleryCut: cells.some((c) => c.innerText.trim().endsWith('...')),
+    numbersWhole: numbers.length > 0 && numbers.every(wordsWhole),
+    legendsBelow: legendBelow('#lines') && legendBelow('#curves'),
+    ticksApart: ticks.length > 2 && ticks.every((t, i) => i === 0 || t.left >= ticks[i - 1].right),
+    heatmapTop: rect(document.querySelector('#heatmap')).top,
+  };
+}"""
+
+
+@pytest.mark.parametrize("viewport", list(VIEWPORTS))
+def test_example_is_readable_on_desktop_and_phone(
+    browser: object, hub: HubServer, tmp_path: Path, viewport: str
+) -> None:
+    """Issue 10's layout items at 1400x900 and 390x844: the gallery shows every column, numbers
+    do not wrap, legends sit below their plots, rank ticks do not overlap, and opening a row
+    brings the charts into view. Screenshots go to LORAFID_SCREENSHOT_DIR (else tmp_path)."""
+    width, height = VIEWPORTS[viewport]
+    shots = Path(SCREENSHOT_DIR) if SCREENSHOT_DIR else tmp_path
+    shots.mkdir(parents=True, exist_ok=True)
+    config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "home")  # the bundled examples
+    with serve(config) as url:
+        page = browser.new_page(viewport={"width": width, "height": height})  # type: ignore[attr-defined]
+        page.set_default_timeout(30_000)
+        page.goto(url)
+        page.wait_for_selector("#gallery tbody tr")
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(shots / f"{viewport}-start.png"), full_page=True)
+        page.get_by_text("MiniLM full fine-tune, float32").first.click()
+        page.wait_for_selector("#curves .js-plotly-plot .legend")
+        wait_for_text(page, "#summary", "Rank 64 keeps")
+        page.wait_for_timeout(1000)  # let Plotly finish drawing, and the scroll settle
+        layout = page.evaluate(LAYOUT_JS)
+        page.screenshot(path=str(shots / f"{viewport}-opened.png"))
+        page.screenshot(path=str(shots / f"{viewport}-full.png"), full_page=True)
+    assert layout["overflow"] <= 1, layout  # nothing wider than the screen
+    assert layout["galleryCells"] == 3 and layout["galleryInside"] and not layout["galleryCut"], layout
+    assert layout["numbersWhole"], layout  # no number split across lines ("88.28 / %")
+    assert layout["legendsBelow"] and layout["ticksApart"], layout
+    assert -5 <= layout["heatmapTop"] <= height / 2, layout  # the charts came into view

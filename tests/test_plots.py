@@ -85,12 +85,95 @@ def _zrange(report: Report, metric: str) -> tuple[float, float]:
     return heat.zmin, heat.zmax
 
 
-def test_colour_scale_is_fixed_across_ranks() -> None:
+def test_log_colour_scales_are_fixed_across_ranks() -> None:
     report = _report()
-    for metric in plots.METRICS:
+    for metric in ("mse", "weight_rel_error"):
         assert len({_zrange(report.with_rank(r), metric) for r in (1, 2, 8, 64)}) == 1, metric
-    assert _zrange(report, "energy_retained") == _zrange(report, "cosine_distance") == (0.0, 1.0)
     assert plots.heatmap(report, "energy_retained").data[0].zauto is False
+
+
+@pytest.mark.parametrize("metric", ["energy_retained", "cosine_distance", "delta_rel_error"])
+@pytest.mark.parametrize("rank", [1, 3])
+def test_share_colour_scales_span_the_values_present_and_say_so(metric: str, rank: int) -> None:
+    report = _report().with_rank(rank)
+    values = [getattr(m.metrics(rank), metric) for m in report.matrices]
+    fig = plots.heatmap(report, metric)
+    assert _zrange(report, metric) == pytest.approx((min(values), max(values)))
+    assert max(values) - min(values) < 0.9  # narrower than the old fixed 0-1 scale
+    title = fig.data[0].colorbar.title.text
+    spec = plots.METRICS[metric]
+    assert f"colours span {plots._value_text(min(values), spec)} to {plots._value_text(max(values), spec)}" in title
+
+
+def test_one_value_gets_a_narrow_band_inside_zero_one() -> None:
+    report = _report()
+    assert plots.colour_range(report, "energy_retained", np.array([1.0, 1.0, np.nan])) == (0.99, 1.0)
+    assert plots.colour_range(report, "cosine_distance", np.array([0.0])) == (0.0, 0.01)
+    assert plots.colour_range(report, "energy_retained", np.array([np.nan])) == (0.0, 1.0)
+
+
+def _labels(axis: object) -> list[str]:
+    return [str(t) for t in axis.ticktext]  # type: ignore[attr-defined]
+
+
+def test_log_ticks_are_decades_a_reader_recognises() -> None:
+    report = _report(rank=3)
+    curves = plots.loss_curves(report, "energy_retained")
+    texts = _labels(curves.layout.yaxis)
+    assert 2 <= len(texts) <= 6
+    assert all(t in ("1", "0.1", "0.01", "10", "100") or t.startswith("1e") for t in texts), texts
+    assert [10.0 ** -int(t[3:]) if t.startswith("1e-") else float(t) for t in texts] == pytest.approx(
+        list(curves.layout.yaxis.tickvals)
+    )
+    assert plots._decade_text(-4) == "1e-4" and plots._decade_text(-16) == "1e-16"
+    assert plots._decades(1e-16, 1.0) == [0, -3, -6, -9, -12, -15]  # 17 decades, six labels
+    lines = plots.module_lines(report, "weight_rel_error")
+    assert lines.layout.yaxis.type == "log" and len(_labels(lines.layout.yaxis)) <= 6
+    heat = plots.heatmap(report, "mse").data[0]
+    assert all(t == "1" or t.startswith(("0.", "1e")) for t in heat.colorbar.ticktext)
+
+
+def test_rank_ticks_are_powers_of_four_with_minor_powers_of_two() -> None:
+    fig = plots.loss_curves(_report(rank=3), "energy_retained")
+    top = max(m.full_rank for m in _report().matrices)  # 16 and 12 here
+    assert list(fig.layout.xaxis.tickvals) == [r for r in (1, 4, 16) if r <= top]
+    assert list(fig.layout.xaxis.minor.tickvals) == [r for r in (2, 8) if r <= top]
+
+
+def test_legends_sit_below_the_plots() -> None:
+    _, lines, curves = plots.figures(_report(), "energy_retained")
+    for fig in (lines, curves):
+        assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0
+    assert plots.heatmap(_report()).data[0].colorbar.orientation == "h"
+
+
+def test_by_layer_axis_spans_the_values_drawn() -> None:
+    report = _report(rank=3)
+    fig = plots.module_lines(report, "energy_retained")
+    values = [m.energy_retained(3) for m in report.matrices]
+    low, high = fig.layout.yaxis.range
+    assert low < min(values) and high > max(values)
+    assert (high - low) < 1.04 * (max(values) - min(values)) * 1.2
+    assert fig.layout.yaxis.tickformat in (".0%", ".1%")
+
+
+def test_hover_names_layer_module_and_value_in_words() -> None:
+    report = _report(rank=3)
+    m = next(m for m in report.matrices if m.layer == 1 and m.module == "mlp.down_proj")
+    kept = m.energy_retained(3)
+    lines = plots.module_lines(report, "energy_retained")
+    trace = next(t for t in lines.data if t.name == "mlp.down_proj")
+    assert trace.text[1] == f"layer 1 · mlp.down_proj · kept {kept:.1%}"
+    assert trace.hovertemplate == "%{text}<extra></extra>"  # no side box cutting the name
+    distance = plots.module_lines(report, "cosine_distance").data[0].text[0]
+    assert distance.startswith("layer 0 · ") and "cosine distance 0." in distance
+    curves = plots.loss_curves(report, "energy_retained")
+    overall = next(t for t in curves.data if t.name == "all matrices")
+    i = list(overall.x).index(3)
+    assert overall.text[i] == f"rank 3 · all matrices · lost {overall.y[i]:.1%}"
+    heat = plots.heatmap(report, "energy_retained").data[0]
+    cell = heat.text[list(heat.y).index("1")][list(heat.x).index("mlp.down_proj")]
+    assert cell.startswith(f"layer 1 · mlp.down_proj · kept {kept:.1%}")
 
 
 def test_pending_cells_are_nan_and_titles_say_partial() -> None:
