@@ -360,6 +360,11 @@ def match_modules(adapter: Mapping[str, LoraModule], plan: PairingPlan, where: s
             reason = skipped.get(weight)
             problems.append(f"{module}: {'skipped in the fine-tune (' + reason + ')' if reason else 'no such matrix'}")
             continue
+        flipped = replace(lora, transposed=not lora.transposed)
+        if tuple(pair.shape) != lora.weight_shape() and tuple(pair.shape) == flipped.weight_shape():
+            # PEFT decides fan_in_fan_out per module from its class (Conv1D: in × out, Linear: out ×
+            # in) whatever the config says; a non-square weight shows which layout it is.
+            lora = flipped
         if tuple(pair.shape) != lora.weight_shape():
             problems.append(
                 f"{module}: the adapter changes a {list(lora.weight_shape())} weight, the model's is {list(pair.shape)}"

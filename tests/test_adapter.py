@@ -371,3 +371,19 @@ def test_dashboard_compares_a_published_adapter(hub: HubServer, trained: dict, t
         assert "this adapter" in json.dumps(plot)
         with pytest.raises(Exception, match="not a PEFT adapter"):
             client.predict("org/base", "org/merged", "", "", "org/base", "", 8, "", api_name="/adapter_audit")
+
+
+def test_layout_follows_the_weight_when_the_config_says_otherwise(tmp_path: Path) -> None:
+    """PEFT treats GPT-2's Conv1D as fan_in_fan_out whatever the config says; the shapes tell."""
+    torch.manual_seed(2)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=4))
+    base_files = _files(base)
+    model = _train_lora(base, LoraConfig(r=2, lora_alpha=2, target_modules=["c_fc"], fan_in_fan_out=True), 64)
+    adapter = _adapter_files(model, tmp_path / "saved")
+    config = json.loads(adapter["adapter_config.json"])
+    config["fan_in_fan_out"] = False  # as if a tool had dropped the flag
+    adapter["adapter_config.json"] = json.dumps(config).encode()
+    paths = _local(tmp_path, base_files, _files(model.merge_and_unload()), adapter)
+    section = section_of(audit_adapter(*paths, AuditConfig(rank=2)))
+    assert section is not None and [m.shape for m in section.matrices] == [(32, 128)]
+    assert section.matrices[0].energy_kept is not None and section.matrices[0].energy_kept > 1 - 1e-9
