@@ -65,6 +65,7 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
 
 VARIANT_KINDS: tuple[str, ...] = ("finetune", "base", "served")
 MAX_CONFIG_BYTES = 2**20  # a config.json is a few kB
+_READERS = 8  # tensors of one block read in parallel (each a range request on the Hub)
 
 WeightHook = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -166,6 +167,7 @@ class LayerStream:
         self._sources: tuple[Source, Source] | None = None
         self._plan: ModelPlan | None = None
         self._held: dict[str, int] = {}  # what is materialised now, by purpose: bytes
+        self._readers: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> LayerStream:
         return self
@@ -174,6 +176,9 @@ class LayerStream:
         self.close()
 
     def close(self) -> None:
+        if self._readers is not None:
+            self._readers.shutdown(wait=True, cancel_futures=True)
+            self._readers = None
         if self._sources:
             for source in self._sources:
                 source.close()
@@ -395,14 +400,20 @@ class LayerStream:
             if need_finetune and name in plan.finetune_tensors:
                 jobs.append(("finetune", name, finetune_source, plan.finetune_tensors[name]))
         out: dict[str, dict[str, torch.Tensor]] = {"base": {}, "finetune": {}}
-        with ThreadPoolExecutor(max_workers=max(1, min(8, len(jobs)))) as pool:
-            tensors = list(pool.map(lambda job: _read_tensor(job[2], job[3], pin), jobs))
+        tensors = list(self._pool().map(lambda job: _read_tensor(job[2], job[3], pin), jobs))
         for (side, name, _, _), tensor in zip(jobs, tensors, strict=True):
             out[side][name] = tensor
         self.stats.bytes_read += sum(job[3].size_bytes for job in jobs)
         self._held.clear()
         self._hold("read", tensors)
         return out
+
+    def _pool(self) -> ThreadPoolExecutor:
+        # One pool for the whole run: new threads per block would each get a fresh malloc arena,
+        # and freed block buffers left in old arenas made peak RSS creep up with depth.
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="lorafid-forward")
+        return self._readers
 
     def _final(self, variant: Variant, name: str, tensor: torch.Tensor) -> torch.Tensor:
         weight = tensor.to(self.device, self.config.dtype, non_blocking=True)
