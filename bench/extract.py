@@ -7,8 +7,10 @@ Both sides start from the same bf16 (base, fine-tune) tensors already on the dev
 with the rank-r factors (B, A) on it, in float32:
 
 - lorafid: ``spectrum.decompose`` (Δ in float32, float32 Gram matrix of the smaller side,
-  one float64 ``eigh``) and ``Decomposition.factors(r)``: the work ``lorafid extract`` does per
-  matrix, and it yields the full spectrum (every rank's loss) as well.
+  one float64 ``eigh``) and ``Decomposition.factors(r)``: the decomposition ``lorafid
+  extract`` runs per matrix, which yields the full spectrum (every rank's loss) as well.
+  (The extraction then also measures the stored factors against Δ, ``adapter.adapter_fit``:
+  2·m·n·r more multiply-adds in float64, not timed here.)
 - baseline: what ``mergekit-extract-lora`` runs per matrix: ``torch.linalg.svd(Δ.float(),
   full_matrices=False)`` and the factors ``U_r·sqrt(S_r)``, ``sqrt(S_r)·V_rᵀ``.
 
@@ -39,7 +41,7 @@ T = TypeVar("T")
 
 
 def lorafid_factors(base: torch.Tensor, finetune: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) with B·A = Δ_r, from one decomposition (what ``lorafid extract`` runs per matrix)."""
+    """(B, A) with B·A = Δ_r, from one decomposition (as ``lorafid extract`` computes them)."""
     _, decomposition = sp.decompose(base, finetune, rank)
     return decomposition.factors(rank)
 
