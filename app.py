@@ -56,6 +56,7 @@ from lorafid.dashboard import (
     md_text,
     page_url,
     parse_link,
+    release_memory,
     report_link,
     resolve_commit,
     summary_markdown,
@@ -104,7 +105,8 @@ README_SECTION = "what-the-numbers-mean"  # the README's table of metrics, linke
 SCROLL_TO_RESULTS_JS = "() => document.querySelector('#heatmap')?.scrollIntoView({block: 'start'})"
 CSS = """
 #gallery td { white-space: normal; }
-#summary table td:last-child { white-space: nowrap; }
+#summary table { width: 100%; }
+#summary td { word-break: normal; overflow-wrap: normal; hyphens: none; }  /* "88.28%" never splits */
 #progress progress { width: 100%; height: 0.8em; accent-color: var(--color-accent); }
 @media (max-width: 640px) {
   /* A phone gets one card per audit instead of a table wider than the screen. */
@@ -796,6 +798,7 @@ class Dashboard:
             )
         finally:
             self.visitors.give_back(visitor)
+            release_memory()  # a stopped or finished audit's pages go back to the OS
 
     def _stream(
         self,
@@ -888,6 +891,7 @@ class Dashboard:
     @user_errors
     def stopped(self, ref: str, rank: float, metric: str, request: gr.Request) -> dict[Any, Any]:
         """After Stop: show everything the store kept (the run's last frame may lag behind)."""
+        release_memory()  # the stopped audit's buffers and headers go back to the OS
         key = ref.removeprefix("store:") if ref.startswith("store:") else ""
         report = self.store.load_report(key) if key else None
         if report is None:
