@@ -1,6 +1,6 @@
 """A catalogue of 8 small pairs: ``lorafid audit`` one pair after another vs ``lorafid batch`` on local Ray.
 
-    python -m bench.batch                               # 2-core CPU: ~3 min
+    python -m bench.batch                               # 2-core CPU: several minutes, mostly the serial runs
     python -m bench.batch --preset tiny --layers 1      # a quick look
     python -m bench.batch --cap-mb-s 50                 # a slower Hub: bandwidth bounds both
 
@@ -85,6 +85,11 @@ def main() -> None:
             env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1"}
             env.pop("HF_TOKEN", None)
             costs = fixed_costs(env)
+            print(
+                f"{PAIRS} pairs · preset {args.preset} × {args.layers} layers · {cores} CPUs · Hub cap "
+                f"{args.cap_mb_s or 'none'} MB/s · load average before the runs {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
 
             serial_out = work / "serial"
             serial_out.mkdir()
@@ -102,6 +107,7 @@ def main() -> None:
                     str(serial_out / f"{i}.json"),
                 ]
                 serial_s += timed(command, serial_env)
+            print(f"serial lorafid audit ×{PAIRS}: {serial_s:7.2f} s", flush=True)
 
             catalogue = work / "catalogue.csv"
             catalogue.write_text("base,finetune\n" + "".join(f"bench/base-{i},bench/ft-{i}\n" for i in range(PAIRS)))
@@ -120,11 +126,6 @@ def main() -> None:
         compute_s = sum(r["timings"]["compute_s"] for r in serial_reports)
         size_bytes = sum(r["timings"]["bytes_read"] for r in serial_reports)
 
-    print(
-        f"{PAIRS} pairs · preset {args.preset} × {args.layers} layers · {size_bytes / PAIRS / 1e6:.0f} MB read "
-        f"per pair · {cores} CPUs · Hub cap {args.cap_mb_s or 'none'} MB/s"
-    )
-    print(f"serial lorafid audit ×{PAIRS}: {serial_s:7.2f} s")
     print(f"lorafid batch --ray local: {ray_s:7.2f} s   serial / Ray = {serial_s / ray_s:.2f}×")
     print("what bounds it:")
     print(
@@ -141,6 +142,7 @@ def main() -> None:
             f"  Hub: {size_bytes / 1e9:.2f} GB at {args.cap_mb_s:g} MB/s takes {size_bytes / cap:.1f} s at least, "
             "either way"
         )
+    print(f"  bytes: {size_bytes / PAIRS / 1e6:.1f} MB read per pair, {size_bytes / 1e9:.3f} GB in all")
     print(f"same loss both ways: largest difference {worst_gap:.1e}")
     if args.json:
         results: dict[str, Any] = {
