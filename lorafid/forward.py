@@ -210,7 +210,9 @@ class LayerStream:
         base_raw, finetune_raw = _all_tensors(base_source, finetune_source)
         names = _parameter_names(model_config)
         finetune_tensors = _map_names(names, finetune_raw, model_config, where=finetune_source.describe())
-        base_tensors = _map_names(names, base_raw, model_config, where=base_source.describe())
+        base_tensors = _map_names(names, base_raw, model_config, where=base_source.describe(), head_may_be_tied=True)
+        if "lm_head.weight" in finetune_tensors and "lm_head.weight" not in base_tensors:
+            base_tensors["lm_head.weight"] = base_tensors["model.embed_tokens.weight"]  # a base with a tied head
         _check_pair(model_config, base_config, base_tensors, finetune_tensors, self._specs)
         size = sum(t.size_bytes for t in base_raw.values()) + sum(t.size_bytes for t in finetune_raw.values())
         if cfg.max_model_bytes is not None and size > cfg.max_model_bytes:
@@ -594,7 +596,7 @@ def _parameter_names(config: Any) -> list[str]:
 
 
 def _map_names(
-    names: list[str], tensors: Mapping[str, TensorInfo], config: Any, *, where: str
+    names: list[str], tensors: Mapping[str, TensorInfo], config: Any, *, where: str, head_may_be_tied: bool = False
 ) -> dict[str, TensorInfo]:
     """Model parameter name -> the checkpoint's record, by exact name or under the wrapper prefix
     that the audit's pairing learns from the two name sets ("model." added or dropped, ...).
@@ -607,7 +609,8 @@ def _map_names(
     missing = [
         n
         for n in names
-        if n not in out and not (n == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))
+        if n not in out
+        and not (n == "lm_head.weight" and (head_may_be_tied or getattr(config, "tie_word_embeddings", False)))
     ]
     if missing:
         raise MissingModelFileError(

@@ -16,7 +16,13 @@ from typing import Any
 import pytest
 import torch
 
-from lorafid.errors import MissingModelFileError, UnsupportedArchitectureError, VocabularyMismatchError
+from lorafid.errors import (
+    GatedRepoError,
+    LimitExceededError,
+    MissingModelFileError,
+    UnsupportedArchitectureError,
+    VocabularyMismatchError,
+)
 from lorafid.forward import BASE, FINETUNE, ForwardConfig, LayerStream, Variant, served, stream_logprobs
 from lorafid.pairing import is_embedding
 from tests.llama_models import ARCHITECTURES, build_tokenizer, model_family, publish, with_files, write_model
@@ -148,6 +154,13 @@ def test_hub_sources_and_clear_errors(hub: Any) -> None:
     out = dict(stream_logprobs("org/base", "org/tuned", TEXTS[:1], [FINETUNE], config))
     assert out[0]["finetune"].shape[0] == len(TEXTS[0])
 
+    publish(hub, "org/gated", family.full, gated=True)
+    with pytest.raises(GatedRepoError, match="accept the licence"):
+        list(stream_logprobs("org/base", "org/gated", TEXTS[:1], [FINETUNE], config))
+    limited = ForwardConfig(endpoint=hub.endpoint, max_model_bytes=1000)
+    with pytest.raises(LimitExceededError, match="lorafid behave org/base org/tuned"):
+        list(stream_logprobs("org/base", "org/tuned", TEXTS[:1], [FINETUNE], limited))
+
     publish(hub, "org/noconfig", with_files(family.full, **{"config.json": None}))
     with pytest.raises(MissingModelFileError, match=r"config\.json"):
         list(stream_logprobs("org/base", "org/noconfig", TEXTS[:1], [FINETUNE], config))
@@ -185,3 +198,16 @@ def test_bad_inputs_are_refused(llama_dirs: dict[str, Path]) -> None:
         list(stream_logprobs(*specs, [[1]], [FINETUNE, Variant("finetune", "base")]))
     with pytest.raises(ValueError, match="rank"):
         Variant("x", "served")
+
+
+def test_base_with_a_tied_head_serves_its_embedding_as_head(tmp_path: Path) -> None:
+    from safetensors.torch import save
+
+    family = model_family("llama", 2)
+    tied = {n: t for n, t in family.base.tensors.items() if n != "lm_head.weight"}
+    base = write_model(with_files(family.base, **{"model.safetensors": save(tied)}), tmp_path / "tied-base")
+    full = write_model(family.full, tmp_path / "full")
+    out = dict(stream_logprobs(str(base), str(full), TEXTS[:1], [BASE]))
+    state = {**tied, "lm_head.weight": tied["model.embed_tokens.weight"]}
+    expected = whole_model_logprobs(family.full.files["config.json"], state, TEXTS[:1])[0]
+    assert (out[0]["base"] - expected).abs().max().item() < TOLERANCE
