@@ -950,7 +950,7 @@ class Dashboard:
             self.metric: metric,
             **self._rank_controls(MAX_RANK, wanted, picks=False),  # the slider's bounds until an audit is open
         }
-        token = False if oauth_token is None else oauth_token.token
+        token = self._token("", oauth_token)  # their sign-in; no token at all on a public server
         revisions = (link.base_revision, link.finetune_revision)
         found = self.catalog.find_example(link.base, link.finetune, *revisions)
         note = ""
