@@ -83,15 +83,18 @@ class Summary:
 
 
 def percent(share: float) -> str:
-    """A share as a percentage that never rounds a loss away: 0.9995 -> "99.95%", not "100%".
+    """A share as a percentage that never rounds a loss of 0.001% or more away: 0.9995 -> "99.95%".
 
-    Examples: 0.3141 -> "31%"; 0.99949 -> "99.95%"; 1.0 -> "100%"; 0.00002 -> "0.002%".
+    At most three decimals: a loss below 0.0005% (float rounding of stored weights) reads "100%",
+    not "100.000000%". Examples: 0.3141 -> "31%"; 0.99949 -> "99.95%"; 1.0 -> "100%";
+    0.00002 -> "0.002%"; 1 - 4e-9 -> "100%".
     """
     if share in (0.0, 1.0) or 0.01 <= share <= 0.99:
         return f"{share:.0%}"
     gap = min(share, 1.0 - share)  # the part that whole percents would hide
-    decimals = min(6, max(1, -math.floor(math.log10(gap * 100))))
-    return f"{share * 100:.{decimals}f}%"
+    decimals = min(3, max(1, -math.floor(math.log10(gap * 100))))
+    text = f"{share * 100:.{decimals}f}"
+    return f"{float(text):.0f}%" if float(text) in (0.0, 100.0) else f"{text}%"
 
 
 def summarize(matrices: Iterable[MatrixResult], vectors: Iterable[VectorResult], rank: int) -> Summary:

@@ -139,10 +139,12 @@ def test_audit_streams_and_completes(served: Served) -> None:
     shas = report["base"]["resolved_sha"], report["finetune"]["resolved_sha"]
     assert final[LINK].endswith(
         f"?base=org%2Fbase&finetune=org%2Ftuned&rank=8&base_revision={shas[0]}&finetune_revision={shas[1]}"
+        "&metric=energy_retained"
     )
     heatmap = json.loads(final[0]["plot"])
     assert heatmap["data"][0]["type"] == "heatmap"
-    assert final[GALLERY]["samples"][0][:2] == [f"{TUNED} vs {BASE}", "complete"]
+    # The gallery names both sides, labelled, in the form's order (base first).
+    assert final[GALLERY]["samples"][0][:2] == [f"<b>base</b> {BASE}<br><b>fine-tune</b> {TUNED}", "complete"]
 
 
 def test_rank_change_rederives_without_fetching(served: Served) -> None:
@@ -167,14 +169,14 @@ def test_rank_change_rederives_without_fetching(served: Served) -> None:
 def test_permalink_opens_the_stored_audit_without_recompute(served: Served) -> None:
     link = run(served.client(), rank=8)[-1][LINK]
     served.hub.clear_requests()
-    pinned = "?" + link.split("?", 1)[1].replace("rank=8", "rank=16")
-    opened = served.client().predict(pinned, 64, "mse", api_name="/open_link")
+    pinned = "?" + link.split("?", 1)[1].replace("rank=8", "rank=16").replace("=energy_retained", "=mse")
+    opened = served.client().predict(pinned, 64, "energy_retained", api_name="/open_link")
     assert served.hub.requests == []  # a pinned link of a public pair: no call at all
     summary, shown, base, finetune = opened[3], opened[4], opened[L_BASE], opened[L_FINETUNE]
-    rank, metric = opened[L_RANK], opened[L_METRIC]
-    assert (base, finetune, rank, metric) == (BASE, TUNED, 16, "mse")
+    rank, metric = opened[L_RANK]["value"], opened[L_METRIC]  # the slider, bounded by the audit's largest k
+    assert (base, finetune, rank, metric) == (BASE, TUNED, 16, "mse")  # the link's metric, not the page's
     assert summary.startswith("**Rank 16 keeps")
-    assert shown == link.replace("rank=8", "rank=16")
+    assert shown == link.replace("rank=8", "rank=16").replace("=energy_retained", "=mse")
     assert "Opened from the store" in opened[L_PROGRESS]
     # A link naming no commit is resolved with metadata calls only: never a weight byte.
     opened = served.client().predict("?base=org%2Fbase&finetune=org%2Ftuned&rank=16", 64, "mse", api_name="/open_link")
@@ -184,7 +186,7 @@ def test_permalink_opens_the_stored_audit_without_recompute(served: Served) -> N
 
 def test_permalink_of_an_unaudited_pair_prefills_only(served: Served) -> None:
     opened = served.client().predict("?base=org%2Fother&finetune=org%2Ftuned&rank=32", 64, "mse", api_name="/open_link")
-    assert (opened[L_BASE], opened[L_FINETUNE], opened[L_RANK]) == ("org/other", TUNED, 32)
+    assert (opened[L_BASE], opened[L_FINETUNE], opened[L_RANK]["value"]) == ("org/other", TUNED, 32)
     assert opened[0] == opened[3] == {"__type__": "update"}  # charts and summary left as they are
     assert "Could not open this link: Repo org/other was not found" in plain(opened[L_PROGRESS])
 
@@ -193,7 +195,7 @@ def test_gallery_opens_an_audit(served: Served) -> None:
     client = served.client()
     run(client, rank=8)
     opened = client.predict(0, 4, "energy_retained", api_name="/open_audit")
-    assert opened[3].startswith("**Rank 4 keeps")
+    assert opened[3].startswith("**Rank 8 keeps")  # the rank its gallery row describes, not the slider's 4
     assert (opened[L_BASE], opened[L_FINETUNE]) == (BASE, TUNED)
 
 
@@ -215,8 +217,10 @@ def test_bundled_example_is_listed_and_opens(hub: HubServer, tmp_path: Path, mon
     with serve(config) as url:
         opened = Client(url, verbose=False).predict("", 8, "energy_retained", api_name="/open_link")
         samples = opened[-1]["samples"]  # the gallery, refreshed on load
-        assert samples[0][0] == f"example: {tuned_dir} vs {base_dir}"
-        shown = Client(url, verbose=False).predict(0, 5, "energy_retained", api_name="/open_audit")
+        assert samples[0][0] == f"<i>example</i><br><b>base</b> {base_dir}<br><b>fine-tune</b> {tuned_dir}"
+        client = Client(url, verbose=False)
+        assert client.predict(0, 5, "energy_retained", api_name="/open_audit")[3].startswith("**Rank 8 keeps")
+        shown = client.predict(5, "energy_retained", api_name="/rerank")
         assert shown[3].startswith("**Rank 5 keeps")  # off the stored grid: the sidecar's spectra are used
         assert "rank=5" in shown[4]
 
@@ -299,7 +303,12 @@ def test_stop_keeps_what_was_computed(served: Served) -> None:
             time.sleep(0.05)
         job.cancel()
     stopped = client.predict(8, "energy_retained", api_name="/stop")
-    assert stopped[-1].startswith("Stopped: ")
+    summary, progress, gallery = stopped[3], stopped[5], stopped[6]
+    assert progress.startswith("**Stopped.**") and "Run audit" in progress
+    assert not any(ch.isdigit() for ch in progress)  # one count only: the table's "N of 8 (partial)"
+    assert re.search(r"\| matrices \| \d of 8 \(partial\) \|", summary)
+    (row,) = gallery["samples"]  # listed as partial, with how to resume
+    assert row[1] == "partial: open it, then <b>Run audit</b> resumes it"
     kept = download(client)
     assert kept["status"] == "partial" and kept["pending"]
     assert kept["matrices"]
@@ -544,9 +553,9 @@ def test_a_permalink_names_the_commits_it_shows(served: Served) -> None:
     new = served.client().predict(unpinned, 8, "mse", api_name="/open_link")
     assert old[3] == first[SUMMARY] and new[3] == second[SUMMARY] and old[3] != new[3]
     assert f"fine-tune {new_sha[:12]}" in plain(new[L_PROGRESS])
-    labels = [label for label in gallery_labels(served.client()) if label.startswith(TUNED)]
+    labels = [label for label in gallery_labels(served.client()) if f"<b>fine-tune</b> {TUNED}" in label]
     assert len(labels) == 2 and len(set(labels)) == 2
-    assert any(f"fine-tune @ {new_sha[:7]}" in label for label in labels)
+    assert any(f"{TUNED} @ {new_sha[:7]}" in label for label in labels)
 
 
 HOSTILE = [
@@ -565,8 +574,11 @@ def test_names_from_a_hostile_repo_render_as_text(served: Served) -> None:
     served.hub.add_repo("evil/tuned", shard_files(tuned, 1))
     client = served.client()
     final = run(client, base="evil/base", finetune="evil/tuned", rank=2)[-1]
-    rendered = MarkdownIt("commonmark").enable("table").render(final[SUMMARY])
+    rendered, hub_line = MarkdownIt("commonmark").enable("table").render(final[SUMMARY]).split("On the Hub:")
     assert "<a " not in rendered and "href" not in rendered.replace("&lt;a href", "")
+    # The only links: both repo pages at the audited commits, built from validated IDs and SHAs.
+    assert re.findall(r'href="[^"]*/(evil/\w+)/tree/[0-9a-f]{40}"', hub_line) == ["evil/base", "evil/tuned"]
+    assert hub_line.count("<a ") == 2
     worst = download(client, 2)["summary"]["worst"][0][0]
     assert html.escape(worst, quote=False) in rendered  # the whole name, as characters
     heatmap = json.loads(final[0]["plot"])
