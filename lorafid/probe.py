@@ -153,6 +153,8 @@ class TokenMap:
     """
 
     def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self.eos_id: int | None = tokenizer.eos_token_id
         size = len(tokenizer)
         raw = tokenizer.convert_ids_to_tokens(list(range(size)))
         decoded = tokenizer.batch_decode([[i] for i in range(size)])
@@ -175,6 +177,10 @@ class TokenMap:
         if token_id is not None:
             return token_id if 0 <= token_id < len(self.forms) else None
         return self._ids.get(token)
+
+    def encode_plain(self, text: str) -> list[int]:
+        """``text``'s ids without special tokens (a continuation, not a prompt)."""
+        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def accepts(self, token: str, token_id: int | None, expected: int) -> bool:
         """Whether the provider's token at a position is the tokenizer's ``expected`` id."""
@@ -231,17 +237,32 @@ def align_prompt(index: int, answer: ProviderAnswer, ids: Sequence[int], tokens:
 
 
 def align_chat(index: int, answer: ProviderAnswer, context: Sequence[int], tokens: TokenMap) -> Observation:
-    """The provider's greedy continuation after the chat ``context`` ids, mapped to ids."""
-    continuation: list[int] = []
-    for j, position in enumerate(answer.positions):
-        token_id = tokens.id_of(position.token, position.token_id)
-        if token_id is None:
-            raise TokenMismatchError(
-                f"Prompt {index}, generated token {j}: {position.token!r} is not one token of the fine-tune's "
-                "tokenizer; the endpoint does not serve this tokenizer."
-            )
-        continuation.append(token_id)
-    ids = (*context, *continuation)
+    """The provider's greedy continuation after the chat ``context`` ids, mapped to ids.
+
+    Token texts that name no single id (a piece of a multi-byte character shows as U+FFFD;
+    an end-of-sequence token as "") are recovered from the continuation's text, tokenized
+    again, when that gives as many tokens, agrees with every token that did map, and each
+    recovered id could be shown as the text the provider showed.
+    """
+    continuation = [tokens.id_of(p.token, p.token_id) for p in answer.positions]
+    if continuation and continuation[-1] is None and answer.positions[-1].token == "":
+        continuation[-1] = tokens.eos_id  # a stop token its server decodes to nothing
+    if None in continuation:
+        again: list[int | None] = [*tokens.encode_plain(answer.text)]
+        if continuation[-1] == tokens.eos_id and len(again) == len(continuation) - 1:
+            again.append(tokens.eos_id)
+        if len(again) == len(continuation) and all(
+            a == b if a is not None else b is not None and (p.token == "" or tokens.accepts(p.token, None, b))
+            for a, b, p in zip(continuation, again, answer.positions, strict=True)
+        ):
+            continuation = again
+    missing = next((j for j, token_id in enumerate(continuation) if token_id is None), None)
+    if missing is not None:
+        raise TokenMismatchError(
+            f"Prompt {index}, generated token {missing}: {answer.positions[missing].token!r} is not one token of "
+            "the fine-tune's tokenizer; the endpoint does not serve this tokenizer."
+        )
+    ids = (*context, *(int(i) for i in continuation if i is not None))
     scored = tuple(len(context) + j for j, p in enumerate(answer.positions) if p.top)
     kept = tuple(p for p in answer.positions if p.top)
     return Observation(index, ids, scored, kept, tuple(alternative_ids(p, tokens) for p in kept))

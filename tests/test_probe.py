@@ -440,15 +440,21 @@ def serve(family: Any) -> Iterator[Any]:
         server.stop()
 
 
-def test_token_check_tolerates_a_missing_bos_and_refuses_other_tokens(family: Any, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny_tokenizer(family: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     from transformers import PreTrainedTokenizerFast
 
+    folder = tmp_path_factory.mktemp("tokenizer")
+    for name, content in family.full.files.items():
+        (folder / name).write_bytes(content)
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def test_token_check_tolerates_a_missing_bos_and_refuses_other_tokens(tiny_tokenizer: Any) -> None:
     from lorafid.openai_api import Alternative, Position, ProviderAnswer
     from lorafid.probe import TokenMap, align_prompt
 
-    for name, content in family.full.files.items():
-        (tmp_path / name).write_bytes(content)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    tokenizer = tiny_tokenizer
     tokens = TokenMap(tokenizer)
     words = ["the", "knight", "drew", "his", "sword"]
     ids = [tokenizer.bos_token_id, *tokenizer(" ".join(words))["input_ids"]]  # as a BOS-adding tokenizer would
@@ -462,6 +468,25 @@ def test_token_check_tolerates_a_missing_bos_and_refuses_other_tokens(family: An
     positions[2] = Position("dragon", None, -1.0, ())
     with pytest.raises(TokenMismatchError, match="token 2: the provider has 'dragon'"):
         align_prompt(0, ProviderAnswer(ECHO, tuple(positions), ""), ids, tokens)
+
+
+def test_chat_tokens_that_name_no_id_are_recovered_from_the_text(tiny_tokenizer: Any) -> None:
+    from lorafid.openai_api import Alternative, Position, ProviderAnswer
+    from lorafid.probe import TokenMap, align_chat
+
+    tokens = TokenMap(tiny_tokenizer)
+    words = ["the", "knight", "drew"]
+    ids = tiny_tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
+    shown = ["the", "kn\ufffd", "drew", ""]  # a piece shown as U+FFFD, then the stop token as ""
+    positions = tuple(Position(w, None, -0.5, (Alternative(w, None, -0.5),)) for w in shown)
+    observation = align_chat(0, ProviderAnswer(CHAT, positions, "the knight drew"), [1, 2], tokens)
+    assert observation.ids == (1, 2, *ids, tiny_tokenizer.eos_token_id)
+    assert observation.scored == (2, 3, 4, 5)
+    misspelt = (positions[0], Position("knigth", None, -0.5, ()), *positions[2:])  # no such token, nor U+FFFD
+    with pytest.raises(TokenMismatchError, match="generated token 1: 'knigth'"):
+        align_chat(0, ProviderAnswer(CHAT, misspelt, "the knight drew"), [1, 2], tokens)
+    with pytest.raises(TokenMismatchError, match="generated token 1"):  # the text says something else
+        align_chat(0, ProviderAnswer(CHAT, positions, "the knight drew his sword"), [1, 2], tokens)
 
 
 def test_server_shapes_agree_with_each_other(serve: Any) -> None:
