@@ -317,8 +317,13 @@ class LayerStream:
         finals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def prepare_head(raw: dict[str, dict[str, torch.Tensor]] = raw) -> None:
+            shared: dict[tuple[str, str], torch.Tensor] = {}
             for variant in variants:
-                finals[variant.name] = (self._extra_weight(variant, norm, raw), self._extra_weight(variant, head, raw))
+                finals[variant.name] = (
+                    self._extra_weight(variant, norm, raw, shared),
+                    self._extra_weight(variant, head, raw, shared),
+                )
+            self._hold("head", list({id(t): t for pair in finals.values() for t in pair}.values()))
 
         self._compute(prepare_head)
         del raw
@@ -421,12 +426,26 @@ class LayerStream:
         weight = tensor.to(self.device, self.config.dtype, non_blocking=True)
         return variant.weight_hook(name, weight) if variant.weight_hook else weight
 
-    def _extra_weight(self, variant: Variant, name: str, raw: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
-        """A tensor a LoRA server does not carry: the base's, or the fine-tune's where the variant keeps it."""
+    def _extra_weight(
+        self,
+        variant: Variant,
+        name: str,
+        raw: dict[str, dict[str, torch.Tensor]],
+        shared: dict[tuple[str, str], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """A tensor a LoRA server does not carry: the base's, or the fine-tune's where the variant keeps it.
+
+        With ``shared``, variants without a weight hook share one compute-dtype copy per side: an
+        8B model's head is 2.1 GB in float32, and seven variants need two copies, not seven.
+        """
         side = "finetune" if variant.kind == "finetune" or variant.keep_extras else "base"
         if name not in raw[side]:
             raise MissingModelFileError(f"The {side} has no tensor {name}; cannot run the {variant.name} variant.")
-        return self._final(variant, name, raw[side][name])
+        if shared is None or variant.weight_hook is not None:
+            return self._final(variant, name, raw[side][name])
+        if (side, name) not in shared:
+            shared[side, name] = self._final(variant, name, raw[side][name])
+        return shared[side, name]
 
     def _block_weights(
         self, variants: Sequence[Variant], raw: dict[str, dict[str, torch.Tensor]], prefix: str
