@@ -211,7 +211,7 @@ class Dashboard:
             title="lorafid: LoRA extraction fidelity", analytics_enabled=False, delete_cache=(300, 900)
         ) as demo:
             # One tab per check, each built by its own method; further checks add a tab here.
-            with gr.Tabs():
+            with gr.Tabs() as self.tabs:
                 with gr.Tab("Weight audit", id="weight-audit"):
                     self._weight_audit_tab()
                 with gr.Tab("Provider check", id="provider-check"):
@@ -262,7 +262,7 @@ class Dashboard:
         demo.load(
             self.open_probe_link,
             [probe_query],
-            [*outputs, self.probe_endpoint, self.probe_model, self.probe_base, self.probe_finetune],
+            [*outputs, self.probe_endpoint, self.probe_model, self.probe_base, self.probe_finetune, self.tabs],
             js="(query) => [window.location.search]",
             api_visibility="private",
             queue=False,
@@ -323,11 +323,12 @@ class Dashboard:
         """On page load: ``?probe=KEY`` shows a stored provider check (it holds no key, no URL path)."""
         key = dict(_parse_query(query)).get("probe", "")
         if not (len(key) == 16 and all(c in "0123456789abcdef" for c in key)):
-            return {}
+            return {self.probe_status: gr.update()}  # an empty dict reads as one value: "needed 11, returned 1"
         document = self.store.load_document("probe", key)
         if document is None:
             return {self.probe_status: "That provider check is not stored on this server."}
         return self._probe_view(document) | {
+            self.tabs: gr.Tabs(selected="provider-check"),  # a probe link opens on its own tab
             self.probe_status: md_text(f"Stored provider check of {document.get('endpoint_host', '')}."),
             self.probe_endpoint: "https://" + str(document.get("endpoint_host", "")),
             self.probe_model: str(document.get("model", "")),
