@@ -315,3 +315,36 @@ def test_dashboard_behaviour_tab_runs_stores_and_reopens(
     assert document["schema"] == SCHEMA and document["base"]["repo_id"] == "org/base"
     key = link.split("?behaviour=")[1].rstrip(")")
     assert Store(tmp_path / "home").load_document("behaviour", key) == document
+
+
+@pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+def test_dashboard_draws_the_audits_energy_beside_kl_and_reopens_a_stored_check(
+    dirs: dict[str, Path], full_report: dict[str, Any], tmp_path: Path
+) -> None:
+    import importlib
+
+    from lorafid.audit import AuditConfig, audit
+    from lorafid.dashboard import AppConfig
+
+    app = importlib.import_module("app")
+    dashboard = app.Dashboard(AppConfig(allow_local=True, store_home=tmp_path / "home", examples_dir=tmp_path))
+    dashboard.build()
+    assert dashboard._energy_kept(full_report) is None  # no stored audit of this pair yet
+    report = audit(str(dirs["base"]), str(dirs["full"]), AuditConfig(store=dashboard.store, device="cpu"))
+    energy = dashboard._energy_kept(full_report)
+    assert energy is not None and energy[48] == 1.0
+    assert energy[3] == pytest.approx(report.with_rank(3).summary().overall.energy_retained)
+    assert 0.0 < energy[3] < 1.0
+    figure = app.behaviour_figure(full_report, energy)
+    traces = {trace.name: trace for trace in figure.data}
+    assert list(traces["energy kept (weight audit)"].y) == [energy[3], energy[48]]
+    assert list(traces["KL, lora-only"].x) == [3, 48]
+    assert list(traces["top-1, keep-extras"].y) == [
+        full_report["variants"][f"rank-{r}+extras"]["top1_agreement"] for r in (3, 48)
+    ]
+
+    key = dashboard.store.put_document("behaviour", full_report)
+    shown = dashboard.open_behaviour_link(f"?behaviour={key}", None)
+    assert shown[dashboard.behave_finetune] == full_report["finetune"]["spec"]
+    assert list(shown[dashboard.behave_rows]["prompt"]) == [p.id for p in PROMPTS]
+    assert dashboard.open_behaviour_link("?behaviour=../../etc", None) == {}
