@@ -80,7 +80,11 @@ def build_report(module: ModuleType, layers: int) -> Any:
             )
             matrices.append(
                 module.MatrixResult.from_spectrum(
-                    name=f"model.layers.{layer}.{name}.weight", layer=layer, module=name, dtype="BF16", spectrum=spectrum
+                    name=f"model.layers.{layer}.{name}.weight",
+                    layer=layer,
+                    module=name,
+                    dtype="BF16",
+                    spectrum=spectrum,
                 )
             )
     source = module.SourceRecord("org/base", "hub", "org/base", None, "0" * 40, None, ("model.safetensors",))
