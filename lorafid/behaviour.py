@@ -85,6 +85,9 @@ def load_tokenizer(
         MissingModelFileError: the repo has no ``tokenizer.json``.
         The sources' errors: RepoNotFoundError, GatedRepoError, InvalidSourceError, ...
     """
+    from lorafid.forward import require_transformers
+
+    require_transformers()
     from transformers import PreTrainedTokenizerFast
 
     with open_source(spec, revision=revision, token=token, endpoint=endpoint, allow_local=allow_local) as source:

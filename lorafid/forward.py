@@ -52,6 +52,7 @@ from lorafid.audit import _all_tensors, _read_tensor, resolve_device
 from lorafid.errors import (
     LimitExceededError,
     LorafidError,
+    MissingExtraError,
     MissingModelFileError,
     UnsupportedArchitectureError,
     VocabularyMismatchError,
@@ -129,8 +130,9 @@ class ForwardConfig:
     dtype: torch.dtype = torch.float32  # compute dtype of weights and activations
     max_model_bytes: int | None = None  # refuse pairs whose weights (both models) exceed this
     progress: Callable[[ForwardProgress], None] | None = field(default=None, repr=False)
-    # Wraps each stage's compute (weights already read): on a ZeroGPU Space, the one function
-    # decorated with @spaces.GPU, so the GPU is held only while a block runs, never during I/O.
+    # Wraps each stage's compute (weights already read), e.g. to hold a device lock only while a
+    # block runs, never during I/O. The stage works in place on this process's tensors, so the
+    # wrapper must call it here: a ZeroGPU worker process (@spaces.GPU) would lose its results.
     compute: Callable[[Callable[[], None]], None] | None = field(default=None, repr=False)
 
 
@@ -160,6 +162,7 @@ class LayerStream:
     """Both models of a pair, opened for streamed forwards. Use as a context manager."""
 
     def __init__(self, base: str, finetune: str, config: ForwardConfig | None = None) -> None:
+        require_transformers()
         self.config = config or ForwardConfig()
         self.device = resolve_device(self.config.device)
         self.stats = ForwardStats()
@@ -518,6 +521,22 @@ def build_model(config: Any, state: dict[str, torch.Tensor], device: torch.devic
     if left:
         raise LorafidError(f"Internal error: no weight for {left[0]} when building the whole model.")
     return model.eval()
+
+
+def require_transformers() -> None:
+    """Raise a clear error when the ``behaviour`` extra (transformers, accelerate) is not installed.
+
+    Raises:
+        MissingExtraError: naming ``pip install lorafid[behaviour]``.
+    """
+    try:
+        import accelerate  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise MissingExtraError(
+            "The behaviour check builds models with transformers and accelerate, which are not installed: "
+            "pip install lorafid[behaviour]"
+        ) from e
 
 
 def read_config_json(source: Source) -> dict[str, Any] | None:

@@ -348,3 +348,15 @@ def test_dashboard_draws_the_audits_energy_beside_kl_and_reopens_a_stored_check(
     assert shown[dashboard.behave_finetune] == full_report["finetune"]["spec"]
     assert list(shown[dashboard.behave_rows]["prompt"]) == [p.id for p in PROMPTS]
     assert dashboard.open_behaviour_link("?behaviour=../../etc", None) == {}
+
+
+def test_without_transformers_the_check_says_which_extra_to_install(
+    dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    from lorafid.cli import main
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    assert main(["behave", str(dirs["base"]), str(dirs["full"]), "--quiet"]) == 1
+    assert "pip install lorafid[behaviour]" in capsys.readouterr().err
