@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from lorafid import spectrum as sp
-from lorafid.batch import BatchOptions, BatchProgress, _check_reachable, _Driver, import_ray, run_batch
+from lorafid.audit import Audit, AuditConfig
+from lorafid.batch import BatchOptions, BatchProgress, _check_reachable, _Driver, _keep, import_ray, run_batch
 from lorafid.catalogue import CataloguePair, load_catalogue, parse_csv, parse_yaml
 from lorafid.cli import main
 from lorafid.errors import CatalogueError, LorafidError, MissingExtraError
@@ -46,6 +47,24 @@ def test_a_cluster_address_nobody_answers_at_fails_fast() -> None:
         with pytest.raises(ConnectionError, match=f"nothing answers at 127.0.0.1:{port}"):
             _check_reachable(address, timeout_s=2)
     _check_reachable("auto")  # left to Ray: RAY_ADDRESS or the cluster `ray start` runs here
+
+
+def test_a_report_from_another_node_is_copied_into_the_driver_store(tmp_path: Path) -> None:
+    """On a cluster a task writes to its node's store; the driver files the returned report in its own."""
+    base, finetune = model_pair(layers=1)
+    base_dir = write_dir(shard_files(base, 1), tmp_path / "base")
+    finetune_dir = write_dir(shard_files(finetune, 1), tmp_path / "finetune")
+    with Audit(str(base_dir), str(finetune_dir), AuditConfig(rank=RANK, store=Store(tmp_path / "node"))) as job:
+        for _ in job.run():
+            pass
+        report, key = job.report(), job.key
+    driver_store = Store(tmp_path / "driver")
+    _keep(driver_store, key, report)
+    copied = driver_store.load_report(key)
+    assert copied is not None and copied.status == "complete"
+    assert copied.matrices == report.matrices and copied.vectors == report.vectors
+    assert all(np.array_equal(a.sigma_sq, b.sigma_sq) for a, b in zip(copied.matrices, report.matrices, strict=True))
+    assert driver_store.find(str(base_dir), str(finetune_dir)) == key  # what the next batch run skips by
 
 
 def test_options_are_checked() -> None:
