@@ -259,10 +259,11 @@ class Dashboard:
             concurrency_limit=self.config.concurrency,
         )
         probe_query = gr.Textbox(visible=False)
+        linked = [self.probe_ranks, self.tabs]  # a link restores the ranks and opens this tab
         demo.load(
             self.open_probe_link,
             [probe_query],
-            [*outputs, self.probe_endpoint, self.probe_model, self.probe_base, self.probe_finetune, self.tabs],
+            [*outputs, self.probe_endpoint, self.probe_model, self.probe_base, self.probe_finetune, *linked],
             js="(query) => [window.location.search]",
             api_visibility="private",
             queue=False,
@@ -327,8 +328,13 @@ class Dashboard:
         document = self.store.load_document("probe", key)
         if document is None:
             return {self.probe_status: "That provider check is not stored on this server."}
+        path = self.downloads / f"lorafid-probe-{key}.json"
+        path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        ranks = (document.get("settings") or {}).get("ranks") or []
         return self._probe_view(document) | {
             self.tabs: gr.Tabs(selected="provider-check"),  # a probe link opens on its own tab
+            self.probe_file: str(path),
+            self.probe_ranks: ",".join(str(int(r)) for r in ranks),
             self.probe_status: md_text(f"Stored provider check of {document.get('endpoint_host', '')}."),
             self.probe_endpoint: "https://" + str(document.get("endpoint_host", "")),
             self.probe_model: str(document.get("model", "")),
@@ -705,7 +711,9 @@ class Dashboard:
             api_name="stop",
             queue=False,
         )
-        self.download.click(self.download_json, [self.ref, self.rank], self.download_file, api_name="download").then(
+        self.download.click(
+            self.download_json, [self.ref, self.rank], self.download_file, api_name="download", queue=False
+        ).then(
             None, js="() => document.querySelector('#download-file')?.click()", api_visibility="private", queue=False
         )
         gr.on(
@@ -718,8 +726,8 @@ class Dashboard:
             show_progress="hidden",
             queue=False,
         )
-        self.provider_rank.input(int, self.provider_rank, self.rank, api_visibility="private")
-        self.rank.change(_provider_choice, self.rank, self.provider_rank, api_visibility="private")
+        self.provider_rank.input(int, self.provider_rank, self.rank, api_visibility="private", queue=False)
+        self.rank.change(_provider_choice, self.rank, self.provider_rank, api_visibility="private", queue=False)
         self.gallery.click(
             self.open_entry,
             [self.gallery, self.refs, self.rank, self.metric],
