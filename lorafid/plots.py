@@ -563,19 +563,25 @@ def probe_distances(document: dict[str, Any]) -> go.Figure:
                 hovertemplate="rank %{x}: %{y:.4g} nats/token<extra>" + label + "</extra>",
             )
         )
-    for name, dash in (("finetune", "solid"), ("finetune-8bit", "dot"), ("base", "dash")):
+    # The fine-tune and its 8-bit rounding are often a hair apart: their labels go on opposite sides.
+    for name, dash, side in (
+        ("finetune", "solid", "top left"),
+        ("finetune-8bit", "dot", "bottom right"),
+        ("base", "dash", "top left"),
+    ):
         if name in candidates:
             fig.add_hline(
                 y=candidates[name]["distance"],
                 line_dash=dash,
                 line_color="grey",
                 annotation_text=f"{name}: {candidates[name]['distance']:.3g}",
-                annotation_position="top left",
+                annotation_position=side,
             )
+    ranks = sorted({c["rank"] for c in candidates.values() if c.get("rank")})
     verdict = (document.get("verdict") or {}).get("sentence", "")
     fig.update_layout(
         title={"text": html.escape(verdict.split(". The fine-tune rounded")[0])[:160], "font": {"size": 13}},
-        xaxis={"title": "candidate rank", "type": "log"},
+        xaxis={"title": "candidate rank", "type": "log", "tickvals": ranks, "ticktext": [str(r) for r in ranks]},
         yaxis={"title": "KL(provider ‖ candidate), nats per token", "rangemode": "tozero"},
         legend={"orientation": "h", "y": -0.2},
         margin={"t": 60},

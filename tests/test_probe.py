@@ -721,7 +721,9 @@ def test_dashboard_tab_refuses_private_endpoints_on_public_servers_and_runs_on_p
     viewer.build()
     shown = viewer.open_probe_link(f"?probe={key}", None)
     assert shown[viewer.probe_verdict] == verdict and shown[viewer.probe_finetune] == pair[1]
-    assert viewer.open_probe_link("?probe=../../etc", None) == {}
+    assert shown[viewer.tabs].selected == "provider-check" and shown[viewer.probe_ranks] == "4,8,16,32"
+    assert json.loads(Path(shown[viewer.probe_file]).read_text()) == stored
+    assert viewer.probe_verdict not in viewer.open_probe_link("?probe=../../etc", None)
 
 
 def test_cli_probe_that_loses_the_provider_midway_keeps_a_partial_report(
