@@ -282,6 +282,8 @@ class LayerStream:
             prefix = f"model.layers.{layer}."
             names = {n for n in plan.finetune_tensors if n.startswith(prefix)}
             raw = self._read(names, variants)
+            if tied_embedding is not None:  # held through the blocks, for the head: counted too
+                self._hold("tied embedding", [t for tensors in tied_embedding.values() for t in tensors.values()])
             block = skeleton.model.layers[layer]
 
             def run_block(

@@ -211,3 +211,16 @@ def test_base_with_a_tied_head_serves_its_embedding_as_head(tmp_path: Path) -> N
     state = {**tied, "lm_head.weight": tied["model.embed_tokens.weight"]}
     expected = whole_model_logprobs(family.full.files["config.json"], state, TEXTS[:1])[0]
     assert (out[0]["base"] - expected).abs().max().item() < TOLERANCE
+
+
+def test_tied_embedding_kept_through_the_blocks_is_counted(tmp_path: Path) -> None:
+    family = model_family("qwen3", 2, tie=True)
+    base, full = write_model(family.base, tmp_path / "b"), write_model(family.full, tmp_path / "f")
+    with LayerStream(str(base), str(full)) as stream:
+        for _ in stream.logprobs(TEXTS[:1], [FINETUNE, BASE]):
+            pass
+        peak = stream.stats.peak_weight_bytes
+    embedding = family.full.tensors["model.embed_tokens.weight"].nbytes
+    block = sum(t.nbytes for n, t in family.full.tensors.items() if n.startswith("model.layers.0."))
+    # During a block: both embeddings (kept for the tied head), the block of both models, one variant's block.
+    assert peak >= 2 * embedding + 3 * block
