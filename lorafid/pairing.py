@@ -164,7 +164,7 @@ def learn_prefixes(base_names: Iterable[str], finetune_names: Iterable[str]) -> 
                     support[(b, f)] = support.get((b, f), 0) + 1
     if not support:
         return "", ""
-    ranked = sorted(support.items(), key=lambda item: -item[1])
+    ranked = sorted(support.items(), key=lambda item: (-item[1], item[0]))  # ties in a stable order
     (best, count) = ranked[0]
     if len(ranked) > 1 and ranked[1][1] == count:
         tied = [pair for pair, n in ranked if n == count][:3]
