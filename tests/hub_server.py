@@ -28,6 +28,10 @@ to the hub origin) and ``HEAD|GET /datasets/{id}/resolve/{rev}/{file}``. Anonymo
 401; ``write_tokens`` (None: any token) limits who may write, others get 403 as a read-only
 token does. ``hub.dataset_commits`` logs each commit. The client must not use Xet for these
 uploads (``huggingface_hub.constants.HF_HUB_DISABLE_XET = True`` in the test).
+Model repos are written the same way (``upload_folder``/``push_to_hub``): ``/api/repos/create``
+without a type, ``POST /api/models/{id}/preupload|commit/{rev}``, ``POST /{id}.git/info/lfs/objects/batch``;
+``POST /api/validate-yaml`` (asked before a README.md is uploaded) accepts a front matter that
+is a YAML mapping.
 
 Not a goal: Xet storage, spaces, pagination, HTTP/2, multi-range requests
 (they get the whole file with 200, as many servers do).
@@ -57,6 +61,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
+
+import yaml
 
 Origin = Literal["hub", "cdn"]
 
@@ -427,8 +433,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._tree(repo, rest[1], "/".join(rest[2:]))
             elif len(rest) == 2 and rest[0] == "paths-info" and self.command == "POST":
                 self._paths_info(repo, rest[1])
+            elif len(rest) == 2 and rest[0] in ("preupload", "commit") and self.command == "POST":
+                self._check_write(repo)  # model uploads: the same flow as the datasets' below
+                (self._preupload if rest[0] == "preupload" else self._dataset_commit)(repo, rest[1])
             else:
                 self._send_simple(404, b'{"error": "Not Found"}', "application/json")
+            return
+        if len(parts) == 6 and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "batch"]:
+            repo = self._repo(f"{parts[0]}/{parts[1].removesuffix('.git')}")
+            self._check_write(repo)
+            self._lfs_batch()
             return
         if len(parts) >= 5 and parts[2] == "resolve" and self.command in ("GET", "HEAD"):
             repo = self._repo("/".join(parts[:2]))
@@ -661,6 +675,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """Answer dataset and write requests; False when the path is not one of them."""
         if parts[:3] == ["api", "repos", "create"] and self.command == "POST":
             self._create_repo()
+        elif parts[:2] == ["api", "validate-yaml"] and self.command == "POST":
+            self._validate_yaml()
         elif parts[:2] == ["api", "datasets"] and len(parts) >= 4:
             repo = self._dataset("/".join(parts[2:4]))
             self._check_private(repo)
@@ -719,11 +735,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._check_write(None)
         payload = json.loads(self._body or b"{}")
         repo_id = f"{payload.get('organization') or 'user'}/{payload['name']}"
-        if payload.get("type") != "dataset":
-            self._error(400, None, "The loopback Hub creates dataset repos only")
-        url = f"{self.hub.endpoint}/datasets/{repo_id}"
+        kind = payload.get("type") or "model"  # huggingface_hub sends no type for model repos
+        if kind not in ("dataset", "model"):
+            self._error(400, None, "The loopback Hub creates dataset and model repos only")
+        repos = self.hub._datasets if kind == "dataset" else self.hub._repos
+        url = f"{self.hub.endpoint}/datasets/{repo_id}" if kind == "dataset" else f"{self.hub.endpoint}/{repo_id}"
         with self.hub._lock:
-            if repo_id in self.hub._datasets:
+            if repo_id in repos:
                 exists = True
             else:
                 exists = False
@@ -731,11 +749,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 attributes = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
                 sha = hashlib.sha1(repo_id.encode() + b"\0initial").hexdigest()
                 repo.revisions["main"], repo.commits[sha] = sha, {".gitattributes": attributes}
-                self.hub._datasets[repo_id] = repo
+                repos[repo_id] = repo
         if exists:
-            self._send_simple(409, json.dumps({"error": "You already created this dataset repo", "url": url}).encode())
+            self._send_simple(409, json.dumps({"error": f"You already created this {kind} repo", "url": url}).encode())
             return
         self._send_json({"url": url, "name": repo_id})
+
+    def _validate_yaml(self) -> None:
+        """What uploads of a README.md ask first: its YAML front matter must be a mapping."""
+        content = str(json.loads(self._body or b"{}").get("content", ""))
+        if content.startswith("---\n"):
+            front = content[4:].split("\n---", 1)[0]
+            try:
+                metadata = yaml.safe_load(front)
+            except yaml.YAMLError as e:
+                metadata = f"invalid YAML: {e}"
+            if not isinstance(metadata, dict):
+                body = {"errors": [{"message": f"README.md metadata is not a mapping: {metadata!r}"[:300]}]}
+                self._send_simple(400, json.dumps(body).encode(), "application/json")
+                return
+        self._send_json({"errors": [], "warnings": []})
 
     def _dataset_info(self, repo: _Repo, revision: str) -> None:
         sha, files = self._commit(repo, revision)
@@ -813,11 +846,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for name in sorted(files):
             digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
         sha = digest.hexdigest()
+        where = "datasets/" if self.hub._datasets.get(repo.repo_id) is repo else ""
         with self.hub._lock:
             repo.commits[sha] = files
             repo.revisions[revision] = sha
-            self.hub.dataset_commits.append((repo.repo_id, sha, tuple(touched)))
-        url = f"{self.hub.endpoint}/datasets/{repo.repo_id}/commit/{sha}"
+            if where:
+                self.hub.dataset_commits.append((repo.repo_id, sha, tuple(touched)))
+        url = f"{self.hub.endpoint}/{where}{repo.repo_id}/commit/{sha}"
         self._send_json({"commitUrl": url, "commitOid": sha, "success": True})
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 from peft import PeftModel
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorafid import spectrum
+from lorafid.adapter import audit_adapter, section_of
 from lorafid.audit import AuditConfig
 from lorafid.cli import main
 from lorafid.errors import LorafidError
@@ -309,3 +311,30 @@ def test_bench_extract_agrees_with_the_full_svd(monkeypatch: pytest.MonkeyPatch,
     for row in rows:
         assert float(row[8]) < 1e-4  # the two rank-8 truncations, relative distance
         assert float(row[9]) == pytest.approx(float(row[11]), abs=1e-6)  # energy kept, ours / SVD's
+
+
+def test_push_to_the_loopback_hub_then_audit_the_published_adapter(
+    hub: HubServer, llama: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Extract, push with the real huggingface_hub client, then audit what the Hub serves: it is
+    the optimum of its rank (it was extracted as such)."""
+    files = {
+        side: {p.name: p.read_bytes() for p in llama[side].iterdir() if p.suffix in (".safetensors", ".json")}
+        for side in ("base", "finetune")
+    }
+    hub.add_repo("org/base", files["base"])
+    hub.add_repo("org/finetune", files["finetune"])
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)  # the loopback Hub speaks LFS
+    out = tmp_path / "adapter"
+    args = ["extract", "org/base", "org/finetune", "--rank", "8", "--out", str(out), "--dtype", "float32"]
+    assert main([*args, "--push-to-hub", "user/extracted", "--token", "hf_write_token", "--quiet"]) == 0
+    assert "hf_write_token" not in capsys.readouterr().out
+    pushed = [r for r in hub.requests if r.method == "POST" and "/commit/" in r.path]
+    assert pushed and all(r.has_authorization for r in pushed)
+    for file in ("adapter_config.json", "adapter_model.safetensors", "README.md", "lorafid-report.json"):
+        assert "hf_write_token" not in (out / file).read_text(errors="replace")
+    section = section_of(audit_adapter("org/base", "org/finetune", "user/extracted", AuditConfig(rank=8)))
+    assert section is not None and section.kind == "published" and len(section.matrices) == 14
+    for m in section.matrices:
+        assert m.energy_kept == pytest.approx(m.best_energy_kept, abs=1e-6), m.name
