@@ -351,7 +351,7 @@ def collect(
 
 @dataclass(frozen=True)
 class Gathered:
-    """One candidate's numbers at one prompt's scored tokens (everything ``compare`` needs).
+    """One candidate's numbers at one prompt's scored tokens (everything the distances need).
 
     ``alt_logprobs[t, j]`` is the candidate's log-probability of the provider's j-th
     alternative at scored token t (NaN where that alternative has no id), ``chosen[t]`` of the
