@@ -643,7 +643,7 @@ class ProgressMeter:
             self._reused_bytes = p.bytes_done
         read = p.bytes_done - self._reused_bytes
         per_s = read / p.elapsed_s if p.elapsed_s > 0 and read > 0 else 0.0
-        size = f" · {p.bytes_done / 1e6:,.0f} of {p.bytes_total / 1e6:,.0f} MB" if p.bytes_total else ""
+        size = f" · {_amount(p.bytes_done, p.bytes_total)}" if p.bytes_total else ""
         rate = f" · {per_s / 1e6:.3g} MB/s" if per_s else ""
         left = max(0, p.bytes_total - p.bytes_done)
         eta = f" · about {_duration(left / per_s)} left" if per_s and left and p.done < p.total else ""
@@ -655,6 +655,12 @@ class ProgressMeter:
         """An HTML progress bar of the bytes read (the matrices' count when sizes are unknown)."""
         done, total = (p.bytes_done, p.bytes_total) if p.bytes_total else (p.done, max(1, p.total))
         return f'<progress value="{done}" max="{total}" aria-label="audit progress"></progress>'
+
+
+def _amount(done: int, total: int) -> str:
+    """Bytes done of total in the unit that suits the total: "12 of 40 kB", "120 of 450 MB", "1.2 of 140 GB"."""
+    scale, unit, digits = (1e3, "kB", 0) if total < 1e6 else (1e6, "MB", 0) if total < 1e10 else (1e9, "GB", 1)
+    return f"{done / scale:,.{digits}f} of {total / scale:,.{digits}f} {unit}"
 
 
 def _duration(seconds: float) -> str:

@@ -160,6 +160,9 @@ def test_progress_line_has_bytes_rate_and_eta() -> None:
     assert meter.line(step) == "2/8 matrices · 100 of 400 MB · 10 MB/s · about 30 s left · 10.0 s"
     slow = AuditProgress(1, 8, 1_000_000, 400_000_000, 10.0, None)
     assert "about 1 h 06 min left" in ProgressMeter().line(slow)  # 399 MB at 0.1 MB/s
+    small, big = AuditProgress(1, 8, 2_000, 40_000, 1.0, None), AuditProgress(1, 8, 12 * 10**8, 140 * 10**9, 1.0, None)
+    assert " · 2 of 40 kB · " in ProgressMeter().line(small)  # not "0 of 0 MB" for a small model
+    assert " · 1.2 of 140.0 GB · " in ProgressMeter().line(big)
     done = AuditProgress(8, 8, 400_000_000, 400_000_000, 40.0, None)
     assert "left" not in ProgressMeter().line(done)
     assert (
@@ -170,7 +173,7 @@ def test_progress_line_has_bytes_rate_and_eta() -> None:
 def test_running_audit_streams_a_progress_bar(app: Served) -> None:
     updates = run(app.client(), rank=8)
     running = [u[PROGRESS] for u in updates if "<progress" in str(u[PROGRESS])]
-    assert running and re.search(r"\d/8 matrices · [\d,]+ of [\d,]+ MB", running[-1])
+    assert running and re.search(r"\d/8 matrices · [\d,.]+ of [\d,.]+ (kB|MB|GB) · ", running[-1])
 
 
 # -- item 6: errors in the app's words --------------------------------------------------------
