@@ -466,7 +466,7 @@ class Dashboard:
         """On page load: ``?behaviour=KEY`` shows a stored behaviour check."""
         key = dict(_parse_query(query)).get("behaviour", "")
         if not (len(key) == 16 and all(c in "0123456789abcdef" for c in key)):
-            return {}
+            return {self.behave_status: gr.update()}  # an empty dict reads as one value: "needed 9, returned 1"
         document = self.store.load_document("behaviour", key)
         if document is None:
             return {self.behave_status: "That behaviour check is not stored on this server."}
