@@ -322,8 +322,8 @@ class Dashboard:
 
     def open_probe_link(self, query: str, request: gr.Request) -> dict[Any, Any]:
         """On page load: ``?probe=KEY`` shows a stored provider check (it holds no key, no URL path)."""
-        key = dict(_parse_query(query)).get("probe", "")
-        if not (len(key) == 16 and all(c in "0123456789abcdef" for c in key)):
+        key = _stored_key(query, "probe")
+        if not key:
             return {self.probe_status: gr.update()}  # an empty dict reads as one value: "needed 11, returned 1"
         document = self.store.load_document("probe", key)
         if document is None:
@@ -464,8 +464,8 @@ class Dashboard:
 
     def open_behaviour_link(self, query: str, request: gr.Request) -> dict[Any, Any]:
         """On page load: ``?behaviour=KEY`` shows a stored behaviour check."""
-        key = dict(_parse_query(query)).get("behaviour", "")
-        if not (len(key) == 16 and all(c in "0123456789abcdef" for c in key)):
+        key = _stored_key(query, "behaviour")
+        if not key:
             return {self.behave_status: gr.update()}  # an empty dict reads as one value: "needed 9, returned 1"
         document = self.store.load_document("behaviour", key)
         if document is None:
@@ -1294,6 +1294,12 @@ def behaviour_figure(document: dict[str, Any], energy_kept: dict[int, float] | N
     figure.update_yaxes(range=[0, 1.02], row=1, col=2)
     figure.update_layout(height=380, margin={"t": 40, "b": 40, "l": 50, "r": 20}, legend={"orientation": "h"})
     return figure
+
+
+def _stored_key(query: str, name: str) -> str:
+    """The stored document's key that ``?name=KEY`` names, or "" unless it is 16 hex digits."""
+    key = dict(_parse_query(query)).get(name, "")
+    return key if len(key) == 16 and all(c in "0123456789abcdef" for c in key) else ""
 
 
 def _parse_query(query: str) -> list[tuple[str, str]]:

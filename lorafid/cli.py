@@ -14,7 +14,7 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from lorafid import __version__
-from lorafid.audit import Audit, AuditConfig
+from lorafid.audit import Audit, AuditConfig, AuditProgress
 from lorafid.errors import LorafidError
 from lorafid.report import Report, load_spectra, save_spectra, spectra_path
 from lorafid.store import Store
@@ -116,14 +116,8 @@ def _audit(args: argparse.Namespace) -> int:
     )
     with _audit_job(args, config) as job:
         plan = job.plan()
-        bar = tqdm(
-            total=plan.size_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="audit", disable=args.quiet
-        )
         try:
-            with bar:
-                for step in job.run():
-                    bar.update(step.bytes_done - bar.n)
-                    bar.set_postfix_str(f"{step.done}/{step.total} matrices", refresh=False)
+            _follow(job.run(), plan.size_bytes, "audit", quiet=args.quiet)
         except KeyboardInterrupt:
             report = job.report()
             _write(report, args)
@@ -142,6 +136,14 @@ def _audit(args: argparse.Namespace) -> int:
     if args.publish is not None:
         return _publish(report, args)
     return 0
+
+
+def _follow(steps: Iterator[AuditProgress], size_bytes: int, desc: str, *, quiet: bool) -> None:
+    """Run a streamed job to its end behind one byte progress bar (bytes, MB/s, ETA, matrices)."""
+    with tqdm(total=size_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=quiet) as bar:
+        for step in steps:
+            bar.update(step.bytes_done - bar.n)
+            bar.set_postfix_str(f"{step.done}/{step.total} matrices", refresh=False)
 
 
 def _audit_job(args: argparse.Namespace, config: AuditConfig) -> Audit | AdapterAudit:
@@ -320,14 +322,8 @@ def _extract(args: argparse.Namespace) -> int:
     config = ExtractConfig(rank=args.rank, dtype=args.dtype, modules_to_save=tuple(args.modules_to_save), audit=audit)
     with Extraction(args.base, args.finetune, args.out, config) as job:
         plan = job.plan()
-        bar = tqdm(
-            total=plan.size_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="extract", disable=args.quiet
-        )
         try:
-            with bar:
-                for step in job.run():
-                    bar.update(step.bytes_done - bar.n)
-                    bar.set_postfix_str(f"{step.done}/{step.total} matrices", refresh=False)
+            _follow(job.run(), plan.size_bytes, "extract", quiet=args.quiet)
         except KeyboardInterrupt:
             print(
                 f"lorafid: interrupted; the factors computed so far are kept in {args.out}. "
