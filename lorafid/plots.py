@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
-from lorafid import spectrum as sp
 from lorafid.pairing import classify
 from lorafid.report import PROVIDER_RANKS, RANK_GRID, MatrixResult, Report, percent
 
@@ -78,20 +77,26 @@ def pooled_metric(matrices: Sequence[MatrixResult], retained: Sequence[float], m
     matrix it equals ``m.metrics(rank)``. Example: two matrices of energy 3 and 1 keeping
     1/3 and 1 keep (1 + 1)/4 = 0.5 together.
     """
-    energy = sum(m.energy for m in matrices)
-    lost = sum(m.energy * max(0.0, 1.0 - r) for m, r in zip(matrices, retained, strict=True))
+    return float(pooled_curve(matrices, np.asarray(retained, dtype=np.float64)[:, None], metric)[0])
+
+
+def pooled_curve(matrices: Sequence[MatrixResult], retained: np.ndarray, metric: str) -> np.ndarray:
+    """``pooled_metric`` at several ranks at once: ``retained`` is (matrices × ranks)."""
+    energies = np.array([m.energy for m in matrices], dtype=np.float64)
+    energy = float(energies.sum())
+    lost = (energies[:, None] * np.maximum(0.0, 1.0 - retained)).sum(axis=0) if len(matrices) else np.zeros(1)
     if metric == "mse":
         return lost / sum(m.shape[0] * m.shape[1] for m in matrices)
     if metric == "weight_rel_error":
         weight = sum(m.finetune_norm_sq for m in matrices)
-        return math.sqrt(lost / weight) if weight > 0 else 0.0
-    share_lost = min(1.0, lost / energy) if energy > 0 else 0.0
+        return np.sqrt(lost / weight) if weight > 0 else np.zeros_like(lost)
+    share_lost = np.minimum(1.0, lost / energy) if energy > 0 else np.zeros_like(lost)
     if metric == "energy_retained":
         return 1.0 - share_lost
     if metric == "cosine_distance":
-        return 1.0 - math.sqrt(1.0 - share_lost)
+        return 1.0 - np.sqrt(1.0 - share_lost)
     if metric == "delta_rel_error":
-        return math.sqrt(share_lost)
+        return np.sqrt(share_lost)
     raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(METRICS)}")
 
 
@@ -316,7 +321,10 @@ def loss_curves(report: Report, metric: str = "energy_retained") -> go.Figure:
     loss_metric = "energy_lost" if metric == "energy_retained" else metric
     loss_spec = Metric("energy_lost", "lost", spec.loss_label, True, False) if metric == "energy_retained" else spec
     ranks = curve_ranks(report)
-    curves = {m.name: _retained_curve(m, ranks) for m in report.matrices}
+    # One (matrices × ranks) array of energy retained: a slider move redraws this chart for
+    # every matrix of a 70B report (560 × ~30 points), so no Python loop per point.
+    retained = np.array([m.retained_at(ranks) for m in report.matrices]).reshape(len(report.matrices), len(ranks))
+    row_of = {m.name: i for i, m in enumerate(report.matrices)}
     by_module: dict[str, list[MatrixResult]] = {}
     for m in report.matrices:
         by_module.setdefault(m.module, []).append(m)
@@ -331,7 +339,7 @@ def loss_curves(report: Report, metric: str = "energy_retained") -> go.Figure:
         ]
 
     for label, group in groups:
-        ys = [_loss(group, [curves[m.name][i] for m in group], loss_metric) for i in range(len(ranks))]
+        ys = _losses(group, retained[[row_of[m.name] for m in group]], loss_metric)
         plotted += [y for y in ys if y is not None]
         overall = label == "all matrices"
         fig.add_trace(
@@ -346,9 +354,8 @@ def loss_curves(report: Report, metric: str = "energy_retained") -> go.Figure:
             )
         )
     if report.matrices:
-        floor = [
-            _loss(report.matrices, [m.noise_floor_retained(r) for m in report.matrices], loss_metric) for r in ranks
-        ]
+        floor_retained = np.array([m.noise_floor_at(ranks) for m in report.matrices])
+        floor = _losses(report.matrices, floor_retained, loss_metric)
         plotted += [y for y in floor if y is not None]
         fig.add_trace(
             go.Scatter(
@@ -419,21 +426,14 @@ def _row(layer: int | None) -> str:
     return OTHER_ROW if layer is None else str(layer)
 
 
-def _retained_curve(m: MatrixResult, ranks: Sequence[int]) -> list[float]:
-    """energy_retained of one matrix at each rank, from one cumulative sum (not one per rank)."""
-    if m.sigma_sq is None or m.energy == 0.0:
-        return [m.energy_retained(r) for r in ranks]
-    cumulative = sp.cumulative_energy(m.spectrum())
-    return [1.0 if r >= m.full_rank else float(cumulative[r - 1]) for r in ranks]
-
-
-def _loss(matrices: Sequence[MatrixResult], retained: Sequence[float], metric: str) -> float | None:
-    """A loss for the log-log curves; None where it is exactly zero (nothing to draw on a log axis)."""
+def _losses(matrices: Sequence[MatrixResult], retained: np.ndarray, metric: str) -> list[float | None]:
+    """Losses of a group at each rank for the log-log curves (``retained``: matrices × ranks);
+    None where a loss is exactly zero (nothing to draw on a log axis)."""
     if metric == "energy_lost":
-        value = 1.0 - pooled_metric(matrices, retained, "energy_retained")
+        values = 1.0 - pooled_curve(matrices, retained, "energy_retained")
     else:
-        value = pooled_metric(matrices, retained, metric)
-    return value if value > 0 else None
+        values = pooled_curve(matrices, retained, metric)
+    return [float(v) if v > 0 else None for v in values]
 
 
 def _log10(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -604,11 +604,9 @@ def adapter_curve(report: Report) -> go.Figure:
     ranks = curve_ranks(report)
     fig = go.Figure()
     if changed:
-        curves = [_retained_curve(m, ranks) for m in changed]
-        total = sum(m.energy for m in changed)
-        lost = [
-            1.0 - sum(m.energy * c[i] for m, c in zip(changed, curves, strict=True)) / total for i in range(len(ranks))
-        ]
+        energies = np.array([m.energy for m in changed])
+        kept = energies @ np.array([m.retained_at(ranks) for m in changed]) / energies.sum()
+        lost = [float(1.0 - k) for k in kept]
         shown = [(r, y) for r, y in zip(ranks, lost, strict=True) if y > 0]
         fig.add_trace(
             go.Scatter(

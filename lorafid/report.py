@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -175,11 +176,27 @@ class MatrixResult:
             f"Load the .spectra.safetensors file written next to the report, or pick a rank from {RANK_GRID[:10]}."
         )
 
+    def retained_at(self, ranks: Sequence[int]) -> np.ndarray:
+        """``energy_retained`` at each of ``ranks``: one array lookup when the spectrum is loaded.
+
+        Example: σ² = (16, 9, 4, 1) at ranks (1, 2, 4, 9) → (16/30, 25/30, 1, 1).
+        """
+        wanted = np.asarray(ranks, dtype=np.int64)
+        curve = self._cumulative
+        if curve is None or self.energy == 0.0 or len(curve) == 0:
+            return np.array([self.energy_retained(int(r)) for r in wanted], dtype=np.float64)
+        kept = curve[np.clip(wanted, 1, len(curve)) - 1]
+        return np.where(wanted >= self.full_rank, 1.0, np.where(wanted <= 0, 0.0, kept))
+
     def metrics(self, rank: int) -> sp.RankMetrics:
         return sp.metrics_from_retained(self.spectrum(), rank, self.energy_retained(rank))
 
     def noise_floor_retained(self, rank: int) -> float:
         return sp.noise_floor_retained(self.spectrum(), rank)
+
+    def noise_floor_at(self, ranks: Sequence[int]) -> np.ndarray:
+        """``noise_floor_retained`` at each of ``ranks``, as one array."""
+        return sp.noise_floor_curve(self.spectrum(), np.asarray(ranks, dtype=np.int64))
 
 
 @dataclass(frozen=True)

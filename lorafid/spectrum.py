@@ -438,8 +438,16 @@ def noise_floor_retained(spectrum: DeltaSpectrum, rank: int) -> float:
     rank r keeps r/k of it and loses the rest: ``1 − noise·(1 − r/k)/E``. A measured
     retention close to this line is loss from storage precision, not from the rank.
     """
+    return float(noise_floor_curve(spectrum, np.array([rank]))[0])
+
+
+def noise_floor_curve(spectrum: DeltaSpectrum, ranks: np.ndarray) -> np.ndarray:
+    """``noise_floor_retained`` at each of ``ranks`` (the charts draw it at ~30 ranks per matrix).
+
+    Example: noise 0.3 of E = 30, k = 4: ranks (1, 4) → (1 − 0.3·0.75/30, 1) = (0.9925, 1).
+    """
     if spectrum.unchanged:
-        return 1.0
+        return np.ones(len(ranks))
     k = spectrum.full_rank
-    kept_share = min(rank, k) / k
+    kept_share = np.minimum(ranks, k) / k
     return 1.0 - spectrum.noise_energy * (1.0 - kept_share) / spectrum.energy

@@ -238,6 +238,13 @@ def test_loss_curves_mark_rank_and_noise_floor(metric: str) -> None:
         retained = sum(m.energy * m.energy_retained(5) for m in report.matrices) / energy
         assert overall.y[i] == pytest.approx(1 - retained)
         assert overall.y[i] >= floor.y[i]  # real loss is never below pure rounding loss
+        # Every module's line at every rank: its matrices' lost energy over theirs, summed here by hand.
+        for module in {m.module for m in report.matrices}:
+            group = [m for m in report.matrices if m.module == module]
+            line = next(t for t in fig.data if t.name == module)
+            for r, y in zip(ranks, line.y, strict=True):
+                lost_share = sum(m.energy * (1 - m.energy_retained(r)) for m in group) / sum(m.energy for m in group)
+                assert (y is None and lost_share <= 0) or y == pytest.approx(lost_share, rel=1e-9, abs=1e-15)
 
 
 def test_loss_curve_at_full_rank_is_a_gap_not_zero() -> None:

@@ -245,3 +245,27 @@ def test_a_source_record_is_the_source_info_plus_its_files() -> None:
     from lorafid.source import SourceInfo
 
     assert [f.name for f in fields(SourceRecord)] == [f.name for f in fields(SourceInfo)] + ["files"]
+
+
+def test_rank_reads_as_arrays_equal_the_scalar_reads() -> None:
+    """``retained_at`` / ``noise_floor_at`` (what the charts draw) equal one read per rank."""
+    import torch
+
+    from lorafid import spectrum as sp
+    from lorafid.report import MatrixResult
+
+    base = torch.zeros(4, 4)
+    finetune = torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0])).to(torch.bfloat16)
+    m = MatrixResult.from_spectrum(
+        name="w", layer=0, module="m", dtype="BF16", spectrum=sp.delta_spectrum(base, finetune)
+    )
+    ranks = [0, 1, 2, 3, 4, 9]
+    np.testing.assert_allclose(m.retained_at(ranks), [0.0, 16 / 30, 25 / 30, 29 / 30, 1.0, 1.0], atol=1e-12)
+    assert list(m.retained_at(ranks)) == [m.energy_retained(r) for r in ranks]
+    floor = [1.0 - m.noise_energy * (1 - min(r, 4) / 4) / m.energy for r in ranks]
+    np.testing.assert_allclose(m.noise_floor_at(ranks), floor, rtol=0, atol=1e-15)
+    assert m.noise_energy > 0 and list(m.noise_floor_at(ranks)) == [m.noise_floor_retained(r) for r in ranks]
+    unchanged = MatrixResult.from_spectrum(
+        name="u", layer=0, module="m", dtype="BF16", spectrum=sp.delta_spectrum(finetune, finetune.clone())
+    )
+    assert list(unchanged.retained_at(ranks)) == [1.0] * 6 and list(unchanged.noise_floor_at(ranks)) == [1.0] * 6
