@@ -32,7 +32,7 @@ from lorafid import spectrum as sp
 from lorafid.errors import EmptySelectionError, LimitExceededError, LorafidError, NoCommonTensorsError
 from lorafid.pairing import MatrixPair, PairingPlan, SkippedTensor, plan_pairs
 from lorafid.report import AuditSettings, MatrixResult, Report, SourceRecord, Timings, VectorResult
-from lorafid.safetensors_format import TensorInfo, torch_dtype
+from lorafid.safetensors_format import TensorInfo, header_cap, torch_dtype
 from lorafid.source import Source, open_source
 from lorafid.store import Store, audit_key
 
@@ -167,7 +167,8 @@ class Audit:
             base.close()  # nobody else holds it yet: its HTTP connections would leak
             raise
         self._sources = (base, finetune)
-        self._headers = _all_tensors(base, finetune)
+        # A tensor limit also caps header length: a flood of tiny tensors is refused unfetched.
+        self._headers = _all_tensors(base, finetune, header_cap(cfg.max_tensors) if cfg.max_tensors else None)
         self._check_tensor_count()
         self._plan = _plan_pairs(self._headers, cfg)
         if cfg.max_model_bytes is not None and self._plan.size_bytes > cfg.max_model_bytes:
@@ -407,8 +408,11 @@ def _plan_pairs(headers: tuple[dict[str, TensorInfo], dict[str, TensorInfo]], cf
         ) from None
 
 
-def _all_tensors(base: Source, finetune: Source) -> tuple[dict[str, TensorInfo], dict[str, TensorInfo]]:
+def _all_tensors(
+    base: Source, finetune: Source, max_header_bytes: int | None = None
+) -> tuple[dict[str, TensorInfo], dict[str, TensorInfo]]:
     """Every tensor of each source by name, across shards; a name in two shards is an error.
+    A header longer than ``max_header_bytes`` is refused from its length, before it is fetched.
 
     All headers of all sources are read at once (8 at a time): a 70B pair has 60 shards,
     and one round trip after another would cost seconds before the first byte of weights.
@@ -417,7 +421,7 @@ def _all_tensors(base: Source, finetune: Source) -> tuple[dict[str, TensorInfo],
     jobs = [(side, file) for side, source in enumerate(sources) for file in source.weight_files()]
     with ThreadPoolExecutor(max_workers=max(1, min(_HEADER_READERS, len(jobs)))) as pool:
         # map() yields in submission order: the first failing file (in order) is the one reported.
-        headers = list(pool.map(lambda job: sources[job[0]].read_header(job[1]), jobs))
+        headers = list(pool.map(lambda job: sources[job[0]].read_header(job[1], max_header_bytes), jobs))
     out: tuple[dict[str, TensorInfo], dict[str, TensorInfo]] = ({}, {})
     for (side, file), header in zip(jobs, headers, strict=True):
         source, tensors = sources[side], out[side]

@@ -36,6 +36,13 @@ MAX_HEADER_BYTES: int = 100_000_000  # same cap as the safetensors library
 # A valid header nests 3 deep ({name: {"shape": [...]}}). Capping at 8 keeps json.loads
 # far below Python's recursion limit (~1000) on hostile input like 100000 "[".
 MAX_JSON_DEPTH: int = 8
+# A server's cap on tensors per model also caps its headers, from the 8-byte length alone, so a
+# 95 MB header of 850k tensors is refused before it is fetched or parsed. Measured entries:
+# the smallest valid one, '"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},', is 52 bytes;
+# a 100k-tensor MoE's longest, 'model.layers.60.mlp.experts.255.gate_proj.weight' in BF16 at
+# 12-digit offsets, is 131. 256 bytes a tensor leaves real names twice that room.
+HEADER_BYTES_PER_TENSOR: int = 256
+HEADER_METADATA_BYTES: int = 1_000_000  # __metadata__: free-form strings, kilobytes in practice
 _MAX_U64 = 2**64 - 1  # the reference reader parses sizes and offsets as u64
 _SHOWN_PROBLEMS = 5
 _ENTRY_KEYS = ("data_offsets", "dtype", "shape")
@@ -119,6 +126,19 @@ class SafetensorsHeader:
     @property
     def data_start(self) -> int:
         return 8 + self.header_len
+
+
+def header_cap(max_tensors: int | None) -> int:
+    """The longest header a model within ``max_tensors`` tensors needs (never above MAX_HEADER_BYTES).
+
+    >>> header_cap(200_000)  # the public app's default tensor limit
+    52200000
+    >>> header_cap(None) == MAX_HEADER_BYTES
+    True
+    """
+    if max_tensors is None:
+        return MAX_HEADER_BYTES
+    return min(MAX_HEADER_BYTES, max_tensors * HEADER_BYTES_PER_TENSOR + HEADER_METADATA_BYTES)
 
 
 def parse_header_length(prefix: bytes, *, file: str, file_size: int | None = None) -> int:

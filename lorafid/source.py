@@ -42,6 +42,7 @@ from lorafid.errors import (
     FetchError,
     GatedRepoError,
     InvalidSourceError,
+    LimitExceededError,
     LorafidError,
     NotSafetensorsError,
     RepoNotFoundError,
@@ -49,7 +50,13 @@ from lorafid.errors import (
     SafetensorsHeaderError,
 )
 from lorafid.http_ranges import RangeReader, RemoteFile, RetryPolicy
-from lorafid.safetensors_format import HEADER_PROBE_BYTES, SafetensorsHeader, parse_file_prefix, parse_header_length
+from lorafid.safetensors_format import (
+    HEADER_BYTES_PER_TENSOR,
+    HEADER_PROBE_BYTES,
+    SafetensorsHeader,
+    parse_file_prefix,
+    parse_header_length,
+)
 
 LIBRARY_NAME = "lorafid"  # with __version__, in the user agent of every request (Hub API, resolve, CDN)
 INDEX_FILE = "model.safetensors.index.json"
@@ -89,13 +96,24 @@ class Source(ABC):
         """The safetensors files to read, relative names, in index or name order."""
         return list(self._files)
 
-    def read_header(self, file: str) -> SafetensorsHeader:
-        """Read and validate one file's header (offsets are checked against the file size)."""
+    def read_header(self, file: str, max_header_bytes: int | None = None) -> SafetensorsHeader:
+        """Read and validate one file's header (offsets are checked against the file size).
+
+        ``max_header_bytes`` (a server's cap, ``header_cap(max_tensors)``) is checked against the
+        8-byte length prefix, so a longer header is refused after the first read, unfetched.
+        """
         size = self.size_bytes(file)
         prefix = bytearray(min(HEADER_PROBE_BYTES, size))
         self.read_into(file, 0, len(prefix), memoryview(prefix))
         try:
             header_len = parse_header_length(bytes(prefix[:8]), file=file, file_size=size)
+            if max_header_bytes is not None and header_len > max_header_bytes:
+                raise LimitExceededError(
+                    f"{self.describe()}: {file} announces a {header_len:,}-byte header, above this server's cap of "
+                    f"{max_header_bytes:,} bytes (set by LORAFID_MAX_TENSORS: {HEADER_BYTES_PER_TENSOR} bytes a "
+                    "tensor, plus 1 MB of metadata). Run it with the CLI on your own machine: "
+                    "lorafid audit BASE FINETUNE"
+                )
             if 8 + header_len > len(prefix):  # a header longer than the probe: one more read
                 probed = len(prefix)
                 prefix.extend(bytes(8 + header_len - probed))

@@ -36,6 +36,7 @@ from lorafid.audit import Audit, AuditConfig
 from lorafid.dashboard import AppConfig, page_url, parse_link, permalink
 from lorafid.errors import FetchError, LorafidError
 from lorafid.report import save_spectra, spectra_path
+from lorafid.safetensors_format import HEADER_PROBE_BYTES, header_cap
 from lorafid.store import Store
 from tests.hub_server import HubServer
 from tests.models import model_pair, shard_files, write_dir
@@ -649,6 +650,50 @@ def test_tensor_limits_refuse_clearly(hub: HubServer, tmp_path: Path) -> None:
     parsed = AppConfig.from_env(env)
     assert (parsed.max_tensor_bytes, parsed.max_tensors, parsed.max_audit_minutes) == (2 * 10**9, 10, 5.0)
     assert AppConfig.from_env({}).max_tensor_bytes == 500_000_000  # a 70B MLP in bf16 is 0.47 GB
+
+
+def safetensors_file(entries: dict[str, dict], data: bytes) -> bytes:
+    """A safetensors file from header entries as written, whatever they claim: hostile ones too."""
+    head = json.dumps(entries, separators=(",", ":")).encode()
+    return len(head).to_bytes(8, "little") + head + data
+
+
+def test_a_header_claiming_a_100_gb_tensor_is_refused_in_one_line(hub: HubServer, tmp_path: Path) -> None:
+    add_models(hub)
+    claim = {"dtype": "BF16", "shape": [500_000, 100_000], "data_offsets": [0, 100 * 10**9]}  # 100 GB
+    hub.add_repo("org/huge", {"model.safetensors": safetensors_file({"model.layers.0.mlp.up_proj.weight": claim}, b"")})
+    config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "h", examples_dir=tmp_path, device="cpu")
+    hub.clear_requests()
+    with serve(config) as url, pytest.raises(AppError) as refused:
+        run(Client(url, verbose=False), finetune="org/huge")
+    message = str(refused.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert re.match(r"repo org/huge@[0-9a-f]{12}: model\.safetensors: invalid safetensors header", message)
+    assert "data_offsets [0, 100000000000] end past the data" in message and "re-upload it" in message
+    assert all(r.bytes_sent < 100_000 for r in hub.requests)  # headers only: no weight read
+
+
+def test_a_header_flood_is_refused_from_its_length_unfetched(hub: HubServer, tmp_path: Path) -> None:
+    add_models(hub)  # org/base lists 11 tensors
+    n = 40_000  # a valid header of n one-byte tensors: 2.6 MB; the count cap alone would parse all of it
+    tiny = {f"t{i}": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]} for i in range(n)}
+    flood = safetensors_file(tiny, bytes(n))
+    hub.add_repo("org/flood", {"model.safetensors": flood})
+    assert 8 + header_cap(20) < len(flood)
+    config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "h", examples_dir=tmp_path, max_tensors=20)
+    hub.clear_requests()
+    with (
+        serve(config) as url,
+        pytest.raises(
+            AppError,
+            match=rf"org/flood@[0-9a-f]{{12}}: model\.safetensors announces a {len(flood) - 8 - n:,}-byte header, "
+            rf"above this server's cap of {header_cap(20):,} bytes \(set by LORAFID_MAX_TENSORS",
+        ),
+    ):
+        run(Client(url, verbose=False), finetune="org/flood")
+    fetched = [r for r in hub.requests if r.range]
+    assert fetched and max(r.bytes_sent for r in fetched) <= HEADER_PROBE_BYTES  # the body past the probe: never
+    assert sum(r.bytes_sent for r in hub.requests) < len(flood) / 4
 
 
 def test_an_audit_stops_at_the_time_limit_and_keeps_its_results(hub: HubServer, tmp_path: Path) -> None:
