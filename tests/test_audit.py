@@ -217,9 +217,11 @@ def test_headers_of_all_shards_of_both_models_are_read_concurrently(
     all_in_flight = threading.Barrier(6, timeout=10)  # broken (an error) unless 3 + 3 reads overlap
     read_header = LocalSource.read_header
 
-    def read_header_when_all_started(self: LocalSource, file: str) -> SafetensorsHeader:
+    def read_header_when_all_started(
+        self: LocalSource, file: str, max_header_bytes: int | None = None
+    ) -> SafetensorsHeader:
         all_in_flight.wait()
-        return read_header(self, file)
+        return read_header(self, file, max_header_bytes)
 
     monkeypatch.setattr(LocalSource, "read_header", read_header_when_all_started)
     report = audit(str(base_dir), str(finetune_dir), AuditConfig(rank=4, device="cpu", store=store))
