@@ -16,7 +16,10 @@ visitor may make it send ``LORAFID_PROBE_REQUESTS_PER_HOUR`` requests an hour (d
 
 ZeroGPU: on such a Space only the per-matrix spectrum is decorated with ``@spaces.GPU``
 (``dashboard.zero_gpu_compute``, passed as ``AuditConfig.compute``): it gets CPU tensors and
-returns plain numbers, and the streaming of weights stays outside it.
+returns plain numbers, and the streaming of weights stays outside it. The behaviour check's
+per-block compute is decorated the same way (``forward.zero_gpu_block_compute``, passed as
+``BehaviourConfig.block_compute``): one variant's block weights and the hidden states in, new
+hidden states out, as CPU tensors.
 """
 
 import argparse
@@ -72,6 +75,7 @@ from lorafid.registry import (
     Registry,
     RegistrySettings,
     RegistryWriter,
+    probe_refusal,
     publish_refusal,
     table_rows,
 )
@@ -188,6 +192,9 @@ class Dashboard:
         self.config = config
         self.store = Store(config.store_home)
         self.compute = zero_gpu_compute()  # None off ZeroGPU: the audit picks its own device
+        from lorafid.forward import zero_gpu_block_compute  # torch only; transformers loads on first check
+
+        self.block_compute = zero_gpu_block_compute()  # None off ZeroGPU: behaviour blocks run here
         self.registry, self.publisher = self._registry()
         self.catalog = Catalog(
             self.store,
@@ -313,6 +320,7 @@ class Dashboard:
         status = f"Read by {report.method}; {report.requests['sent']} requests sent."
         if report.status != "complete":
             status += f" Partial: {len(report.failed_prompts)} prompts failed; the rest are shown."
+        status += self._publish_probe(document)
         link = page_url(request.headers, str(request.url)) + f"?probe={key}"
         yield self._probe_view(document) | {
             self.probe_status: md_text(status),
@@ -441,6 +449,7 @@ class Dashboard:
             continuation_tokens=16,
             max_generate_bytes=BEHAVIOUR_GENERATE_BYTES,
             device=self.config.device,
+            block_compute=self.block_compute,
             token=None if self.config.allow_local or self.config.server_token else False,
             endpoint=self.config.endpoint,
             allow_local=self.config.allow_local,
@@ -1054,6 +1063,20 @@ class Dashboard:
         self.publisher.submit(report)
         return " " + md_text(self.publisher.note(), MAX_MESSAGE_CHARS)
 
+    def _publish_probe(self, document: dict[str, Any]) -> str:
+        """Queue a finished provider check for the registry when both repos are public now
+        (host, model, verdict and distances only); the words to add to the status line."""
+        if self.publisher is None:
+            return ""
+        reason = probe_refusal(document, endpoint=self.config.endpoint)
+        if reason is not None:
+            return " Not published: " + reason
+        try:
+            self.publisher.submit_probe(document)
+        except LorafidError as e:
+            return " Not published: " + str(e)
+        return " " + self.publisher.note()
+
     def _results_tab(self, demo: gr.Blocks) -> None:
         """Every published audit in one sortable table, filterable by base model."""
         assert self.registry is not None
@@ -1094,7 +1117,12 @@ class Dashboard:
         bases = ["All base models", *sorted({e.base for e in entries})]
         chosen = base if base in bases else "All base models"
         hub_url = self.registry.api.endpoint.rstrip("/")
-        rows = table_rows(entries, hub_url=hub_url, registry=self.registry, base=None if chosen == bases[0] else chosen)
+        try:
+            probes = self.registry.probes()
+        except LorafidError:
+            probes = []  # the audits are still worth showing
+        chosen_base = None if chosen == bases[0] else chosen
+        rows = table_rows(entries, hub_url=hub_url, registry=self.registry, base=chosen_base, probes=probes)
         skipped = self.registry.unreadable_rows
         note = f"{len(rows)} published audit(s)." + (
             f" {skipped} of a newer lorafid are not shown: this server needs an upgrade." if skipped else ""

@@ -277,6 +277,7 @@ class BehaviourConfig:
     allow_local: bool = True
     max_model_bytes: int | None = None
     compute: Callable[[Callable[[], None]], None] | None = field(default=None, repr=False)  # see ForwardConfig
+    block_compute: Callable[..., Any] | None = field(default=None, repr=False)  # see ForwardConfig (ZeroGPU)
 
     def variants(self) -> list[Any]:
         """F first, then the base, then the served variants by rank (lora-only before keep-extras)."""
@@ -331,6 +332,7 @@ class BehaviourCheck:
             dtype=cfg.dtype,
             max_model_bytes=cfg.max_model_bytes,
             compute=cfg.compute,
+            block_compute=cfg.block_compute,
         )
         self.prompts = list(cfg.prompts) if cfg.prompts is not None else builtin_prompts()
         if not self.prompts:

@@ -39,6 +39,7 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +70,9 @@ MAX_CONFIG_BYTES = 2**20  # a config.json is a few kB
 _READERS = 8  # tensors of one block read in parallel (each a range request on the Hub)
 
 WeightHook = Callable[[str, torch.Tensor], torch.Tensor]
+BlockCompute = Callable[[Any, int, dict[str, torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]
+"""(transformers config, layer index, one variant's block weights, hidden states) -> new hidden states."""
+ZERO_GPU_BLOCK_DURATION_S = 60  # a GPU lease per (block, variant): an 8B block over 64 short prompts takes ~1 s
 
 
 @dataclass(frozen=True)
@@ -132,8 +136,13 @@ class ForwardConfig:
     progress: Callable[[ForwardProgress], None] | None = field(default=None, repr=False)
     # Wraps each stage's compute (weights already read), e.g. to hold a device lock only while a
     # block runs, never during I/O. The stage works in place on this process's tensors, so the
-    # wrapper must call it here: a ZeroGPU worker process (@spaces.GPU) would lose its results.
+    # wrapper must call it here: a ZeroGPU worker process (@spaces.GPU) would lose its results;
+    # for that, see block_compute.
     compute: Callable[[Callable[[], None]], None] | None = field(default=None, repr=False)
+    # Runs one variant through one block as a pure function (``block_forward``'s signature: CPU
+    # tensors in, new CPU tensors out), e.g. in a ZeroGPU worker (``zero_gpu_block_compute``).
+    # None: the block runs here, on ``device``.
+    block_compute: BlockCompute | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -293,6 +302,11 @@ class LayerStream:
                 prefix: str = prefix,
             ) -> None:
                 for variant, weights in self._block_weights(variants, raw, prefix):
+                    if self.config.block_compute is not None:  # pure: its results replace ours
+                        hidden[variant.name] = self.config.block_compute(
+                            plan.config, layer, weights, hidden[variant.name]
+                        )
+                        continue
                     for i in range(len(texts)):
                         out = torch.func.functional_call(
                             block,
@@ -508,6 +522,81 @@ def stream_logprobs(
         yield from stream.logprobs(token_ids, variants)
 
 
+def block_forward(
+    config: Any, layer: int, weights: dict[str, torch.Tensor], hidden: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Block ``layer`` of the architecture ``config`` with ``weights`` over each text's hidden states.
+
+    A pure function: it changes none of its arguments and returns new tensors on the device of
+    ``hidden``, so it can run in another process (a ZeroGPU worker pickles arguments and
+    results). Rotary embeddings and masks are rebuilt from ``config`` and each text's length
+    (batch 1, positions 0..n-1), exactly as ``LayerStream.logprobs`` builds them.
+
+    Args:
+        config: the transformers config (``load_config``), ``_attn_implementation`` "sdpa".
+        weights: parameter names relative to the block ("self_attn.q_proj.weight", ...), in
+            the compute dtype, on the device of ``hidden``.
+        hidden: one (1, tokens, hidden_size) tensor per text.
+
+    Example: ``block_forward(config, 0, weights, [torch.randn(1, 5, config.hidden_size)])``.
+    """
+    if not hidden:
+        return []
+    device, dtype = hidden[0].device, hidden[0].dtype
+    skeleton = _skeleton_cached(config)
+    block = skeleton.model.layers[layer]
+    embed = _rotary(skeleton, config, device, dtype)
+    kind = _layer_types(config)[layer]
+    out: list[torch.Tensor] = []
+    with torch.no_grad(), sp.exact_matmul():
+        for h in hidden:
+            positions = torch.arange(h.shape[1], device=device).unsqueeze(0)
+            result = torch.func.functional_call(
+                block,
+                weights,
+                (h,),
+                {
+                    "attention_mask": _masks(config, h, positions)[kind],
+                    "position_ids": positions,
+                    "position_embeddings": embed(h, positions),
+                },
+            )
+            out.append(result[0] if isinstance(result, tuple) else result)
+    return out
+
+
+def zero_gpu_block_compute(env: Mapping[str, str] | None = None) -> BlockCompute | None:
+    """On a ZeroGPU Space, ``block_forward`` as the one ``@spaces.GPU`` function; else None.
+
+    ZeroGPU lends a GPU only inside decorated calls, run in a worker process: arguments and
+    results are pickled, so in-place changes would be lost. ``block_forward`` is pure, so the
+    decorated call gets one variant's block weights and the hidden states (CPU tensors), runs
+    the block on the GPU and returns new CPU hidden states. Reading, the Δ decompositions,
+    the embeddings and the head stay in the Space's own process (on its CPU). Detected by
+    ``SPACES_ZERO_GPU``, as the audit's ``dashboard.zero_gpu_compute``.
+    """
+    env = os.environ if env is None else env
+    if "SPACES_ZERO_GPU" not in env:
+        return None
+    import spaces  # only on Spaces; never a requirement elsewhere
+
+    decorated: BlockCompute = spaces.GPU(duration=ZERO_GPU_BLOCK_DURATION_S)(block_on_device)
+    return decorated
+
+
+def block_on_device(
+    config: Any, layer: int, weights: dict[str, torch.Tensor], hidden: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``block_forward`` on the first CUDA device when there is one, CPU tensors in and out.
+
+    Module-level (picklable by name) so a worker process can run it.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_device = {name: t.to(device) for name, t in weights.items()}
+    result = block_forward(config, layer, on_device, [h.to(device) for h in hidden])
+    return [h.cpu() for h in result]
+
+
 def build_model(config: Any, state: dict[str, torch.Tensor], device: torch.device) -> Any:
     """A whole causal LM holding ``state`` (from ``LayerStream.state_dicts``), for generation.
 
@@ -594,6 +683,18 @@ def _skeleton(config: Any) -> Any:
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     return model.eval()
+
+
+_SKELETONS: dict[str, Any] = {}  # config JSON -> meta skeleton; one entry, for block_forward
+
+
+def _skeleton_cached(config: Any) -> Any:
+    """``_skeleton(config)``, built once per architecture in this process (meta: no memory)."""
+    key = config.to_json_string()
+    if key not in _SKELETONS:
+        _SKELETONS.clear()
+        _SKELETONS[key] = _skeleton(config)
+    return _SKELETONS[key]
 
 
 def _rotary(skeleton: Any, config: Any, device: torch.device, dtype: torch.dtype) -> Callable[..., Any]:

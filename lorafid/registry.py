@@ -11,6 +11,10 @@ Layout of the dataset; every file is named by what fixed its numbers and never r
     results/<base repo>/<fine-tune repo>/<name>.spectra.safetensors  its full spectra (σ² per matrix)
     index/<utc time>-<random>.jsonl                                   one row per result of one commit
                                                                       (lorafid.registry/1)
+    probes/<base repo>/<fine-tune repo>/<base SHA>-<fine-tune SHA>-<hash>.json
+                                                                      a provider check's verdict
+                                                                      (lorafid.registry.probe/1: host,
+                                                                      model, distances; no key, no path)
 
     <name> = <base commit SHA>-<fine-tune commit SHA>-<settings hash>-lorafid<version>
 
@@ -275,6 +279,7 @@ class Registry:
         self._created = False
         self._lock = threading.Lock()
         self._listing: tuple[float, list[RegistryEntry]] | None = None
+        self._probes: tuple[float, list[dict[str, Any]]] | None = None
         self._down: tuple[float, str] | None = None  # (until, why) after a connection failure
 
     @property
@@ -289,7 +294,8 @@ class Registry:
         """
         shard = f"index/{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}.jsonl"
         operations = [CommitOperationAdd(path, content) for path, content in files.items()]
-        operations.append(CommitOperationAdd(shard, "".join(r.to_json() + "\n" for r in rows).encode()))
+        if rows or not files:  # provider checks alone need no index row: ``probes()`` lists their folder
+            operations.append(CommitOperationAdd(shard, "".join(r.to_json() + "\n" for r in rows).encode()))
         try:
             if not self._created:
                 # Public: anyone must be able to read and check what is published.
@@ -300,7 +306,7 @@ class Registry:
             self._note_failure(e)
             raise RegistryError(f"Could not write to the registry {self.repo_id} ({_reason(e)}).") from e
         with self._lock:
-            self._listing = None
+            self._listing = self._probes = None
         return str(info.oid)
 
     # -- read ---------------------------------------------------------------------------
@@ -339,6 +345,39 @@ class Registry:
         with self._lock:
             self._listing = (time.monotonic(), out)
             self.unreadable_rows = unreadable
+        return list(out)
+
+    def probes(self, *, refresh: bool = False) -> list[dict[str, Any]]:
+        """Every published provider check (``PROBE_SCHEMA`` summaries), from ``probes/``.
+
+        One listing call (cached like ``entries``); each file is read once (they never change).
+        Files of another schema, or malformed, are skipped. Raises ``RegistryError``.
+        """
+        with self._lock:
+            if not refresh and self._probes and time.monotonic() - self._probes[0] < self.listing_ttl_s:
+                return list(self._probes[1])
+        self._check_up()
+        try:
+            paths = sorted(
+                f.path
+                for f in self.api.list_repo_tree(self.repo_id, "probes", recursive=True, repo_type="dataset")
+                if f.path.endswith(".json")
+            )
+        except (RemoteEntryNotFoundError, RepositoryNotFoundError):
+            paths = []  # nothing published yet
+        except _NETWORK_ERRORS as e:
+            self._note_failure(e)
+            raise RegistryError(f"Could not read the registry {self.repo_id} ({_reason(e)}).") from e
+        out = []
+        for path in paths:
+            try:
+                data = json.loads(self._read(path))
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if isinstance(data, dict) and _probe_well_formed(data):
+                out.append(data)
+        with self._lock:
+            self._probes = (time.monotonic(), out)
         return list(out)
 
     def find(
@@ -493,6 +532,112 @@ def publish(registry: Registry, report: Report) -> RegistryEntry:
     return entry
 
 
+# -- provider checks ------------------------------------------------------------------------------
+
+PROBE_SCHEMA = "lorafid.registry.probe/1"
+"""Schema of a published provider check: the summary of a ``lorafid.probe/1`` document.
+
+It carries the endpoint's host only (never a key, a URL path or a query), the model name at
+the endpoint, both repos at their commits, the verdict and each candidate's distance::
+
+    probes/<base repo>/<fine-tune repo>/<base SHA>-<fine-tune SHA>-<content hash>.json
+"""
+_HOST_RE = re.compile(r"^[A-Za-z0-9.:-]{1,253}$")
+_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+def probe_summary(document: Mapping[str, Any]) -> dict[str, Any]:
+    """What is published of a provider check (``PROBE_SCHEMA``): chosen fields, nothing else.
+
+    Raises ``RegistryError`` when the document lacks what a published check needs.
+    """
+    base, finetune = document.get("base") or {}, document.get("finetune") or {}
+    verdict = document.get("verdict") or {}
+    candidates = document.get("candidates") or {}
+    try:
+        summary: dict[str, Any] = {
+            "schema": PROBE_SCHEMA,
+            "probe_schema": str(document["schema"]),
+            "tool_version": str(document["tool_version"]),
+            "endpoint_host": str(document["endpoint_host"]),
+            "model": str(document["model"])[:200],
+            "method": str(document.get("method") or ""),
+            "base": str(base.get("repo_id") or ""),
+            "finetune": str(finetune.get("repo_id") or ""),
+            "base_sha": str(base.get("sha") or ""),
+            "finetune_sha": str(finetune.get("sha") or ""),
+            "verdict": {
+                "sentence": str(verdict["sentence"]),
+                "closest": str(verdict["closest"]),
+                "matches": bool(verdict["matches"]),
+                "consistent": [str(c) for c in verdict.get("consistent") or ()],
+            },
+            "distances": {
+                str(name): {"distance": float(c["distance"]), "interval": [float(x) for x in c["interval"]]}
+                for name, c in candidates.items()
+            },
+            "prompts": int((document.get("prompt_set") or {}).get("count") or 0),
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise RegistryError(f"This provider check cannot be published: it lacks {e}.") from e
+    if not _probe_well_formed(summary | {"created": ""}):
+        raise RegistryError("This provider check cannot be published: it is not of two Hub repos pinned to commits.")
+    return summary
+
+
+def probe_path(summary: Mapping[str, Any]) -> str:
+    """Where a provider check lives in the registry: named by both commits and its content."""
+    content = {k: v for k, v in summary.items() if k != "created"}
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
+    name = f"{summary['base_sha']}-{summary['finetune_sha']}-{digest}"
+    return f"probes/{summary['base']}/{summary['finetune']}/{name}.json"
+
+
+def probe_refusal(document: Mapping[str, Any], *, endpoint: str | None = None) -> str | None:
+    """Why this provider check may not be published, or None: only complete checks with a
+    verdict, of two Hub repos that are public now (checked with calls that send no token)."""
+    if document.get("status") != "complete" or not document.get("verdict"):
+        return "only complete provider checks with a verdict are published."
+    try:
+        summary = probe_summary(document)
+    except RegistryError as e:
+        return str(e).removeprefix("This provider check cannot be published: ")
+    return _not_public(
+        [(summary["base"], summary["base_sha"]), (summary["finetune"], summary["finetune_sha"])], endpoint
+    )
+
+
+def _not_public(repos: list[tuple[str, str]], endpoint: str | None) -> str | None:
+    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=False)
+    for repo_id, sha in repos:
+        try:
+            info = api.model_info(repo_id, revision=sha, token=False)
+        except (RepositoryNotFoundError, GatedRepoError):
+            return f"{repo_id} is not public: only checks of two public repos are published."
+        except _NETWORK_ERRORS as e:
+            return f"could not confirm that {repo_id} is public ({_reason(e)})."
+        if info.private or info.gated:
+            kind = "private" if info.private else "gated"
+            return f"{repo_id} is {kind}: only checks of two public repos are published."
+    return None
+
+
+def _probe_well_formed(data: Mapping[str, Any]) -> bool:
+    verdict = data.get("verdict")
+    return (
+        data.get("schema") == PROBE_SCHEMA
+        and isinstance(data.get("endpoint_host"), str)
+        and bool(_HOST_RE.match(data["endpoint_host"]))
+        and isinstance(data.get("model"), str)
+        and isinstance(data.get("created"), str)
+        and all(isinstance(data.get(k), str) and _REPO_ID_RE.match(data[k]) for k in ("base", "finetune"))
+        and all(isinstance(data.get(k), str) and _SHA_RE.match(data[k]) for k in ("base_sha", "finetune_sha"))
+        and isinstance(verdict, dict)
+        and isinstance(verdict.get("sentence"), str)
+        and isinstance(verdict.get("matches"), bool)
+    )
+
+
 # -- batching writer ------------------------------------------------------------------------------
 
 
@@ -536,6 +681,28 @@ class RegistryWriter:
         self._wake.set()
         return entry
 
+    def submit_probe(self, document: Mapping[str, Any]) -> str:
+        """Put a provider check in the outbox (its ``PROBE_SCHEMA`` summary); returns its path.
+        The caller checks ``probe_refusal`` first. Raises ``RegistryError`` when it lacks a verdict."""
+        summary = probe_summary(document) | {"created": datetime.now(UTC).isoformat(timespec="seconds")}
+        path = probe_path(summary)
+        folder = self.outbox / ("probe-" + path.rsplit("/", 1)[-1].removesuffix(".json"))
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomic(folder / "probe.json", (json.dumps(summary, sort_keys=True, indent=1) + "\n").encode())
+        self._wake.set()
+        return path
+
+    def pending_probes(self) -> list[tuple[Path, str, bytes]]:
+        """Provider checks waiting in the outbox: (folder, path in the registry, content)."""
+        out = []
+        for file in sorted(self.outbox.glob("probe-*/probe.json"), key=lambda p: p.stat().st_mtime):
+            try:
+                content = file.read_bytes()
+                out.append((file.parent, probe_path(json.loads(content)), content))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return out
+
     def pending(self) -> list[RegistryEntry]:
         """Results waiting in the outbox, oldest first."""
         out = []
@@ -555,7 +722,8 @@ class RegistryWriter:
         with self._lock:
             self.state.last_attempt = time.monotonic()
             queued = self.pending()
-            if not queued:
+            probes = self.pending_probes()
+            if not queued and not probes:
                 return 0
             try:
                 known = {e.name for e in self.registry.entries(refresh=True)}
@@ -567,19 +735,26 @@ class RegistryWriter:
                 folder = self.outbox / entry.name
                 files[entry.path] = (folder / entry.path.rsplit("/", 1)[-1]).read_bytes()
                 files[entry.spectra_path] = (folder / entry.spectra_path.rsplit("/", 1)[-1]).read_bytes()
-            if fresh:
+            files.update({path: content for _, path, content in probes})
+            message = f"lorafid: {len(fresh)} audit result(s)" + (
+                f", {len(probes)} provider check(s)" if probes else ""
+            )
+            if fresh or probes:
                 try:
-                    self.registry.commit(files, fresh, f"lorafid: {len(fresh)} audit result(s)")
+                    self.registry.commit(files, fresh, message)
                 except RegistryError as e:
                     self.state.last_error = str(e)
-                    logger.warning("%s Kept %d result(s) in %s for the next try.", e, len(fresh), self.outbox)
+                    kept = len(fresh) + len(probes)
+                    logger.warning("%s Kept %d result(s) in %s for the next try.", e, kept, self.outbox)
                     raise
                 self.state.commits += 1
-                self.state.published += len(fresh)
+                self.state.published += len(fresh) + len(probes)
             self.state.last_error = None
             for entry in queued:
                 shutil.rmtree(self.outbox / entry.name, ignore_errors=True)
-            return len(fresh)
+            for folder, _, _ in probes:
+                shutil.rmtree(folder, ignore_errors=True)
+            return len(fresh) + len(probes)
 
     def start(self) -> RegistryWriter:
         """Commit in the background, at most once per ``interval_s``: a result queued after a
@@ -606,7 +781,7 @@ class RegistryWriter:
 
     def note(self) -> str:
         """One line on the state of publishing, for the dashboard."""
-        waiting = len(self.pending())
+        waiting = len(self.pending()) + len(self.pending_probes())
         if self.state.last_error:
             return (
                 f"The registry {self.registry.repo_id} could not be written: {self.state.last_error} "
@@ -784,6 +959,7 @@ TABLE_HEADERS: tuple[str, ...] = (
     "Matrices",
     "Audited",
     "lorafid",
+    "Provider checks",
     "Full result",
 )
 TABLE_TYPES: tuple[Literal["str", "number", "markdown"], ...] = (
@@ -797,14 +973,23 @@ TABLE_TYPES: tuple[Literal["str", "number", "markdown"], ...] = (
     "number",
     "str",
     "str",
+    "str",  # provider checks: host and model are the prober's text, never rendered as markdown
     "markdown",
 )
 
 
 def table_rows(
-    entries: list[RegistryEntry], *, hub_url: str, registry: Registry, base: str | None = None
+    entries: list[RegistryEntry],
+    *,
+    hub_url: str,
+    registry: Registry,
+    base: str | None = None,
+    probes: list[dict[str, Any]] | None = None,
 ) -> list[list[Any]]:
     """Rows of the public results table (``TABLE_HEADERS``), optionally for one base model.
+
+    ``probes`` (``Registry.probes()``): the verdicts of published provider checks of the same
+    two commits go in the row's "Provider checks" cell, the latest per provider host and model.
 
     Shares are numbers (percent, so the table sorts them as numbers); repo cells link to the
     Hub at the audited commit; the last cell links to the result file and opens it here.
@@ -830,7 +1015,22 @@ def table_rows(
                 e.matrices,
                 e.created[:10],
                 e.tool_version,
+                provider_checks_cell(probes or [], e),
                 f"[JSON]({registry.url}/blob/main/{quote(e.path)}) · [open](?{link})",
             ]
         )
     return rows
+
+
+def provider_checks_cell(probes: list[dict[str, Any]], entry: RegistryEntry) -> str:
+    """The verdicts of the provider checks of this pair at these commits, latest per host and
+    model, one "host · model: verdict" per line; "" when none."""
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for p in sorted(probes, key=lambda p: str(p.get("created", ""))):
+        same = (p.get("base"), p.get("finetune"), p.get("base_sha"), p.get("finetune_sha"))
+        if same == (entry.base, entry.finetune, entry.base_sha, entry.finetune_sha):
+            latest[(p["endpoint_host"], p["model"])] = p
+    return "\n".join(
+        f"{host} · {_cut(model, 80)}: {_cut(p['verdict']['sentence'], 240)}"
+        for (host, model), p in sorted(latest.items())
+    )

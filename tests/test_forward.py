@@ -224,3 +224,59 @@ def test_tied_embedding_kept_through_the_blocks_is_counted(tmp_path: Path) -> No
     block = sum(t.nbytes for n, t in family.full.tensors.items() if n.startswith("model.layers.0."))
     # During a block: both embeddings (kept for the tied head), the block of both models, one variant's block.
     assert peak >= 2 * embedding + 3 * block
+
+
+def test_zero_gpu_block_runs_across_a_process_boundary(
+    llama_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On ZeroGPU only the per-block compute is decorated; in a real worker process (arguments
+    and results pickled, as ZeroGPU does) the log-probabilities equal the in-process forward's."""
+    import multiprocessing
+    import sys
+    import types
+    from concurrent.futures import ProcessPoolExecutor
+
+    from lorafid.forward import block_on_device, zero_gpu_block_compute
+
+    assert zero_gpu_block_compute({}) is None  # off ZeroGPU every block runs in this process
+    decorated: list[tuple[str, int]] = []
+    calls: list[int] = []
+    worker = ProcessPoolExecutor(
+        1, multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(1,)
+    )
+
+    def gpu(duration: int) -> Any:
+        def wrap(function: Any) -> Any:
+            decorated.append((function.__name__, duration))
+
+            def in_worker(*args: Any) -> Any:
+                calls.append(args[1])
+                return worker.submit(function, *args).result()  # pickled there and back
+
+            return in_worker
+
+        return wrap
+
+    fake = types.ModuleType("spaces")
+    fake.GPU = gpu  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    block_compute = zero_gpu_block_compute({"SPACES_ZERO_GPU": "1"})
+    assert block_compute is not None and decorated == [(block_on_device.__name__, 60)]
+
+    specs = (str(llama_dirs["base"]), str(llama_dirs["full"]))
+    variants = [FINETUNE, BASE, served(2)]
+    with worker:
+        remote = dict(stream_logprobs(*specs, TEXTS, variants, ForwardConfig(block_compute=block_compute)))
+    local = dict(stream_logprobs(*specs, TEXTS, variants))
+    assert sorted(calls) == sorted([0, 1] * len(variants))  # 2 blocks × 3 variants, each one call
+    for index, by_variant in local.items():
+        for name, logprobs in by_variant.items():
+            assert torch.equal(remote[index][name], logprobs), (index, name)
+    # The returned hidden states are the ones used: a block that hands back its input differs.
+    skipped = dict(stream_logprobs(*specs, TEXTS[:1], [FINETUNE], ForwardConfig(block_compute=identity_block)))
+    assert not torch.allclose(skipped[0]["finetune"], local[0]["finetune"], atol=1e-3)
+
+
+def identity_block(config: Any, layer: int, weights: dict[str, torch.Tensor], hidden: list[torch.Tensor]) -> Any:
+    """A block that changes nothing: shows ``block_compute``'s results replace the in-process ones."""
+    return [h.clone() for h in hidden]

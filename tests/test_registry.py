@@ -27,6 +27,8 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from lorafid.audit import Audit, AuditConfig
 from lorafid.dashboard import AppConfig
 from lorafid.errors import RegistryError, ResultSchemaError, VerificationError
+from lorafid.evidence import CandidateResult, Verdict
+from lorafid.probe import ProbeReport
 from lorafid.registry import (
     PRECISION,
     TABLE_HEADERS,
@@ -38,6 +40,7 @@ from lorafid.registry import (
     RegistryWriter,
     compare,
     entry_for,
+    probe_refusal,
     publish_refusal,
     result_files,
     result_path,
@@ -581,3 +584,115 @@ def test_results_table_rows_filter_and_link(hub: HubServer, store: Store, tmp_pa
     assert row[6] == second.summary().rank_for_90
     assert f"finetune_revision={sha}" in row[-1] and "/blob/main/results/" in row[-1]
     assert table_rows(entries, hub_url="", registry=reg, base="org/other") == []
+
+
+# -- provider checks ---------------------------------------------------------------------------------
+
+SENTENCE = "The endpoint serves the fine-tune at rank 64 or above (closest: rank 64, lora-only)."
+
+
+def probe_document(report: Report, finetune: str = TUNED, status: str = "complete") -> dict[str, Any]:
+    """A provider check of the audited pair, as ``Probe.run`` writes it, from a real ``ProbeReport``."""
+    candidates = {
+        name: CandidateResult(name, d, (d * 0.8, d * 1.2), 0.9, 0.1, d, d > 0.01, rank, "lora-only" if rank else None)
+        for name, d, rank in (("rank 64 (lora-only)", 0.002, 64), ("fine-tune", 0.004, None), ("base", 0.3, None))
+    }
+    verdict = Verdict(SENTENCE, "rank 64 (lora-only)", True, ("rank 64 (lora-only)", "fine-tune"), (32, None), 0.01)
+    side = {"base": report.base, "finetune": report.finetune}
+    probe = ProbeReport(
+        status=status,
+        endpoint_host="api.example.com",
+        model="served/model",
+        method="completions",
+        channels_tried=[],
+        base={"spec": BASE, "repo_id": BASE, "revision": None, "sha": side["base"].resolved_sha},
+        finetune={"spec": finetune, "repo_id": finetune, "revision": None, "sha": side["finetune"].resolved_sha},
+        prompt_set={"name": "default", "count": 3},
+        settings={"ranks": [64]},
+        requests={"announced": 3, "max": 3, "sent": 3},
+        candidates=candidates,
+        verdict=verdict,
+        prompts=[],
+        failed_prompts={},
+    )
+    return probe.to_dict()
+
+
+def test_published_provider_check_shows_in_a_second_readers_table(hub: HubServer, store: Store, tmp_path: Path) -> None:
+    audited = run_audit(hub, store)
+    writer = RegistryWriter(registry(hub, tmp_path), tmp_path / "outbox", interval_s=3600)
+    writer.submit(audited)
+    document = probe_document(audited)
+    # Whatever a document might carry besides, only the chosen fields are published.
+    document |= {"api_key": "sk-secret-key", "endpoint": "https://api.example.com/v1/secret-path?key=sk-q"}
+    path = writer.submit_probe(document)
+    assert path.startswith(f"probes/{BASE}/{TUNED}/{audited.base.resolved_sha}-{audited.finetune.resolved_sha}-")
+    assert writer.flush() == 2 and len(hub.dataset_commits) == 1  # the audit and the check, one commit
+    assert writer.pending_probes() == [] and writer.flush() == 0
+
+    other = registry(hub, tmp_path, token=False, name="server-b-cache")
+    (published,) = other.probes()
+    assert published["endpoint_host"] == "api.example.com" and published["model"] == "served/model"
+    assert published["verdict"]["sentence"] == SENTENCE and published["verdict"]["matches"] is True
+    assert published["distances"]["rank 64 (lora-only)"]["distance"] == pytest.approx(0.002)
+    assert (published["base_sha"], published["finetune_sha"]) == (
+        audited.base.resolved_sha,
+        audited.finetune.resolved_sha,
+    )
+    raw = (other.cache_dir / path).read_text()
+    for secret in ("sk-secret", "sk-q", "/v1", "secret-path", "https://"):
+        assert secret not in raw
+
+    rows = table_rows(other.entries(), hub_url="", registry=other, probes=other.probes())
+    column = TABLE_HEADERS.index("Provider checks")
+    assert len(TABLE_HEADERS) == len(TABLE_TYPES) and TABLE_TYPES[column] == "str"
+    assert rows[0][column] == f"api.example.com · served/model: {SENTENCE}"
+    assert rows[0][-1].startswith("[JSON]")
+    # A newer check of the same provider and model replaces the older in the cell; another provider adds a line.
+    newer = probe_document(audited) | {"endpoint_host": "other.example.org"}
+    writer.submit_probe(newer)
+    writer.flush()
+    cell = table_rows(other.entries(), hub_url="", registry=other, probes=other.probes(refresh=True))[0][column]
+    assert cell.splitlines() == [
+        f"api.example.com · served/model: {SENTENCE}",
+        f"other.example.org · served/model: {SENTENCE}",
+    ]
+    # A check of another pair (or other commits) is not shown in this row.
+    elsewhere = other.probes()[0] | {"finetune_sha": "0" * 40}
+    assert table_rows(other.entries(), hub_url="", registry=other, probes=[elsewhere])[0][column] == ""
+
+
+def test_provider_checks_of_gated_or_private_pairs_are_never_published(hub: HubServer, store: Store) -> None:
+    public = run_audit(hub, store)
+    gated = run_audit(hub, store, GATED, token="visitor-token")
+    private = run_audit(hub, store, PRIVATE, token="visitor-token")
+    assert probe_refusal(probe_document(public), endpoint=hub.endpoint) is None
+    assert "org/gated is gated" in str(probe_refusal(probe_document(gated, GATED), endpoint=hub.endpoint))
+    assert "org/private is not public" in str(probe_refusal(probe_document(private, PRIVATE), endpoint=hub.endpoint))
+    checks = hub.requests_matching(path_contains="/api/models/org/gated/revision/")
+    assert checks and not any(r.has_authorization for r in checks)  # the check sends no token
+    partial = probe_document(public, status="partial")
+    assert "only complete provider checks" in str(probe_refusal(partial, endpoint=hub.endpoint))
+    unpinned = probe_document(public)
+    unpinned["finetune"]["sha"] = None
+    assert "not of two Hub repos pinned to commits" in str(probe_refusal(unpinned, endpoint=hub.endpoint))
+
+
+def test_dashboard_publishes_provider_checks_of_public_pairs_into_the_results_table(
+    app_env: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: Store
+) -> None:
+    hub = app_env
+    public, gated = run_audit(hub, store), run_audit(hub, store, GATED, token="visitor-token")
+    with dashboard(config_for(hub, tmp_path / "server-a")) as (client, board):
+        run(client, BASE, TUNED, rank=8)
+        said = board._publish_probe(probe_document(public))
+        assert REGISTRY in said and "Not published" not in said  # queued, or committed already by the thread
+        assert f"Not published: {GATED} is gated" in board._publish_probe(probe_document(gated, GATED))
+        board.publisher.flush()
+    assert not any(p.startswith(f"probes/{BASE}/{GATED}") for p in hub.dataset_files(REGISTRY))
+    monkeypatch.delenv("LORAFID_REGISTRY_TOKEN")
+    with dashboard(config_for(hub, tmp_path / "server-b")) as (client, board):
+        frame = client.predict("All base models", api_name="/results_table")[0]
+        assert frame["headers"] == list(TABLE_HEADERS)
+        (row,) = frame["data"]
+        assert row[TABLE_HEADERS.index("Provider checks")] == f"api.example.com · served/model: {SENTENCE}"
