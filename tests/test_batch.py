@@ -422,13 +422,14 @@ def test_missing_ray_is_a_missing_extra_error(monkeypatch: pytest.MonkeyPatch) -
 class Recorder:
     """The audit's math, recording when each task computed (one file per task instance)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, pause_s: float = 0.05) -> None:
         self.directory = directory
+        self.pause_s = pause_s  # 0.05: long enough that two tasks running together overlap for sure
 
     def __call__(self, base: torch.Tensor, finetune: torch.Tensor) -> sp.DeltaSpectrum:
         started = time.time()
         result = sp.delta_spectrum(base, finetune)
-        time.sleep(0.05)  # long enough that two tasks running together overlap for sure
+        time.sleep(self.pause_s)
         with (self.directory / f"{os.getpid()}-{id(self)}.log").open("a") as f:
             f.write(f"{started} {time.time()}\n")
         return result
@@ -469,6 +470,8 @@ def test_concurrency_cap_runs_one_pair_at_a_time_and_ctrl_c_leaves_pairs_pending
     assert seen[-1].bytes_done == seen[-1].bytes_total == planned
 
     # Ctrl-C while the first task runs: it is cancelled, both pairs stay pending, the table says so.
+    # The interrupt comes at the driver's second look (after one 0.5 s poll); each matrix now takes
+    # 0.5 s, so the first pair (8 matrices) cannot have finished by then, however fast the machine.
     calls = iter(range(10**6))
 
     def interrupt(progress: BatchProgress) -> None:
@@ -476,7 +479,8 @@ def test_concurrency_cap_runs_one_pair_at_a_time_and_ctrl_c_leaves_pairs_pending
             raise KeyboardInterrupt
 
     out = tmp_path / "out"
-    stopped = run_batch(pairs, replace(options, fresh=True, progress=False), out=out, on_progress=interrupt)
+    slow = replace(options, fresh=True, progress=False, compute=Recorder(log, pause_s=0.5))
+    stopped = run_batch(pairs, slow, out=out, on_progress=interrupt)
     assert stopped.interrupted and [o.status for o in stopped.outcomes] == ["pending", "pending"]
     rows = json.loads((out / "table.json").read_text())["rows"]
     assert [(r["status"], r["error"]) for r in rows] == [("pending", "not run: the batch was interrupted")] * 2
