@@ -248,8 +248,15 @@ class Dashboard:
         self.probe_status = gr.Markdown()
         self.probe_verdict = gr.Markdown()
         self.probe_plot = gr.Plot(label="Distance from the provider, by candidate")
-        self.probe_table = gr.Dataframe(label="Candidates, closest first", interactive=False, wrap=True)
-        self.probe_rows = gr.Dataframe(label="Per prompt: KL per token to each candidate", interactive=False)
+        self.probe_table = gr.Dataframe(
+            headers=["candidate", "KL nats/token", "95% interval", "top-1 agreement", "evidence"],
+            label="Candidates, closest first",
+            interactive=False,
+            wrap=True,
+        )
+        self.probe_rows = gr.Dataframe(
+            headers=["prompt", "text", "tokens"], label="Per prompt: KL per token to each candidate", interactive=False
+        )
         with gr.Row():
             self.probe_file = gr.File(label="JSON (lorafid.probe/1)", interactive=False)
             self.probe_link = gr.Markdown()
@@ -394,10 +401,16 @@ class Dashboard:
         self.behave_button = gr.Button("Run behaviour check", variant="primary")
         self.behave_status = gr.Markdown()
         self.behave_plot = gr.Plot(label="KL and top-1 agreement by rank, beside the weight audit's energy kept")
-        self.behave_table = gr.Dataframe(label="Each variant against the fine-tune", interactive=False)
-        self.behave_rows = gr.Dataframe(label="Per prompt: mean KL per token", interactive=False, wrap=True)
+        self.behave_table = gr.Dataframe(
+            headers=["variant", "KL mean", "KL p95", "KL max", "top-1 agreement", "Δ log-likelihood", "tokens"],
+            label="Each variant against the fine-tune",
+            interactive=False,
+        )
+        self.behave_rows = gr.Dataframe(
+            headers=["prompt", "text", "tokens"], label="Per prompt: mean KL per token", interactive=False, wrap=True
+        )
         self.behave_continuations = gr.Dataframe(
-            label="Greedy continuations, side by side", interactive=False, wrap=True
+            headers=["prompt", "fine-tune"], label="Greedy continuations, side by side", interactive=False, wrap=True
         )
         with gr.Row():
             self.behave_file = gr.File(label="JSON (lorafid.behaviour/1)", interactive=False)
