@@ -233,18 +233,8 @@ def publish_refusal(
             if not public:
                 return f"{record.repo_id} was not public when audited: only audits of two public repos are published."
         return None
-    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=False)
-    for record in (report.base, report.finetune):
-        try:
-            info = api.model_info(str(record.repo_id), revision=record.resolved_sha, token=False)
-        except (RepositoryNotFoundError, GatedRepoError):
-            return f"{record.repo_id} is not public: only audits of two public repos are published."
-        except _NETWORK_ERRORS as e:
-            return f"could not confirm that {record.repo_id} is public ({_reason(e)})."
-        if info.private or info.gated:
-            kind = "private" if info.private else "gated"
-            return f"{record.repo_id} is {kind}: only audits of two public repos are published."
-    return None
+    repos = [(str(r.repo_id), str(r.resolved_sha)) for r in (report.base, report.finetune)]
+    return _not_public(repos, endpoint, "audits")
 
 
 # -- reading and writing the dataset --------------------------------------------------------------
@@ -603,22 +593,24 @@ def probe_refusal(document: Mapping[str, Any], *, endpoint: str | None = None) -
     except RegistryError as e:
         return str(e).removeprefix("This provider check cannot be published: ")
     return _not_public(
-        [(summary["base"], summary["base_sha"]), (summary["finetune"], summary["finetune_sha"])], endpoint
+        [(summary["base"], summary["base_sha"]), (summary["finetune"], summary["finetune_sha"])], endpoint, "checks"
     )
 
 
-def _not_public(repos: list[tuple[str, str]], endpoint: str | None) -> str | None:
+def _not_public(repos: list[tuple[str, str]], endpoint: str | None, what: str) -> str | None:
+    """Why these (repo, commit) pairs are not all public now, or None; ``what`` names what is
+    published ("audits", "checks"). Asked with calls that send no token."""
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=False)
     for repo_id, sha in repos:
         try:
             info = api.model_info(repo_id, revision=sha, token=False)
         except (RepositoryNotFoundError, GatedRepoError):
-            return f"{repo_id} is not public: only checks of two public repos are published."
+            return f"{repo_id} is not public: only {what} of two public repos are published."
         except _NETWORK_ERRORS as e:
             return f"could not confirm that {repo_id} is public ({_reason(e)})."
         if info.private or info.gated:
             kind = "private" if info.private else "gated"
-            return f"{repo_id} is {kind}: only checks of two public repos are published."
+            return f"{repo_id} is {kind}: only {what} of two public repos are published."
     return None
 
 
