@@ -29,20 +29,20 @@ from lorafid import spectrum as current
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_revision(rev: str) -> ModuleType:
-    """``lorafid/spectrum.py`` as it was at ``rev``, as a module named ``spectrum_at_<rev>``."""
+def load_revision(rev: str, module: str = "spectrum") -> ModuleType:
+    """``lorafid/<module>.py`` as it was at ``rev``, as a module named ``<module>_at_<rev>``."""
     source = subprocess.run(
-        ["git", "show", f"{rev}:lorafid/spectrum.py"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["git", "show", f"{rev}:lorafid/{module}.py"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
-    name = f"spectrum_at_{rev}"
+    name = f"{module}_at_{rev}"
     path = Path(tempfile.mkdtemp()) / f"{name}.py"
     path.write_text(source, encoding="utf-8")
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[name] = loaded  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(loaded)
+    return loaded
 
 
 def main() -> None:

@@ -18,38 +18,17 @@ depends on k and the number of matrices, not on the values.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from bench.before_after import load_revision
 from bench.synth import PRESETS
 from lorafid import report as current
 
-ROOT = Path(__file__).resolve().parents[1]
 RANKS = (64, 8, 512, 100, 16, 4096, 37, 256)  # a slider dragged around, grid and off-grid ranks
-
-
-def load_revision(rev: str) -> ModuleType:
-    """``lorafid/report.py`` as it was at ``rev``, as a module named ``report_at_<rev>``."""
-    source = subprocess.run(
-        ["git", "show", f"{rev}:lorafid/report.py"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
-    name = f"report_at_{rev}"
-    path = Path(tempfile.mkdtemp()) / f"{name}.py"
-    path.write_text(source, encoding="utf-8")
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 def synthetic_spectrum(k: int, seed: int) -> np.ndarray:
@@ -117,7 +96,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=80)
     parser.add_argument("--figures", action="store_true", help="also time plots.figures on the current report")
     args = parser.parse_args()
-    before_module = load_revision(args.rev)
+    before_module = load_revision(args.rev, "report")
     reports = {"before": build_report(before_module, args.layers), "after": build_report(current, args.layers)}
     print(f"{len(reports['after'].matrices)} matrices ({args.layers} layers × 7, Llama-70B shapes), ranks {RANKS}")
     results = {}
