@@ -2,15 +2,15 @@
 
 Run ``python app.py`` (http://127.0.0.1:7860, or GRADIO_SERVER_NAME / GRADIO_SERVER_PORT);
 the same file is the Hugging Face Space. Widgets and wiring only: the audit is
-``lorafid.audit``, the charts ``lorafid.plots``, the gallery, links and words
-``lorafid.dashboard``. Library errors become ``gr.Error`` in one place: ``user_errors``.
+``lorafid.audit.engine``, the charts ``lorafid.web.plots``, the gallery, links and words
+``lorafid.web.dashboard``. Library errors become ``gr.Error`` in one place: ``user_errors``.
 
 Public by default: local paths are refused unless started with ``--allow-local`` (or
 ``LORAFID_ALLOW_LOCAL=1``), audits never fall back to the server's own Hub login, and the
 browser keeps no run history (it would hold the token). Other switches: ``LORAFID_CONCURRENCY``,
 ``LORAFID_MAX_QUEUE``, ``LORAFID_MAX_MODEL_GB``, ``LORAFID_HOME``; "Sign in with Hugging
 Face" appears only where OAuth is configured (``OAUTH_CLIENT_ID``, set by ``hf_oauth``).
-The Provider check tab (``lorafid.probe``) calls only https endpoints on public addresses and
+The Provider check tab (``lorafid.providers.probe``) calls only https endpoints on public addresses and
 reads only public repos unless ``LORAFID_PROBE_ANY_ENDPOINT=1`` (a private deployment); each
 visitor may make it send ``LORAFID_PROBE_REQUESTS_PER_HOUR`` requests an hour (default 300).
 
@@ -38,10 +38,24 @@ import gradio as gr
 import pandas as pd
 from huggingface_hub import constants as hf_constants
 
-from lorafid import plots
-from lorafid.adapter import audit_adapter, section_of
-from lorafid.audit import Audit, AuditConfig
-from lorafid.dashboard import (
+from lorafid.adapters.peft_adapter import audit_adapter, section_of
+from lorafid.audit.engine import Audit, AuditConfig
+from lorafid.audit.report import PROVIDER_RANKS, Report, SourceRecord
+from lorafid.audit.store import Store
+from lorafid.errors import GatedRepoError, LimitExceededError, LorafidError, RepoNotFoundError
+from lorafid.providers.netguard import ProbeServerSettings, VisitorBudget
+from lorafid.sharing.registry import (
+    TABLE_HEADERS,
+    TABLE_TYPES,
+    Registry,
+    RegistrySettings,
+    RegistryWriter,
+    probe_refusal,
+    publish_refusal,
+    table_rows,
+)
+from lorafid.web import plots
+from lorafid.web.dashboard import (
     DEFAULT_RANK,
     MAX_RANK,
     AppConfig,
@@ -67,20 +81,6 @@ from lorafid.dashboard import (
     write_report_json,
     zero_gpu_compute,
 )
-from lorafid.errors import GatedRepoError, LimitExceededError, LorafidError, RepoNotFoundError
-from lorafid.netguard import ProbeServerSettings, VisitorBudget
-from lorafid.registry import (
-    TABLE_HEADERS,
-    TABLE_TYPES,
-    Registry,
-    RegistrySettings,
-    RegistryWriter,
-    probe_refusal,
-    publish_refusal,
-    table_rows,
-)
-from lorafid.report import PROVIDER_RANKS, Report, SourceRecord
-from lorafid.store import Store
 
 INTRO = """# lorafid
 **How much of a fine-tuned model survives when it is served as a rank-r LoRA** extracted from
@@ -192,7 +192,7 @@ class Dashboard:
         self.config = config
         self.store = Store(config.store_home)
         self.compute = zero_gpu_compute()  # None off ZeroGPU: the audit picks its own device
-        from lorafid.forward import zero_gpu_block_compute  # torch only; transformers loads on first check
+        from lorafid.behaviour.forward import zero_gpu_block_compute  # torch only; transformers loads on first check
 
         self.block_compute = zero_gpu_block_compute()  # None off ZeroGPU: behaviour blocks run here
         self.registry, self.publisher = self._registry()
@@ -288,7 +288,7 @@ class Dashboard:
         self, endpoint: str, model: str, api_key: str, base: str, finetune: str, ranks: str, request: gr.Request
     ) -> Iterator[dict[Any, Any]]:
         """Plan (announced before any request), check the visitor's budget, probe, store, show."""
-        from lorafid.probe import Probe, ProbeConfig, probe_prompts
+        from lorafid.providers.probe import Probe, ProbeConfig, probe_prompts
 
         fields = {"endpoint": endpoint, "model name": model, "base model": base, "fine-tuned model": finetune}
         for label, value in fields.items():
@@ -444,7 +444,7 @@ class Dashboard:
         self, base: str, finetune: str, ranks: str, serving: str, chat: bool, request: gr.Request
     ) -> Iterator[dict[Any, Any]]:
         """Stream the check (progress in the status line), then store it and show every view."""
-        from lorafid.behaviour import BehaviourCheck, BehaviourConfig
+        from lorafid.behaviour.check import BehaviourCheck, BehaviourConfig
 
         for label, value in (("base model", base), ("fine-tuned model", finetune)):
             if not value.strip() or len(value) > MAX_INPUT_CHARS:
@@ -499,7 +499,7 @@ class Dashboard:
 
     def _behaviour_view(self, document: dict[str, Any]) -> dict[Any, Any]:
         """Status line, chart and the three tables of a ``lorafid.behaviour/1`` document."""
-        from lorafid.behaviour import describe
+        from lorafid.behaviour.check import describe
 
         variants = document.get("variants") or {}
         table = pd.DataFrame(

@@ -4,7 +4,7 @@
     python -m bench.app_pace --matrices 2000 --fixed-pace    # also the former fixed half-second pace
 
 A pair of ``--matrices`` 4 × 4 float32 matrices in one shard is served by the loopback Hub
-(``tests/hub_server.py``); the library audits it with ``lorafid.audit.Audit``, then the
+(``tests/hub_server.py``); the library audits it with ``lorafid.audit.engine.Audit``, then the
 dashboard does the same through ``gradio_client`` (its own store, so nothing is reused).
 Per-matrix work is tiny, so what remains is overhead: one range read and one store row per
 matrix in both, plus the chart redraws in the dashboard. Prints seconds and the ratio to
@@ -22,11 +22,11 @@ import torch
 from gradio_client import Client
 from safetensors.torch import save
 
-from lorafid.audit import Audit, AuditConfig
-from lorafid.dashboard import AppConfig, Throttle
-from lorafid.store import Store
+from lorafid.audit.engine import Audit, AuditConfig
+from lorafid.audit.store import Store
+from lorafid.web.dashboard import AppConfig, Throttle
 from tests.hub_server import HubServer
-from tests.test_app import serve
+from tests.web.test_app import serve
 
 
 def tiny_pair(hub: HubServer, matrices: int) -> None:

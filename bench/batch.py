@@ -51,7 +51,7 @@ def timed(command: list[str], env: dict[str, str]) -> float:
 
 def fixed_costs(env: dict[str, str]) -> dict[str, float]:
     """Seconds to start Python with lorafid and torch imported; and to start Ray and run one empty task."""
-    startup = timed([sys.executable, "-c", "import lorafid.cli, lorafid.audit"], env)
+    startup = timed([sys.executable, "-c", "import lorafid.cli.commands, lorafid.audit.engine"], env)
     script = (
         "import time, logging, ray\n"
         "t = time.perf_counter()\n"

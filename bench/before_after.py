@@ -24,7 +24,7 @@ import torch
 
 from bench.compare import timed
 from bench.synth import parse_shape
-from lorafid import spectrum as current
+from lorafid.audit import spectrum as current
 
 ROOT = Path(__file__).resolve().parents[1]
 

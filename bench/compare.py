@@ -28,7 +28,7 @@ from typing import TypeVar
 import torch
 
 from bench.synth import matrix_pair, parse_shape
-from lorafid import spectrum as sp
+from lorafid.audit import spectrum as sp
 
 T = TypeVar("T")
 

@@ -35,7 +35,7 @@ import torch
 
 from bench.compare import timed
 from bench.synth import matrix_pair, parse_shape
-from lorafid import spectrum as sp
+from lorafid.audit import spectrum as sp
 
 T = TypeVar("T")
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from bench.before_after import load_revision
 from bench.synth import PRESETS
-from lorafid import report as current
+from lorafid.audit import report as current
 
 RANKS = (64, 8, 512, 100, 16, 4096, 37, 256)  # a slider dragged around, grid and off-grid ranks
 
@@ -40,7 +40,7 @@ def synthetic_spectrum(k: int, seed: int) -> np.ndarray:
 
 def build_report(module: ModuleType, layers: int) -> Any:
     """A complete report of ``layers`` × 7 Llama-70B matrices, built with ``module``'s classes."""
-    from lorafid import spectrum as sp
+    from lorafid.audit import spectrum as sp
 
     matrices = []
     seed = 0
@@ -117,7 +117,7 @@ def main() -> None:
         assert abs(old.overall.energy_retained - new.overall.energy_retained) < 1e-12
     print("  same rank-for-90% and overall retention at every rank: yes")
     if args.figures:
-        from lorafid import plots
+        from lorafid.web import plots
 
         times = []
         for rank in RANKS:

@@ -4,7 +4,7 @@
     python -m bench.tensor_memory --rows 2048 --cols 8192 32768 65536
 
 Each size runs in a fresh process: a base/fine-tune pair with one bf16 matrix of that size is
-written to a temporary folder and audited through ``lorafid.audit`` (the same read → Δ →
+written to a temporary folder and audited through ``lorafid.audit.engine`` (the same read → Δ →
 spectrum path the app takes), and the process's peak resident memory is compared with a
 baseline process that imports the same modules and audits a tiny pair. Prints, per size,
 the tensor's storage bytes, the extra peak, and their ratio. The smaller side is kept at
@@ -24,8 +24,8 @@ _CHILD = """
 import json, resource, sys, torch
 from pathlib import Path
 from safetensors.torch import save_file
-from lorafid.audit import Audit, AuditConfig
-from lorafid.store import Store
+from lorafid.audit.engine import Audit, AuditConfig
+from lorafid.audit.store import Store
 rows, cols, folder = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 g = torch.Generator().manual_seed(0)
 for side, scale in (("base", 0.0), ("tuned", 1e-2)):

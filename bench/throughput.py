@@ -63,8 +63,8 @@ def run_audit(
     """Run one audit in this process and measure it (called in the child)."""
     import torch
 
-    from lorafid.audit import AuditConfig, audit
-    from lorafid.store import Store
+    from lorafid.audit.engine import AuditConfig, audit
+    from lorafid.audit.store import Store
 
     if threads:
         torch.set_num_threads(threads)

@@ -13,6 +13,6 @@ if getattr(sys.modules.get("lorafid"), "__file__", None) is None:
     for name in [n for n in sys.modules if n == "lorafid" or n.startswith("lorafid.")]:
         del sys.modules[name]
 
-from lorafid.cli import main  # after the path fix above
+from lorafid.cli.commands import main  # after the path fix above
 
 sys.exit(main())

@@ -37,7 +37,7 @@ accuracy on held-out pairs is printed before and after each fine-tune.
 
 Then lorafid audits ``base`` ↔ ``full`` (read at rank 64, as the post did for 70B),
 ``base`` ↔ ``lora`` and ``base-bf16`` ↔ ``lora-bf16`` (read at rank 8) with the library
-(``lorafid.audit.audit``), and writes each report as ``assets/examples/NAME.json`` plus its
+(``lorafid.audit.engine.audit``), and writes each report as ``assets/examples/NAME.json`` plus its
 full spectra in ``NAME.spectra.safetensors``, with readable labels in place of the temporary
 paths, and ``assets/examples/README.md`` with the headline numbers.
 
@@ -371,9 +371,9 @@ def save_model(weights: dict[str, torch.Tensor], directory: Path, dtype: torch.d
 
 
 def run_audit(base_dir: str, finetune_dir: str, rank: int, store_dir: Path, labels: tuple[str, str], name: str) -> dict:
-    from lorafid.audit import AuditConfig, audit
-    from lorafid.report import save_spectra, spectra_path
-    from lorafid.store import Store
+    from lorafid.audit.engine import AuditConfig, audit
+    from lorafid.audit.report import save_spectra, spectra_path
+    from lorafid.audit.store import Store
 
     config = AuditConfig(rank=rank, device="cpu", store=Store(store_dir), fresh=True)
     report = audit(base_dir, finetune_dir, config)
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pct(share: float) -> str:
-    from lorafid.report import percent
+    from lorafid.audit.report import percent
 
     return percent(share)
 
@@ -487,7 +487,7 @@ def write_readme(results: list[dict], acc: dict[str, float], times: dict[str, fl
         "# Example audits",
         "",
         "Real audits made by lorafid from real weights, shown in the dashboard's gallery. Each",
-        "`NAME.json` is a lorafid report (`lorafid.report.Report.from_json`); `NAME.spectra.safetensors`",
+        "`NAME.json` is a lorafid report (`lorafid.audit.report.Report.from_json`); `NAME.spectra.safetensors`",
         "holds every matrix's full spectrum (σ², float64), so any rank can be read exactly.",
         "",
         "Regenerate (CPU, a few minutes; no network once the package is installed):",

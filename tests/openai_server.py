@@ -15,8 +15,8 @@ It answers as vLLM does (``vllm/entrypoints/openai/completion/serving.py`` and
   ``{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}``.
 
 The numbers come from a plain whole-model ``transformers`` forward of the served weights
-(``served_weights`` builds them with ``lorafid.spectrum.decompose`` for a rank-r extraction,
-or rounds them to 8 bits here, independently of ``lorafid.probe``): a reference that shares
+(``served_weights`` builds them with ``lorafid.audit.spectrum.decompose`` for a rank-r extraction,
+or rounds them to 8 bits here, independently of ``lorafid.providers.probe``): a reference that shares
 nothing with the layer-streamed engine the probe uses.
 
 ``OpenAIServer(reject_echo=True)`` answers ``echo`` with 400 as chat-only providers do;
@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from lorafid.pairing import is_embedding
-from lorafid.spectrum import decompose
+from lorafid.audit.pairing import is_embedding
+from lorafid.audit.spectrum import decompose
 
 
 def served_weights(

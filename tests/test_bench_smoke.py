@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from bench.synth import PRESETS, write_pair
-from lorafid.audit import AuditConfig, audit
-from lorafid.store import Store
+from lorafid.audit.engine import AuditConfig, audit
+from lorafid.audit.store import Store
 
 RANK = 8
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorafid.report import RANK_GRID, Report, load_spectra, spectra_path
+from lorafid.audit.report import RANK_GRID, Report, load_spectra, spectra_path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
 NAMES = ("minilm-full-finetune", "minilm-lora-r8", "minilm-lora-r8-bf16")
@@ -128,8 +128,8 @@ def test_full_finetune_example_is_high_rank() -> None:
 
 
 def test_dashboard_gallery_lists_and_opens_the_bundled_examples(tmp_path: Path) -> None:
-    from lorafid.dashboard import EXAMPLES_DIR, Catalog
-    from lorafid.store import Store
+    from lorafid.audit.store import Store
+    from lorafid.web.dashboard import EXAMPLES_DIR, Catalog
 
     assert EXAMPLES_DIR == EXAMPLES
     catalog = Catalog(Store(tmp_path / "home"))  # the default: the bundled examples

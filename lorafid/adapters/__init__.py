@@ -1,0 +1,1 @@
+"""PEFT adapters: writing a rank-r extraction, auditing a published adapter."""

@@ -1,0 +1,1 @@
+"""Many audits at once: catalogues, Ray tasks, progress and result tables."""

@@ -1,0 +1,570 @@
+"""Behaviour check: how far the served extraction's next-token distributions are from the fine-tune's.
+
+The weight audit says how much of Δ a rank keeps; this says what that does to the model's
+outputs. Prompt texts (a built-in set, or the user's) are tokenized with the fine-tune's
+tokenizer, the layer-streamed forward (``forward``) runs the fine-tune F, its base and the
+served variants at each rank, and each variant is scored against F, teacher-forced:
+
+- ``kl``: KL(F ‖ variant) in nats of the next-token distribution at every position (mean,
+  p95, max), computed in float64 from the float32 log-probabilities;
+- ``top1_agreement``: share of positions where the variant's most likely token is F's;
+- ``loglik_delta``: mean log-likelihood of the text's own next tokens under the variant
+  minus under F (negative: the variant finds the text less likely);
+- per prompt and overall (positions of all prompts pooled), and for each rank the share of
+  the KL due to the tensors a LoRA cannot carry: (KL lora-only − KL keep-extras) / KL lora-only.
+
+Serving modes: ``lora-only`` (embeddings, lm_head, norms, biases at the base's values, as a
+multi-LoRA server runs it; variants ``rank-R``) and ``keep-extras`` (those at the fine-tune's;
+variants ``rank-R+extras``); ``both`` runs both. When the whole model fits
+(``max_generate_bytes``), a short greedy continuation per prompt is also generated with F, the
+base and each served variant, with the first token where each departs from F's.
+
+Worked example of the metrics: F = (0.5, 0.5), variant = (0.9, 0.1) at one position gives
+KL = 0.5·ln(0.5/0.9) + 0.5·ln(0.5/0.1) = 0.5108 nats; top-1 agrees (a tie in F goes to the
+first token, as ``argmax`` does).
+
+Not here: reading weights or running blocks (``forward``), the linear algebra (``spectrum``),
+UI (``app.py``, ``cli.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorafid.errors import LorafidError, MissingModelFileError
+from lorafid.weights.source import Source, open_source
+
+SCHEMA = "lorafid.behaviour/1"
+SERVING_MODES: tuple[str, ...] = ("lora-only", "keep-extras", "both")
+PROMPT_SET = "builtin-v1"  # the built-in set's version: change it whenever its texts change
+MAX_PROMPTS = 1000
+MAX_PROMPT_FILE_BYTES = 8 * 2**20
+
+TOKENIZER_FILE = "tokenizer.json"
+# Small text files a fast tokenizer reads besides tokenizer.json; nothing executable, no pickles.
+TOKENIZER_SIDE_FILES: tuple[str, ...] = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+MAX_TOKENIZER_BYTES = 64 * 2**20  # the largest tokenizer.json on the Hub (Gemma 3) is ~33 MB
+
+
+def load_tokenizer(
+    spec: str,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+    allow_local: bool = True,
+) -> Any:
+    """The fast tokenizer of a Hub repo or local directory, from its ``tokenizer.json`` fetched whole.
+
+    Only ``tokenizer.json`` and the small text files beside it (``TOKENIZER_SIDE_FILES``) are
+    read, at the same pinned commit as the weights; SentencePiece ``tokenizer.model`` files
+    and anything pickled are never loaded, and no code from the repo runs.
+
+    Returns:
+        A ``transformers.PreTrainedTokenizerFast`` (its chat template included, if any).
+
+    Raises:
+        MissingModelFileError: the repo has no ``tokenizer.json``.
+        The sources' errors: RepoNotFoundError, GatedRepoError, InvalidSourceError, ...
+    """
+    from lorafid.behaviour.forward import require_transformers
+
+    require_transformers()
+    from transformers import PreTrainedTokenizerFast
+
+    with open_source(spec, revision=revision, token=token, endpoint=endpoint, allow_local=allow_local) as source:
+        files = {TOKENIZER_FILE: source.read_small_file(TOKENIZER_FILE, MAX_TOKENIZER_BYTES)}
+        if files[TOKENIZER_FILE] is None:
+            raise MissingModelFileError(
+                f"{source.describe()} has no {TOKENIZER_FILE}; the behaviour check tokenizes with the fine-tune's "
+                "fast tokenizer (tokenizer.json) and never loads SentencePiece or pickled tokenizers. Use a "
+                "revision that has it, or save one with transformers' AutoTokenizer(...).save_pretrained."
+            )
+        files.update({name: source.read_small_file(name, MAX_TOKENIZER_BYTES) for name in TOKENIZER_SIDE_FILES})
+    with tempfile.TemporaryDirectory(prefix="lorafid-tokenizer-") as folder:
+        for name, content in files.items():
+            if content is not None:
+                (Path(folder) / name).write_bytes(content)
+        return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+
+
+# -- prompts -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One text to score."""
+
+    id: str  # "chat-00", or "line-3" for a user's file
+    text: str
+    category: str = ""  # chat, roleplay, instruction, code, arithmetic, language
+    language: str = ""  # en, fr, de, es
+
+
+def builtin_prompts() -> list[Prompt]:
+    """The built-in set (``PROMPT_SET``): 36 short texts written for lorafid, in six kinds and four languages."""
+    raw = resources.files("lorafid.behaviour").joinpath("prompts/builtin.jsonl").read_text(encoding="utf-8")
+    return [Prompt(**json.loads(line)) for line in raw.splitlines() if line.strip()]
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """A user's prompt file: JSONL with a ``text`` field per line, or plain text, one prompt per line.
+
+    A file whose every non-empty line is a JSON object is read as JSONL; otherwise each non-empty
+    line is a prompt (write "\\n" inside JSONL strings for multi-line prompts).
+
+    Raises:
+        LorafidError: unreadable, empty, too large, or JSONL lines without a string ``text``.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_PROMPT_FILE_BYTES:
+            raise LorafidError(f"{path} is larger than {MAX_PROMPT_FILE_BYTES // 2**20} MB; keep prompt files short.")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise LorafidError(f"Cannot read the prompt file {path}: {e}. Give a UTF-8 text or JSONL file.") from e
+    if not lines:
+        raise LorafidError(f"The prompt file {path} has no prompts: write one text per line, or JSONL with 'text'.")
+    if len(lines) > MAX_PROMPTS:
+        raise LorafidError(f"The prompt file {path} has {len(lines)} prompts; at most {MAX_PROMPTS} are scored.")
+    records = [_json_object(line) for line in lines]
+    if all(r is not None for r in records):
+        prompts = []
+        for number, record in enumerate(records, 1):
+            assert record is not None
+            text = record.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise LorafidError(f"{path}, line {number}: a JSONL prompt needs a non-empty string field 'text'.")
+            prompts.append(Prompt(str(record.get("id", f"line-{number}")), text, str(record.get("category", ""))))
+        return prompts
+    return [Prompt(f"line-{number}", line) for number, line in enumerate(lines, 1)]
+
+
+def _json_object(line: str) -> dict[str, Any] | None:
+    if not line.lstrip().startswith("{"):
+        return None
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], *, chat: bool, max_tokens: int) -> list[list[int]]:
+    """Token ids of each prompt: plain (with the tokenizer's own special tokens), or as one user
+    turn through the fine-tune's chat template with the assistant's turn opened. Longer texts
+    are cut to ``max_tokens``.
+
+    Raises:
+        LorafidError: ``chat`` asked of a tokenizer without a chat template; a text with no tokens.
+    """
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise LorafidError(
+            "The fine-tune's tokenizer has no chat template; run without --chat-template (plain text) "
+            "or use a repo whose tokenizer_config.json or chat_template.jinja defines one."
+        )
+    out = []
+    for prompt in prompts:
+        if chat:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt.text}], tokenize=False, add_generation_prompt=True
+            )
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(prompt.text)["input_ids"]
+        if not ids:
+            raise LorafidError(f"Prompt {prompt.id} has no tokens with this tokenizer.")
+        out.append(list(ids[:max_tokens]))
+    return out
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Per-position numbers of one variant on one text (NumPy, float64)."""
+
+    kl: np.ndarray  # (T,) KL(F ‖ variant) in nats at every position
+    top1: np.ndarray  # (T,) bool: the variant's argmax is F's
+    loglik: np.ndarray  # (T-1,) log-probability the variant gives the text's next token
+    reference_loglik: np.ndarray  # (T-1,) the same under F
+
+
+def score_tokens(reference: torch.Tensor, variant: torch.Tensor, ids: Sequence[int]) -> TokenScores:
+    """Compare a variant's log-probabilities (T × vocab) with F's on the text ``ids`` (length T).
+
+    Example: reference log(0.5, 0.5), variant log(0.9, 0.1) -> kl 0.5108, top1 True.
+    """
+    ref = reference.to(torch.float64)
+    var = variant.to(torch.float64)
+    kl = (ref.exp() * (ref - var)).sum(-1).clamp_min(0.0)  # ≥ 0 in exact arithmetic
+    top1 = ref.argmax(-1) == var.argmax(-1)
+    following = torch.as_tensor(list(ids[1:]), dtype=torch.long)
+    positions = torch.arange(len(following))
+    return TokenScores(
+        kl=kl.numpy(),
+        top1=top1.numpy(),
+        loglik=var[positions, following].numpy(),
+        reference_loglik=ref[positions, following].numpy(),
+    )
+
+
+@dataclass(frozen=True)
+class Summary:
+    """KL, top-1 and log-likelihood change over a set of positions."""
+
+    kl_mean: float
+    kl_p95: float
+    kl_max: float
+    top1_agreement: float
+    loglik_delta: float  # mean log-likelihood under the variant minus under F, nats per token
+    tokens: int  # positions scored for KL and top-1
+
+    @staticmethod
+    def of(scores: Sequence[TokenScores]) -> Summary:
+        kl = np.concatenate([s.kl for s in scores])
+        loglik = np.concatenate([s.loglik for s in scores])
+        reference = np.concatenate([s.reference_loglik for s in scores])
+        return Summary(
+            kl_mean=float(kl.mean()),
+            kl_p95=float(np.percentile(kl, 95)),
+            kl_max=float(kl.max()),
+            top1_agreement=float(np.concatenate([s.top1 for s in scores]).mean()),
+            loglik_delta=float(loglik.mean() - reference.mean()) if len(loglik) else 0.0,
+            tokens=len(kl),
+        )
+
+
+# -- the check -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BehaviourConfig:
+    """How to run a behaviour check. Defaults suit a laptop at test size and a GPU at 8B."""
+
+    ranks: tuple[int, ...] = (16, 64, 256)
+    serving: str = "both"  # "lora-only", "keep-extras", or "both" (gives the extras' share of KL)
+    prompts: Sequence[Prompt] | None = None  # None: the built-in set
+    chat_template: bool = False  # wrap each prompt as a user turn in the fine-tune's chat template
+    max_tokens: int = 256  # per prompt, after templating
+    continuation_tokens: int = 24  # greedy tokens per prompt side by side; 0: none
+    max_generate_bytes: int = 8 * 2**30  # generate only if (variants + 2) whole models fit in this
+    device: str = "auto"
+    dtype: torch.dtype = torch.float32
+    base_revision: str | None = None
+    finetune_revision: str | None = None
+    token: str | bool | None = field(default=None, repr=False)  # for requests only, never stored
+    endpoint: str | None = None
+    allow_local: bool = True
+    max_model_bytes: int | None = None
+    compute: Callable[[Callable[[], None]], None] | None = field(default=None, repr=False)  # see ForwardConfig
+    block_compute: Callable[..., Any] | None = field(default=None, repr=False)  # see ForwardConfig (ZeroGPU)
+
+    def variants(self) -> list[Any]:
+        """F first, then the base, then the served variants by rank (lora-only before keep-extras)."""
+        from lorafid.behaviour.forward import BASE, FINETUNE, served
+
+        out = [FINETUNE, BASE]
+        for rank in sorted(set(self.ranks)):
+            if self.serving in ("lora-only", "both"):
+                out.append(served(rank))
+            if self.serving in ("keep-extras", "both"):
+                out.append(served(rank, keep_extras=True))
+        return out
+
+    def check(self) -> None:
+        if self.serving not in SERVING_MODES:
+            raise LorafidError(f"Serving mode {self.serving!r} is unknown; use one of {', '.join(SERVING_MODES)}.")
+        if not self.ranks or any(not isinstance(r, int) or r < 1 for r in self.ranks):
+            raise LorafidError(f"Ranks must be positive integers, e.g. 16,64,256; got {list(self.ranks)}.")
+        if self.max_tokens < 2:
+            raise LorafidError("max_tokens must be at least 2 (one token to condition on, one to score).")
+
+
+@dataclass(frozen=True)
+class BehaviourProgress:
+    """One step of a running check."""
+
+    stage: str  # "reading", "scoring", "generating", "done"
+    done: int
+    total: int
+    elapsed_s: float
+    message: str
+
+
+class BehaviourCheck:
+    """One behaviour check of a (base, fine-tune) pair. ``run()`` yields progress; ``report()``
+    returns what is finished at any time (``status`` "partial" until every prompt is scored)."""
+
+    def __init__(self, base: str, finetune: str, config: BehaviourConfig | None = None) -> None:
+        from lorafid.behaviour.forward import ForwardConfig
+
+        self.config = config or BehaviourConfig()
+        self.config.check()
+        cfg = self.config
+        self._specs = (base, finetune)
+        self._forward_config = ForwardConfig(
+            device=cfg.device,
+            token=cfg.token,
+            endpoint=cfg.endpoint,
+            base_revision=cfg.base_revision,
+            finetune_revision=cfg.finetune_revision,
+            allow_local=cfg.allow_local,
+            dtype=cfg.dtype,
+            max_model_bytes=cfg.max_model_bytes,
+            compute=cfg.compute,
+            block_compute=cfg.block_compute,
+        )
+        self.prompts = list(cfg.prompts) if cfg.prompts is not None else builtin_prompts()
+        if not self.prompts:
+            raise LorafidError("No prompts to score.")
+        self.variants = cfg.variants()
+        self._scores: dict[int, dict[str, TokenScores]] = {}
+        self._ids: list[list[int]] = []
+        self._continuations: list[dict[str, Any]] | None = None
+        self._continuation_note = ""
+        self._sources: list[dict[str, Any]] = []
+        self._stats: dict[str, Any] = {}
+        self._created = ""
+
+    def run(self) -> Iterator[BehaviourProgress]:
+        """Tokenize, stream the forward, score; then the side-by-side continuations if they fit."""
+        from lorafid.behaviour.forward import ForwardProgress, LayerStream
+
+        cfg = self.config
+        started = time.perf_counter()
+        self._created = datetime.now(UTC).isoformat(timespec="seconds")
+        tokenizer = load_tokenizer(
+            self._specs[1],
+            revision=cfg.finetune_revision,
+            token=cfg.token,
+            endpoint=cfg.endpoint,
+            allow_local=cfg.allow_local,
+        )
+        self._ids = encode_prompts(tokenizer, self.prompts, chat=cfg.chat_template, max_tokens=cfg.max_tokens)
+        with LayerStream(*self._specs, self._forward_config) as stream:
+            plan = stream.plan()
+            if len(tokenizer) > plan.config.vocab_size:
+                raise LorafidError(
+                    f"The fine-tune's tokenizer has {len(tokenizer)} tokens but its model only "
+                    f"{plan.config.vocab_size}; the tokenizer files do not belong to these weights."
+                )
+            self._sources = [_source_record(s) for s in stream.sources]
+            for event in stream.events(self._ids, self.variants):
+                elapsed = time.perf_counter() - started
+                if isinstance(event, ForwardProgress):
+                    message = f"stage {event.stage}/{event.stages}: {event.bytes_read / 1e6:.1f} MB read"
+                    yield BehaviourProgress("reading", event.stage, event.stages, elapsed, message)
+                    continue
+                index, logprobs = event
+                reference = logprobs["finetune"]
+                self._scores[index] = {
+                    v.name: score_tokens(reference, logprobs[v.name], self._ids[index])
+                    for v in self.variants
+                    if v.name != "finetune"
+                }
+                yield BehaviourProgress(
+                    "scoring", len(self._scores), len(self.prompts), elapsed, f"prompt {index + 1} scored"
+                )
+            self._stats = {
+                "weight_bytes_read": stream.stats.bytes_read,
+                "peak_weight_bytes": stream.stats.peak_weight_bytes,
+                "tokens_per_variant": stream.stats.tokens,
+                "forward_s": stream.stats.elapsed_s,
+                "compute_s": stream.stats.compute_s,
+            }
+            if cfg.continuation_tokens > 0:
+                yield BehaviourProgress("generating", 0, len(self.prompts), time.perf_counter() - started, "")
+                self._continuations = self._generate(stream, tokenizer, plan)
+        self._stats["elapsed_s"] = time.perf_counter() - started
+        yield BehaviourProgress("done", len(self.prompts), len(self.prompts), self._stats["elapsed_s"], "done")
+
+    def _generate(self, stream: Any, tokenizer: Any, plan: Any) -> list[dict[str, Any]] | None:
+        """Greedy continuations of F, the base and each served variant, if all of them fit at once."""
+        from lorafid.behaviour.forward import build_model
+
+        generators = list(self.variants)
+        element = torch.tensor([], dtype=self.config.dtype).element_size()
+        whole = sum(math.prod(t.shape) for t in plan.finetune_tensors.values()) * element  # one model, compute dtype
+        needed = (len(generators) + 2) * whole
+        if needed > self.config.max_generate_bytes:
+            self._continuation_note = (
+                f"not generated: {len(generators)} whole models need {needed / 2**30:.1f} GiB, above "
+                f"max_generate_bytes {self.config.max_generate_bytes / 2**30:.1f} GiB"
+            )
+            return None
+        texts: dict[str, list[list[int]]] = {}
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        for variant, state in stream.state_dicts(generators):
+            model = build_model(plan.config, state, stream.device)
+            outputs = []
+            with torch.no_grad():
+                for ids in self._ids:
+                    prompt = torch.tensor([ids], device=stream.device)
+                    out = model.generate(
+                        prompt,
+                        attention_mask=torch.ones_like(prompt),
+                        max_new_tokens=self.config.continuation_tokens,
+                        do_sample=False,
+                        pad_token_id=pad,
+                        eos_token_id=eos,
+                    )
+                    outputs.append(out[0, len(ids) :].tolist())
+            texts[variant.name] = outputs
+            del model, state
+        rows = []
+        for index in range(len(self._ids)):
+            reference = texts["finetune"][index]
+            row: dict[str, Any] = {
+                "prompt": self.prompts[index].id,
+                "finetune": tokenizer.decode(reference, skip_special_tokens=True),
+                "variants": {},
+            }
+            for name, outputs in texts.items():
+                if name != "finetune":
+                    row["variants"][name] = {
+                        "text": tokenizer.decode(outputs[index], skip_special_tokens=True),
+                        "first_divergence": first_divergence(reference, outputs[index]),
+                    }
+            rows.append(row)
+        return rows
+
+    def report(self) -> dict[str, Any]:
+        """The ``lorafid.behaviour/1`` document of what is finished so far."""
+        cfg = self.config
+        done = sorted(self._scores)
+        names = [v.name for v in self.variants if v.name != "finetune"]
+        variants: dict[str, Any] = {}
+        for v in self.variants:
+            if v.name == "finetune" or not done:
+                continue
+            summary = Summary.of([self._scores[i][v.name] for i in done])
+            variants[v.name] = {"kind": v.kind, "rank": v.rank, "keep_extras": v.keep_extras, **summary.__dict__}
+        extras_share = {}
+        for rank in sorted(set(cfg.ranks)):
+            lora, kept = variants.get(f"rank-{rank}"), variants.get(f"rank-{rank}+extras")
+            if lora and kept and lora["kl_mean"] > 0:
+                extras_share[str(rank)] = max(0.0, (lora["kl_mean"] - kept["kl_mean"]) / lora["kl_mean"])
+        rows = []
+        for i in done:
+            reference = self._scores[i][names[0]].reference_loglik
+            rows.append(
+                {
+                    "id": self.prompts[i].id,
+                    "category": self.prompts[i].category,
+                    "text": self.prompts[i].text,
+                    "tokens": len(self._ids[i]),
+                    "finetune_loglik": float(reference.mean()) if len(reference) else None,
+                    "variants": {name: Summary.of([self._scores[i][name]]).__dict__ for name in names},
+                }
+            )
+        return {
+            "schema": SCHEMA,
+            "status": "complete" if len(done) == len(self.prompts) else "partial",
+            "created": self._created,
+            "base": self._sources[0] if self._sources else {"spec": self._specs[0]},
+            "finetune": self._sources[1] if self._sources else {"spec": self._specs[1]},
+            "settings": {
+                "ranks": sorted(set(cfg.ranks)),
+                "serving": cfg.serving,
+                "chat_template": cfg.chat_template,
+                "prompt_set": PROMPT_SET if cfg.prompts is None else "user",
+                "prompts": len(self.prompts),
+                "max_tokens": cfg.max_tokens,
+                "continuation_tokens": cfg.continuation_tokens,
+                "device": cfg.device,
+                "dtype": str(cfg.dtype).removeprefix("torch."),
+                "reference": "finetune",
+                "kl": "KL(finetune || variant), nats, next-token distribution at every position, float64",
+            },
+            "variants": variants,
+            "extras_share": extras_share,
+            "prompts": rows,
+            "continuations": self._continuations,
+            "continuations_note": self._continuation_note,
+            "stats": self._stats,
+        }
+
+
+def first_divergence(reference: Sequence[int], other: Sequence[int]) -> int | None:
+    """Index of the first token where ``other`` departs from ``reference``; None if they agree.
+
+    Example: [5, 6, 7] vs [5, 6, 9] -> 2; [5, 6] vs [5, 6, 7] -> 2; [5, 6] vs [5, 6] -> None.
+    """
+    for index, (a, b) in enumerate(zip(reference, other, strict=False)):
+        if a != b:
+            return index
+    return None if len(reference) == len(other) else min(len(reference), len(other))
+
+
+def behave(base: str, finetune: str, config: BehaviourConfig | None = None) -> dict[str, Any]:
+    """Run a whole behaviour check and return its ``lorafid.behaviour/1`` document (the library's one-call form)."""
+    check = BehaviourCheck(base, finetune, config)
+    for _ in check.run():
+        pass
+    return check.report()
+
+
+def _source_record(source: Source) -> dict[str, Any]:
+    info = source.info
+    return {
+        "spec": info.spec,
+        "kind": info.kind,
+        "repo_id": info.repo_id,
+        "requested_revision": info.requested_revision,
+        "resolved_sha": info.resolved_sha,
+        "path": info.path,
+    }
+
+
+def describe(report: dict[str, Any]) -> str:
+    """The terminal summary of a ``lorafid.behaviour/1`` document: one line per variant.
+
+    Example line: ``rank-64           0.0123   0.0456   97.5%   -0.0031   1024``.
+    """
+    settings = report["settings"]
+    lines = [
+        f"{report['finetune']['spec']} vs its variants, {settings['prompts']} prompts "
+        f"({settings['prompt_set']}{', chat template' if settings['chat_template'] else ''}), reference: the fine-tune",
+        f"{'variant':<18}{'KL mean':>10}{'KL p95':>10}{'KL max':>10}{'top-1':>9}{'Δ loglik':>10}{'tokens':>8}",
+    ]
+    for name, v in report["variants"].items():
+        lines.append(
+            f"{name:<18}{v['kl_mean']:>10.4f}{v['kl_p95']:>10.4f}{v['kl_max']:>10.4f}"
+            f"{v['top1_agreement']:>9.1%}{v['loglik_delta']:>10.4f}{v['tokens']:>8}"
+        )
+    if report["extras_share"]:
+        shares = ", ".join(f"rank {r}: {s:.0%}" for r, s in report["extras_share"].items())
+        lines.append(f"share of the KL due to embeddings/lm_head/norms/biases left at the base: {shares}")
+    rows = report.get("continuations") or []
+    if rows:
+        diverged = {name: [r["variants"][name]["first_divergence"] for r in rows] for name in rows[0]["variants"]}
+        lines.append(
+            "greedy continuations identical to the fine-tune's: "
+            + ", ".join(f"{n} {sum(d is None for d in ds)}/{len(ds)}" for n, ds in diverged.items())
+        )
+    elif report.get("continuations_note"):
+        lines.append(f"continuations {report['continuations_note']}")
+    if report["status"] != "complete":
+        lines.append(f"partial: {len(report['prompts'])} of {settings['prompts']} prompts scored")
+    return "\n".join(lines)

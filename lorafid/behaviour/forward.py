@@ -1,0 +1,811 @@
+"""Next-token log-probabilities of a fine-tune, its base and served variants, one layer at a time.
+
+A decoder-only model is embeddings → N identical blocks → final norm → head. The architecture
+comes from the fine-tune's ``config.json`` through ``transformers``, built on the meta device
+(``accelerate.init_empty_weights``): it holds no weights. Then, for each block i, the block's
+tensors of both models are read from the same range-read sources as the audit, every
+variant's weights for that block are made from them, the hidden states of every text and
+every variant go through it, and the tensors are dropped before block i + 1 is read. One
+read of each model serves every variant; the Δ of each matrix is decomposed once
+(``spectrum.decompose``) for all asked ranks. Peak memory ≈ the two models' tensors of one
+block (or of the embedding / head, whichever is larger) + one variant's block + activations.
+
+Variants (``Variant``):
+- ``finetune``: the fine-tune's weights (the reference);
+- ``base``: the base's weights;
+- ``served`` at rank r: what a multi-LoRA server runs. Each 2-D matrix inside the blocks is
+  W_base + Δ_r, Δ_r the exact rank-r truncated SVD of W_ft − W_base (the audit's pairing:
+  names matched exactly or after a wrapper prefix). Every tensor a LoRA server cannot carry
+  (embeddings, ``lm_head``, norms, biases) is the base's, or with ``keep_extras`` the
+  fine-tune's (what extractors that save ``modules_to_save`` give).
+
+Blocks run through ``torch.func.functional_call`` on the meta skeleton: the module never owns
+a real tensor, so nothing has to be freed from it and two variants cannot mix weights. The
+rotary embedding is rebuilt on the real device from the config (its buffers stay on meta
+under ``init_empty_weights``); masks come from ``transformers.masking_utils``. Texts run one
+at a time (batch 1): no padding, so results do not depend on how texts are grouped.
+
+Supported: ``SUPPORTED_MODEL_TYPES`` (Llama, Mistral, Qwen2, Qwen3 as ``transformers``
+implements them). Not here: tokenization and metrics (``behaviour``), generation with a KV
+cache (``build_model`` gives a whole model for that, when it fits).
+
+Example::
+
+    variants = [Variant("finetune", "finetune"), Variant("base", "base"), served(64)]
+    for index, logprobs in stream_logprobs("org/base", "org/tuned", [[1, 15, 27]], variants):
+        logprobs["rank-64"]  # (3, vocab) float32, log-softmax of the next-token logits
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lorafid.audit import spectrum as sp
+from lorafid.audit.engine import _all_tensors, _read_tensor, resolve_device
+from lorafid.audit.pairing import is_embedding, match_names
+from lorafid.errors import (
+    LimitExceededError,
+    LorafidError,
+    MissingExtraError,
+    MissingModelFileError,
+    UnsupportedArchitectureError,
+    VocabularyMismatchError,
+)
+from lorafid.weights.safetensors_format import TensorInfo
+from lorafid.weights.source import Source, open_source
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
+"""``config.json`` model types whose blocks share Llama's call signature (checked in tests)."""
+
+VARIANT_KINDS: tuple[str, ...] = ("finetune", "base", "served")
+MAX_CONFIG_BYTES = 2**20  # a config.json is a few kB
+_READERS = 8  # tensors of one block read in parallel (each a range request on the Hub)
+
+WeightHook = Callable[[str, torch.Tensor], torch.Tensor]
+BlockCompute = Callable[[Any, int, dict[str, torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]
+"""(transformers config, layer index, one variant's block weights, hidden states) -> new hidden states."""
+ZERO_GPU_BLOCK_DURATION_S = 60  # a GPU lease per (block, variant): an 8B block over 64 short prompts takes ~1 s
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One set of weights to run: the fine-tune, the base, or a served extraction at a rank.
+
+    Example: ``Variant("rank-64+extras", "served", rank=64, keep_extras=True)``.
+    """
+
+    name: str  # "finetune", "base", "rank-64", "rank-64+extras", ...: the key in every result
+    kind: str  # "finetune" | "base" | "served"
+    rank: int | None = None  # for kind == "served": the rank of every block matrix's Δ_r
+    keep_extras: bool = False  # served: tensors a LoRA server cannot carry come from the fine-tune (True) or the base
+    # Applied to every final weight of this variant (model parameter name, float tensor on the
+    # compute device) -> the weight to use, e.g. rounding to 8 bits as a provider might serve it.
+    weight_hook: WeightHook | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in VARIANT_KINDS:
+            raise ValueError(
+                f"Variant {self.name!r}: kind must be one of {', '.join(VARIANT_KINDS)}, not {self.kind!r}"
+            )
+        if self.kind == "served" and (self.rank is None or self.rank < 0):
+            raise ValueError(f"Variant {self.name!r}: a served variant needs a rank ≥ 0")
+        if self.kind != "served" and (self.rank is not None or self.keep_extras):
+            raise ValueError(f"Variant {self.name!r}: rank and keep_extras apply to served variants only")
+
+
+def served(rank: int, keep_extras: bool = False) -> Variant:
+    """The served extraction at ``rank``, named ``rank-R`` or ``rank-R+extras``."""
+    return Variant(f"rank-{rank}{'+extras' if keep_extras else ''}", "served", rank=rank, keep_extras=keep_extras)
+
+
+FINETUNE = Variant("finetune", "finetune")
+BASE = Variant("base", "base")
+
+
+@dataclass(frozen=True)
+class ForwardProgress:
+    """One stage of a streamed forward done, for progress bars."""
+
+    stage: int  # 1 = embeddings, 2..N+1 = blocks, N+2 = head
+    stages: int
+    bytes_read: int  # weight bytes read so far, both models
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """How to run a streamed forward. Defaults suit a laptop."""
+
+    device: str = "auto"  # "auto" = first CUDA device if present, else "cpu"
+    # Used for requests only, never stored; None: huggingface_hub's lookup, False: no token.
+    token: str | bool | None = field(default=None, repr=False)
+    endpoint: str | None = None  # Hub URL; None = HF_ENDPOINT or huggingface.co
+    base_revision: str | None = None  # overrides "@rev" in the base spec
+    finetune_revision: str | None = None
+    allow_local: bool = True  # the public app turns this off
+    dtype: torch.dtype = torch.float32  # compute dtype of weights and activations
+    max_model_bytes: int | None = None  # refuse pairs whose weights (both models) exceed this
+    progress: Callable[[ForwardProgress], None] | None = field(default=None, repr=False)
+    # Wraps each stage's compute (weights already read), e.g. to hold a device lock only while a
+    # block runs, never during I/O. The stage works in place on this process's tensors, so the
+    # wrapper must call it here: a ZeroGPU worker process (@spaces.GPU) would lose its results;
+    # for that, see block_compute.
+    compute: Callable[[Callable[[], None]], None] | None = field(default=None, repr=False)
+    # Runs one variant through one block as a pure function (``block_forward``'s signature: CPU
+    # tensors in, new CPU tensors out), e.g. in a ZeroGPU worker (``zero_gpu_block_compute``).
+    # None: the block runs here, on ``device``.
+    block_compute: BlockCompute | None = field(default=None, repr=False)
+
+
+@dataclass
+class ForwardStats:
+    """What a streamed forward cost; filled in as it runs."""
+
+    bytes_read: int = 0  # weight bytes read, both models (headers and config files not counted)
+    tokens: int = 0  # token positions run, per variant
+    layers: int = 0
+    peak_weight_bytes: int = 0  # most tensor bytes held at once (read, derived and variant weights)
+    elapsed_s: float = 0.0
+    compute_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """Both models opened and checked, the architecture known: what a forward needs to start."""
+
+    config: Any  # the fine-tune's transformers config
+    base_tensors: dict[str, TensorInfo]  # model parameter name -> record in the base
+    finetune_tensors: dict[str, TensorInfo]
+    size_bytes: int  # weight bytes of both models
+
+
+class LayerStream:
+    """Both models of a pair, opened for streamed forwards. Use as a context manager."""
+
+    def __init__(self, base: str, finetune: str, config: ForwardConfig | None = None) -> None:
+        require_transformers()
+        self.config = config or ForwardConfig()
+        self.device = resolve_device(self.config.device)
+        self.stats = ForwardStats()
+        self._specs = (base, finetune)
+        self._sources: tuple[Source, Source] | None = None
+        self._plan: ModelPlan | None = None
+        self._held: dict[str, int] = {}  # what is materialised now, by purpose: bytes
+        self._readers: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> LayerStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._readers is not None:
+            self._readers.shutdown(wait=True, cancel_futures=True)
+            self._readers = None
+        if self._sources:
+            for source in self._sources:
+                source.close()
+
+    @property
+    def sources(self) -> tuple[Source, Source]:
+        """(base, fine-tune) sources, after ``plan()``."""
+        self.plan()
+        assert self._sources is not None
+        return self._sources
+
+    def plan(self) -> ModelPlan:
+        """Open both sources, read headers and the config, check the pair. Idempotent.
+
+        Raises:
+            MissingModelFileError, UnsupportedArchitectureError, VocabularyMismatchError,
+            LimitExceededError, and the sources' errors (gated, not found, ...).
+        """
+        if self._plan is not None:
+            return self._plan
+        cfg = self.config
+        self._sources = tuple(  # type: ignore[assignment]
+            open_source(spec, revision=rev, token=cfg.token, endpoint=cfg.endpoint, allow_local=cfg.allow_local)
+            for spec, rev in zip(self._specs, (cfg.base_revision, cfg.finetune_revision), strict=True)
+        )
+        base_source, finetune_source = self.sources_unchecked()
+        model_config = load_config(finetune_source)
+        base_config = read_config_json(base_source)
+        base_raw, finetune_raw = _all_tensors(base_source, finetune_source)
+        names = _parameter_names(model_config)
+        finetune_tensors = _map_names(names, finetune_raw, model_config, where=finetune_source.describe())
+        base_tensors = _map_names(names, base_raw, model_config, where=base_source.describe(), head_may_be_tied=True)
+        if "lm_head.weight" in finetune_tensors and "lm_head.weight" not in base_tensors:
+            base_tensors["lm_head.weight"] = base_tensors["model.embed_tokens.weight"]  # a base with a tied head
+        _check_pair(model_config, base_config, base_tensors, finetune_tensors, self._specs)
+        size = sum(t.size_bytes for t in base_raw.values()) + sum(t.size_bytes for t in finetune_raw.values())
+        if cfg.max_model_bytes is not None and size > cfg.max_model_bytes:
+            raise LimitExceededError(
+                f"This behaviour check would read {size / 1e9:.1f} GB, above this server's limit of "
+                f"{cfg.max_model_bytes / 1e9:.1f} GB. Run it with the CLI on your own machine: "
+                f"lorafid behave {self._specs[0]} {self._specs[1]}"
+            )
+        self._plan = ModelPlan(model_config, base_tensors, finetune_tensors, size)
+        return self._plan
+
+    def sources_unchecked(self) -> tuple[Source, Source]:
+        if self._sources is None:
+            raise LorafidError("The models are not opened yet; call plan() first.")
+        return self._sources
+
+    def logprobs(
+        self, token_ids: Sequence[Sequence[int]], variants: Sequence[Variant]
+    ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """See ``stream_logprobs``."""
+        for event in self.events(token_ids, variants):
+            if not isinstance(event, ForwardProgress):
+                yield event
+
+    def events(
+        self, token_ids: Sequence[Sequence[int]], variants: Sequence[Variant]
+    ) -> Iterator[ForwardProgress | tuple[int, dict[str, torch.Tensor]]]:
+        """As ``logprobs``, with a ``ForwardProgress`` after each stage (for live progress)."""
+        plan = self.plan()
+        texts = _check_inputs(token_ids, variants, plan.config.vocab_size)
+        started = time.perf_counter()
+        self.stats = ForwardStats(tokens=sum(len(ids) for ids in texts), layers=plan.config.num_hidden_layers)
+        skeleton = _skeleton(plan.config)
+        layers = plan.config.num_hidden_layers
+        stages = layers + 2
+        device, dtype = self.device, self.config.dtype
+
+        # Stage 1: embeddings -> hidden states of every (variant, text).
+        embed = "model.embed_tokens.weight"
+        raw = self._read({embed}, variants)
+        hidden: dict[str, list[torch.Tensor]] = {}
+
+        def embed_all(raw: dict[str, dict[str, torch.Tensor]] = raw) -> None:
+            ids = [torch.tensor(t, dtype=torch.long, device=device) for t in texts]
+            for variant in variants:
+                weight = self._extra_weight(variant, embed, raw)
+                hidden[variant.name] = [weight[i].unsqueeze(0) for i in ids]
+                del weight
+
+        self._compute(embed_all)
+        tied_embedding = raw if _head_is_embedding(plan) else None
+        del raw
+        yield self._report(1, stages, started)
+
+        rotary = _rotary(skeleton, plan.config, device, dtype)
+        positions = [torch.arange(len(t), device=device).unsqueeze(0) for t in texts]
+        with torch.no_grad():
+            rope = [rotary(hidden[variants[0].name][i], positions[i]) for i in range(len(texts))]
+        masks = [_masks(plan.config, hidden[variants[0].name][i], positions[i]) for i in range(len(texts))]
+        kinds = _layer_types(plan.config)
+
+        # Stages 2..N+1: one block at a time, every variant through it.
+        for layer in range(layers):
+            prefix = f"model.layers.{layer}."
+            names = {n for n in plan.finetune_tensors if n.startswith(prefix)}
+            raw = self._read(names, variants)
+            if tied_embedding is not None:  # held through the blocks, for the head: counted too
+                self._hold("tied embedding", [t for tensors in tied_embedding.values() for t in tensors.values()])
+            block = skeleton.model.layers[layer]
+
+            def run_block(
+                raw: dict[str, dict[str, torch.Tensor]] = raw,
+                block: Any = block,
+                layer: int = layer,
+                prefix: str = prefix,
+            ) -> None:
+                for variant, weights in self._block_weights(variants, raw, prefix):
+                    if self.config.block_compute is not None:  # pure: its results replace ours
+                        hidden[variant.name] = self.config.block_compute(
+                            plan.config, layer, weights, hidden[variant.name]
+                        )
+                        continue
+                    for i in range(len(texts)):
+                        out = torch.func.functional_call(
+                            block,
+                            weights,
+                            (hidden[variant.name][i],),
+                            {
+                                "attention_mask": masks[i][kinds[layer]],
+                                "position_ids": positions[i],
+                                "position_embeddings": rope[i],
+                            },
+                        )
+                        hidden[variant.name][i] = out[0] if isinstance(out, tuple) else out
+
+            self._compute(run_block)
+            del raw
+            self._held.clear()
+            yield self._report(layer + 2, stages, started)
+
+        # Stage N+2: final norm and head, text by text, all variants at once.
+        head = "model.embed_tokens.weight" if _head_is_embedding(plan) else "lm_head.weight"
+        norm = "model.norm.weight"
+        raw = self._read({norm} if tied_embedding else {norm, head}, variants)
+        if tied_embedding is not None:  # kept from stage 1: read once
+            for side, tensors in tied_embedding.items():
+                raw[side].update(tensors)
+        del tied_embedding
+        finals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def prepare_head(raw: dict[str, dict[str, torch.Tensor]] = raw) -> None:
+            shared: dict[tuple[str, str], torch.Tensor] = {}
+            for variant in variants:
+                finals[variant.name] = (
+                    self._extra_weight(variant, norm, raw, shared),
+                    self._extra_weight(variant, head, raw, shared),
+                )
+            self._hold("head", list({id(t): t for pair in finals.values() for t in pair}.values()))
+
+        self._compute(prepare_head)
+        del raw
+        final_norm = skeleton.model.norm
+        yield self._report(stages, stages, started)
+        for i in range(len(texts)):
+            out: dict[str, torch.Tensor] = {}
+
+            def run_head(i: int = i, out: dict[str, torch.Tensor] = out) -> None:
+                for variant in variants:
+                    norm_weight, head_weight = finals[variant.name]
+                    h = torch.func.functional_call(final_norm, {"weight": norm_weight}, (hidden[variant.name][i],))
+                    logits = (h[0] @ head_weight.T).to(torch.float32)
+                    out[variant.name] = torch.log_softmax(logits, dim=-1).cpu()
+                    hidden[variant.name][i] = h[:, :0]  # this text is done: drop its activations
+
+            self._compute(run_head)
+            self.stats.elapsed_s = time.perf_counter() - started
+            yield i, out
+
+    def state_dicts(self, variants: Sequence[Variant]) -> Iterator[tuple[Variant, dict[str, torch.Tensor]]]:
+        """Each variant's whole state dict (model parameter names, compute dtype, on the device).
+
+        For generation when the model fits: all variants are built in one pass over the blocks
+        (each model read once), so memory is (variants + 2) whole models. The caller checks
+        that it fits (``ModelPlan.size_bytes``) before asking.
+        """
+        plan = self.plan()
+        states: dict[str, dict[str, torch.Tensor]] = {v.name: {} for v in variants}
+        outside = {n for n in plan.finetune_tensors if not n.startswith("model.layers.")}
+        with torch.no_grad(), sp.exact_matmul():
+            raw = self._read(outside, variants)
+            for variant in variants:
+                for name in outside:
+                    states[variant.name][name] = self._extra_weight(variant, name, raw)
+            del raw
+            for layer in range(plan.config.num_hidden_layers):
+                prefix = f"model.layers.{layer}."
+                raw = self._read({n for n in plan.finetune_tensors if n.startswith(prefix)}, variants)
+                for variant, weights in self._block_weights(variants, raw, prefix):
+                    states[variant.name].update({prefix + n: t for n, t in weights.items()})
+                del raw
+        for variant in variants:
+            yield variant, states.pop(variant.name)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _compute(self, fn: Callable[[], None]) -> None:
+        started = time.perf_counter()
+        with torch.no_grad(), sp.exact_matmul():
+            if self.config.compute is None:
+                fn()
+            else:
+                self.config.compute(fn)
+        self.stats.compute_s += time.perf_counter() - started
+
+    def _report(self, stage: int, stages: int, started: float) -> ForwardProgress:
+        self.stats.elapsed_s = time.perf_counter() - started
+        progress = ForwardProgress(stage, stages, self.stats.bytes_read, self.stats.elapsed_s)
+        if self.config.progress is not None:
+            self.config.progress(progress)
+        return progress
+
+    def _hold(self, purpose: str, tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> None:
+        """Record that these tensors are materialised now (for ``stats.peak_weight_bytes``)."""
+        values = tensors.values() if isinstance(tensors, Mapping) else tensors
+        self._held[purpose] = sum(t.numel() * t.element_size() for t in values)
+        self.stats.peak_weight_bytes = max(self.stats.peak_weight_bytes, sum(self._held.values()))
+
+    def _read(self, names: set[str], variants: Sequence[Variant]) -> dict[str, dict[str, torch.Tensor]]:
+        """{"base": {name: tensor}, "finetune": {...}} for the sides some variant needs, read in parallel."""
+        plan = self.plan()
+        base_source, finetune_source = self.sources_unchecked()
+        need_base = any(v.kind != "finetune" for v in variants)
+        need_finetune = any(v.kind != "base" for v in variants)
+        pin = self.device.type == "cuda"
+        jobs: list[tuple[str, str, Source, TensorInfo]] = []
+        for name in sorted(names):
+            if need_base and name in plan.base_tensors:
+                jobs.append(("base", name, base_source, plan.base_tensors[name]))
+            if need_finetune and name in plan.finetune_tensors:
+                jobs.append(("finetune", name, finetune_source, plan.finetune_tensors[name]))
+        out: dict[str, dict[str, torch.Tensor]] = {"base": {}, "finetune": {}}
+        tensors = list(self._pool().map(lambda job: _read_tensor(job[2], job[3], pin), jobs))
+        for (side, name, _, _), tensor in zip(jobs, tensors, strict=True):
+            out[side][name] = tensor
+        self.stats.bytes_read += sum(job[3].size_bytes for job in jobs)
+        self._held.clear()
+        self._hold("read", tensors)
+        return out
+
+    def _pool(self) -> ThreadPoolExecutor:
+        # One pool for the whole run: new threads per block would each get a fresh malloc arena,
+        # and freed block buffers left in old arenas made peak RSS creep up with depth.
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="lorafid-forward")
+        return self._readers
+
+    def _final(self, variant: Variant, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        weight = tensor.to(self.device, self.config.dtype, non_blocking=True)
+        return variant.weight_hook(name, weight) if variant.weight_hook else weight
+
+    def _extra_weight(
+        self,
+        variant: Variant,
+        name: str,
+        raw: dict[str, dict[str, torch.Tensor]],
+        shared: dict[tuple[str, str], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """A tensor a LoRA server does not carry: the base's, or the fine-tune's where the variant keeps it.
+
+        With ``shared``, variants without a weight hook share one compute-dtype copy per side: an
+        8B model's head is 2.1 GB in float32, and seven variants need two copies, not seven.
+        """
+        side = "finetune" if variant.kind == "finetune" or variant.keep_extras else "base"
+        if name not in raw[side]:
+            raise MissingModelFileError(f"The {side} has no tensor {name}; cannot run the {variant.name} variant.")
+        if shared is None or variant.weight_hook is not None:
+            return self._final(variant, name, raw[side][name])
+        if (side, name) not in shared:
+            shared[side, name] = self._final(variant, name, raw[side][name])
+        return shared[side, name]
+
+    def _block_weights(
+        self, variants: Sequence[Variant], raw: dict[str, dict[str, torch.Tensor]], prefix: str
+    ) -> Iterator[tuple[Variant, dict[str, torch.Tensor]]]:
+        """Each variant with its block weights (names relative to the block), one variant alive at a time."""
+        ranks = sorted({v.rank for v in variants if v.kind == "served" and v.rank is not None})
+        decompositions: dict[str, sp.Decomposition] = {}
+        if ranks:
+            for name, base in raw["base"].items():
+                finetune = raw["finetune"].get(name)
+                if finetune is not None and _carried(name, base, finetune):
+                    _, decompositions[name] = sp.decompose(
+                        base.to(self.device, torch.float32), finetune.to(self.device, torch.float32), max(ranks)
+                    )
+            self._hold("decompositions", [t for d in decompositions.values() for t in (d.delta, d.vectors)])
+        for variant in variants:
+            if variant.kind == "served":
+                side = "finetune" if variant.keep_extras else "base"
+                weights: dict[str, torch.Tensor] = {}
+                for name, tensor in raw[side].items():
+                    if name in decompositions:
+                        assert variant.rank is not None
+                        low_rank = decompositions[name].truncated(variant.rank)
+                        served_weight = raw["base"][name].to(self.device, torch.float32) + low_rank
+                        weights[name] = self._final(variant, name, served_weight)
+                    else:
+                        weights[name] = self._final(variant, name, tensor)
+            else:
+                weights = {name: self._final(variant, name, t) for name, t in raw[variant.kind].items()}
+            self._hold("variant", weights)
+            yield variant, {name.removeprefix(prefix): t for name, t in weights.items()}
+            del weights
+        decompositions.clear()
+
+
+def stream_logprobs(
+    base: str,
+    finetune: str,
+    token_ids: Sequence[Sequence[int]],
+    variants: Sequence[Variant],
+    config: ForwardConfig | None = None,
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Yields (text_index, {variant.name: float32 CPU tensor (len(ids), vocab) of log-softmax
+    next-token log-probabilities at each position}) one text at a time, after the last layer.
+
+    Row j of a text's tensor is the distribution of the token after ids[: j + 1]. Every text
+    goes through block i (for every variant) before block i is dropped, so nothing is yielded
+    before the last block has run; closing the generator early frees everything.
+
+    Raises:
+        ValueError: no variant, duplicate names, an empty text, or a token id outside the vocabulary.
+        LorafidError subclasses: see ``LayerStream.plan``.
+    """
+    with LayerStream(base, finetune, config) as stream:
+        yield from stream.logprobs(token_ids, variants)
+
+
+def block_forward(
+    config: Any, layer: int, weights: dict[str, torch.Tensor], hidden: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Block ``layer`` of the architecture ``config`` with ``weights`` over each text's hidden states.
+
+    A pure function: it changes none of its arguments and returns new tensors on the device of
+    ``hidden``, so it can run in another process (a ZeroGPU worker pickles arguments and
+    results). Rotary embeddings and masks are rebuilt from ``config`` and each text's length
+    (batch 1, positions 0..n-1), exactly as ``LayerStream.logprobs`` builds them.
+
+    Args:
+        config: the transformers config (``load_config``), ``_attn_implementation`` "sdpa".
+        weights: parameter names relative to the block ("self_attn.q_proj.weight", ...), in
+            the compute dtype, on the device of ``hidden``.
+        hidden: one (1, tokens, hidden_size) tensor per text.
+
+    Example: ``block_forward(config, 0, weights, [torch.randn(1, 5, config.hidden_size)])``.
+    """
+    if not hidden:
+        return []
+    device, dtype = hidden[0].device, hidden[0].dtype
+    skeleton = _skeleton_cached(config)
+    block = skeleton.model.layers[layer]
+    embed = _rotary(skeleton, config, device, dtype)
+    kind = _layer_types(config)[layer]
+    out: list[torch.Tensor] = []
+    with torch.no_grad(), sp.exact_matmul():
+        for h in hidden:
+            positions = torch.arange(h.shape[1], device=device).unsqueeze(0)
+            result = torch.func.functional_call(
+                block,
+                weights,
+                (h,),
+                {
+                    "attention_mask": _masks(config, h, positions)[kind],
+                    "position_ids": positions,
+                    "position_embeddings": embed(h, positions),
+                },
+            )
+            out.append(result[0] if isinstance(result, tuple) else result)
+    return out
+
+
+def zero_gpu_block_compute(env: Mapping[str, str] | None = None) -> BlockCompute | None:
+    """On a ZeroGPU Space, ``block_forward`` as the one ``@spaces.GPU`` function; else None.
+
+    ZeroGPU lends a GPU only inside decorated calls, run in a worker process: arguments and
+    results are pickled, so in-place changes would be lost. ``block_forward`` is pure, so the
+    decorated call gets one variant's block weights and the hidden states (CPU tensors), runs
+    the block on the GPU and returns new CPU hidden states. Reading, the Δ decompositions,
+    the embeddings and the head stay in the Space's own process (on its CPU). Detected by
+    ``SPACES_ZERO_GPU``, as the audit's ``dashboard.zero_gpu_compute``.
+    """
+    env = os.environ if env is None else env
+    if "SPACES_ZERO_GPU" not in env:
+        return None
+    import spaces  # only on Spaces; never a requirement elsewhere
+
+    decorated: BlockCompute = spaces.GPU(duration=ZERO_GPU_BLOCK_DURATION_S)(block_on_device)
+    return decorated
+
+
+def block_on_device(
+    config: Any, layer: int, weights: dict[str, torch.Tensor], hidden: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``block_forward`` on the first CUDA device when there is one, CPU tensors in and out.
+
+    Module-level (picklable by name) so a worker process can run it.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_device = {name: t.to(device) for name, t in weights.items()}
+    result = block_forward(config, layer, on_device, [h.to(device) for h in hidden])
+    return [h.cpu() for h in result]
+
+
+def build_model(config: Any, state: dict[str, torch.Tensor], device: torch.device) -> Any:
+    """A whole causal LM holding ``state`` (from ``LayerStream.state_dicts``), for generation.
+
+    Built on the meta device and given the tensors themselves (no random init, no copy); the
+    rotary embedding, whose buffers are not weights, is rebuilt on the device.
+    """
+    model = _skeleton(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    if "lm_head.weight" not in state:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
+    left = [n for n, t in model.named_parameters() if t.is_meta]
+    if left:
+        raise LorafidError(f"Internal error: no weight for {left[0]} when building the whole model.")
+    return model.eval()
+
+
+def require_transformers() -> None:
+    """Raise a clear error when the ``behaviour`` extra (transformers, accelerate) is not installed.
+
+    Raises:
+        MissingExtraError: naming ``pip install lorafid[behaviour]``.
+    """
+    try:
+        import accelerate  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise MissingExtraError(
+            "The behaviour check builds models with transformers and accelerate, which are not installed: "
+            "pip install lorafid[behaviour]"
+        ) from e
+
+
+def read_config_json(source: Source) -> dict[str, Any] | None:
+    """The source's ``config.json`` as a dict, or None when it has none."""
+    raw = source.read_small_file("config.json", MAX_CONFIG_BYTES)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise MissingModelFileError(f"{source.describe('config.json')} is not valid JSON ({e}).") from e
+    if not isinstance(data, dict):
+        raise MissingModelFileError(f"{source.describe('config.json')} is not a JSON object.")
+    return data
+
+
+def load_config(source: Source) -> Any:
+    """The transformers config of a supported architecture, from the source's ``config.json``.
+
+    Raises:
+        MissingModelFileError: no config.json (a forward needs the architecture).
+        UnsupportedArchitectureError: a model type outside ``SUPPORTED_MODEL_TYPES``.
+    """
+    from transformers import AutoConfig
+
+    data = read_config_json(source)
+    if data is None:
+        raise MissingModelFileError(
+            f"{source.describe()} has no config.json; the behaviour check builds the architecture from the "
+            "fine-tune's config.json. Pass the repo or directory that holds it beside the weights."
+        )
+    model_type = data.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"{source.describe()} is a {model_type or 'model of unknown type'!s} model; the behaviour check runs "
+            f"the Llama family only ({', '.join(SUPPORTED_MODEL_TYPES)}). The weight audit works for any model."
+        )
+    fields = {k: v for k, v in data.items() if k != "model_type"}
+    config = AutoConfig.for_model(model_type, **fields)
+    # The math is ours to fix: SDPA without padding is exact attention and runs on every device.
+    config._attn_implementation = "sdpa"
+    return config
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _skeleton(config: Any) -> Any:
+    """The causal LM on the meta device: its modules, no weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+_SKELETONS: dict[str, Any] = {}  # config JSON -> meta skeleton; one entry, for block_forward
+
+
+def _skeleton_cached(config: Any) -> Any:
+    """``_skeleton(config)``, built once per architecture in this process (meta: no memory)."""
+    key = config.to_json_string()
+    if key not in _SKELETONS:
+        _SKELETONS.clear()
+        _SKELETONS[key] = _skeleton(config)
+    return _SKELETONS[key]
+
+
+def _rotary(skeleton: Any, config: Any, device: torch.device, dtype: torch.dtype) -> Callable[..., Any]:
+    """The rotary embedding rebuilt on the real device (its buffers are on meta in the skeleton)."""
+    rotary = type(skeleton.model.rotary_emb)(config=config).to(device)
+
+    def embed(hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = rotary(hidden, positions)
+        return cos.to(dtype), sin.to(dtype)
+
+    return embed
+
+
+def _layer_types(config: Any) -> list[str]:
+    """ "full_attention" or "sliding_attention" for each block, as the model classes decide it."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    sliding = getattr(config, "sliding_window", None) is not None and config.model_type == "mistral"
+    return ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
+
+
+def _masks(config: Any, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, Any]:
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    common = {"config": config, "inputs_embeds": hidden, "attention_mask": None, "past_key_values": None}
+    masks = {"full_attention": create_causal_mask(**common, position_ids=positions)}
+    if "sliding_attention" in _layer_types(config):
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**common, position_ids=positions)
+    return masks
+
+
+def _parameter_names(config: Any) -> list[str]:
+    """The parameter names of the architecture, without building it."""
+    model = _skeleton(config)
+    names = [n for n, _ in model.named_parameters()]
+    if "lm_head.weight" not in names:
+        names.append("lm_head.weight")  # tied: named_parameters lists the shared tensor once
+    return names
+
+
+def _map_names(
+    names: list[str], tensors: Mapping[str, TensorInfo], config: Any, *, where: str, head_may_be_tied: bool = False
+) -> dict[str, TensorInfo]:
+    """Model parameter name -> the checkpoint's record, by exact name or under the wrapper prefix
+    that the audit's pairing learns from the two name sets ("model." added or dropped, ...).
+
+    A checkpoint with tied embeddings usually has no ``lm_head.weight``; it is left out here and
+    the head reads ``model.embed_tokens.weight``.
+    """
+    found = dict(match_names(names, tensors))
+    out = {name: tensors[found[name]] for name in names if name in found}
+    missing = [
+        n
+        for n in names
+        if n not in out
+        and not (n == "lm_head.weight" and (head_may_be_tied or getattr(config, "tie_word_embeddings", False)))
+    ]
+    if missing:
+        raise MissingModelFileError(
+            f"{where} lacks {len(missing)} weight(s) of a {config.model_type} model with this config.json, "
+            f"e.g. {missing[0]}. Is config.json the one of these weights?"
+        )
+    return out
+
+
+def _check_pair(
+    config: Any,
+    base_config: dict[str, Any] | None,
+    base: dict[str, TensorInfo],
+    finetune: dict[str, TensorInfo],
+    specs: tuple[str, str],
+) -> None:
+    """Refuse a base of another vocabulary or shape: its distributions are not comparable."""
+    base_vocab = base["model.embed_tokens.weight"].shape[0]
+    finetune_vocab = finetune["model.embed_tokens.weight"].shape[0]
+    config_vocab = (base_config or {}).get("vocab_size", base_vocab)
+    if base_vocab != finetune_vocab or config_vocab != config.vocab_size:
+        raise VocabularyMismatchError(
+            f"The base {specs[0]} has a vocabulary of {base_vocab} tokens and the fine-tune {specs[1]} of "
+            f"{finetune_vocab}: next-token distributions over different vocabularies cannot be compared. "
+            "Use the base the fine-tune was trained from (the weight audit compares the shared rows)."
+        )
+    for name, info in finetune.items():
+        if name in base and base[name].shape != info.shape:
+            raise MissingModelFileError(
+                f"{name} is {list(base[name].shape)} in the base and {list(info.shape)} in the fine-tune; "
+                "the two are not the same architecture."
+            )
+
+
+def _head_is_embedding(plan: ModelPlan) -> bool:
+    return "lm_head.weight" not in plan.finetune_tensors
+
+
+def _carried(name: str, base: torch.Tensor, finetune: torch.Tensor) -> bool:
+    """A block matrix a LoRA server carries as a rank-r delta (the audit's rule: 2-D, not an embedding)."""
+    return base.ndim == 2 and base.shape == finetune.shape and not is_embedding(name)
+
+
+def _check_inputs(token_ids: Sequence[Sequence[int]], variants: Sequence[Variant], vocab_size: int) -> list[list[int]]:
+    if not variants:
+        raise ValueError("No variant to run: pass at least one Variant.")
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Variant names must be unique, got {names}")
+    texts = [list(map(int, ids)) for ids in token_ids]
+    for index, ids in enumerate(texts):
+        if not ids:
+            raise ValueError(f"Text {index} has no tokens.")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"Text {index} has token id {bad[0]}, outside the vocabulary of {vocab_size}.")
+    return texts

@@ -1,0 +1,1 @@
+"""The provider check: OpenAI-compatible endpoints against local candidates."""

@@ -1,0 +1,418 @@
+"""Read log-probabilities of fixed texts from an OpenAI-compatible endpoint, politely.
+
+Three ways ("channels") to read them, as servers offer them, best first:
+
+``completions-echo``
+    ``POST {endpoint}/completions`` with ``echo: true, max_tokens: 0, logprobs: k`` (what
+    lm-evaluation-harness sends to score a text). The answer's ``choices[0].logprobs`` has, per
+    prompt token, ``tokens[i]`` (text), ``token_logprobs[i]`` (``null`` for the first token, which
+    has no context) and ``top_logprobs[i]`` (``{token text: logprob}``, the k most likely next
+    tokens plus the prompt's own, ``null`` for the first), and ``text_offset[i]``.
+``prompt-logprobs``
+    vLLM's extension: ``prompt_logprobs: k`` (and ``return_token_ids: true``) on the same
+    endpoint; ``choices[0].prompt_logprobs`` is ``[null, {"<token id>": {"logprob", "rank",
+    "decoded_token"}}, ...]``, the prompt token first in each map, with token ids, not texts.
+``chat-top-logprobs``
+    ``POST {endpoint}/chat/completions`` with ``temperature: 0, logprobs: true,
+    top_logprobs: k``: a greedy continuation of the text as a user turn, whose
+    ``choices[0].logprobs.content[j]`` gives ``token``, ``logprob`` and ``top_logprobs`` (a list
+    of ``{token, logprob, bytes}``). The caller scores that continuation locally.
+
+Politeness: every attempt (first tries, retries, redirects) draws from one ``RequestBudget``
+fixed before anything is sent; ``RateLimiter`` spaces request starts; 429 and 5xx answers and
+dropped connections are retried with bounded exponential backoff (``Retry-After`` honoured).
+Redirects are followed only for 307/308 (they keep the POST), at most 3, each target checked
+by the ``NetPolicy``; the key is dropped when a redirect leaves the endpoint's origin.
+
+The API key goes only into the ``Authorization`` header: never into messages, logs, reprs.
+
+Not here: which texts to send, tokenizers, any comparison (``lorafid.providers.probe``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import httpx2
+
+from lorafid import __version__
+from lorafid.errors import ChannelUnsupportedError, LimitExceededError, ProviderError
+from lorafid.providers.netguard import GuardedTransport, NetPolicy
+from lorafid.weights.http_ranges import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+ECHO = "completions-echo"
+PROMPT_LOGPROBS = "prompt-logprobs"
+CHAT = "chat-top-logprobs"
+CHANNELS: tuple[str, ...] = (ECHO, PROMPT_LOGPROBS, CHAT)
+"""Every channel, in the order they are tried."""
+
+MAX_RESPONSE_BYTES = 32 * 2**20  # a 2,000-token echo with 20 alternatives is ~1 MB of JSON
+MAX_REDIRECTS = 3
+_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+# connect 10 s; read 120 s: a loaded provider can take a minute on a long prompt.
+_TIMEOUT = httpx2.Timeout(connect=10.0, read=120.0, write=30.0, pool=120.0)
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One of the provider's most likely tokens at a position."""
+
+    token: str  # the provider's text for it ("token_id:N" when it speaks in ids)
+    token_id: int | None  # known when the channel gives ids
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Position:
+    """One token as the provider scored it: the token, its log-probability, the alternatives.
+
+    ``logprob`` is None where the provider gives none (the first token of a prompt).
+    """
+
+    token: str
+    token_id: int | None
+    logprob: float | None
+    top: tuple[Alternative, ...]
+
+
+@dataclass(frozen=True)
+class ProviderAnswer:
+    """What one request gave: the scored positions of the prompt (or of the continuation)."""
+
+    channel: str
+    positions: tuple[Position, ...]
+    text: str  # the continuation's text (chat), or the echoed prompt (completions)
+
+
+class RequestBudget:
+    """A hard cap on HTTP attempts, shared by every thread; ``take()`` before each one."""
+
+    def __init__(self, max_requests: int) -> None:
+        self.max_requests = max_requests
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> None:
+        with self._lock:
+            if self.used >= self.max_requests:
+                raise LimitExceededError(
+                    f"The probe used all {self.max_requests} requests it announced; it keeps what it got. "
+                    "Raise --max-retries or lower --concurrency if the endpoint is rate limiting."
+                )
+            self.used += 1
+
+
+class RateLimiter:
+    """Spaces request starts at least ``1 / rate_per_s`` seconds apart, across threads.
+
+    Example: at 2 per second, four requests asked for at once start at 0, 0.5, 1.0 and 1.5 s.
+    """
+
+    def __init__(
+        self,
+        rate_per_s: float | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._interval_s = 1.0 / rate_per_s if rate_per_s else 0.0
+        self._next_s = -math.inf
+        self._clock, self._sleep = clock, sleep
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        if not self._interval_s:
+            return
+        with self._lock:
+            now = self._clock()
+            start = max(now, self._next_s)
+            self._next_s = start + self._interval_s
+        if start > now:
+            self._sleep(start - now)
+
+
+class OpenAIClient:
+    """POSTs JSON to one OpenAI-compatible endpoint (e.g. ``https://api.example.com/v1``).
+
+    Thread-safe. ``transport`` replaces the HTTP transport (tests); under a restricted
+    ``policy`` the default transport checks every connection's address.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        api_key: str | None,
+        *,
+        budget: RequestBudget,
+        policy: NetPolicy | None = None,
+        rate: RateLimiter | None = None,
+        retry: RetryPolicy | None = None,
+        transport: httpx2.BaseTransport | None = None,
+    ) -> None:
+        self.policy = policy or NetPolicy.open()
+        self.policy.check_url(endpoint)
+        self.endpoint = endpoint.rstrip("/")
+        self.budget, self.rate, self.retry = budget, rate or RateLimiter(None), retry or RetryPolicy()
+        self._key = api_key
+        if transport is None and self.policy.restricted:
+            transport = GuardedTransport(self.policy)
+        self._client = httpx2.Client(
+            timeout=_TIMEOUT,
+            follow_redirects=False,
+            trust_env=not self.policy.restricted,
+            transport=transport,
+            headers={"User-Agent": f"lorafid/{__version__}", "Accept-Encoding": "identity"},
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAIClient({self.endpoint!r})"  # never the key
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> OpenAIClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read(self, channel: str, model: str, text: str, *, top_k: int, max_new_tokens: int) -> ProviderAnswer:
+        """One request on ``channel`` for ``text``; the parsed positions.
+
+        Raises: ``ChannelUnsupportedError`` when the endpoint rejects the request (4xx other
+        than 401/403/429) or answers without the fields the channel needs; ``ProviderError``
+        for other failures after retries; ``LimitExceededError`` when the budget is spent.
+        """
+        if channel == ECHO:
+            body = {"model": model, "prompt": text, "echo": True, "max_tokens": 0, "logprobs": top_k, "temperature": 0}
+            return parse_echo(self.post("/completions", body), channel)
+        if channel == PROMPT_LOGPROBS:
+            body = {
+                "model": model,
+                "prompt": text,
+                "max_tokens": 1,
+                "temperature": 0,
+                "prompt_logprobs": top_k,
+                "return_token_ids": True,
+            }
+            return parse_prompt_logprobs(self.post("/completions", body))
+        if channel == CHAT:
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": text}],
+                "max_tokens": max_new_tokens,
+                "temperature": 0,
+                "logprobs": True,
+                "top_logprobs": top_k,
+            }
+            return parse_chat(self.post("/chat/completions", body))
+        raise ValueError(f"unknown channel {channel!r}")
+
+    def post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """POST ``body`` as JSON to ``endpoint + path``, retrying transient failures."""
+        url = self.endpoint + path
+        for attempt in range(1, self.retry.max_tries + 1):
+            try:
+                return self._post_following(url, body)
+            except _Transient as e:
+                if attempt == self.retry.max_tries:
+                    raise ProviderError(
+                        f"{_host(url)} kept failing ({e}) after {attempt} tries; try again later, or lower "
+                        "--concurrency / --rate."
+                    ) from None
+                wait_s = self.retry.wait_s(attempt, e.retry_after_s)
+                log.info("%s %s: %s; retry %d in %.1f s", _host(url), path, e, attempt, wait_s)
+                time.sleep(wait_s)
+        raise AssertionError("unreachable")
+
+    def _post_following(self, url: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        origin = _origin(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            self.budget.take()
+            self.rate.wait()
+            headers = {"Content-Type": "application/json"}
+            if self._key and _origin(url) == origin:
+                headers["Authorization"] = f"Bearer {self._key}"
+            try:
+                with self._client.stream("POST", url, content=json.dumps(body).encode(), headers=headers) as response:
+                    status = response.status_code
+                    if status in (307, 308) and "location" in response.headers:
+                        url = urljoin(url, response.headers["location"])
+                        self.policy.check_url(url)
+                        continue
+                    raw = _read_capped(response)
+            except (httpx2.TransportError, _TooLarge) as e:
+                if isinstance(e, _TooLarge):
+                    raise ProviderError(f"{_host(url)} answered more than {MAX_RESPONSE_BYTES} bytes.") from None
+                raise _Transient(type(e).__name__) from None
+            return _decode(status, raw, url, response.headers.get("retry-after"))
+        raise ProviderError(f"{_host(url)} redirected more than {MAX_REDIRECTS} times.")
+
+
+# -- response shapes -------------------------------------------------------------------------
+
+
+def parse_echo(payload: Mapping[str, Any], channel: str = ECHO) -> ProviderAnswer:
+    """``choices[0].logprobs`` of a completions answer with ``echo`` as positions."""
+    choice = _first_choice(payload)
+    lp = choice.get("logprobs")
+    if not isinstance(lp, dict) or not isinstance(lp.get("tokens"), list):
+        raise ChannelUnsupportedError("the completions answer has no logprobs.tokens (echo not supported)")
+    tokens, values, tops = lp["tokens"], lp.get("token_logprobs"), lp.get("top_logprobs")
+    if not isinstance(values, list) or not isinstance(tops, list) or not len(tokens) == len(values) == len(tops):
+        raise ChannelUnsupportedError("logprobs.tokens, token_logprobs and top_logprobs differ in length")
+    positions = []
+    for token, value, top in zip(tokens, values, tops, strict=True):
+        alternatives = tuple(
+            Alternative(str(t), _id_of(str(t)), _float(v)) for t, v in (top.items() if isinstance(top, dict) else ())
+        )
+        positions.append(
+            Position(str(token), _id_of(str(token)), None if value is None else _float(value), alternatives)
+        )
+    return ProviderAnswer(channel, tuple(positions), str(choice.get("text", "")))
+
+
+def parse_prompt_logprobs(payload: Mapping[str, Any]) -> ProviderAnswer:
+    """vLLM's ``choices[0].prompt_logprobs`` (token ids as keys) as positions."""
+    choice = _first_choice(payload)
+    entries = choice.get("prompt_logprobs")
+    if not isinstance(entries, list) or not entries:
+        raise ChannelUnsupportedError("the completions answer has no prompt_logprobs")
+    ids = choice.get("prompt_token_ids")
+    if ids is not None and (not isinstance(ids, list) or len(ids) != len(entries)):
+        raise ChannelUnsupportedError("prompt_token_ids and prompt_logprobs differ in length")
+    positions = []
+    for i, entry in enumerate(entries):
+        if entry is None:
+            token_id = int(ids[i]) if ids is not None else None
+            positions.append(Position(f"token_id:{token_id}", token_id, None, ()))
+            continue
+        if not isinstance(entry, dict) or not entry:
+            raise ChannelUnsupportedError(f"prompt_logprobs[{i}] is not a map of token ids")
+        alternatives = tuple(
+            Alternative(str(v.get("decoded_token", k)), int(k), _float(v["logprob"])) for k, v in entry.items()
+        )
+        # vLLM puts the prompt's own token first in each map; prompt_token_ids says it outright.
+        token_id = int(ids[i]) if ids is not None else alternatives[0].token_id
+        own = next((a for a in alternatives if a.token_id == token_id), None)
+        if own is None:
+            raise ChannelUnsupportedError(f"prompt_logprobs[{i}] lacks the prompt's own token")
+        positions.append(Position(own.token, token_id, own.logprob, alternatives))
+    return ProviderAnswer(PROMPT_LOGPROBS, tuple(positions), "")
+
+
+def parse_chat(payload: Mapping[str, Any]) -> ProviderAnswer:
+    """``choices[0].logprobs.content`` of a chat answer as positions of the continuation."""
+    choice = _first_choice(payload)
+    lp = choice.get("logprobs")
+    content = lp.get("content") if isinstance(lp, dict) else None
+    if not isinstance(content, list):
+        raise ChannelUnsupportedError("the chat answer has no logprobs.content (top_logprobs not supported)")
+    positions = []
+    for item in content:
+        top = item.get("top_logprobs") or []
+        alternatives = tuple(Alternative(str(a["token"]), _id_of(str(a["token"])), _float(a["logprob"])) for a in top)
+        token = str(item["token"])
+        positions.append(Position(token, _id_of(token), _float(item["logprob"]), alternatives))
+    message = choice.get("message") or {}
+    return ProviderAnswer(CHAT, tuple(positions), str(message.get("content") or ""))
+
+
+# -- plumbing --------------------------------------------------------------------------------
+
+
+class _Transient(Exception):
+    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _read_capped(response: httpx2.Response) -> bytes:
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decode(status: int, raw: bytes, url: str, retry_after: str | None) -> dict[str, Any]:
+    if status in _RETRY_STATUS:
+        raise _Transient(f"HTTP {status}", _seconds(retry_after))
+    if status in (401, 403):
+        raise ProviderError(
+            f"{_host(url)} refused the API key (HTTP {status}); check --api-key-env names a variable holding it."
+        )
+    if status >= 400:
+        raise ChannelUnsupportedError(f"HTTP {status}: {_server_message(raw)}")
+    if status != 200:
+        raise ProviderError(f"{_host(url)} answered HTTP {status}, expected 200.")
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        raise ProviderError(f"{_host(url)} answered something that is not JSON.") from None
+    if not isinstance(payload, dict):
+        raise ProviderError(f"{_host(url)} answered JSON that is not an object.")
+    return payload
+
+
+def _server_message(raw: bytes) -> str:
+    """The error text a server sent (OpenAI: {"error": {"message"}}; vLLM: {"message"}), shortened."""
+    try:
+        payload = json.loads(raw)
+        error = payload.get("error", payload) if isinstance(payload, dict) else payload
+        text = error.get("message", error) if isinstance(error, dict) else error
+    except ValueError:
+        text = raw.decode("utf-8", "replace")
+    return str(text)[:200]
+
+
+def _first_choice(payload: Mapping[str, Any]) -> dict[str, Any]:
+    choices = payload.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise ChannelUnsupportedError("the answer has no choices")
+    return choices[0]
+
+
+def _id_of(token: str) -> int | None:
+    """The id in vLLM's ``token_id:N`` form (``return_tokens_as_token_ids``), else None."""
+    if token.startswith("token_id:") and token[9:].isdigit():
+        return int(token[9:])
+    return None
+
+
+def _float(value: object) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ChannelUnsupportedError(f"a log-probability is {value!r}, not a number")
+    return float(value)
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname or "", parts.port
+
+
+def _host(url: str) -> str:
+    return urlsplit(url).hostname or "the endpoint"

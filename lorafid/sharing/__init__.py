@@ -1,0 +1,1 @@
+"""Published results: the Hub-dataset registry."""

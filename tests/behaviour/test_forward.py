@@ -1,0 +1,282 @@
+"""The layer-streamed forward against a plain whole-model ``transformers`` forward.
+
+References are independent of lorafid's math: each variant's weights are built here with a
+float64 SVD (``torch.linalg.svd``), loaded into a whole ``AutoModelForCausalLM`` and run
+with ``model(input_ids)``. Tolerance: 2e-4 nats on any log-probability (float32 compute,
+~100-token vocabulary, 2-4 blocks; the streamed and whole forward of the same weights agree
+to 0.0, the rest is the float32 vs float64 construction of Δ_r).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lorafid.audit.pairing import is_embedding
+from lorafid.behaviour.forward import BASE, FINETUNE, ForwardConfig, LayerStream, Variant, served, stream_logprobs
+from lorafid.errors import (
+    GatedRepoError,
+    LimitExceededError,
+    MissingModelFileError,
+    UnsupportedArchitectureError,
+    VocabularyMismatchError,
+)
+from tests.llama_models import ARCHITECTURES, build_tokenizer, model_family, publish, with_files, write_model
+
+TOLERANCE = 2e-4
+TEXTS = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 20, 21, 22], [30]]
+
+
+def reference_weights(
+    base: dict[str, torch.Tensor], finetune: dict[str, torch.Tensor], rank: int, keep_extras: bool
+) -> dict[str, torch.Tensor]:
+    """The served model at ``rank`` by float64 SVD, from the two state dicts."""
+    out: dict[str, torch.Tensor] = {}
+    for name, b in base.items():
+        f = finetune[name]
+        if b.ndim == 2 and not is_embedding(name):
+            u, s, vh = torch.linalg.svd(f.double() - b.double(), full_matrices=False)
+            out[name] = (b.double() + (u[:, :rank] * s[:rank]) @ vh[:rank]).float()
+        else:
+            out[name] = (f if keep_extras else b).clone()
+    return out
+
+
+def whole_model_logprobs(config_json: bytes, state: dict[str, torch.Tensor], texts: list[list[int]]) -> list[Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = json.loads(config_json)
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.load_state_dict(state, strict=False)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    with torch.no_grad():
+        return [torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1) for ids in texts]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Any:
+    """Tiny matrices: torch's thread pool only costs time here, a lot on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llama_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    family = model_family("llama", 2)
+    root = tmp_path_factory.mktemp("llama")
+    return {
+        "base": write_model(family.base, root / "base"),
+        "full": write_model(family.full, root / "full"),
+        "lora": write_model(family.lora, root / "lora"),
+    }
+
+
+def test_streamed_forward_equals_whole_model_for_every_variant(llama_dirs: dict[str, Path]) -> None:
+    family = model_family("llama", 2)
+    variants = [FINETUNE, BASE, served(3), served(3, keep_extras=True), served(16)]
+    streamed = dict(stream_logprobs(str(llama_dirs["base"]), str(llama_dirs["full"]), TEXTS, variants))
+    assert sorted(streamed) == [0, 1, 2]
+    config = family.full.files["config.json"]
+    states = {
+        "finetune": family.full.tensors,
+        "base": family.base.tensors,
+        "rank-3": reference_weights(family.base.tensors, family.full.tensors, 3, False),
+        "rank-3+extras": reference_weights(family.base.tensors, family.full.tensors, 3, True),
+        "rank-16": reference_weights(family.base.tensors, family.full.tensors, 16, False),
+    }
+    for name, state in states.items():
+        for i, expected in enumerate(whole_model_logprobs(config, state, TEXTS)):
+            got = streamed[i][name]
+            assert got.dtype == torch.float32 and got.shape == (len(TEXTS[i]), expected.shape[-1])
+            assert (got - expected).abs().max().item() < TOLERANCE, (name, i)
+    # The variants really differ (the comparison above could not pass by accident).
+    assert (streamed[0]["base"] - streamed[0]["finetune"]).abs().max() > 0.1
+    assert (streamed[0]["rank-3"] - streamed[0]["rank-3+extras"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("model_type", [a for a in ARCHITECTURES if a != "llama"])
+def test_other_supported_architectures_match_transformers(model_type: str, tmp_path: Path) -> None:
+    family = model_family(model_type, 2, tie=model_type == "qwen3")
+    base, full = write_model(family.base, tmp_path / "b"), write_model(family.full, tmp_path / "f")
+    streamed = dict(stream_logprobs(str(base), str(full), TEXTS[:2], [FINETUNE, served(5, keep_extras=True)]))
+    reference = reference_weights(family.base.tensors, family.full.tensors, 5, True)
+    for name, state in (("finetune", family.full.tensors), ("rank-5+extras", reference)):
+        for i, expected in enumerate(whole_model_logprobs(family.full.files["config.json"], state, TEXTS[:2])):
+            assert (streamed[i][name] - expected).abs().max().item() < TOLERANCE, (model_type, name, i)
+
+
+def test_weight_hook_sees_every_weight_of_its_variant(llama_dirs: dict[str, Path]) -> None:
+    seen: list[str] = []
+
+    def zero_head(name: str, weight: torch.Tensor) -> torch.Tensor:
+        seen.append(name)
+        return torch.zeros_like(weight) if name == "lm_head.weight" else weight
+
+    hooked = Variant("flat", "finetune", weight_hook=zero_head)
+    out = dict(stream_logprobs(str(llama_dirs["base"]), str(llama_dirs["full"]), TEXTS[:1], [FINETUNE, hooked]))
+    vocab = out[0]["flat"].shape[-1]
+    assert torch.allclose(out[0]["flat"], torch.full_like(out[0]["flat"], -torch.log(torch.tensor(vocab))))
+    assert (out[0]["finetune"] - out[0]["flat"]).abs().max() > 0.1  # only the hooked variant changed
+    assert set(seen) == set(model_family("llama", 2).full.tensors)
+
+
+def test_peak_weight_memory_does_not_grow_with_depth(tmp_path: Path) -> None:
+    peaks = {}
+    for layers in (2, 8):
+        family = model_family("llama", layers)
+        base, full = (
+            write_model(family.base, tmp_path / f"b{layers}"),
+            write_model(family.full, tmp_path / f"f{layers}"),
+        )
+        with LayerStream(str(base), str(full)) as stream:
+            for _ in stream.logprobs(TEXTS[:1], [FINETUNE, BASE, served(4)]):
+                pass
+            peaks[layers] = stream.stats.peak_weight_bytes
+            model_bytes = stream.plan().size_bytes
+            assert stream.stats.bytes_read == model_bytes  # each model read once, whatever the variants
+    assert peaks[2] == peaks[8]
+    assert peaks[8] < 0.5 * model_bytes  # far from holding the 8-block pair
+
+
+def test_hub_sources_and_clear_errors(hub: Any) -> None:
+    family = model_family("llama", 2)
+    publish(hub, "org/base", family.base)
+    publish(hub, "org/tuned", family.full)
+    config = ForwardConfig(endpoint=hub.endpoint, allow_local=False)
+    out = dict(stream_logprobs("org/base", "org/tuned", TEXTS[:1], [FINETUNE], config))
+    assert out[0]["finetune"].shape[0] == len(TEXTS[0])
+
+    publish(hub, "org/gated", family.full, gated=True)
+    with pytest.raises(GatedRepoError, match="accept the licence"):
+        list(stream_logprobs("org/base", "org/gated", TEXTS[:1], [FINETUNE], config))
+    limited = ForwardConfig(endpoint=hub.endpoint, max_model_bytes=1000)
+    with pytest.raises(LimitExceededError, match="lorafid behave org/base org/tuned"):
+        list(stream_logprobs("org/base", "org/tuned", TEXTS[:1], [FINETUNE], limited))
+
+    publish(hub, "org/noconfig", with_files(family.full, **{"config.json": None}))
+    with pytest.raises(MissingModelFileError, match=r"config\.json"):
+        list(stream_logprobs("org/base", "org/noconfig", TEXTS[:1], [FINETUNE], config))
+
+    gpt2 = json.dumps({"model_type": "gpt2", "n_layer": 2}).encode()
+    publish(hub, "org/gpt2", with_files(family.full, **{"config.json": gpt2}))
+    with pytest.raises(UnsupportedArchitectureError, match="llama, mistral, qwen2, qwen3"):
+        list(stream_logprobs("org/base", "org/gpt2", TEXTS[:1], [FINETUNE], config))
+
+    other = model_family("llama", 2, seed=1)
+    bigger = json.loads(other.base.files["config.json"])
+    bigger["vocab_size"] += 1
+    grown = {n: t for n, t in other.base.tensors.items()}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        grown[name] = torch.cat([grown[name], torch.zeros(1, grown[name].shape[1])])
+    from safetensors.torch import save
+
+    publish(
+        hub,
+        "org/other-vocab",
+        with_files(other.base, **{"config.json": json.dumps(bigger).encode(), "model.safetensors": save(grown)}),
+    )
+    with pytest.raises(VocabularyMismatchError, match="vocabulary"):
+        list(stream_logprobs("org/other-vocab", "org/tuned", TEXTS[:1], [FINETUNE, BASE], config))
+
+
+def test_bad_inputs_are_refused(llama_dirs: dict[str, Path]) -> None:
+    vocab = len(json.loads(build_tokenizer()["tokenizer.json"])["model"]["vocab"])
+    specs = (str(llama_dirs["base"]), str(llama_dirs["full"]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        list(stream_logprobs(*specs, [[1, vocab]], [FINETUNE]))
+    with pytest.raises(ValueError, match="no tokens"):
+        list(stream_logprobs(*specs, [[]], [FINETUNE]))
+    with pytest.raises(ValueError, match="unique"):
+        list(stream_logprobs(*specs, [[1]], [FINETUNE, Variant("finetune", "base")]))
+    with pytest.raises(ValueError, match="rank"):
+        Variant("x", "served")
+
+
+def test_base_with_a_tied_head_serves_its_embedding_as_head(tmp_path: Path) -> None:
+    from safetensors.torch import save
+
+    family = model_family("llama", 2)
+    tied = {n: t for n, t in family.base.tensors.items() if n != "lm_head.weight"}
+    base = write_model(with_files(family.base, **{"model.safetensors": save(tied)}), tmp_path / "tied-base")
+    full = write_model(family.full, tmp_path / "full")
+    out = dict(stream_logprobs(str(base), str(full), TEXTS[:1], [BASE]))
+    state = {**tied, "lm_head.weight": tied["model.embed_tokens.weight"]}
+    expected = whole_model_logprobs(family.full.files["config.json"], state, TEXTS[:1])[0]
+    assert (out[0]["base"] - expected).abs().max().item() < TOLERANCE
+
+
+def test_tied_embedding_kept_through_the_blocks_is_counted(tmp_path: Path) -> None:
+    family = model_family("qwen3", 2, tie=True)
+    base, full = write_model(family.base, tmp_path / "b"), write_model(family.full, tmp_path / "f")
+    with LayerStream(str(base), str(full)) as stream:
+        for _ in stream.logprobs(TEXTS[:1], [FINETUNE, BASE]):
+            pass
+        peak = stream.stats.peak_weight_bytes
+    embedding = family.full.tensors["model.embed_tokens.weight"].nbytes
+    block = sum(t.nbytes for n, t in family.full.tensors.items() if n.startswith("model.layers.0."))
+    # During a block: both embeddings (kept for the tied head), the block of both models, one variant's block.
+    assert peak >= 2 * embedding + 3 * block
+
+
+def test_zero_gpu_block_runs_across_a_process_boundary(
+    llama_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On ZeroGPU only the per-block compute is decorated; in a real worker process (arguments
+    and results pickled, as ZeroGPU does) the log-probabilities equal the in-process forward's."""
+    import multiprocessing
+    import sys
+    import types
+    from concurrent.futures import ProcessPoolExecutor
+
+    from lorafid.behaviour.forward import block_on_device, zero_gpu_block_compute
+
+    assert zero_gpu_block_compute({}) is None  # off ZeroGPU every block runs in this process
+    decorated: list[tuple[str, int]] = []
+    calls: list[int] = []
+    worker = ProcessPoolExecutor(
+        1, multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(1,)
+    )
+
+    def gpu(duration: int) -> Any:
+        def wrap(function: Any) -> Any:
+            decorated.append((function.__name__, duration))
+
+            def in_worker(*args: Any) -> Any:
+                calls.append(args[1])
+                return worker.submit(function, *args).result()  # pickled there and back
+
+            return in_worker
+
+        return wrap
+
+    fake = types.ModuleType("spaces")
+    fake.GPU = gpu  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    block_compute = zero_gpu_block_compute({"SPACES_ZERO_GPU": "1"})
+    assert block_compute is not None and decorated == [(block_on_device.__name__, 60)]
+
+    specs = (str(llama_dirs["base"]), str(llama_dirs["full"]))
+    variants = [FINETUNE, BASE, served(2)]
+    with worker:
+        remote = dict(stream_logprobs(*specs, TEXTS, variants, ForwardConfig(block_compute=block_compute)))
+    local = dict(stream_logprobs(*specs, TEXTS, variants))
+    assert sorted(calls) == sorted([0, 1] * len(variants))  # 2 blocks × 3 variants, each one call
+    for index, by_variant in local.items():
+        for name, logprobs in by_variant.items():
+            assert torch.equal(remote[index][name], logprobs), (index, name)
+    # The returned hidden states are the ones used: a block that hands back its input differs.
+    skipped = dict(stream_logprobs(*specs, TEXTS[:1], [FINETUNE], ForwardConfig(block_compute=identity_block)))
+    assert not torch.allclose(skipped[0]["finetune"], local[0]["finetune"], atol=1e-3)
+
+
+def identity_block(config: Any, layer: int, weights: dict[str, torch.Tensor], hidden: list[torch.Tensor]) -> Any:
+    """A block that changes nothing: shows ``block_compute``'s results replace the in-process ones."""
+    return [h.clone() for h in hidden]

@@ -1,0 +1,748 @@
+"""Provider probe: distances, verdicts, the OpenAI-compatible client, the SSRF rules, end to end.
+
+Every request goes to 127.0.0.1 (``tests/openai_server.py``, the loopback Hub) or nowhere:
+the public-deployment rules are tested with injected resolvers and an in-process transport.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import numpy as np
+import pytest
+import torch
+
+from lorafid.errors import (
+    ChannelUnsupportedError,
+    LimitExceededError,
+    ProviderError,
+    TokenMismatchError,
+    UnsafeEndpointError,
+)
+from lorafid.providers.evidence import BASE, FINETUNE, FINETUNE_8BIT, PromptScore, candidate_names, coarse_kl, summarise
+from lorafid.providers.netguard import GuardedTransport, NetPolicy, VisitorBudget, is_public_address
+from lorafid.providers.openai_api import (
+    CHAT,
+    ECHO,
+    PROMPT_LOGPROBS,
+    OpenAIClient,
+    RequestBudget,
+    parse_chat,
+    parse_echo,
+    parse_prompt_logprobs,
+)
+from lorafid.providers.probe import plan_probe, round_to_8_bits
+from lorafid.weights.http_ranges import RetryPolicy
+
+FAST_RETRY = RetryPolicy(max_tries=4, base_wait_s=0.001, max_wait_s=0.01)
+PUBLIC_IP = "93.184.216.34"  # only ever returned by injected resolvers: never connected to
+
+
+# -- distances -----------------------------------------------------------------------------
+
+
+def test_coarse_kl_worked_example() -> None:
+    # S = {a}: p_a = 0.5, q_a = 0.25 -> 0.5 ln 2 + 0.5 ln(0.5 / 0.75)
+    kl = coarse_kl(np.log([[0.5]]), np.log([[0.25]]))
+    assert kl[0] == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(0.5 / 0.75), abs=1e-12)
+    assert kl[0] == pytest.approx(0.1438, abs=1e-4)
+
+
+def test_coarse_kl_is_the_full_kl_on_the_whole_vocabulary_and_a_lower_bound_on_a_part() -> None:
+    generator = torch.Generator().manual_seed(0)
+    p = torch.log_softmax(torch.randn(6, 50, generator=generator, dtype=torch.float64), -1)
+    q = torch.log_softmax(torch.randn(6, 50, generator=generator, dtype=torch.float64), -1)
+    full = (p.exp() * (p - q)).sum(-1).numpy()
+    assert np.allclose(coarse_kl(p.numpy(), q.numpy()), full, atol=1e-12)
+    top = p.topk(5, dim=-1).indices
+    part = coarse_kl(p.gather(1, top).numpy(), q.gather(1, top).numpy())
+    assert np.all(part <= full + 1e-12) and np.all(part > 0)
+    # an alternative the provider listed without a usable id joins "the rest"
+    hidden = p.gather(1, top).numpy().copy()
+    hidden[:, 4] = np.nan
+    assert np.all(coarse_kl(hidden, q.gather(1, top).numpy()) <= part + 1e-12)
+
+
+def test_round_to_8_bits_per_row() -> None:
+    w = torch.tensor([[0.5, -1.0, 0.26], [0.0, 0.0, 0.0]])
+    rounded = round_to_8_bits("model.layers.0.mlp.up_proj.weight", w)
+    assert rounded[0, 2].item() == pytest.approx(round(0.26 * 127) / 127, abs=1e-7)
+    assert rounded[0, 1].item() == -1.0 and torch.equal(rounded[1], w[1])
+    assert torch.equal(round_to_8_bits("model.embed_tokens.weight", w), w)  # embeddings stay
+    assert torch.equal(round_to_8_bits("model.layers.0.input_layernorm.weight", w[0]), w[0])
+
+
+def _scores(distances: dict[str, list[float]], tokens: int = 10) -> list[PromptScore]:
+    prompts = len(next(iter(distances.values())))
+    return [
+        PromptScore(
+            i,
+            tokens,
+            {n: d[i] * tokens for n, d in distances.items()},
+            dict.fromkeys(distances, tokens),
+            dict.fromkeys(distances, 0.0),
+        )
+        for i in range(prompts)
+    ]
+
+
+def _local(names: list[str], spacing: float, tokens: float) -> dict[str, dict[str, float]]:
+    """Candidates on a line, ``spacing`` nats per token apart per step (fine-tune, ranks, base),
+    with the 8-bit reference a tenth of a step from the fine-tune (summed over ``tokens``)."""
+    place = {n: spacing * i for i, n in enumerate(n for n in names if n != FINETUNE_8BIT)}
+    place[FINETUNE_8BIT] = spacing / 10
+    return {a: {b: abs(place[a] - place[b]) * tokens for b in names} for a in names}
+
+
+def test_verdict_names_the_rank_and_the_grid_ranks_around_it() -> None:
+    names = candidate_names([16, 32, 64, 128])
+    path = [FINETUNE, "rank-128", "rank-64", "rank-32", "rank-16", BASE]
+    rng = np.random.default_rng(1)
+    distances: dict[str, list[float]] = {}
+    for name in names:
+        rank_like = name.removesuffix("+extras")
+        steps = abs(path.index(rank_like) - path.index("rank-64")) if rank_like in path else 2
+        base = 0.05 * steps + (0.02 if name.endswith("+extras") else 0.0) + (0.01 if name == FINETUNE_8BIT else 0)
+        distances[name] = list(base + 1e-4 * rng.random(8))
+    order = [FINETUNE, FINETUNE_8BIT, *[n for n in names if n.startswith("rank-")], BASE]
+    results, verdict = summarise(_scores(distances), _local(order, 0.05, 80), [16, 32, 64, 128])
+    assert verdict.closest == "rank-64" and verdict.matches
+    assert verdict.rank_range == (32, 128)
+    assert verdict.sentence.startswith("Closest to a rank-64 extraction (between 32 and 128)")
+    assert "base's embeddings" in verdict.sentence
+    assert results["rank-32"].ruled_out and not results["rank-64"].ruled_out
+    low, high = results["rank-64"].interval
+    assert low <= results["rank-64"].distance <= high
+
+
+def test_verdict_is_no_stronger_than_the_evidence() -> None:
+    names = candidate_names([16, 64])
+    order = [FINETUNE, FINETUNE_8BIT, "rank-64", "rank-64+extras", "rank-16", "rank-16+extras", BASE]
+    # far from everything: matches none
+    far = {n: [3.0 + 0.01 * i for i in range(8)] for n in names}
+    _, verdict = summarise(_scores(far), _local(order, 0.05, 80), [16, 64])
+    assert not verdict.matches and verdict.sentence.startswith("Matches none of these")
+    # rank-64 and rank-16 within noise of each other: both held, the range spans them
+    noisy = {n: [1.0] * 8 for n in names}
+    rng = np.random.default_rng(0)
+    noisy["rank-64"] = list(0.01 + 0.02 * rng.random(8))
+    noisy["rank-16"] = list(0.01 + 0.02 * rng.random(8))
+    _, verdict = summarise(_scores(noisy), _local(order, 0.05, 80), [16, 64])
+    assert set(verdict.consistent) == {"rank-64", "rank-16"}
+    assert verdict.rank_range == (None, None)  # no grid rank below 16 or above 64 left to bound it
+    assert "any rank on the grid" in verdict.sentence
+    # the original weights, with 8-bit rounding indistinguishable
+    exact = {n: [0.5] * 8 for n in names}
+    exact[FINETUNE] = [1e-9] * 8
+    exact[FINETUNE_8BIT] = [2e-5] * 8
+    _, verdict = summarise(_scores(exact), _local(order, 0.05, 80), [16, 64])
+    assert verdict.sentence.startswith("Serves the original weights.") and "8-bit rounding" in verdict.sentence
+    # too few prompts for any verdict
+    _, verdict = summarise(_scores({n: v[:3] for n, v in exact.items()}), _local(order, 0.05, 30), [16, 64])
+    assert verdict.sentence.startswith("Too few prompts")
+
+
+def test_prompt_sets_are_named_and_versioned(tmp_path: Path) -> None:
+    from lorafid.providers.probe import probe_prompts
+
+    texts, info = probe_prompts(None)
+    assert len(texts) >= 24 and info == {"name": "builtin", "version": "builtin-v1"}
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"text": "first text"}\n{"text": "second"}\n')
+    texts, info = probe_prompts(path)
+    assert texts == ["first text", "second"] and info["name"] == "mine.jsonl" and len(info["version"]) == 12
+    path.write_text('{"text": "first text"}\n{"text": "changed"}\n')
+    assert probe_prompts(path)[1]["version"] != info["version"]
+
+
+def test_stored_probe_documents_round_trip(tmp_path: Path) -> None:
+    from lorafid.audit.store import Store
+
+    store = Store(tmp_path)
+    document = {"schema": "lorafid.probe/1", "verdict": {"closest": "rank-64"}}
+    key = store.put_document("probe", document)
+    assert store.load_document("probe", key) == document and store.put_document("probe", document) == key
+    assert store.load_document("behaviour", key) is None and store.load_document("probe", "0" * 16) is None
+
+
+def test_a_quantized_provider_is_not_taken_for_an_extraction() -> None:
+    names = candidate_names([16, 64])
+    order = [FINETUNE, FINETUNE_8BIT, "rank-64", "rank-64+extras", "rank-16", "rank-16+extras", BASE]
+    quantized = {n: [0.5 + 0.01 * i for i in range(8)] for n in names}
+    quantized[FINETUNE_8BIT] = [1e-6] * 8
+    quantized[FINETUNE] = [0.02 + 0.001 * i for i in range(8)]
+    _, verdict = summarise(_scores(quantized), _local(order, 0.05, 80), [16, 64])
+    assert verdict.closest == FINETUNE_8BIT and verdict.rank_range is None
+    assert verdict.sentence.startswith("Serves the original weights, quantized")
+
+
+def test_plan_counts_the_fallback_tries_and_retries() -> None:
+    plan = plan_probe([5, 7, 9], max_new_tokens=16, max_retries=4)
+    assert (plan.prompts, plan.prompt_tokens, plan.requests, plan.max_requests) == (3, 21, 5, 9)
+    assert "3 requests" in plan.describe() and "never more than 9" in plan.describe()
+
+
+# -- response shapes -----------------------------------------------------------------------
+
+# As vLLM answers POST /v1/completions {"prompt": "the cat sat", "echo": true, "max_tokens": 0,
+# "logprobs": 1} (completion/serving.py: _create_completion_logprobs; own token first).
+ECHO_ANSWER = {
+    "object": "text_completion",
+    "choices": [
+        {
+            "index": 0,
+            "text": "the cat sat",
+            "logprobs": {
+                "text_offset": [0, 3, 7],
+                "token_logprobs": [None, -2.5, -0.25],
+                "tokens": ["the", " cat", " sat"],
+                "top_logprobs": [None, {" cat": -2.5, " dog": -0.5}, {" sat": -0.25}],
+            },
+            "finish_reason": "length",
+            "prompt_logprobs": [
+                None,
+                {"3797": {"logprob": -2.5, "rank": 3, "decoded_token": " cat"}, "5679": {"logprob": -0.5, "rank": 1}},
+                {"7731": {"logprob": -0.25, "rank": 1, "decoded_token": " sat"}},
+            ],
+        }
+    ],
+}
+CHAT_ANSWER = {
+    "choices": [
+        {
+            "message": {"role": "assistant", "content": "Hi"},
+            "logprobs": {
+                "content": [
+                    {
+                        "token": "Hi",
+                        "logprob": -0.1,
+                        "bytes": [72, 105],
+                        "top_logprobs": [
+                            {"token": "Hi", "logprob": -0.1, "bytes": [72, 105]},
+                            {"token": "Hello", "logprob": -2.4, "bytes": None},
+                        ],
+                    }
+                ]
+            },
+        }
+    ]
+}
+
+
+def test_parse_the_three_response_shapes() -> None:
+    echo = parse_echo(ECHO_ANSWER)
+    assert [p.token for p in echo.positions] == ["the", " cat", " sat"]
+    assert echo.positions[0].logprob is None and echo.positions[0].top == ()
+    assert [(a.token, a.logprob) for a in echo.positions[1].top] == [(" cat", -2.5), (" dog", -0.5)]
+    prompt = parse_prompt_logprobs(ECHO_ANSWER)
+    assert [p.token_id for p in prompt.positions] == [None, 3797, 7731]
+    assert prompt.positions[1].logprob == -2.5 and prompt.positions[1].top[1].token_id == 5679
+    chat = parse_chat(CHAT_ANSWER)
+    assert chat.text == "Hi" and chat.positions[0].top[1].token == "Hello"
+    no_echo = {"choices": [{"text": " and", "logprobs": None}]}
+    with pytest.raises(ChannelUnsupportedError):
+        parse_echo(no_echo)
+    with pytest.raises(ChannelUnsupportedError):
+        parse_prompt_logprobs(no_echo)
+
+
+# -- the client: retries, budget, key ---------------------------------------------------------
+
+
+class _Scripted:
+    """An in-process transport answering from a script; records every request (no sockets)."""
+
+    def __init__(self, answers: list[tuple[int, dict[str, str], dict[str, Any]]]) -> None:
+        self.answers, self.seen = list(answers), []
+
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        self.seen.append(request)
+        status, headers, body = self.answers.pop(0)
+        return httpx2.Response(status, headers=headers, json=body)
+
+
+def test_retries_429_and_5xx_with_backoff_then_succeeds() -> None:
+    script = _Scripted([(429, {"Retry-After": "0"}, {}), (503, {}, {}), (200, {}, CHAT_ANSWER)])
+    client = OpenAIClient(
+        "https://api.test/v1", "sk-x", budget=RequestBudget(5), retry=FAST_RETRY, transport=httpx2.MockTransport(script)
+    )
+    answer = client.read(CHAT, "m", "hi", top_k=2, max_new_tokens=1)
+    assert answer.text == "Hi" and len(script.seen) == 3 and client.budget.used == 3
+    assert all(r.headers["Authorization"] == "Bearer sk-x" for r in script.seen)
+    assert "sk-x" not in repr(client)
+
+
+def test_budget_is_a_hard_cap_and_key_errors_do_not_show_the_key() -> None:
+    script = _Scripted([(503, {}, {})] * 3)
+    client = OpenAIClient(
+        "https://api.test/v1",
+        "sk-secret",
+        budget=RequestBudget(2),
+        retry=FAST_RETRY,
+        transport=httpx2.MockTransport(script),
+    )
+    with pytest.raises(LimitExceededError):
+        client.read(CHAT, "m", "hi", top_k=2, max_new_tokens=1)
+    assert len(script.seen) == 2
+    denied = OpenAIClient(
+        "https://api.test/v1",
+        "sk-secret",
+        budget=RequestBudget(2),
+        transport=httpx2.MockTransport(_Scripted([(401, {}, {"error": {"message": "bad key sk-secret"}})])),
+    )
+    with pytest.raises(ProviderError) as error:
+        denied.read(ECHO, "m", "hi", top_k=2, max_new_tokens=1)
+    assert "sk-secret" not in str(error.value) and "api-key-env" in str(error.value)
+
+
+def test_rate_limit_spaces_request_starts() -> None:
+    from lorafid.providers.openai_api import RateLimiter
+
+    slept: list[float] = []
+    limiter = RateLimiter(2.0, clock=lambda: 10.0, sleep=slept.append)  # four requests asked for at once
+    for _ in range(4):
+        limiter.wait()
+    assert slept == [0.5, 1.0, 1.5]
+    RateLimiter(None, clock=lambda: 0.0, sleep=slept.append).wait()
+    assert len(slept) == 3
+
+
+def test_a_redirect_to_another_origin_does_not_get_the_key() -> None:
+    script = _Scripted([(307, {"Location": "https://mirror.test/v1/chat/completions"}, {}), (200, {}, CHAT_ANSWER)])
+    policy = NetPolicy.public(_resolver({"api.test": [PUBLIC_IP], "mirror.test": [PUBLIC_IP]}))
+    client = OpenAIClient(
+        "https://api.test/v1", "sk-x", budget=RequestBudget(5), policy=policy, transport=httpx2.MockTransport(script)
+    )
+    assert client.read(CHAT, "m", "hi", top_k=2, max_new_tokens=1).text == "Hi"
+    assert [r.url.host for r in script.seen] == ["api.test", "mirror.test"]
+    assert script.seen[0].headers["Authorization"] == "Bearer sk-x" and "Authorization" not in script.seen[1].headers
+    assert client.budget.used == 2  # the redirect counted as a request
+
+
+# -- public-deployment rules -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("8.8.8.8", True),
+        ("2001:4860:4860::8888", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("100.64.0.1", False),  # carrier-grade NAT
+        ("0.0.0.0", False),
+        ("::1", False),
+        ("fe80::1", False),
+        ("fd00:ec2::254", False),  # AWS IPv6 metadata
+        ("::ffff:10.0.0.1", False),  # IPv4-mapped private
+        ("64:ff9b::a00:1", False),  # NAT64 of 10.0.0.1
+        ("224.0.0.1", False),
+    ],
+)
+def test_public_addresses(address: str, public: bool) -> None:
+    assert is_public_address(address) is public
+
+
+def _resolver(table: dict[str, list[str]]) -> Any:
+    return lambda host, port: table[host]
+
+
+def test_public_rules_refuse_http_loopback_and_private_names() -> None:
+    policy = NetPolicy.public(
+        _resolver({"api.test": [PUBLIC_IP], "intranet.test": ["10.0.0.8"], "mixed.test": [PUBLIC_IP, "127.0.0.1"]})
+    )
+    policy.check_url("https://api.test/v1")
+    for url in (
+        "http://api.test/v1",  # not https
+        "https://127.0.0.1:8000/v1",
+        "https://[::1]/v1",
+        "https://intranet.test/v1",
+        "https://mixed.test/v1",  # one private address is enough to refuse
+        "https://169.254.169.254/latest/meta-data",
+        "file:///etc/passwd",
+    ):
+        with pytest.raises(UnsafeEndpointError):
+            policy.check_url(url)
+    NetPolicy.open().check_url("http://127.0.0.1:8000/v1")  # a private deployment / the CLI
+
+
+def test_public_rules_refuse_a_redirect_to_a_private_address() -> None:
+    policy = NetPolicy.public(_resolver({"api.test": [PUBLIC_IP], "inside.test": ["192.168.0.5"]}))
+    for target in ("https://inside.test/v1/completions", "http://169.254.169.254/latest", "https://127.0.0.1/x"):
+        script = _Scripted([(307, {"Location": target}, {})])
+        client = OpenAIClient(
+            "https://api.test/v1",
+            "sk-x",
+            budget=RequestBudget(5),
+            policy=policy,
+            transport=httpx2.MockTransport(script),
+        )
+        with pytest.raises(UnsafeEndpointError):
+            client.read(ECHO, "m", "hi", top_k=1, max_new_tokens=1)
+        assert [r.url.host for r in script.seen] == ["api.test"]  # the redirect was never followed
+
+
+def test_public_rules_check_the_address_each_connection_uses() -> None:
+    # DNS rebinding: public when the URL is checked, loopback when the connection opens.
+    answers = iter([[PUBLIC_IP], ["127.0.0.1"]])
+    policy = NetPolicy.public(lambda host, port: next(answers))
+    client = OpenAIClient("https://rebind.test/v1", None, budget=RequestBudget(1), policy=policy)
+    assert isinstance(client._client._transport, GuardedTransport)
+    with pytest.raises(UnsafeEndpointError):
+        client.read(ECHO, "m", "hi", top_k=1, max_new_tokens=1)
+
+
+def test_visitor_budget() -> None:
+    now = [0.0]
+    budget = VisitorBudget(100, 3600, clock=lambda: now[0])
+    budget.take("a", 40)
+    budget.take("a", 40)
+    with pytest.raises(LimitExceededError):
+        budget.take("a", 40)
+    budget.take("b", 100)
+    now[0] = 3601.0
+    budget.take("a", 100)
+
+
+# -- against the loopback OpenAI-compatible server --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def family() -> Any:
+    pytest.importorskip("transformers")
+    from tests.llama_models import model_family
+
+    return model_family("llama", layers=2)
+
+
+@pytest.fixture
+def serve(family: Any) -> Iterator[Any]:
+    from tests.openai_server import OpenAIServer, served_weights
+
+    servers: list[OpenAIServer] = []
+
+    def start(mode: str = "finetune", tensors: dict[str, torch.Tensor] | None = None, **options: Any) -> OpenAIServer:
+        weights = tensors if tensors is not None else served_weights(family.base.tensors, family.full.tensors, mode)
+        server = OpenAIServer(family.full.files, weights, **options).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(family: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    for name, content in family.full.files.items():
+        (folder / name).write_bytes(content)
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def test_token_check_tolerates_a_missing_bos_and_refuses_other_tokens(tiny_tokenizer: Any) -> None:
+    from lorafid.providers.openai_api import Alternative, Position, ProviderAnswer
+    from lorafid.providers.probe import TokenMap, align_prompt
+
+    tokenizer = tiny_tokenizer
+    tokens = TokenMap(tokenizer)
+    words = ["the", "knight", "drew", "his", "sword"]
+    ids = [tokenizer.bos_token_id, *tokenizer(" ".join(words))["input_ids"]]  # as a BOS-adding tokenizer would
+    positions = [Position(words[0], None, None, ())]
+    positions += [
+        Position(w, None, -1.0, (Alternative(w, None, -1.0), Alternative("dragon", None, -2.0))) for w in words[1:]
+    ]
+    observation = align_prompt(0, ProviderAnswer(ECHO, tuple(positions), ""), ids, tokens)
+    assert observation.ids == tuple(ids[1:]) and observation.scored == (1, 2, 3, 4)
+    assert observation.alternative_ids[0] == (ids[2], tokenizer.convert_tokens_to_ids("dragon"))
+    positions[2] = Position("dragon", None, -1.0, ())
+    with pytest.raises(TokenMismatchError, match="token 2: the provider has 'dragon'"):
+        align_prompt(0, ProviderAnswer(ECHO, tuple(positions), ""), ids, tokens)
+
+
+def test_chat_tokens_that_name_no_id_are_recovered_from_the_text(tiny_tokenizer: Any) -> None:
+    from lorafid.providers.openai_api import Alternative, Position, ProviderAnswer
+    from lorafid.providers.probe import TokenMap, align_chat
+
+    tokens = TokenMap(tiny_tokenizer)
+    words = ["the", "knight", "drew"]
+    ids = tiny_tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
+    shown = ["the", "kn\ufffd", "drew", ""]  # a piece shown as U+FFFD, then the stop token as ""
+    positions = tuple(Position(w, None, -0.5, (Alternative(w, None, -0.5),)) for w in shown)
+    observation = align_chat(0, ProviderAnswer(CHAT, positions, "the knight drew"), [1, 2], tokens)
+    assert observation.ids == (1, 2, *ids, tiny_tokenizer.eos_token_id)
+    assert observation.scored == (2, 3, 4, 5)
+    misspelt = (positions[0], Position("knigth", None, -0.5, ()), *positions[2:])  # no such token, nor U+FFFD
+    with pytest.raises(TokenMismatchError, match="generated token 1: 'knigth'"):
+        align_chat(0, ProviderAnswer(CHAT, misspelt, "the knight drew"), [1, 2], tokens)
+    with pytest.raises(TokenMismatchError, match="generated token 1"):  # the text says something else
+        align_chat(0, ProviderAnswer(CHAT, positions, "the knight drew his sword"), [1, 2], tokens)
+
+
+def test_server_shapes_agree_with_each_other(serve: Any) -> None:
+    server = serve("finetune")
+    client = OpenAIClient(server.url, None, budget=RequestBudget(3))
+    echo = client.read(ECHO, "tiny-served", "the knight drew his sword", top_k=3, max_new_tokens=1)
+    ids = client.read(PROMPT_LOGPROBS, "tiny-served", "the knight drew his sword", top_k=3, max_new_tokens=1)
+    assert [p.logprob for p in echo.positions] == [p.logprob for p in ids.positions]
+    assert [server.tokenizer.decode([p.token_id]) for p in ids.positions] == [p.token for p in echo.positions]
+    body = json.dumps([r.body for r in server.requests])
+    assert '"echo": true' in body and '"max_tokens": 0' in body
+
+
+# -- the whole probe, end to end ------------------------------------------------------------
+
+RANKS = (4, 8, 16, 32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny matrices: on a loaded 2-core machine torch's second thread makes each one 100x slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def pair(hub: Any, family: Any) -> tuple[str, str]:
+    from tests.llama_models import publish
+
+    publish(hub, "org/base", family.base)
+    publish(hub, "org/finetune", family.full)
+    return "org/base", "org/finetune"
+
+
+def _texts(server: Any, count: int = 8) -> list[str]:
+    from tests.openai_server import vocabulary_prompts
+
+    return list(vocabulary_prompts(server.tokenizer, count))
+
+
+def _probe(hub: Any, pair: tuple[str, str], server: Any, texts: list[str] | None = None, **options: Any) -> Any:
+    from lorafid.providers.probe import Probe, ProbeConfig
+
+    settings: dict[str, Any] = {"ranks": RANKS, "top_k": 5, "hub_token": False, "hub_endpoint": hub.endpoint}
+    settings.update(options)
+    config = ProbeConfig(server.url, "tiny-served", retry=FAST_RETRY, **settings)
+    return Probe(*pair, texts or _texts(server), {"name": "test", "version": "1"}, config)
+
+
+@pytest.mark.parametrize(
+    ("mode", "closest", "opening", "rank_range"),
+    [
+        ("finetune", FINETUNE, "Serves the original weights.", None),
+        ("rank-8", "rank-8", "Closest to a rank-8 extraction (between 4 and 16); served as a multi-LoRA", (4, 16)),
+        (
+            "rank-8+extras",
+            "rank-8+extras",
+            "Closest to a rank-8 extraction (between 4 and 16); served with the fine-tune's",
+            (4, 16),
+        ),
+        ("base", BASE, "Serves the base model", None),
+        # 8-bit rounding moves this tiny model by less than the noise floor: named, not mistaken for a rank
+        ("finetune-8bit", FINETUNE_8BIT, "Serves the original weights.", None),
+    ],
+)
+def test_probe_names_the_served_mode(
+    hub: Any, pair: tuple[str, str], serve: Any, mode: str, closest: str, opening: str, rank_range: Any
+) -> None:
+    server = serve(mode)
+    probe = _probe(hub, pair, server)
+    plan = probe.plan()
+    report = probe.run()
+    assert report.verdict.closest == closest and report.verdict.matches
+    assert report.verdict.sentence.startswith(opening), report.verdict.sentence
+    assert report.verdict.rank_range == rank_range
+    assert report.candidates[closest].distance < 1e-6  # the engine and the server's forward agree
+    assert report.method == ECHO and report.status == "complete"
+    assert len(server.requests) == report.requests["sent"] == plan.prompts <= plan.requests
+
+
+def test_a_rank_between_the_grid_ranks_lands_in_the_interval(hub: Any, pair: tuple[str, str], serve: Any) -> None:
+    report = _probe(hub, pair, serve("rank-12")).run()
+    lower, upper = report.verdict.rank_range
+    assert report.verdict.closest in ("rank-8", "rank-16") and lower < 12 < upper
+
+
+def test_another_model_matches_none(hub: Any, pair: tuple[str, str], serve: Any, family: Any) -> None:
+    # A different fine-tune of the same base (a merged rank-8 LoRA trained on the same texts).
+    report = _probe(hub, pair, serve(tensors=family.lora.tensors)).run()
+    assert not report.verdict.matches and report.verdict.sentence.startswith("Matches none of these")
+
+
+def test_echo_refused_falls_back_to_chat(hub: Any, pair: tuple[str, str], serve: Any) -> None:
+    server = serve("rank-8", reject_echo=True, vllm_extensions=False)
+    probe = _probe(hub, pair, server, max_new_tokens=12)
+    plan = probe.plan()
+    report = probe.run()
+    assert report.method == CHAT
+    assert [t["channel"] for t in report.channels_tried] == [ECHO, PROMPT_LOGPROBS, CHAT]
+    assert report.channels_tried[0]["outcome"].startswith("refused: HTTP 400")
+    assert len(server.requests) == report.requests["sent"] == plan.requests  # the two refused tries were announced
+    assert report.verdict.closest == "rank-8" and report.verdict.rank_range == (4, 16)
+    assert sum(row["tokens"] for row in report.prompts) == 8 * 12  # every generated token scored locally
+
+
+def test_vllm_prompt_logprobs_when_echo_is_refused(hub: Any, pair: tuple[str, str], serve: Any) -> None:
+    server = serve("base", reject_echo=True)
+    report = _probe(hub, pair, server).run()
+    assert report.method == PROMPT_LOGPROBS and report.verdict.closest == BASE
+    assert server.requests[1].body["prompt_logprobs"] == 5 and server.requests[1].body["return_token_ids"]
+
+
+def test_other_tokens_are_a_clear_error(hub: Any, pair: tuple[str, str], serve: Any) -> None:
+    with pytest.raises(TokenMismatchError, match="does not serve this tokenizer"):
+        _probe(hub, pair, serve("finetune", token_shift=1)).run()
+
+
+def test_a_provider_failing_midway_leaves_a_partial_report(hub: Any, pair: tuple[str, str], serve: Any) -> None:
+    server = serve("rank-8", fail_after=5)
+    report = _probe(hub, pair, server, concurrency=1, max_retries=3).run()
+    assert report.status == "partial" and len(report.prompts) == 5
+    assert report.requests["sent"] <= report.requests["max"] and report.failed_prompts
+    assert report.verdict.closest == "rank-8"  # the five prompts it got still tell
+
+
+def test_the_key_goes_only_into_the_header(
+    hub: Any, pair: tuple[str, str], serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = serve("finetune")
+    texts = _texts(server, 5)
+    with caplog.at_level("DEBUG"):
+        report = _probe(hub, pair, server, texts, api_key="sk-do-not-store-42").run()
+    assert all(r.authorization == "Bearer sk-do-not-store-42" for r in server.requests)
+    text = report.to_json()
+    assert "sk-do-not-store-42" not in text and "sk-do-not-store-42" not in caplog.text
+    document = json.loads(text)
+    assert document["schema"] == "lorafid.probe/1" and document["endpoint_host"] == "127.0.0.1"
+    assert "/v1" not in json.dumps(document["endpoint_host"])
+    from huggingface_hub import HfApi
+
+    for role, repo in (("base", pair[0]), ("finetune", pair[1])):
+        assert document[role]["sha"] == HfApi(endpoint=hub.endpoint).model_info(repo).sha
+    for name in ("finetune", "base", "rank-8", "rank-8+extras", "finetune-8bit"):
+        assert {"distance", "interval", "top1_agreement"} <= set(document["candidates"][name])
+    assert {"verdict", "method", "model", "prompt_set"} <= set(document)
+
+
+def test_cli_probe(
+    hub: Any, pair: tuple[str, str], serve: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from lorafid.cli.commands import main
+
+    server = serve("rank-16")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(_texts(server, 6)) + "\n")
+    out = tmp_path / "probe.json"
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    monkeypatch.setenv("PROVIDER_KEY", "sk-cli-secret")
+    code = main(
+        [
+            "probe",
+            "--endpoint",
+            server.url,
+            "--model",
+            "tiny-served",
+            *pair,
+            "--ranks",
+            "4,8,16,32",
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(out),
+            "--api-key-env",
+            "PROVIDER_KEY",
+            "--top-logprobs",
+            "5",
+            "--quiet",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "The probe sends 6 prompts" in captured.err  # announced before sending
+    assert captured.out.startswith("Closest to a rank-16 extraction (between 8 and 32)")
+    document = json.loads(out.read_text())
+    assert document["prompt_set"]["name"] == "prompts.txt" and len(document["prompt_set"]["version"]) == 12
+    assert "sk-cli-secret" not in out.read_text() + captured.out + captured.err
+
+
+@pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # gradio's own pandas use
+def test_dashboard_tab_refuses_private_endpoints_on_public_servers_and_runs_on_private_ones(
+    hub: Any, pair: tuple[str, str], serve: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    import gradio as gr
+    from gradio_client import Client
+
+    import lorafid.providers.probe
+    from lorafid.audit.store import Store
+    from lorafid.web.dashboard import AppConfig
+    from tests.web.test_app import serve as serve_app
+
+    server = serve("rank-8")
+    texts = _texts(server)
+    monkeypatch.setattr(
+        lorafid.providers.probe, "probe_prompts", lambda path: (texts, {"name": "test", "version": "1"})
+    )
+    monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "home"))
+    config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "home", examples_dir=tmp_path, device="cpu")
+    arguments = ["tiny-served", "sk-app-secret", *pair, "4,8,16,32"]
+    app = importlib.import_module("app")
+    public = app.Dashboard(config)  # a public deployment: the default
+    for endpoint, reason in ((server.url, "only calls https"), ("https://127.0.0.1:1/v1", "not a public address")):
+        with pytest.raises(gr.Error, match=reason):
+            next(public.run_probe(endpoint, *arguments, request=None))
+    assert server.requests == []  # nothing was sent
+    monkeypatch.setenv("LORAFID_PROBE_ANY_ENDPOINT", "1")  # a private deployment
+    with serve_app(config) as url:
+        status, verdict, _, table, _, download, link = Client(url, verbose=False).predict(
+            server.url, *arguments, api_name="/run_probe"
+        )
+    assert "Closest to a rank\\-8 extraction" in verdict and "?probe=" in link and "requests sent" in status
+    assert table["data"][0][0] == "rank-8"
+    assert json.loads(Path(download).read_text())["schema"] == "lorafid.probe/1"
+    assert all(r.authorization == "Bearer sk-app-secret" for r in server.requests)
+    key = link.split("?probe=")[1].rstrip(")")
+    stored = Store(tmp_path / "home").load_document("probe", key)
+    assert stored is not None and stored["verdict"]["closest"] == "rank-8"
+    assert "sk-app-secret" not in json.dumps(stored) and "/v1" not in json.dumps(stored)
+    # the permalink opens the stored check for anyone, with the fields filled in
+    viewer = app.Dashboard(config)
+    viewer.build()
+    shown = viewer.open_probe_link(f"?probe={key}", None)
+    assert shown[viewer.probe_verdict] == verdict and shown[viewer.probe_finetune] == pair[1]
+    assert shown[viewer.tabs].selected == "provider-check" and shown[viewer.probe_ranks] == "4,8,16,32"
+    assert json.loads(Path(shown[viewer.probe_file]).read_text()) == stored
+    assert viewer.probe_verdict not in viewer.open_probe_link("?probe=../../etc", None)
+
+
+def test_cli_probe_that_loses_the_provider_midway_keeps_a_partial_report(
+    hub: Any, pair: tuple[str, str], serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from lorafid.cli.commands import main
+
+    server = serve("rank-8", fail_after=6)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(_texts(server, 8)) + "\n")
+    out = tmp_path / "probe.json"
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    arguments = ["--model", "tiny-served", *pair, "--ranks", "4,8,16,32", "--prompts", str(prompts)]
+    options = ["--out", str(out), "--concurrency", "1", "--max-retries", "1", "--quiet"]
+    code = main(["probe", "--endpoint", server.url, *arguments, *options])
+    assert code == 1 and "the probe is partial (2 of 8 prompts missing" in capsys.readouterr().err
+    document = json.loads(out.read_text())
+    assert document["status"] == "partial" and len(document["prompts"]) == 6
+    # six answers, then failures and retries until the announced cap: 8 prompts + 2 channel tries + 1 retry
+    assert document["requests"]["sent"] == document["requests"]["max"] == 11 == len(server.requests)
