@@ -61,6 +61,7 @@ from lorafid.audit.store import Store
 from lorafid.errors import LorafidError
 from lorafid.weights.safetensors_format import TensorInfo, torch_dtype
 from lorafid.weights.source import Source, open_source
+from lorafid.weights.tensors import read_bytes
 
 REPORT_FILE = "lorafid-report.json"
 CARD_FILE = "README.md"
@@ -278,9 +279,7 @@ class Extraction:
 
     def _read_finetune(self, info: TensorInfo) -> bytes:
         assert self._finetune_source is not None  # opened by _modules_to_save
-        buffer = bytearray(info.size_bytes)
-        self._finetune_source.read_into(info.file, info.start, info.end, memoryview(buffer))
-        return bytes(buffer)
+        return read_bytes(self._finetune_source, info)
 
     def _adapter_config(self, base: SourceRecord, target_modules: tuple[str, ...]) -> dict[str, Any]:
         """PEFT 0.21's LoraConfig keys; fields left out take PEFT's defaults."""

@@ -46,8 +46,9 @@ from lorafid.audit.pairing import MatrixPair, PairingPlan, is_embedding
 from lorafid.audit.report import Report, percent
 from lorafid.audit.store import Store
 from lorafid.errors import AdapterMismatchError, LorafidError, UnsupportedAdapterError
-from lorafid.weights.safetensors_format import TensorInfo, torch_dtype
+from lorafid.weights.safetensors_format import TensorInfo
 from lorafid.weights.source import Source, open_source
+from lorafid.weights.tensors import read_tensor
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -291,7 +292,7 @@ class PublishedAdapter:
 
     def factors(self, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) of one module, as stored (read by byte range)."""
-        return _read(self.source, module.lora_b), _read(self.source, module.lora_a)
+        return read_tensor(self.source, module.lora_b), read_tensor(self.source, module.lora_a)
 
 
 def _index_factors(source: Source, settings: LoraSettings, where: str) -> tuple[dict[str, LoraModule], tuple[str, ...]]:
@@ -331,12 +332,6 @@ def _index_factors(source: Source, settings: LoraSettings, where: str) -> tuple[
     if not modules:
         raise UnsupportedAdapterError(f"{where} has no lora_A / lora_B tensors: it is not a LoRA adapter.")
     return modules, tuple(sorted(other))
-
-
-def _read(source: Source, info: TensorInfo) -> torch.Tensor:
-    buffer = bytearray(info.size_bytes)
-    source.read_into(info.file, info.start, info.end, memoryview(buffer))
-    return torch.frombuffer(buffer, dtype=torch_dtype(info.dtype)).reshape(info.shape).clone()
 
 
 def match_modules(adapter: Mapping[str, LoraModule], plan: PairingPlan, where: str) -> dict[str, LoraModule]:

@@ -33,10 +33,9 @@ from lorafid.audit.pairing import MatrixPair, PairingPlan, SkippedTensor, plan_p
 from lorafid.audit.report import AuditSettings, MatrixResult, Report, SourceRecord, Timings, VectorResult
 from lorafid.audit.store import Store, audit_key
 from lorafid.errors import EmptySelectionError, LimitExceededError, LorafidError, NoCommonTensorsError
-from lorafid.weights.safetensors_format import TensorInfo, header_cap, torch_dtype
+from lorafid.weights.safetensors_format import TensorInfo, header_cap
 from lorafid.weights.source import Source, open_source
-
-_HEADER_READERS = 8  # parallel header reads while planning
+from lorafid.weights.tensors import read_tensor, tensor_indexes
 
 
 @dataclass(frozen=True)
@@ -168,7 +167,10 @@ class Audit:
             raise
         self._sources = (base, finetune)
         # A tensor limit also caps header length: a flood of tiny tensors is refused unfetched.
-        self._headers = _all_tensors(base, finetune, header_cap(cfg.max_tensors) if cfg.max_tensors else None)
+        base_index, finetune_index = tensor_indexes(
+            base, finetune, max_header_bytes=header_cap(cfg.max_tensors) if cfg.max_tensors else None
+        )
+        self._headers = (base_index, finetune_index)
         self._check_tensor_count()
         self._plan = _plan_pairs(self._headers, cfg)
         if cfg.max_model_bytes is not None and self._plan.size_bytes > cfg.max_model_bytes:
@@ -285,8 +287,8 @@ class Audit:
                         if stop.is_set():
                             return
                         jobs = [
-                            both.submit(_read_tensor, base_source, pair.base, pin),
-                            both.submit(_read_tensor, finetune_source, pair.finetune, pin),
+                            both.submit(read_tensor, base_source, pair.base, pin),
+                            both.submit(read_tensor, finetune_source, pair.finetune, pin),
                         ]
                         item = (pair, jobs[0].result(), jobs[1].result())
                         while not stop.is_set():
@@ -408,48 +410,12 @@ def _plan_pairs(headers: tuple[dict[str, TensorInfo], dict[str, TensorInfo]], cf
         ) from None
 
 
-def _all_tensors(
-    base: Source, finetune: Source, max_header_bytes: int | None = None
-) -> tuple[dict[str, TensorInfo], dict[str, TensorInfo]]:
-    """Every tensor of each source by name, across shards; a name in two shards is an error.
-    A header longer than ``max_header_bytes`` is refused from its length, before it is fetched.
-
-    All headers of all sources are read at once (8 at a time): a 70B pair has 60 shards,
-    and one round trip after another would cost seconds before the first byte of weights.
-    """
-    sources = (base, finetune)
-    jobs = [(side, file) for side, source in enumerate(sources) for file in source.weight_files()]
-    with ThreadPoolExecutor(max_workers=max(1, min(_HEADER_READERS, len(jobs)))) as pool:
-        # map() yields in submission order: the first failing file (in order) is the one reported.
-        headers = list(pool.map(lambda job: sources[job[0]].read_header(job[1], max_header_bytes), jobs))
-    out: tuple[dict[str, TensorInfo], dict[str, TensorInfo]] = ({}, {})
-    for (side, file), header in zip(jobs, headers, strict=True):
-        source, tensors = sources[side], out[side]
-        for name, info in header.tensors.items():
-            if name in tensors:
-                raise LorafidError(
-                    f"Tensor {name} appears in both {tensors[name].file} and {file} of {source.info.spec}; "
-                    "the checkpoint is inconsistent. Pick a revision with one copy of each tensor."
-                )
-            tensors[name] = info
-    return out
-
-
 def _identity(headers: tuple[dict[str, TensorInfo], dict[str, TensorInfo]]) -> dict[str, Any]:
     """What pins the bytes beyond the sources' records: every tensor's file and offsets."""
     return {
         side: sorted((n, t.file, t.start, t.end, t.dtype) for n, t in tensors.items())
         for side, tensors in zip(("base", "finetune"), headers, strict=True)
     }
-
-
-def _read_tensor(source: Source, info: TensorInfo, pin: bool) -> torch.Tensor:
-    """Read one tensor's bytes into a fresh buffer and view them with its dtype and shape."""
-    buffer = torch.empty(info.size_bytes, dtype=torch.uint8, pin_memory=pin)
-    source.read_into(info.file, info.start, info.end, buffer.numpy().data)
-    # safetensors stores little-endian; torch views in native order (little-endian on
-    # every platform torch ships for), so no byte swap is needed.
-    return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)
 
 
 def _vector_result(pair: MatrixPair, base: torch.Tensor, finetune: torch.Tensor) -> VectorResult:

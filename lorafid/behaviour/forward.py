@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from lorafid.audit import spectrum as sp
-from lorafid.audit.engine import _all_tensors, _read_tensor, resolve_device
+from lorafid.audit.engine import resolve_device
 from lorafid.audit.pairing import is_embedding, match_names
 from lorafid.errors import (
     LimitExceededError,
@@ -61,6 +61,7 @@ from lorafid.errors import (
 )
 from lorafid.weights.safetensors_format import TensorInfo
 from lorafid.weights.source import Source, open_source
+from lorafid.weights.tensors import read_tensor, tensor_indexes
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
 """``config.json`` model types whose blocks share Llama's call signature (checked in tests)."""
@@ -219,7 +220,7 @@ class LayerStream:
         base_source, finetune_source = self.sources_unchecked()
         model_config = load_config(finetune_source)
         base_config = read_config_json(base_source)
-        base_raw, finetune_raw = _all_tensors(base_source, finetune_source)
+        base_raw, finetune_raw = tensor_indexes(base_source, finetune_source)
         names = _parameter_names(model_config)
         finetune_tensors = _map_names(names, finetune_raw, model_config, where=finetune_source.describe())
         base_tensors = _map_names(names, base_raw, model_config, where=base_source.describe(), head_may_be_tied=True)
@@ -426,7 +427,7 @@ class LayerStream:
             if need_finetune and name in plan.finetune_tensors:
                 jobs.append(("finetune", name, finetune_source, plan.finetune_tensors[name]))
         out: dict[str, dict[str, torch.Tensor]] = {"base": {}, "finetune": {}}
-        tensors = list(self._pool().map(lambda job: _read_tensor(job[2], job[3], pin), jobs))
+        tensors = list(self._pool().map(lambda job: read_tensor(job[2], job[3], pin), jobs))
         for (side, name, _, _), tensor in zip(jobs, tensors, strict=True):
             out[side][name] = tensor
         self.stats.bytes_read += sum(job[3].size_bytes for job in jobs)
