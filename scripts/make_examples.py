@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pct(share: float) -> str:
-    from lorafid.audit.report import percent
+    from lorafid.audit.summary import percent
 
     return percent(share)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorafid.audit.report import RANK_GRID, Report, load_spectra, spectra_path
+from lorafid.audit.matrices import RANK_GRID
+from lorafid.audit.report import Report, load_spectra, spectra_path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
 NAMES = ("minilm-full-finetune", "minilm-lora-r8", "minilm-lora-r8-bf16")

@@ -56,8 +56,9 @@ from lorafid.adapters.peft_adapter import (
 from lorafid.audit import spectrum as sp
 from lorafid.audit.engine import Audit, AuditConfig, AuditProgress
 from lorafid.audit.pairing import MatrixPair, PairingPlan
-from lorafid.audit.report import Report, SourceRecord, percent
+from lorafid.audit.report import Report, SourceRecord
 from lorafid.audit.store import Store
+from lorafid.audit.summary import percent
 from lorafid.errors import LorafidError
 from lorafid.weights.safetensors_format import TensorInfo, torch_dtype
 from lorafid.weights.source import Source, open_source

@@ -43,8 +43,9 @@ import torch
 from lorafid.audit import spectrum as sp
 from lorafid.audit.engine import Audit, AuditConfig, AuditProgress
 from lorafid.audit.pairing import MatrixPair, PairingPlan, is_embedding
-from lorafid.audit.report import Report, percent
+from lorafid.audit.report import Report
 from lorafid.audit.store import Store
+from lorafid.audit.summary import percent
 from lorafid.errors import AdapterMismatchError, LorafidError, UnsupportedAdapterError
 from lorafid.weights.safetensors_format import TensorInfo
 from lorafid.weights.source import Source, open_source

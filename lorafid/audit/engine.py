@@ -29,8 +29,9 @@ from typing import Any
 import torch
 
 from lorafid.audit import spectrum as sp
+from lorafid.audit.matrices import MatrixResult, VectorResult
 from lorafid.audit.pairing import MatrixPair, PairingPlan, SkippedTensor, plan_pairs
-from lorafid.audit.report import AuditSettings, MatrixResult, Report, SourceRecord, Timings, VectorResult
+from lorafid.audit.report import AuditSettings, Report, SourceRecord, Timings
 from lorafid.audit.store import Store, audit_key
 from lorafid.errors import EmptySelectionError, LimitExceededError, LorafidError, NoCommonTensorsError
 from lorafid.weights.safetensors_format import TensorInfo, header_cap

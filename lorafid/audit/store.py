@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import platformdirs
 
-from lorafid.audit.report import SCHEMA, AuditSettings, MatrixResult, Report, SourceRecord, VectorResult
+from lorafid.audit.matrices import MatrixResult, VectorResult
+from lorafid.audit.report import SCHEMA, AuditSettings, Report, SourceRecord
 
 _SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS audits (

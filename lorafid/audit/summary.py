@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from lorafid.audit.report import RANK_GRID, MatrixResult, VectorResult
+from lorafid.audit.matrices import RANK_GRID, MatrixResult, VectorResult
 
 
 @dataclass(frozen=True)

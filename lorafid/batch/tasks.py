@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from lorafid.audit.engine import Audit, AuditConfig, AuditProgress
-from lorafid.audit.report import MatrixResult
+from lorafid.audit.matrices import MatrixResult
 from lorafid.audit.store import Store, default_home
 
 PARTS_STORE = "parts"  # sub-folder of LORAFID_HOME for the chunks of split pairs

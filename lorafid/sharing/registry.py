@@ -74,7 +74,8 @@ from safetensors.numpy import save as save_safetensors
 
 from lorafid import __version__
 from lorafid.audit import spectrum as sp
-from lorafid.audit.report import RANK_GRID, SCHEMA, MatrixResult, Report
+from lorafid.audit.matrices import RANK_GRID, MatrixResult
+from lorafid.audit.report import SCHEMA, Report
 from lorafid.audit.store import default_home
 from lorafid.errors import RegistryError, ResultSchemaError, VerificationError
 

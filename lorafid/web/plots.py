@@ -32,8 +32,10 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
+from lorafid.audit.matrices import RANK_GRID, MatrixResult
 from lorafid.audit.pairing import classify
-from lorafid.audit.report import PROVIDER_RANKS, RANK_GRID, MatrixResult, Report, percent
+from lorafid.audit.report import PROVIDER_RANKS, Report
+from lorafid.audit.summary import percent
 
 OTHER_ROW = "other"
 """Heatmap row for matrices outside the numbered blocks (embeddings, heads...)."""

@@ -11,22 +11,19 @@ import pytest
 import torch
 
 from lorafid.audit import spectrum as sp
+from lorafid.audit.matrices import RANK_GRID, MatrixResult, VectorResult
 from lorafid.audit.pairing import SkippedTensor
 from lorafid.audit.report import (
-    RANK_GRID,
     SCHEMA,
     AuditSettings,
-    MatrixResult,
     Report,
     SourceRecord,
-    SpectrumNotLoadedError,
-    VectorResult,
-    aggregate_rank_for_energy,
     load_spectra,
     save_spectra,
     spectra_path,
 )
-from lorafid.errors import LorafidError
+from lorafid.audit.summary import aggregate_rank_for_energy
+from lorafid.errors import LorafidError, SpectrumNotLoadedError
 
 
 def result(name: str, layer: int, module: str, base: torch.Tensor, finetune: torch.Tensor) -> MatrixResult:
@@ -187,7 +184,7 @@ def test_grid_covers_provider_ranks() -> None:
     [(0.3141, "31%"), (0.99949, "99.95%"), (0.991, "99.1%"), (1.0, "100%"), (0.0, "0%"), (0.00002, "0.002%")],
 )
 def test_percent_never_rounds_a_loss_away(share: float, text: str) -> None:
-    from lorafid.audit.report import percent
+    from lorafid.audit.summary import percent
 
     assert percent(share) == text
 

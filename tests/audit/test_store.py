@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from lorafid.audit import spectrum as sp
-from lorafid.audit.report import AuditSettings, MatrixResult, Report, SourceRecord
+from lorafid.audit.matrices import MatrixResult
+from lorafid.audit.report import AuditSettings, Report, SourceRecord
 from lorafid.audit.store import Store
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lorafid.audit.report import AuditSettings, MatrixResult, Report, SourceRecord
+from lorafid.audit.matrices import MatrixResult
+from lorafid.audit.report import AuditSettings, Report, SourceRecord
 from lorafid.audit.spectrum import delta_spectrum
 from lorafid.web import plots
 
