@@ -46,7 +46,7 @@ import httpx2
 from lorafid import __version__
 from lorafid.errors import ChannelUnsupportedError, LimitExceededError, ProviderError
 from lorafid.providers.netguard import GuardedTransport, NetPolicy
-from lorafid.weights.http_ranges import RetryPolicy
+from lorafid.retry import RetryPolicy, Transient, retry_after_s, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -221,19 +221,16 @@ class OpenAIClient:
     def post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """POST ``body`` as JSON to ``endpoint + path``, retrying transient failures."""
         url = self.endpoint + path
-        for attempt in range(1, self.retry.max_tries + 1):
-            try:
-                return self._post_following(url, body)
-            except _Transient as e:
-                if attempt == self.retry.max_tries:
-                    raise ProviderError(
-                        f"{_host(url)} kept failing ({e}) after {attempt} tries; try again later, or lower "
-                        "--concurrency / --rate."
-                    ) from None
-                wait_s = self.retry.wait_s(attempt, e.retry_after_s)
-                log.info("%s %s: %s; retry %d in %.1f s", _host(url), path, e, attempt, wait_s)
-                time.sleep(wait_s)
-        raise AssertionError("unreachable")
+
+        def give_up(tries: int, last: Transient) -> ProviderError:
+            return ProviderError(
+                f"{_host(url)} kept failing ({last}) after {tries} tries; try again later, or lower "
+                "--concurrency / --rate."
+            )
+
+        return with_retries(
+            lambda: self._post_following(url, body), self.retry, what=f"{_host(url)} {path}", give_up=give_up
+        )
 
     def _post_following(self, url: str, body: Mapping[str, Any]) -> dict[str, Any]:
         origin = _origin(url)
@@ -254,7 +251,7 @@ class OpenAIClient:
             except (httpx2.TransportError, _TooLarge) as e:
                 if isinstance(e, _TooLarge):
                     raise ProviderError(f"{_host(url)} answered more than {MAX_RESPONSE_BYTES} bytes.") from None
-                raise _Transient(type(e).__name__) from None
+                raise Transient(type(e).__name__) from None
             return _decode(status, raw, url, response.headers.get("retry-after"))
         raise ProviderError(f"{_host(url)} redirected more than {MAX_REDIRECTS} times.")
 
@@ -331,12 +328,6 @@ def parse_chat(payload: Mapping[str, Any]) -> ProviderAnswer:
 # -- plumbing --------------------------------------------------------------------------------
 
 
-class _Transient(Exception):
-    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
-        super().__init__(reason)
-        self.retry_after_s = retry_after_s
-
-
 class _TooLarge(Exception):
     pass
 
@@ -353,7 +344,7 @@ def _read_capped(response: httpx2.Response) -> bytes:
 
 def _decode(status: int, raw: bytes, url: str, retry_after: str | None) -> dict[str, Any]:
     if status in _RETRY_STATUS:
-        raise _Transient(f"HTTP {status}", _seconds(retry_after))
+        raise Transient(f"HTTP {status}", retry_after_s(retry_after))
     if status in (401, 403):
         raise ProviderError(
             f"{_host(url)} refused the API key (HTTP {status}); check --api-key-env names a variable holding it."
@@ -400,13 +391,6 @@ def _float(value: object) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ChannelUnsupportedError(f"a log-probability is {value!r}, not a number")
     return float(value)
-
-
-def _seconds(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

@@ -62,7 +62,7 @@ from lorafid.providers.openai_api import (
     RateLimiter,
     RequestBudget,
 )
-from lorafid.weights.http_ranges import RetryPolicy
+from lorafid.retry import RetryPolicy
 
 SCHEMA = "lorafid.probe/1"
 DEFAULT_RANKS: tuple[int, ...] = (16, 32, 64, 128, 256, 512)

@@ -10,8 +10,8 @@ never "the first N bytes of what came back".
 Where the bytes live is someone else's job: the reader calls ``locate(file)`` (the Hub's
 resolve -> CDN redirect, done by ``source.py``), caches the answer, and calls it again when
 the signed CDN URL has expired (403). Transient failures (429, 5xx, connection errors, short
-bodies) are retried with bounded exponential backoff, and each retry is logged (``logging``,
-logger ``lorafid.weights.http_ranges``, level INFO: ``lorafid --verbose`` shows them).
+bodies) are retried by ``lorafid.retry``'s one loop, with bounded exponential backoff, and each
+retry is logged (``logging``, logger ``lorafid.retry``, level INFO: ``lorafid --verbose`` shows them).
 
 Requests go through huggingface_hub's configured HTTP client (``get_session``), so proxies,
 CA bundles and transports set with ``huggingface_hub.set_client_factory`` apply to the byte
@@ -24,18 +24,16 @@ that came back wrong-but-complete (wrong status or Content-Range: retrying would
 from __future__ import annotations
 
 import logging
-import random
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 
 import httpx2
 from huggingface_hub import get_session
 
 from lorafid.errors import FetchError
+from lorafid.retry import RetryPolicy, Transient, retry_after_s, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -53,22 +51,6 @@ class RemoteFile:
     url: str  # the signed CDN URL, or the resolve URL itself for files served directly
     size_bytes: int
     headers: dict[str, str]  # sent with every GET; carries auth only for the Hub's own origin
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded exponential backoff: waits 0.5, 1, 2, 4 s between 5 tries (~7.5 s at most)."""
-
-    max_tries: int = 5
-    base_wait_s: float = 0.5
-    max_wait_s: float = 8.0
-    max_retry_after_s: float = 30.0  # a server asking for longer is treated as asking for 30 s
-
-    def wait_s(self, attempt: int, retry_after_s: float | None) -> float:
-        if retry_after_s is not None:
-            return min(max(retry_after_s, 0.0), self.max_retry_after_s)
-        # Jitter keeps parallel chunks that failed together from retrying in lockstep.
-        return min(self.max_wait_s, self.base_wait_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
 def http_range(start: int, end: int) -> str:
@@ -93,14 +75,6 @@ def chunk_bounds(start: int, end: int, chunk_bytes: int) -> list[tuple[int, int]
     Example: chunk_bounds(10, 35, 10) -> [(10, 20), (20, 30), (30, 35)].
     """
     return [(a, min(a + chunk_bytes, end)) for a in range(start, end, chunk_bytes)]
-
-
-class _Transient(Exception):
-    """A failure worth retrying: 429, 5xx, a dropped connection, a short body."""
-
-    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
-        super().__init__(reason)
-        self.retry_after_s = retry_after_s
 
 
 class _Expired(Exception):
@@ -211,10 +185,23 @@ class RangeReader:
         return fresh
 
     def _fetch_chunk(self, file: str, start: int, end: int, out: memoryview) -> None:
+        def give_up(tries: int, last: Transient) -> FetchError:
+            return FetchError(
+                f"Bytes {start}-{end - 1} of {self._describe(file)} could not be read after "
+                f"{tries} tries (last: {last}). The Hub or the network is failing; try again later."
+            )
+
+        with_retries(
+            lambda: self._fetch_relocating(file, start, end, out),
+            self.retry,
+            what=f"bytes {start}-{end - 1} of {self._describe(file)}",
+            give_up=give_up,
+        )
+
+    def _fetch_relocating(self, file: str, start: int, end: int, out: memoryview) -> None:
+        """One try: an expired signed URL (403) is resolved again, which is not a failed try."""
         remote = self._locate(file)
-        relocations, attempt = 0, 0
-        while True:
-            attempt += 1
+        for relocations in range(MAX_RELOCATIONS + 1):
             try:
                 self._get_once(file, remote, start, end, out)
                 return
@@ -225,28 +212,8 @@ class RangeReader:
                         f"403 Forbidden after {relocations} fresh resolves. Check that the token can read this "
                         "repo and that the system clock is correct (signed URLs expire)."
                     ) from e
-                relocations += 1
-                attempt -= 1  # an expired URL is not a failed try
                 logger.info("%s: the signed file URL expired (HTTP 403); resolving it again", self._describe(file))
                 remote = self._locate(file, stale=remote)
-            except _Transient as e:
-                if attempt >= self.retry.max_tries:
-                    raise FetchError(
-                        f"Bytes {start}-{end - 1} of {self._describe(file)} could not be read after "
-                        f"{attempt} tries (last: {e}). The Hub or the network is failing; try again later."
-                    ) from e
-                wait_s = self.retry.wait_s(attempt, e.retry_after_s)
-                logger.info(
-                    "bytes %d-%d of %s: %s; retrying in %.1f s (try %d of %d)",
-                    start,
-                    end - 1,
-                    self._describe(file),
-                    e,
-                    wait_s,
-                    attempt + 1,
-                    self.retry.max_tries,
-                )
-                time.sleep(wait_s)
 
     def _get_once(self, file: str, remote: RemoteFile, start: int, end: int, out: memoryview) -> None:
         """One GET of ``[start, end)`` straight into ``out``; raises unless every check passes."""
@@ -264,7 +231,7 @@ class RangeReader:
                 if status == 403:
                     raise _Expired()
                 if status in (408, 429) or status >= 500:
-                    raise _Transient(f"HTTP {status}", _retry_after_s(response.headers.get("Retry-After")))
+                    raise Transient(f"HTTP {status}", retry_after_s(response.headers.get("Retry-After")))
                 if status == 200:
                     raise FetchError(
                         f"Reading {where}: the server ignored the Range header and sent the whole file. "
@@ -290,22 +257,8 @@ class RangeReader:
                     out[received : received + len(piece)] = piece
                     received += len(piece)
                 if received != want:
-                    raise _Transient(f"short body: {received} of {want} bytes")
+                    raise Transient(f"short body: {received} of {want} bytes")
         except httpx2.TransportError as e:
-            raise _Transient(f"{type(e).__name__}: {e}") from e
+            raise Transient(f"{type(e).__name__}: {e}") from e
         with self._lock:
             self.bytes_read += want
-
-
-def _retry_after_s(value: str | None) -> float | None:
-    """``Retry-After`` as seconds: either a number or an HTTP date. None when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        return parsedate_to_datetime(value).timestamp() - time.time()
-    except (TypeError, ValueError):
-        return None

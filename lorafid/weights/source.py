@@ -49,7 +49,8 @@ from lorafid.errors import (
     RevisionNotFoundError,
     SafetensorsHeaderError,
 )
-from lorafid.weights.http_ranges import RangeReader, RemoteFile, RetryPolicy
+from lorafid.retry import RetryPolicy
+from lorafid.weights.http_ranges import RangeReader, RemoteFile
 from lorafid.weights.safetensors_format import (
     HEADER_BYTES_PER_TENSOR,
     HEADER_PROBE_BYTES,

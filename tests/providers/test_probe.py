@@ -37,7 +37,7 @@ from lorafid.providers.openai_api import (
     parse_prompt_logprobs,
 )
 from lorafid.providers.probe import plan_probe, round_to_8_bits
-from lorafid.weights.http_ranges import RetryPolicy
+from lorafid.retry import RetryPolicy
 
 FAST_RETRY = RetryPolicy(max_tries=4, base_wait_s=0.001, max_wait_s=0.01)
 PUBLIC_IP = "93.184.216.34"  # only ever returned by injected resolvers: never connected to

@@ -25,6 +25,7 @@ from huggingface_hub import HfApi, hf_hub_download, set_client_factory
 from huggingface_hub.utils._http import default_client_factory
 
 import lorafid
+from lorafid import retry
 from lorafid.errors import (
     FetchError,
     GatedRepoError,
@@ -34,11 +35,10 @@ from lorafid.errors import (
     RevisionNotFoundError,
     SafetensorsHeaderError,
 )
-from lorafid.weights import http_ranges
+from lorafid.retry import RetryPolicy
 from lorafid.weights.http_ranges import (
     RangeReader,
     RemoteFile,
-    RetryPolicy,
     chunk_bounds,
     expected_content_range,
     http_range,
@@ -647,7 +647,7 @@ def test_retries_are_logged_not_silent(hub: HubServer, caplog: pytest.LogCapture
         caplog.at_level(logging.INFO, logger="lorafid"),
     ):
         src.read_header("model.safetensors")
-    retries = [r.getMessage() for r in caplog.records if r.name == "lorafid.weights.http_ranges"]
+    retries = [r.getMessage() for r in caplog.records if r.name == "lorafid.retry"]
     assert len(retries) == 1
     assert "HTTP 503; retrying in" in retries[0] and "org/m" in retries[0] and "(try 2 of 4)" in retries[0]
     assert TOKEN not in retries[0]
@@ -716,7 +716,7 @@ def test_a_body_longer_than_the_range_is_refused() -> None:
 def test_retry_after_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     """A server asking for an hour is waited on for max_retry_after_s, then read."""
     waits: list[float] = []
-    monkeypatch.setattr(http_ranges.time, "sleep", waits.append)
+    monkeypatch.setattr(retry.time, "sleep", waits.append)
     policy = RetryPolicy(max_tries=3, max_retry_after_s=30.0)
     assert policy.wait_s(1, 3600.0) == 30.0 and policy.wait_s(1, 2.0) == 2.0
     reader, seen = scripted_reader(streamed(429, {"Retry-After": "3600"}), retry=policy)
