@@ -43,6 +43,7 @@ from lorafid.audit.engine import Audit, AuditConfig
 from lorafid.audit.report import PROVIDER_RANKS, Report, SourceRecord
 from lorafid.audit.store import Store
 from lorafid.errors import GatedRepoError, LimitExceededError, LorafidError, RepoNotFoundError
+from lorafid.names import is_commit_sha, parse_ranks
 from lorafid.providers.netguard import ProbeServerSettings, VisitorBudget
 from lorafid.sharing.registry import (
     TABLE_HEADERS,
@@ -69,7 +70,6 @@ from lorafid.web.dashboard import (
     download_dir,
     example_link,
     html_text,
-    is_commit,
     md_text,
     page_url,
     parse_link,
@@ -294,12 +294,7 @@ class Dashboard:
         for label, value in fields.items():
             if not value.strip() or len(value) > MAX_INPUT_CHARS * 2:
                 raise LorafidError(f"Give the {label} (at most {MAX_INPUT_CHARS * 2} characters).")
-        try:
-            rank_list = tuple(int(r) for r in ranks.replace(" ", "").split(",") if r)
-        except ValueError:
-            raise LorafidError("Candidate ranks are whole numbers separated by commas, e.g. 16,64,256.") from None
-        if not rank_list or min(rank_list) < 1 or max(rank_list) > MAX_RANK * 64 or len(rank_list) > 12:
-            raise LorafidError("Give 1 to 12 candidate ranks, each a positive whole number, e.g. 16,64,256.")
+        rank_list = parse_ranks(ranks, max_count=12, max_rank=MAX_RANK * 64, what="candidate ranks")
         texts, prompt_set = probe_prompts(None)
         private = self.probe_settings.any_endpoint or self.config.allow_local
         config = ProbeConfig(
@@ -449,12 +444,7 @@ class Dashboard:
         for label, value in (("base model", base), ("fine-tuned model", finetune)):
             if not value.strip() or len(value) > MAX_INPUT_CHARS:
                 raise LorafidError(f"Give the {label} (at most {MAX_INPUT_CHARS} characters).")
-        try:
-            rank_list = tuple(int(r) for r in ranks.replace(" ", "").split(",") if r)
-        except ValueError:
-            raise LorafidError("Ranks are whole numbers separated by commas, e.g. 16,64,256.") from None
-        if not rank_list or min(rank_list) < 1 or max(rank_list) > MAX_RANK * 64 or len(rank_list) > 8:
-            raise LorafidError("Give 1 to 8 ranks, each a positive whole number, e.g. 16,64,256.")
+        rank_list = parse_ranks(ranks, max_count=8, max_rank=MAX_RANK * 64)
         config = BehaviourConfig(
             ranks=rank_list,
             serving=serving if serving in ("both", "lora-only", "keep-extras") else "both",
@@ -985,7 +975,7 @@ class Dashboard:
         revisions = (link.base_revision, link.finetune_revision)
         found = self.catalog.find_example(link.base, link.finetune, *revisions)
         note = ""
-        if found is None and all(map(is_commit, revisions)):
+        if found is None and all(map(is_commit_sha, revisions)):
             found = self.catalog.find_pinned(link.base, link.finetune, *revisions)
         elif found is None and _hub_like(link.base) and _hub_like(link.finetune):
             try:
@@ -1202,7 +1192,11 @@ class Dashboard:
         links = [
             f"{label} [{r.repo_id}]({hub}/{r.repo_id}/tree/{r.resolved_sha})"
             for label, r in (("base", report.base), ("fine-tune", report.finetune))
-            if r.kind == "hub" and r.repo_id and r.resolved_sha and _hub_like(r.repo_id) and is_commit(r.resolved_sha)
+            if r.kind == "hub"
+            and r.repo_id
+            and r.resolved_sha
+            and _hub_like(r.repo_id)
+            and is_commit_sha(r.resolved_sha)
         ]
         return "\n\nOn the Hub: " + " · ".join(links) if links else ""
 

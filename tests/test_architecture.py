@@ -16,27 +16,28 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "lorafid"
 
 LAYERS: dict[str, int] = {
-    # 0: shared by everyone, imports no package of lorafid
+    # 0: the errors every layer raises, and the version
     "errors": 0,
-    "compute": 0,
-    "retry": 0,
-    "names": 0,
     "__init__": 0,
-    "__main__": 6,  # `python -m lorafid`: runs the CLI
-    # 1: bytes of weights
-    "weights": 1,
-    # 2: what the audit computes from them
-    "audit": 2,
-    # 3: built on the audit
-    "adapters": 3,
-    "behaviour": 3,
-    # 4: talking to providers, clusters and the Hub registry
-    "providers": 4,
-    "batch": 4,
-    "sharing": 4,
-    # 5: the two faces; nothing imports them
-    "cli": 5,
-    "web": 5,
+    # 1: small shared mechanisms: the compute seam, the retry loop, the rules for names
+    "compute": 1,
+    "retry": 1,
+    "names": 1,
+    # 2: bytes of weights
+    "weights": 2,
+    # 3: what the audit computes from them
+    "audit": 3,
+    # 4: built on the audit
+    "adapters": 4,
+    "behaviour": 4,
+    # 5: talking to providers, clusters and the Hub registry
+    "providers": 5,
+    "batch": 5,
+    "sharing": 5,
+    # 6: the two faces; nothing imports them
+    "cli": 6,
+    "web": 6,
+    "__main__": 7,  # `python -m lorafid`: runs the CLI
 }
 
 

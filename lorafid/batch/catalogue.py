@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lorafid.errors import CatalogueError, MissingExtraError
+from lorafid.names import parse_ranks
 
 FIELDS = ("base", "finetune", "base_revision", "finetune_revision", "rank", "ranks", "label", "split")
-_RANK_SEPARATORS = re.compile(r"[\s;|,]+")
 
 
 @dataclass(frozen=True)
@@ -125,7 +124,7 @@ def _build(rows: list[tuple[str, dict[str, Any]]], where: str) -> list[Catalogue
         try:
             pair = _pair(row)
         except ValueError as e:
-            problems.append(f"{place}: {e}")
+            problems.append(f"{place}: {str(e).rstrip('.')}")
             continue
         identity = (pair.base, pair.finetune, pair.base_revision, pair.finetune_revision)
         if identity in seen:
@@ -164,18 +163,7 @@ def _pair(row: dict[str, Any]) -> CataloguePair:
 
 def _ranks(value: Any) -> tuple[int, ...]:
     """16 -> (16,); "16 64" -> (16, 64); [16, 64] -> (16, 64); None -> ()."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        items: list[Any] = [v for v in _RANK_SEPARATORS.split(value.strip()) if v]
-    elif isinstance(value, list | tuple):
-        items = list(value)
-    else:
-        items = [value]
-    ranks = tuple(_positive(v, "rank") for v in items)
-    if len(set(ranks)) != len(ranks):
-        raise ValueError(f"rank {value!r} repeats a rank")
-    return ranks
+    return () if value is None else parse_ranks(value, what="rank")
 
 
 def _positive(value: Any, field: str) -> int:

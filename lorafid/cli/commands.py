@@ -27,6 +27,7 @@ from lorafid.audit.report import Report, load_spectra, save_spectra, spectra_pat
 from lorafid.audit.store import Store
 from lorafid.audit.summary import aggregate_rank_for_energy, percent
 from lorafid.errors import LorafidError
+from lorafid.names import InvalidRanksError, parse_ranks
 
 if TYPE_CHECKING:
     from lorafid.adapters.peft_adapter import AdapterAudit
@@ -735,15 +736,12 @@ def _behave(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rank_list(text: str) -> list[int]:
-    """``--ranks 16,64,256`` -> [16, 64, 256]."""
+def _rank_list(text: str) -> tuple[int, ...]:
+    """``--ranks 16,64,256`` -> (16, 64, 256)."""
     try:
-        ranks = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ranks, e.g. 16,64,256") from None
-    if not ranks or min(ranks) < 1:
-        raise argparse.ArgumentTypeError("ranks must be positive integers, e.g. 16,64,256")
-    return ranks
+        return parse_ranks(text)
+    except InvalidRanksError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive_float(text: str) -> float:

@@ -78,6 +78,7 @@ from lorafid.audit.matrices import RANK_GRID, MatrixResult
 from lorafid.audit.report import SCHEMA, Report
 from lorafid.audit.store import default_home
 from lorafid.errors import RegistryError, ResultSchemaError, VerificationError
+from lorafid.names import is_commit_sha, is_repo_id, looks_like_short_sha
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,6 @@ _NETWORK_ERRORS = (HfHubHTTPError, httpx2.HTTPError, OSError, ValueError)
 DOWN_FOR_S = 60.0
 """After a connection failure, reads fail at once for this long: huggingface_hub retries a
 connection for ~24 s, which no page load should wait for twice."""
-_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 
 # -- what is published --------------------------------------------------------------------------
@@ -257,7 +257,7 @@ class Registry:
         cache_dir: Path | None = None,
         listing_ttl_s: float = 30.0,
     ) -> None:
-        if not _REPO_ID_RE.match(repo_id):
+        if not is_repo_id(repo_id):
             raise RegistryError(
                 f"{_cut(repo_id)!r} is not a dataset repo ID; use org/name, e.g. my-org/lorafid-results."
             )
@@ -534,7 +534,6 @@ the endpoint, both repos at their commits, the verdict and each candidate's dist
     probes/<base repo>/<fine-tune repo>/<base SHA>-<fine-tune SHA>-<content hash>.json
 """
 _HOST_RE = re.compile(r"^[A-Za-z0-9.:-]{1,253}$")
-_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
 def probe_summary(document: Mapping[str, Any]) -> dict[str, Any]:
@@ -623,8 +622,8 @@ def _probe_well_formed(data: Mapping[str, Any]) -> bool:
         and bool(_HOST_RE.match(data["endpoint_host"]))
         and isinstance(data.get("model"), str)
         and isinstance(data.get("created"), str)
-        and all(isinstance(data.get(k), str) and _REPO_ID_RE.match(data[k]) for k in ("base", "finetune"))
-        and all(isinstance(data.get(k), str) and _SHA_RE.match(data[k]) for k in ("base_sha", "finetune_sha"))
+        and all(isinstance(data.get(k), str) and is_repo_id(data[k]) for k in ("base", "finetune"))
+        and all(isinstance(data.get(k), str) and is_commit_sha(data[k]) for k in ("base_sha", "finetune_sha"))
         and isinstance(verdict, dict)
         and isinstance(verdict.get("sentence"), str)
         and isinstance(verdict.get("matches"), bool)
@@ -817,7 +816,7 @@ class RegistrySettings:
         repo_id = env.get("LORAFID_REGISTRY", "").strip()
         if not repo_id:
             return None
-        if not _REPO_ID_RE.match(repo_id):
+        if not is_repo_id(repo_id):
             raise RegistryError(f"LORAFID_REGISTRY={_cut(repo_id)!r} is not a dataset repo ID; use org/name.")
         text = env.get("LORAFID_REGISTRY_INTERVAL_S", "").strip() or "60"
         try:
@@ -917,7 +916,7 @@ def _full_curve(m: MatrixResult) -> np.ndarray:
 def _revision_matches(wanted: str | None, sha: str, asked: str | None) -> bool:
     if not wanted:
         return True
-    if re.fullmatch(r"[0-9a-f]{7,40}", wanted):
+    if looks_like_short_sha(wanted):
         return sha.startswith(wanted)
     return wanted == asked
 
@@ -992,8 +991,8 @@ def table_rows(
     for e in entries:
         if base and e.base != base:
             continue
-        if not all(_REPO_ID_RE.match(r) for r in (e.base, e.finetune)) or not all(
-            re.fullmatch(r"[0-9a-f]{40}", s) for s in (e.base_sha, e.finetune_sha)
+        if not all(is_repo_id(r) for r in (e.base, e.finetune)) or not all(
+            is_commit_sha(s) for s in (e.base_sha, e.finetune_sha)
         ):
             continue
         link = urlencode(

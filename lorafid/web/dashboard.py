@@ -479,11 +479,6 @@ def _link_side(record: SourceRecord) -> tuple[str, str | None]:
     return record.spec, record.requested_revision
 
 
-def is_commit(revision: str) -> bool:
-    """A full 40-hex commit SHA (what the app's permalinks carry)."""
-    return bool(re.fullmatch(r"[0-9a-f]{40}", revision))
-
-
 MAX_LINK_VALUE_CHARS = 300  # a repo ID is at most 96 characters; longer values are not links we made
 
 

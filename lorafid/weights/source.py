@@ -49,6 +49,7 @@ from lorafid.errors import (
     RevisionNotFoundError,
     SafetensorsHeaderError,
 )
+from lorafid.names import is_commit_sha, is_repo_id
 from lorafid.retry import RetryPolicy
 from lorafid.weights.http_ranges import RangeReader, RemoteFile
 from lorafid.weights.safetensors_format import (
@@ -64,9 +65,6 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MAX_INDEX_BYTES = 16 * 2**20  # a 405B model's index is ~100 kB
-_SEGMENT = r"[A-Za-z0-9_](?:[A-Za-z0-9_.\-]*[A-Za-z0-9_])?"
-_REPO_ID_RE = re.compile(rf"{_SEGMENT}/{_SEGMENT}")
-_MAX_REPO_ID = 96  # the Hub's limit
 _BAD_REVISION_RE = re.compile(r"\.\.|[\x00-\x20\x7f~^:?*\[\\]|^[/-]|/$|\.$|@\{")
 _SPEC_HELP = (
     "Expected a Hub repo ID org/name, optionally with a revision (org/name@v2, org/name@refs/pr/3), "
@@ -209,7 +207,7 @@ def parse_source_spec(spec: str, *, revision: str | None = None, allow_local: bo
         raise InvalidSourceError(f"{spec!r} names revision {at_revision!r} but {revision!r} was also given.")
     if "://" in repo_id or repo_id.startswith(("huggingface.co/", "hf.co/")):
         raise InvalidSourceError(f"{spec!r} is a URL; pass the repo ID (org/name) instead. {_SPEC_HELP}")
-    if len(repo_id) > _MAX_REPO_ID or not _REPO_ID_RE.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id:
+    if not is_repo_id(repo_id):
         raise InvalidSourceError(f"{spec!r} is not a valid Hub repo ID or an existing path. {_SPEC_HELP}")
     rev = at_revision if "@" in text else revision
     if rev is not None and (not rev or len(rev) > 255 or _BAD_REVISION_RE.search(rev)):
@@ -333,7 +331,7 @@ class HubSource(Source):
             ).model_info(self._repo_id, revision=info.requested_revision, timeout=30)
         except (hf_errors.HfHubHTTPError, httpx2.TransportError) as e:
             raise self._hub_error(e) from e
-        if not re.fullmatch(r"[0-9a-f]{40}", model.sha or ""):
+        if not is_commit_sha(model.sha or ""):
             raise FetchError(f"{self._endpoint} returned no commit SHA for {self._repo_id}; is it a Hub endpoint?")
         self.info = replace(info, resolved_sha=model.sha)
         self._reader = RangeReader(

@@ -104,9 +104,9 @@ def test_catalogue_errors_name_every_bad_row(tmp_path: Path) -> None:
         parse_csv(bad, where="cat.csv")
     message = str(caught.value)
     for needle in (
-        "row 2: rank '0'",
+        "row 2: '0' in the rank is not a positive whole number",
         "row 3: finetune is missing",
-        "row 4: rank 'x'",
+        "row 4: 'x' in the rank",
         "row 5: unknown field(s) colour",
     ):
         assert needle in message
