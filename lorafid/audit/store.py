@@ -25,7 +25,7 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,9 @@ import platformdirs
 
 from lorafid.audit.matrices import MatrixResult, VectorResult
 from lorafid.audit.report import SCHEMA, AuditSettings, Report, SourceRecord
+from lorafid.errors import LorafidError
 
-_SCHEMA_SQL = """
+_VERSION_1 = """
 CREATE TABLE IF NOT EXISTS audits (
     key TEXT PRIMARY KEY,
     base_spec TEXT NOT NULL,
@@ -71,6 +72,17 @@ CREATE TABLE IF NOT EXISTS visibility (
     checked REAL NOT NULL
 );
 """
+
+# Version 2: permalinks and the CLI look audits up by the pair as typed (``find``).
+_VERSION_2 = "CREATE INDEX IF NOT EXISTS audits_by_pair ON audits (base_spec, finetune_spec);"
+
+MIGRATIONS: tuple[str, ...] = (_VERSION_1, _VERSION_2)
+"""``MIGRATIONS[i]`` brings a store from version i to i + 1 (``PRAGMA user_version``).
+
+A store written before versions were recorded reads as version 0; its tables already exist
+and version 1 only creates what is missing. Add a migration at the end, never edit one.
+"""
+STORE_VERSION = len(MIGRATIONS)
 
 
 def default_home() -> Path:
@@ -116,7 +128,33 @@ class Store:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")  # readers (the app) never block the writer
-        self._db.executescript(_SCHEMA_SQL)
+        try:
+            self.version = self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _migrate(self) -> int:
+        """Bring the file to ``STORE_VERSION``, one migration per transaction; refuse a newer file."""
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > STORE_VERSION:
+            raise LorafidError(
+                f"The store {self.path} was written by a newer lorafid (store version {version}; this one reads "
+                f"up to {STORE_VERSION}). Upgrade lorafid, or set LORAFID_HOME to another folder."
+            )
+        for target in range(version + 1, STORE_VERSION + 1):
+            # BEGIN IMMEDIATE: two processes opening one old store migrate it once, in turn.
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if int(self._db.execute("PRAGMA user_version").fetchone()[0]) < target:
+                    for statement in filter(str.strip, MIGRATIONS[target - 1].split(";")):
+                        self._db.execute(statement)
+                    self._db.execute(f"PRAGMA user_version = {target}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return STORE_VERSION
 
     def close(self) -> None:
         with self._lock:
@@ -197,18 +235,13 @@ class Store:
         done = sorted(matrices.values(), key=lambda m: (order.get(m.name, len(order)), m.layer or 0, m.name))
         pending = tuple(n for n in report.pending if n not in matrices)
         status = report.status if pending or report.status == "complete" else "complete"
-        return Report(
-            base=report.base,
-            finetune=report.finetune,
-            settings=report.settings,
+        # replace(), not a new Report: every field of the stored frame survives (the adapter section too).
+        return replace(
+            report,
             matrices=tuple(done),
             vectors=tuple(self.vectors(key).values()),
-            skipped=report.skipped,
             pending=pending,
             status=status,
-            timings=report.timings,
-            tool_version=report.tool_version,
-            created=report.created,
         )
 
     def find(

@@ -82,3 +82,86 @@ def test_find_pinned_matches_repos_and_commits(tmp_path: Path) -> None:
     assert store.find_pinned("org/base", "org/ft", "a" * 40, "b" * 40) == "at"  # the latest of the two
     assert store.find_pinned("org/base", "org/ft", "a" * 40, "c" * 40) is None
     assert store.find_pinned("org/other", "org/ft", "a" * 40, "b" * 40) is None
+
+
+def test_load_report_keeps_every_field_of_the_report(tmp_path: Path) -> None:
+    """A round trip through the store gives back the report it was given (the adapter section too)."""
+    store = Store(tmp_path)
+    report = dataclasses.replace(
+        report_for("org/base", None, None), adapter={"schema": "lorafid.adapter/1", "rank": 2, "energy_kept": 0.5}
+    )
+    store.put_matrix("k", report.matrices[0])
+    store.save_report("k", report)
+    loaded = store.load_report("k")
+    assert loaded is not None
+    assert loaded.adapter == report.adapter
+    for field in dataclasses.fields(Report):
+        assert getattr(loaded, field.name) == getattr(report, field.name), field.name
+
+
+# The tables as the first released store wrote them, before it recorded a version.
+_UNVERSIONED = """
+CREATE TABLE audits (key TEXT PRIMARY KEY, base_spec TEXT NOT NULL, finetune_spec TEXT NOT NULL,
+    status TEXT NOT NULL, updated REAL NOT NULL, report_json TEXT NOT NULL);
+CREATE TABLE matrices (audit_key TEXT NOT NULL, name TEXT NOT NULL, result_json TEXT NOT NULL,
+    sigma_sq BLOB NOT NULL, PRIMARY KEY (audit_key, name));
+CREATE TABLE vectors (audit_key TEXT NOT NULL, name TEXT NOT NULL, result_json TEXT NOT NULL,
+    PRIMARY KEY (audit_key, name));
+"""
+
+
+def test_a_store_from_before_versions_is_migrated_and_keeps_its_audits(tmp_path: Path) -> None:
+    import sqlite3
+
+    from lorafid.audit.store import STORE_VERSION
+
+    report = report_for("org/base", None, None)
+    old = Store(tmp_path / "seed")
+    old.put_matrix("k", report.matrices[0])
+    old.save_report("k", report)
+    old.close()
+    rows = {
+        table: sqlite3.connect(tmp_path / "seed" / "store.sqlite3").execute(f"SELECT * FROM {table}").fetchall()
+        for table in ("audits", "matrices")
+    }
+    (tmp_path / "old").mkdir()
+    db = sqlite3.connect(tmp_path / "old" / "store.sqlite3")
+    db.executescript(_UNVERSIONED)
+    db.executemany("INSERT INTO audits VALUES (?, ?, ?, ?, ?, ?)", rows["audits"])
+    db.executemany("INSERT INTO matrices VALUES (?, ?, ?, ?)", rows["matrices"])
+    db.commit()
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 0
+    db.close()
+
+    store = Store(tmp_path / "old")
+    assert store.version == STORE_VERSION >= 2
+    loaded = store.load_report("k")
+    assert loaded is not None and loaded.matrices == report.matrices
+    assert store.find("org/base", "org/ft") == "k"
+    store.put_document("probe", {"verdict": "x"})  # a table version 1 added
+    store.close()
+    db = sqlite3.connect(tmp_path / "old" / "store.sqlite3")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == STORE_VERSION
+    indexes = {r[1] for r in db.execute("PRAGMA index_list(audits)")}
+    assert "audits_by_pair" in indexes
+    db.close()
+    assert Store(tmp_path / "old").version == STORE_VERSION  # reopening migrates nothing twice
+
+
+def test_a_store_from_a_newer_lorafid_is_refused_untouched(tmp_path: Path) -> None:
+    import sqlite3
+
+    import pytest
+
+    from lorafid.audit.store import STORE_VERSION
+    from lorafid.errors import LorafidError
+
+    db = sqlite3.connect(tmp_path / "store.sqlite3")
+    db.execute(f"PRAGMA user_version = {STORE_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(LorafidError, match=r"newer lorafid .* set LORAFID_HOME to another folder"):
+        Store(tmp_path)
+    db = sqlite3.connect(tmp_path / "store.sqlite3")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == STORE_VERSION + 1
+    assert db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
