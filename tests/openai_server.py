@@ -87,6 +87,10 @@ class _Options:
     status_sequence: list[int] = field(default_factory=list)
     token_shift: int = 0
     fail_after: int | None = None
+    no_logprobs: bool = False
+    prompt_arrays: bool = True
+    accept_n: bool = True
+    sampler_override: dict[str, Any] = field(default_factory=dict)
 
 
 class OpenAIServer:
@@ -104,10 +108,23 @@ class OpenAIServer:
         status_sequence: list[int] | None = None,
         token_shift: int = 0,
         fail_after: int | None = None,
+        no_logprobs: bool = False,
+        prompt_arrays: bool = True,
+        accept_n: bool = True,
+        sampler_override: dict[str, Any] | None = None,
     ) -> None:
         self.model_name = model_name
         self.options = _Options(
-            reject_echo, chat_only, vllm_extensions, list(status_sequence or []), token_shift, fail_after
+            reject_echo,
+            chat_only,
+            vllm_extensions,
+            list(status_sequence or []),
+            token_shift,
+            fail_after,
+            no_logprobs,
+            prompt_arrays,
+            accept_n,
+            dict(sampler_override or {}),
         )
         self.requests: list[Recorded] = []
         self.tokenizer = _tokenizer(files)
@@ -164,6 +181,12 @@ class OpenAIServer:
             return 404, {"error": {"message": "Not Found", "type": "NotFoundError", "code": 404}}
         if body.get("echo") and self.options.reject_echo:
             return 400, {"error": {"message": "echo is not supported with logprobs", "code": 400}}
+        if self.options.no_logprobs and any(body.get(k) is not None for k in ("echo", "logprobs", "prompt_logprobs")):
+            return 400, {"error": {"message": "Unsupported parameter: logprobs, echo, prompt_logprobs", "code": 400}}
+        if isinstance(body["prompt"], list) and len(body["prompt"]) > 1 and not self.options.prompt_arrays:
+            return 400, {"error": {"message": "prompt must be a string", "code": 400}}
+        if not body.get("echo") and body.get("prompt_logprobs") is None:
+            return self.generate(body)
         ids = self.tokenizer(str(body["prompt"]))["input_ids"]
         rows = self.logprobs(ids)
         k_prompt = (body.get("prompt_logprobs") if self.options.vllm_extensions else None) or (
@@ -189,6 +212,13 @@ class OpenAIServer:
                 top = self.top(rows[t - 1], int(body.get("logprobs") or 0), ids[t])
                 tops.append({self.piece(i): v for i, v in top})
                 values.append(float(rows[t - 1, ids[t]]))
+            if int(body.get("max_tokens") or 0) >= 1:  # vLLM echoes the prompt, then the generated token
+                generated = int(rows[-1].argmax())
+                tokens.append(self.piece(generated))
+                tops.append(
+                    {self.piece(i): v for i, v in self.top(rows[-1], int(body.get("logprobs") or 0), generated)}
+                )
+                values.append(float(rows[-1, generated]))
             offsets = [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
             choice["text"] = self.tokenizer.decode(ids)
             choice["logprobs"] = {
@@ -214,7 +244,62 @@ class OpenAIServer:
             "usage": usage,
         }
 
+    @torch.no_grad()
+    def generate(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Sampled continuations by ``transformers``' own ``generate`` (an independent sampler),
+        one per prompt of a ``prompt`` array and per ``n``; ``sampler_override`` takes precedence
+        over the request's settings, as a provider's per-key overrides do."""
+        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        n = max(1, int(body.get("n") or 1)) if self.options.accept_n else 1
+        settings = {**body, **self.options.sampler_override}
+        temperature = float(settings.get("temperature", 1.0))
+        top_k = int(settings.get("top_k", -1))
+        options: dict[str, Any] = {
+            "do_sample": temperature > 0,
+            "max_new_tokens": int(body.get("max_tokens") or 16),
+            "eos_token_id": self.tokenizer.eos_token_id,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "repetition_penalty": float(settings.get("repetition_penalty", settings.get("repeat_penalty", 1.0))),
+        }
+        if temperature > 0:
+            options.update(
+                temperature=temperature,
+                top_k=top_k if top_k > 0 else 0,
+                top_p=float(settings.get("top_p", 1.0)),
+                min_p=float(settings.get("min_p", 0.0)) or None,
+            )
+        choices, completion_tokens = [], 0
+        for i, text in enumerate(prompts):
+            ids = torch.tensor([self.tokenizer(str(text))["input_ids"]])
+            for j in range(n):
+                torch.manual_seed(int(body.get("seed") or 0) * 1000 + i * n + j)
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **options)[0, ids.shape[1] :]
+                generated = [int(t) for t in out]
+                stopped = bool(generated) and generated[-1] == self.tokenizer.eos_token_id
+                completion_tokens += len(generated)
+                choices.append(
+                    {
+                        "index": i * n + j,
+                        # vLLM's default: special tokens are left out of the text unless asked for
+                        "text": self.tokenizer.decode(
+                            generated[:-1] if stopped else generated,
+                            skip_special_tokens=bool(body.get("skip_special_tokens", True)),
+                        ),
+                        "finish_reason": "stop" if stopped else "length",
+                        "logprobs": None,
+                    }
+                )
+        return 200, {
+            "id": "cmpl-2",
+            "object": "text_completion",
+            "model": self.model_name,
+            "choices": choices,
+            "usage": {"prompt_tokens": 0, "completion_tokens": completion_tokens, "total_tokens": completion_tokens},
+        }
+
     def chat(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if self.options.no_logprobs and (body.get("logprobs") or body.get("top_logprobs") is not None):
+            return 400, {"error": {"message": "Unsupported parameter: logprobs, top_logprobs", "code": 400}}
         encoded = self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True)
         ids = list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
         k = int(body.get("top_logprobs") or 0)

@@ -38,9 +38,20 @@ NOISE_FLOOR_NATS = 1e-4
 FINETUNE, FINETUNE_8BIT, BASE = "finetune", "finetune-8bit", "base"
 
 
-def candidate_names(ranks: Sequence[int]) -> list[str]:
-    """Every candidate, nearest the fine-tune first: finetune, 8-bit, ranks high→low (both modes), base."""
-    names = [FINETUNE, FINETUNE_8BIT]
+def quantized_name(scheme: str) -> str:
+    """The candidate name of the fine-tune quantized with ``scheme``: "int8" keeps its old name."""
+    return FINETUNE_8BIT if scheme == "int8" else f"finetune-{scheme}"
+
+
+def is_original(name: str) -> bool:
+    """The fine-tune or a quantized copy of it: never an extraction."""
+    return name == FINETUNE or name.startswith("finetune-")
+
+
+def candidate_names(ranks: Sequence[int], quantized: Sequence[str] = ()) -> list[str]:
+    """Every candidate, nearest the fine-tune first: finetune, 8-bit, other quantizations,
+    ranks high→low (both modes), base."""
+    names = [FINETUNE, FINETUNE_8BIT, *(quantized_name(q) for q in quantized if q != "int8")]
     for r in sorted(set(ranks), reverse=True):
         names += [f"rank-{r}", f"rank-{r}+extras"]
     return [*names, BASE]
@@ -160,7 +171,7 @@ def _neighbours(name: str, ranks: Sequence[int]) -> list[str]:
     grid = sorted(set(ranks), reverse=True)
     rank, keep = parse_candidate(name)
     suffix = "+extras" if keep else ""
-    if name in (FINETUNE, FINETUNE_8BIT):
+    if is_original(name):
         return [FINETUNE_8BIT if name == FINETUNE else FINETUNE, f"rank-{grid[0]}", f"rank-{grid[0]}+extras"]
     if name == BASE:
         return [f"rank-{grid[-1]}", f"rank-{grid[-1]}+extras"]
@@ -202,9 +213,10 @@ def _verdict(
         )
         return Verdict(sentence + quant_note, closest, False, consistent, range_, tolerance)
     rank_candidates = [n for n in consistent if parse_candidate(n)[0] is not None]
-    if closest in (FINETUNE, FINETUNE_8BIT) and not rank_candidates:
-        if closest == FINETUNE_8BIT and FINETUNE not in consistent:
-            sentence = "Serves the original weights, quantized (closest to them rounded to 8 bits): not an extraction."
+    if is_original(closest) and not rank_candidates:
+        if closest != FINETUNE and FINETUNE not in consistent:
+            how = "rounded to 8 bits" if closest == FINETUNE_8BIT else closest.removeprefix("finetune-")
+            sentence = f"Serves the original weights, quantized (closest to them {how}): not an extraction."
         else:
             sentence = "Serves the original weights."
             if FINETUNE_8BIT in consistent:
@@ -225,7 +237,7 @@ def _rank_range(consistent: Sequence[str], ranks: Sequence[int]) -> tuple[int | 
     below = [r for r in grid if r < held[0]]
     above = [r for r in grid if r > held[-1]]
     lower = below[-1] if below else None
-    upper = above[0] if above and FINETUNE not in consistent and FINETUNE_8BIT not in consistent else None
+    upper = above[0] if above and not any(is_original(n) for n in consistent) else None
     return lower, upper
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -59,6 +60,7 @@ CHANNELS: tuple[str, ...] = (ECHO, PROMPT_LOGPROBS, CHAT)
 MAX_RESPONSE_BYTES = 32 * 2**20  # a 2,000-token echo with 20 alternatives is ~1 MB of JSON
 MAX_REDIRECTS = 3
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+_PERMANENT_500 = re.compile(r"not supported|unsupported|not implemented|not allowed|invalid", re.IGNORECASE)
 # connect 10 s; read 120 s: a loaded provider can take a minute on a long prompt.
 _TIMEOUT = httpx2.Timeout(connect=10.0, read=120.0, write=30.0, pool=120.0)
 
@@ -92,6 +94,7 @@ class ProviderAnswer:
     channel: str
     positions: tuple[Position, ...]
     text: str  # the continuation's text (chat), or the echoed prompt (completions)
+    prompt_tokens: int | None = None  # the provider's own count (``usage.prompt_tokens``), where given
 
 
 class RequestBudget:
@@ -194,7 +197,8 @@ class OpenAIClient:
         for other failures after retries; ``LimitExceededError`` when the budget is spent.
         """
         if channel == ECHO:
-            body = {"model": model, "prompt": text, "echo": True, "max_tokens": 0, "logprobs": top_k, "temperature": 0}
+            # max_tokens 1, not 0: llama.cpp's server reads 0 as "until the context is full".
+            body = {"model": model, "prompt": text, "echo": True, "max_tokens": 1, "logprobs": top_k, "temperature": 0}
             return parse_echo(self.post("/completions", body), channel)
         if channel == PROMPT_LOGPROBS:
             body = {
@@ -218,8 +222,9 @@ class OpenAIClient:
             return parse_chat(self.post("/chat/completions", body))
         raise ValueError(f"unknown channel {channel!r}")
 
-    def post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        """POST ``body`` as JSON to ``endpoint + path``, retrying transient failures."""
+    def post(self, path: str, body: Mapping[str, Any], *, retry: RetryPolicy | None = None) -> dict[str, Any]:
+        """POST ``body`` as JSON to ``endpoint + path``, retrying transient failures
+        (under ``retry`` instead of the client's policy where given)."""
         url = self.endpoint + path
 
         def give_up(tries: int, last: Transient) -> ProviderError:
@@ -229,7 +234,7 @@ class OpenAIClient:
             )
 
         return with_retries(
-            lambda: self._post_following(url, body), self.retry, what=f"{_host(url)} {path}", give_up=give_up
+            lambda: self._post_following(url, body), retry or self.retry, what=f"{_host(url)} {path}", give_up=give_up
         )
 
     def _post_following(self, url: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -276,7 +281,10 @@ def parse_echo(payload: Mapping[str, Any], channel: str = ECHO) -> ProviderAnswe
         positions.append(
             Position(str(token), _id_of(str(token)), None if value is None else _float(value), alternatives)
         )
-    return ProviderAnswer(channel, tuple(positions), str(choice.get("text", "")))
+    usage = payload.get("usage")
+    counted = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    prompt_tokens = counted if isinstance(counted, int) and not isinstance(counted, bool) else None
+    return ProviderAnswer(channel, tuple(positions), str(choice.get("text", "")), prompt_tokens)
 
 
 def parse_prompt_logprobs(payload: Mapping[str, Any]) -> ProviderAnswer:
@@ -344,7 +352,12 @@ def _read_capped(response: httpx2.Response) -> bytes:
 
 def _decode(status: int, raw: bytes, url: str, retry_after: str | None) -> dict[str, Any]:
     if status in _RETRY_STATUS:
-        raise Transient(f"HTTP {status}", retry_after_s(retry_after))
+        message = _server_message(raw)
+        # A server error that names something unsupported will say the same on every try
+        # (llama.cpp: "logprobs is not supported for models created with logits_all=False").
+        if status == 500 and _PERMANENT_500.search(message):
+            raise ChannelUnsupportedError(f"HTTP 500: {message}")
+        raise Transient(f"HTTP {status}: {message}" if message else f"HTTP {status}", retry_after_s(retry_after))
     if status in (401, 403):
         raise ProviderError(
             f"{_host(url)} refused the API key (HTTP {status}); check --api-key-env names a variable holding it."

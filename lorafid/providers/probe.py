@@ -28,7 +28,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -42,14 +42,15 @@ from lorafid.providers.evidence import (
     BASE,
     BOOTSTRAP_RESAMPLES,
     FINETUNE,
-    FINETUNE_8BIT,
     NOISE_FLOOR_NATS,
     CandidateResult,
     PromptScore,
     Verdict,
     candidate_names,
     coarse_kl,
+    is_original,
     parse_candidate,
+    quantized_name,
     summarise,
 )
 from lorafid.providers.netguard import NetPolicy
@@ -62,26 +63,24 @@ from lorafid.providers.openai_api import (
     RateLimiter,
     RequestBudget,
 )
+from lorafid.providers.quantize import SCHEMES, int8_rows, scheme
+from lorafid.providers.text_channel import MAX_SAMPLES, MAX_TOKENS_CAP, TEXT, TextPlan, collect_text, plan_text
+from lorafid.providers.text_evidence import TextCandidate, judge_text
+from lorafid.providers.text_probe import concatenated, observe, score_text
 from lorafid.retry import RetryPolicy
 
 SCHEMA = "lorafid.probe/1"
 DEFAULT_RANKS: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
 DEFAULT_TOP_K = 20  # vLLM's default --max-logprobs and OpenAI's chat limit
 DEFAULT_NEW_TOKENS = 32  # chat channel: greedy continuation length scored locally
+DEFAULT_QUANTIZED: tuple[str, ...] = ("int4-g128",)  # besides the 8-bit reference, always a candidate
+DEFAULT_TEXT_REQUESTS = 5  # the text channel's budget when --max-requests is not given
+ALL_CHANNELS: tuple[str, ...] = (*CHANNELS, TEXT)
 
 
 def round_to_8_bits(name: str, weight: torch.Tensor) -> torch.Tensor:
-    """The weight as an 8-bit weight-only quantization serves it (round to nearest, absmax per row).
-
-    Applied to the 2-D matrices of the decoder blocks (``...layers.N...``): what int8
-    weight-only schemes quantize; embeddings, ``lm_head`` and norms stay as they are.
-    Example: a row (0.5, -1.0, 0.26) has scale 1/127, so 0.26 -> round(33.02)/127 = 0.2598.
-    """
-    if weight.ndim != 2 or ".layers." not in name:
-        return weight
-    w = weight.to(torch.float32)
-    scale = w.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
-    return (torch.round(w / scale).clamp_(-127, 127) * scale).to(weight.dtype)
+    """The weight as an 8-bit weight-only quantization serves it (``quantize.int8_rows``)."""
+    return int8_rows(name, weight)
 
 
 # -- plan ------------------------------------------------------------------------------------
@@ -96,13 +95,18 @@ class ProbePlan:
     max_new_tokens: int  # per request on the chat channel (completions channels generate ≤ 1)
     requests: int  # one per prompt, plus a try per fallback channel on the first prompt
     max_requests: int  # with retries: a hard cap the client enforces
+    text: TextPlan | None = None  # the text channel's plan, where it may be used
+    text_only: bool = False  # --channel completions-text: no log-probability channel is tried
 
     def describe(self) -> str:
+        if self.text_only and self.text is not None:
+            return f"{self.text.describe()} Never more than {self.max_requests} requests."
         generated = self.prompts * self.max_new_tokens
+        fallback = f" If the endpoint gives no log-probabilities: {self.text.describe()}" if self.text else ""
         return (
             f"The probe sends {self.prompts} prompts ({self.prompt_tokens} tokens): {self.prompts} requests, "
             f"{self.requests} if the first channels are refused, never more than {self.max_requests} with retries; "
-            f"at most {generated} tokens generated if only chat is offered."
+            f"at most {generated} tokens generated if only chat is offered.{fallback}"
         )
 
 
@@ -194,8 +198,9 @@ class TokenMap:
         """Whether the provider's token at a position is the tokenizer's ``expected`` id."""
         if token_id is not None:
             return token_id == expected
-        # A piece that is part of a multi-byte character decodes to U+FFFD on both sides.
-        return token in self.forms[expected] or "\ufffd" in token
+        # A piece that is part of a multi-byte character decodes to U+FFFD on both sides; llama.cpp's
+        # server writes such pieces, and any piece longer than 32 bytes, as "" (its text is lost, not wrong).
+        return token in self.forms[expected] or "\ufffd" in token or token == ""
 
 
 def alternative_ids(position: Position, tokens: TokenMap) -> tuple[int | None, ...]:
@@ -213,32 +218,42 @@ def alternative_ids(position: Position, tokens: TokenMap) -> tuple[int | None, .
 def align_prompt(index: int, answer: ProviderAnswer, ids: Sequence[int], tokens: TokenMap) -> Observation:
     """The provider's scored prompt, checked token by token against ``ids``.
 
-    A provider that did not add the BOS token the tokenizer adds is accepted (its first
-    token has no log-probability either way); any other difference is a ``TokenMismatchError``.
+    Three shapes are read as what they are: an echo that starts after the BOS token although
+    the provider evaluated with it (llama.cpp: ``usage.prompt_tokens`` counts it), where the
+    candidates are scored with the BOS too; a provider that added no BOS at all (its first
+    token has no log-probability either way), scored without it; and the generated token an
+    echo with ``max_tokens: 1`` appends, which is dropped. Any other difference is a
+    ``TokenMismatchError``.
     """
     positions = answer.positions
+    offset = 0  # the index in ids of positions[0]
     if (
-        len(positions) == len(ids) - 1
-        and positions
+        positions
+        and len(ids) > 1
         and not tokens.accepts(positions[0].token, positions[0].token_id, ids[0])
+        and tokens.accepts(positions[0].token, positions[0].token_id, ids[1])
     ):
-        ids = ids[1:]  # the provider added no BOS; every other token must still be the same
-    if len(positions) != len(ids):
+        if answer.prompt_tokens == len(ids):
+            offset = 1  # the BOS was evaluated, only not echoed
+        else:
+            ids = ids[1:]  # the provider added no BOS; every other token must still be the same
+    positions = positions[: len(ids) - offset]  # the generated token after the prompt, if any
+    if len(positions) != len(ids) - offset:
         raise TokenMismatchError(
             f"Prompt {index}: the provider has {len(positions)} tokens where the fine-tune's tokenizer has "
             f"{len(ids)}; the endpoint does not serve this tokenizer (a different model or a changed vocabulary)."
         )
-    for t, (position, expected) in enumerate(zip(positions, ids, strict=True)):
+    for t, (position, expected) in enumerate(zip(positions, ids[offset:], strict=True)):
         if not tokens.accepts(position.token, position.token_id, expected):
             raise TokenMismatchError(
-                f"Prompt {index}, token {t}: the provider has {position.token!r} where the fine-tune's tokenizer has "
-                f"{sorted(tokens.forms[expected])[0]!r}; the endpoint does not serve this tokenizer."
+                f"Prompt {index}, token {t + offset}: the provider has {position.token!r} where the fine-tune's "
+                f"tokenizer has {sorted(tokens.forms[expected])[0]!r}; the endpoint does not serve this tokenizer."
             )
     scored = tuple(t for t, p in enumerate(positions) if p.logprob is not None and p.top)
     return Observation(
         index,
         tuple(ids),
-        scored,
+        tuple(t + offset for t in scored),
         tuple(positions[t] for t in scored),
         tuple(alternative_ids(positions[t], tokens) for t in scored),
     )
@@ -319,7 +334,8 @@ def collect(
         break
     else:
         tried = "; ".join(f"{t['channel']}: {t['outcome']}" for t in result.channels_tried)
-        raise ProviderError(f"The endpoint offers no way to read log-probabilities of a text ({tried}).")
+        result.error = f"The endpoint offers no way to read log-probabilities of a text ({tried})."
+        return result  # the caller falls back to the text channel, or raises
     if on_answer:
         on_answer(0)
     lock, stop = threading.Lock(), threading.Event()
@@ -330,7 +346,9 @@ def collect(
             return
         try:
             observation = read(index, channel)
-        except (ProviderError, LimitExceededError) as e:
+        except (ProviderError, LimitExceededError, TokenMismatchError) as e:
+            # A token mismatch past the first prompt (where the tokenizer was checked) spoils
+            # that prompt only: the others already read are kept.
             with lock:
                 result.failed[index] = str(e)
                 if isinstance(e, LimitExceededError):
@@ -387,17 +405,18 @@ def gather(observation: Observation, logprobs: torch.Tensor) -> Gathered:
     return Gathered(alt, chosen, rows.argmax(dim=1).numpy())
 
 
-def candidate_variants(ranks: Sequence[int]) -> list[Any]:
-    """The behaviour engine's variants for ``candidate_names(ranks)``."""
+def candidate_variants(ranks: Sequence[int], quantized: Sequence[str] = ()) -> list[Any]:
+    """The behaviour engine's variants for ``candidate_names(ranks, quantized)``."""
     from lorafid.behaviour.forward import Variant  # transformers only when a probe runs
 
+    hooks = {quantized_name(q): scheme(q) for q in ("int8", *quantized)}
     variants = []
-    for name in candidate_names(ranks):
+    for name in candidate_names(ranks, quantized):
         rank, keep = parse_candidate(name)
         if name == FINETUNE:
             variants.append(Variant(name=name, kind="finetune"))
-        elif name == FINETUNE_8BIT:
-            variants.append(Variant(name=name, kind="finetune", weight_hook=round_to_8_bits))
+        elif name in hooks:
+            variants.append(Variant(name=name, kind="finetune", weight_hook=hooks[name]))
         elif name == BASE:
             variants.append(Variant(name=name, kind="base"))
         else:
@@ -406,13 +425,19 @@ def candidate_variants(ranks: Sequence[int]) -> list[Any]:
 
 
 def score_candidates(
-    base: str, finetune: str, observations: Sequence[Observation], ranks: Sequence[int], config: Any = None
+    base: str,
+    finetune: str,
+    observations: Sequence[Observation],
+    ranks: Sequence[int],
+    config: Any = None,
+    quantized: Sequence[str] = (),
 ) -> Iterator[tuple[Observation, dict[str, Gathered]]]:
     """Run every candidate over the observed token sequences, one prompt at a time."""
     from lorafid.behaviour.forward import stream_logprobs
 
     token_ids = [list(o.ids) for o in observations]
-    for text_index, by_name in stream_logprobs(base, finetune, token_ids, candidate_variants(ranks), config):
+    variants = candidate_variants(ranks, quantized)
+    for text_index, by_name in stream_logprobs(base, finetune, token_ids, variants, config):
         observation = observations[text_index]
         yield observation, {name: gather(observation, lp) for name, lp in by_name.items()}
 
@@ -487,16 +512,20 @@ class ProbeReport:
     prompt_set: dict[str, Any]
     settings: dict[str, Any]
     requests: dict[str, int]
-    candidates: dict[str, CandidateResult]
+    candidates: dict[str, CandidateResult] | dict[str, TextCandidate]
     verdict: Verdict | None
     prompts: list[dict[str, Any]]
     failed_prompts: dict[int, str]
     error: str | None = None
+    # The text channel: the sampler sent, what the endpoint accepted, and the evidence's totals.
+    text: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"schema": SCHEMA, "tool_version": __version__}
         out.update(asdict(self))
         out["candidates"] = {n: _rounded(asdict(c)) for n, c in self.candidates.items()}
+        if self.text is None:
+            del out["text"]
         out["verdict"] = asdict(self.verdict) if self.verdict else None
         out["failed_prompts"] = {str(k): v for k, v in self.failed_prompts.items()}
         return out
@@ -506,8 +535,12 @@ class ProbeReport:
 
     def table(self) -> str:
         """The candidates as a terminal table, closest first."""
+        text = [c for c in self.candidates.values() if isinstance(c, TextCandidate)]
+        if text:
+            return _text_table(text)
         lines = [f"{'candidate':<26}{'KL nats/token':>14}{'95% interval':>24}{'top-1':>8}{'|Δlogp|':>9}"]
-        for c in sorted(self.candidates.values(), key=lambda c: c.distance):
+        logprob = [c for c in self.candidates.values() if isinstance(c, CandidateResult)]
+        for c in sorted(logprob, key=lambda c: c.distance):
             interval = f"[{c.interval[0]:.3g}, {c.interval[1]:.3g}]"
             mark = "" if not c.ruled_out else "  ruled out"
             lines.append(
@@ -516,8 +549,28 @@ class ProbeReport:
         return "\n".join(lines)
 
 
+def _text_table(candidates: Sequence[TextCandidate]) -> str:
+    lines = [f"{'candidate':<26}{'log p/token':>12}{'gap':>11}{'95% interval':>24}{'fit z':>8}{'argmax':>8}"]
+    for c in sorted(candidates, key=lambda c: c.gap):
+        interval = f"[{c.interval[0]:.3g}, {c.interval[1]:.3g}]"
+        mark = "  ruled out" if c.ruled_out else ""
+        lines.append(
+            f"{c.name:<26}{c.mean_logprob:>12.4f}{c.gap:>11.3g}{interval:>24}{c.fit_z:>8.1f}{c.argmax_agreement:>8.1%}{mark}"
+        )
+    return "\n".join(lines)
+
+
 def _rounded(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: (round(v, 8) if isinstance(v, float) and math.isfinite(v) else v) for k, v in values.items()}
+    """Floats (and pairs of them, the intervals) to 8 decimals; distances and intervals alike."""
+
+    def one(v: Any) -> Any:
+        if isinstance(v, float) and math.isfinite(v):
+            return round(v, 8)
+        if isinstance(v, tuple | list) and all(isinstance(x, float) for x in v):
+            return [one(x) for x in v]
+        return v
+
+    return {k: one(v) for k, v in values.items()}
 
 
 def prompt_rows(scores: Iterable[PromptScore], texts: Sequence[str]) -> list[dict[str, Any]]:
@@ -582,6 +635,13 @@ class ProbeConfig:
     rate_per_s: float | None = None  # request starts per second; None: no pacing beyond concurrency
     max_retries: int = 8  # retries allowed over the whole probe (429, 5xx, dropped connections)
     channels: tuple[str, ...] = CHANNELS  # the ways to read log-probabilities, tried in this order
+    # The text channel: used when no log-probability channel works, or alone (channel=TEXT).
+    channel: str | None = None  # one of ALL_CHANNELS to force it; None: logprob channels, then text
+    max_requests: int | None = None  # a hard budget for the whole probe, retries included
+    max_tokens: int = MAX_TOKENS_CAP  # per sampled continuation (text channel)
+    samples: int = MAX_SAMPLES  # n per prompt asked of the text channel
+    quantized: tuple[str, ...] = DEFAULT_QUANTIZED  # quantized copies of the fine-tune as candidates
+    seed: int = 0  # sent to the provider with each text request (many do not honour it)
     policy: NetPolicy = field(default_factory=NetPolicy.open, compare=False)
     retry: RetryPolicy = field(default_factory=RetryPolicy, compare=False)
     hub_token: str | bool | None = field(default=None, repr=False)  # for the two repos
@@ -613,6 +673,13 @@ class Probe:
             raise LorafidError("The prompt set is empty; give at least one text.")
         if any(r < 1 for r in config.ranks) or not config.ranks:
             raise LorafidError("Candidate ranks must be positive integers, e.g. --ranks 16,64,256.")
+        if config.channel is not None and config.channel not in ALL_CHANNELS:
+            raise LorafidError(f"Unknown channel {config.channel!r}; choose from {', '.join(ALL_CHANNELS)}.")
+        unknown = [q for q in config.quantized if q not in SCHEMES]
+        if unknown:
+            raise LorafidError(f"Unknown quantization(s) {', '.join(unknown)}; choose from {', '.join(SCHEMES)}.")
+        if config.max_requests is not None and config.max_requests < 1:
+            raise LorafidError("--max-requests must be at least 1.")
         config.policy.check_url(config.endpoint)
         self.base, self.finetune, self.texts, self.prompt_set, self.config = (
             base,
@@ -622,6 +689,7 @@ class Probe:
             config,
         )
         self._sources: tuple[Any, Any] | None = None
+        self._context: int | None = None  # the fine-tune's max_position_embeddings
         self._tokenizer: Any = None
         self._plan: ProbePlan | None = None
 
@@ -630,22 +698,53 @@ class Probe:
         if self._plan is None:
             from lorafid.behaviour.check import load_tokenizer
 
+            c = self.config
             self._sources = (self._resolve(self.base), self._resolve(self.finetune))
             self._tokenizer = load_tokenizer(
                 self.finetune,
                 revision=self._sources[1].resolved_sha,
-                token=self.config.hub_token,
-                endpoint=self.config.hub_endpoint,
-                allow_local=self.config.allow_local,
+                token=c.hub_token,
+                endpoint=c.hub_endpoint,
+                allow_local=c.allow_local,
             )
-            counts = [len(self._encode(t)) for t in self.texts]
-            self._plan = plan_probe(
-                counts,
-                max_new_tokens=self.config.max_new_tokens,
-                max_retries=self.config.max_retries,
-                channels=len(self.config.channels),
+            channels = self._logprob_channels()
+            if not channels:
+                requests = c.max_requests or DEFAULT_TEXT_REQUESTS
+                alone = plan_text(requests, len(self.texts), max_tokens=c.max_tokens, samples=c.samples)
+                counts = [len(self._encode(t)) for t in self.texts]
+                self._plan = ProbePlan(
+                    0, int(sum(counts)), c.max_tokens, requests, requests, text=alone, text_only=True
+                )
+                return self._plan
+            texts = self._logprob_texts()
+            counts = [len(self._encode(t)) for t in texts]
+            plan = plan_probe(
+                counts, max_new_tokens=c.max_new_tokens, max_retries=c.max_retries, channels=len(channels)
             )
+            text_requests = (c.max_requests - len(channels)) if c.max_requests is not None else DEFAULT_TEXT_REQUESTS
+            text: TextPlan | None = None
+            if c.channel is None and text_requests >= 1:
+                text = plan_text(text_requests, len(self.texts), max_tokens=c.max_tokens, samples=c.samples)
+            if c.max_requests is not None:
+                plan = replace(plan, requests=min(plan.requests, c.max_requests), max_requests=c.max_requests)
+            elif text is not None:
+                # The text channel runs only after every log-probability channel was refused.
+                plan = replace(plan, max_requests=max(plan.max_requests, len(channels) + text.requests))
+            self._plan = replace(plan, text=text)
         return self._plan
+
+    def _logprob_channels(self) -> tuple[str, ...]:
+        """The log-probability channels to try, in order: none when the text channel is forced."""
+        if self.config.channel == TEXT:
+            return ()
+        if self.config.channel is not None:
+            return (self.config.channel,)
+        return tuple(self.config.channels)
+
+    def _logprob_texts(self) -> list[str]:
+        """The prompts a log-probability channel reads: one request each, so a budget takes the first ones."""
+        limit = self.config.max_requests
+        return self.texts if limit is None else self.texts[:limit]
 
     def run(self, on_progress: Callable[[str, int, int], None] | None = None) -> ProbeReport:
         """Send the planned requests, score the candidates, compare; a partial run keeps its prompts.
@@ -656,13 +755,15 @@ class Probe:
         c = self.config
         tokens = TokenMap(self._tokenizer)
         answered = [0]
+        texts = self._logprob_texts()
 
         def provider_step(_: int) -> None:
             answered[0] += 1
             if on_progress:
-                on_progress("provider", answered[0], len(self.texts))
+                on_progress("provider", answered[0], len(texts))
 
-        budget = RequestBudget(plan.max_requests)
+        # The log-probability channels' own cap; a fallback to text extends it by the text's share.
+        budget = RequestBudget(plan.max_requests if plan.text_only or c.max_requests else plan.requests + c.max_retries)
         client = OpenAIClient(
             c.endpoint,
             c.api_key,
@@ -673,19 +774,34 @@ class Probe:
             transport=c.transport,
         )
         with client:
-            collection = collect(
-                client,
-                c.model,
-                self.texts,
-                self._encode,
-                self._chat_context(),
-                tokens,
-                top_k=c.top_k,
-                max_new_tokens=c.max_new_tokens,
-                concurrency=c.concurrency,
-                channels=c.channels,
-                on_answer=provider_step,
-            )
+            collection = Collection()
+            if not plan.text_only:
+                collection = collect(
+                    client,
+                    c.model,
+                    texts,
+                    self._encode,
+                    self._chat_context(),
+                    tokens,
+                    top_k=c.top_k,
+                    max_new_tokens=c.max_new_tokens,
+                    concurrency=c.concurrency,
+                    channels=self._logprob_channels(),
+                    on_answer=provider_step,
+                )
+                if collection.channel is None and plan.text is None:
+                    raise ProviderError(collection.error or "The endpoint offers no way to read log-probabilities.")
+            if collection.channel is None:
+                assert plan.text is not None
+                if c.max_requests is None:
+                    budget.max_requests = budget.used + plan.text.requests  # the refusals plus the text's share
+                text_plan = replace(plan.text, requests=min(plan.text.requests, budget.max_requests - budget.used))
+                if text_plan.requests < 1:
+                    raise ProviderError(f"{collection.error} The request budget is spent; raise --max-requests.")
+                if on_progress:
+                    on_progress("provider", 0, text_plan.requests)
+                read = collect_text(client, c.model, self.texts, text_plan, seed=c.seed)
+                return self._text_report(plan, text_plan, read, collection, budget, on_progress)
         raise_unless_usable(collection)
         observations = [collection.observations[i] for i in sorted(collection.observations)]
         scores: list[PromptScore] = []
@@ -693,7 +809,7 @@ class Probe:
         error = collection.error
         try:
             for observation, by_name in score_candidates(
-                self.base, self.finetune, observations, c.ranks, self._forward_config()
+                self.base, self.finetune, observations, c.ranks, self._forward_config(), c.quantized
             ):
                 gathered.append(by_name)
                 scores.append(score_prompt(observation, by_name))
@@ -705,7 +821,7 @@ class Probe:
                 raise
         scored = [o for o in observations if any(s.prompt_index == o.prompt_index for s in scores)]
         candidates, verdict = summarise(scores, local_distances(scored, gathered), c.ranks)
-        complete = collection.complete and error is None and len(scores) == len(self.texts)
+        complete = collection.complete and error is None and len(scores) == len(texts)
         return ProbeReport(
             status="complete" if complete else "partial",
             endpoint_host=urlsplit(c.endpoint).hostname or "",
@@ -714,14 +830,11 @@ class Probe:
             channels_tried=collection.channels_tried,
             base=self._described(0),
             finetune=self._described(1),
-            prompt_set={**self.prompt_set, "count": len(self.texts)},
+            prompt_set={**self.prompt_set, "count": len(texts)},
             settings={
-                "ranks": list(c.ranks),
+                **self._common_settings(),
                 "top_k": c.top_k,
                 "max_new_tokens": c.max_new_tokens,
-                "concurrency": c.concurrency,
-                "rate_per_s": c.rate_per_s,
-                "max_retries": c.max_retries,
                 "distance": "coarse KL(provider || candidate) on the provider's listed tokens + rest, nats per token",
                 "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": 0, "level": 0.95},
                 "noise_floor_nats": NOISE_FLOOR_NATS,
@@ -734,12 +847,115 @@ class Probe:
             error=error,
         )
 
+    def _common_settings(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "ranks": list(c.ranks),
+            "quantized": list(c.quantized),
+            "channel": c.channel or "auto",
+            "max_requests": c.max_requests,
+            "concurrency": c.concurrency,
+            "rate_per_s": c.rate_per_s,
+            "max_retries": c.max_retries,
+        }
+
+    def _text_report(
+        self,
+        plan: ProbePlan,
+        text_plan: TextPlan,
+        read: Any,
+        collection: Collection,
+        budget: RequestBudget,
+        on_progress: Callable[[str, int, int], None] | None,
+    ) -> ProbeReport:
+        """Score the provider's continuations under every candidate and judge them."""
+        c = self.config
+        tokens = TokenMap(self._tokenizer)
+        max_length = self._context
+        observations, empty = observe(
+            read.continuations, self.texts, self._encode, tokens.encode_plain, tokens.eos_id, max_length
+        )
+        if not observations:
+            raise ProviderError("Every continuation the provider sent was empty; nothing to score.")
+        per_continuation: list[dict[str, Any]] = []
+        error = read.error
+        variants = candidate_variants(c.ranks, c.quantized)
+        try:
+            for _, by_name in score_text(self.base, self.finetune, observations, variants, self._forward_config()):
+                per_continuation.append(by_name)
+                if on_progress:
+                    on_progress("local", len(per_continuation), len(observations))
+        except KeyboardInterrupt:
+            error = "interrupted while scoring the candidates"
+            if not per_continuation:
+                raise
+        scored = observations[: len(per_continuation)]
+        family = [n for n in candidate_names(c.ranks, c.quantized) if is_original(n)]
+        candidates, verdict, evidence = judge_text(
+            concatenated(per_continuation), [o.tokens for o in scored], original_family=family
+        )
+        tried = [*collection.channels_tried, {"channel": TEXT, "outcome": "used"}]
+        return ProbeReport(
+            status="complete" if error is None else "partial",
+            endpoint_host=urlsplit(c.endpoint).hostname or "",
+            model=c.model,
+            method=TEXT,
+            channels_tried=tried,
+            base=self._described(0),
+            finetune=self._described(1),
+            prompt_set={**self.prompt_set, "count": len(self.texts)},
+            settings={
+                **self._common_settings(),
+                "max_tokens": text_plan.max_tokens,
+                "samples": text_plan.samples,
+                "distance": "mean log-likelihood gap to the closest candidate (KL(P||Q) - KL(P||closest)), "
+                "nats per token of sampled text",
+                "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": 0, "level": 0.95, "block_tokens": 32},
+            },
+            requests={"announced": plan.requests, "max": plan.max_requests, "sent": budget.used},
+            candidates=candidates,
+            verdict=verdict,
+            prompts=[
+                {
+                    "index": o.prompt_index,
+                    "text": self.texts[o.prompt_index][:120],
+                    "tokens": o.tokens,
+                    "finish": o.finish_reason,
+                }
+                for o in scored
+            ],
+            failed_prompts={},
+            error=error,
+            text={
+                "sampler": read.sampler,
+                "packed": read.packed,
+                "samples": read.samples,
+                "notes": read.notes,
+                "continuations": len(read.continuations),
+                "empty": empty,
+                "tokens": evidence.tokens,
+                "resolution_nats": evidence.resolution,
+                "tail": {
+                    "observed": evidence.tail_observed,
+                    "expected": evidence.tail_expected,
+                    "z": evidence.tail_z,
+                },
+                "finding": evidence.finding,
+            },
+        )
+
     def _resolve(self, spec: str) -> Any:
+        from lorafid.behaviour.forward import read_config_json
         from lorafid.weights.source import open_source
 
         with open_source(
             spec, token=self.config.hub_token, endpoint=self.config.hub_endpoint, allow_local=self.config.allow_local
         ) as source:
+            if spec == self.finetune:
+                # The context length bounds a scored sequence (prompt and sampled continuation).
+                config = read_config_json(source) or {}
+                length = config.get("max_position_embeddings")
+                self._context = length if isinstance(length, int) and not isinstance(length, bool) else None
             return source.info
 
     def _described(self, which: int) -> dict[str, str | None]:

@@ -494,10 +494,13 @@ def test_server_shapes_agree_with_each_other(serve: Any) -> None:
     client = OpenAIClient(server.url, None, budget=RequestBudget(3))
     echo = client.read(ECHO, "tiny-served", "the knight drew his sword", top_k=3, max_new_tokens=1)
     ids = client.read(PROMPT_LOGPROBS, "tiny-served", "the knight drew his sword", top_k=3, max_new_tokens=1)
-    assert [p.logprob for p in echo.positions] == [p.logprob for p in ids.positions]
-    assert [server.tokenizer.decode([p.token_id]) for p in ids.positions] == [p.token for p in echo.positions]
+    # The echo asks max_tokens 1 (0 means "until the context is full" to llama.cpp's server),
+    # so, as vLLM does, it ends with the one generated token after the prompt.
+    assert len(echo.positions) == len(ids.positions) + 1 and echo.prompt_tokens == len(ids.positions)
+    assert [p.logprob for p in echo.positions[:-1]] == [p.logprob for p in ids.positions]
+    assert [server.tokenizer.decode([p.token_id]) for p in ids.positions] == [p.token for p in echo.positions[:-1]]
     body = json.dumps([r.body for r in server.requests])
-    assert '"echo": true' in body and '"max_tokens": 0' in body
+    assert '"echo": true' in body and '"max_tokens": 1' in body
 
 
 # -- the whole probe, end to end ------------------------------------------------------------
