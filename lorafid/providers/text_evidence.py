@@ -196,14 +196,16 @@ def judge_text(
     others = ", ".join(n for n in consistent if n != closest)
     undecided = f"; {others} cannot be told apart from it with {count}" if others else f" ({count})"
     if held <= family:
-        if closest == FINETUNE:
-            sentence = "Serves the original weights" + undecided + ". Not an extraction: every rank is ruled out."
-        else:
-            sentence = (
-                f"Serves the original weights quantized ({closest})" + undecided + ". Not an extraction: every rank "
-                "is ruled out."
+        if FINETUNE in held:
+            copies = [n for n in consistent if n != FINETUNE]
+            sentence = "Serves the original weights" + (
+                f" (or a quantized copy: {', '.join(copies)} cannot be told apart from them with {count})"
+                if copies
+                else f" ({count})"
             )
-        return verdict("served", sentence, True)
+        else:
+            sentence = f"Serves the original weights quantized ({closest})" + undecided
+        return verdict("served", sentence + ". Not an extraction: every rank is ruled out.", True)
     if held == {BASE}:
         return verdict("served", f"Serves the base model, not the fine-tune ({count}).", True)
     ranks = {parse_candidate(n)[0] for n in held if n.startswith("rank-")}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -415,41 +414,6 @@ def test_visitor_budget() -> None:
 # -- against the loopback OpenAI-compatible server --------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def family() -> Any:
-    pytest.importorskip("transformers")
-    from tests.llama_models import model_family
-
-    return model_family("llama", layers=2)
-
-
-@pytest.fixture
-def serve(family: Any) -> Iterator[Any]:
-    from tests.openai_server import OpenAIServer, served_weights
-
-    servers: list[OpenAIServer] = []
-
-    def start(mode: str = "finetune", tensors: dict[str, torch.Tensor] | None = None, **options: Any) -> OpenAIServer:
-        weights = tensors if tensors is not None else served_weights(family.base.tensors, family.full.tensors, mode)
-        server = OpenAIServer(family.full.files, weights, **options).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer(family: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from transformers import PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tokenizer")
-    for name, content in family.full.files.items():
-        (folder / name).write_bytes(content)
-    return PreTrainedTokenizerFast.from_pretrained(folder)
-
-
 def test_token_check_tolerates_a_missing_bos_and_refuses_other_tokens(tiny_tokenizer: Any) -> None:
     from lorafid.providers.openai_api import Alternative, Position, ProviderAnswer
     from lorafid.providers.probe import TokenMap, align_prompt
@@ -506,24 +470,6 @@ def test_server_shapes_agree_with_each_other(serve: Any) -> None:
 # -- the whole probe, end to end ------------------------------------------------------------
 
 RANKS = (4, 8, 16, 32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny matrices: on a loaded 2-core machine torch's second thread makes each one 100x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture
-def pair(hub: Any, family: Any) -> tuple[str, str]:
-    from tests.llama_models import publish
-
-    publish(hub, "org/base", family.base)
-    publish(hub, "org/finetune", family.full)
-    return "org/base", "org/finetune"
 
 
 def _texts(server: Any, count: int = 8) -> list[str]:
