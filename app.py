@@ -56,31 +56,14 @@ from lorafid.sharing.registry import (
     table_rows,
 )
 from lorafid.web import plots
-from lorafid.web.dashboard import (
-    DEFAULT_RANK,
-    MAX_RANK,
-    AppConfig,
-    Catalog,
-    GalleryEntry,
-    ProgressMeter,
-    ReportCache,
-    Throttle,
-    VisitorSlots,
-    code_span,
-    download_dir,
-    example_link,
-    html_text,
-    md_text,
-    page_url,
-    parse_link,
-    release_memory,
-    report_link,
-    resolve_commit,
-    summary_markdown,
-    visitor_id,
-    write_report_json,
-    zero_gpu_compute,
-)
+from lorafid.web.config import DEFAULT_RANK, MAX_RANK, AppConfig
+from lorafid.web.downloads import download_dir, write_report_json
+from lorafid.web.gallery import Catalog, GalleryEntry, ReportCache
+from lorafid.web.limits import VisitorSlots, release_memory, visitor_id
+from lorafid.web.links import example_link, page_url, parse_link, report_link, resolve_commit
+from lorafid.web.pacing import ProgressMeter, Throttle
+from lorafid.web.text import code_span, html_text, md_text, summary_markdown
+from lorafid.web.zerogpu import zero_gpu_compute
 
 INTRO = """# lorafid
 **How much of a fine-tuned model survives when it is served as a rank-r LoRA** extracted from

@@ -290,7 +290,7 @@ def test_dashboard_behaviour_tab_runs_stores_and_reopens(
 
     import lorafid.behaviour.check
     from lorafid.audit.store import Store
-    from lorafid.web.dashboard import AppConfig
+    from lorafid.web.config import AppConfig
     from tests.web.test_app import serve as serve_app
 
     family = model_family("llama", 2)
@@ -324,7 +324,7 @@ def test_dashboard_draws_the_audits_energy_beside_kl_and_reopens_a_stored_check(
     import importlib
 
     from lorafid.audit.engine import AuditConfig, audit
-    from lorafid.web.dashboard import AppConfig
+    from lorafid.web.config import AppConfig
 
     app = importlib.import_module("app")
     dashboard = app.Dashboard(AppConfig(allow_local=True, store_home=tmp_path / "home", examples_dir=tmp_path))
@@ -398,7 +398,7 @@ def test_zero_gpu_block_compute_gives_the_same_check(
             assert remote[name][key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), (name, key)
 
     import app
-    from lorafid.web.dashboard import AppConfig
+    from lorafid.web.config import AppConfig
 
     fake = types.ModuleType("spaces")
     fake.GPU = lambda duration: lambda function: ("decorated", function, duration)  # type: ignore[attr-defined]

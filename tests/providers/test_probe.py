@@ -688,7 +688,7 @@ def test_dashboard_tab_refuses_private_endpoints_on_public_servers_and_runs_on_p
 
     import lorafid.providers.probe
     from lorafid.audit.store import Store
-    from lorafid.web.dashboard import AppConfig
+    from lorafid.web.config import AppConfig
     from tests.web.test_app import serve as serve_app
 
     server = serve("rank-8")

@@ -48,7 +48,7 @@ from lorafid.sharing.registry import (
     table_rows,
     verify,
 )
-from lorafid.web.dashboard import AppConfig
+from lorafid.web.config import AppConfig
 from tests.hub_server import HubServer
 from tests.models import model_pair, shard_files
 

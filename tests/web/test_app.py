@@ -36,7 +36,8 @@ from lorafid.audit.engine import Audit, AuditConfig
 from lorafid.audit.report import save_spectra, spectra_path
 from lorafid.audit.store import Store
 from lorafid.errors import FetchError, LorafidError
-from lorafid.web.dashboard import AppConfig, page_url, parse_link, permalink
+from lorafid.web.config import AppConfig
+from lorafid.web.links import page_url, parse_link, permalink
 from lorafid.weights.safetensors_format import HEADER_PROBE_BYTES, header_cap
 from tests.hub_server import HubServer
 from tests.models import model_pair, shard_files, write_dir
@@ -367,7 +368,7 @@ def test_zero_gpu_decorates_only_the_spectrum(monkeypatch: pytest.MonkeyPatch) -
     import torch
 
     from lorafid.audit.spectrum import DeltaSpectrum
-    from lorafid.web.dashboard import zero_gpu_compute
+    from lorafid.web.zerogpu import zero_gpu_compute
 
     assert zero_gpu_compute({}) is None  # off ZeroGPU the audit chooses its device itself
     decorated: list[tuple[str, int]] = []
@@ -465,7 +466,7 @@ def test_an_audit_of_a_gated_repo_stays_with_those_who_can_read_it(served: Serve
 
 
 def test_visibility_check_uses_the_visitors_own_token(served: Served) -> None:
-    from lorafid.web.dashboard import Catalog
+    from lorafid.web.gallery import Catalog
 
     run(served.client(), finetune=GATED, token="hf_reader_token")
     catalog = Catalog(Store(served.home), served.home / "none", endpoint=served.hub.endpoint)
@@ -481,7 +482,7 @@ def test_downloads_are_written_per_request_atomically_and_swept(tmp_path: Path) 
     import dataclasses
     import threading
 
-    from lorafid.web.dashboard import sweep_downloads, write_report_json
+    from lorafid.web.downloads import sweep_downloads, write_report_json
 
     reports = []
     for seed in (1, 2):
@@ -585,7 +586,7 @@ def test_names_from_a_hostile_repo_render_as_text(served: Served) -> None:
     heatmap = json.loads(final[0]["plot"])
     shown = json.dumps(heatmap["data"])
     assert "<a href" not in shown and "&lt;a href=" in shown
-    from lorafid.web.dashboard import code_span
+    from lorafid.web.text import code_span
 
     assert MarkdownIt("commonmark").render(code_span(HOSTILE[2])) == f"<p><code>{HOSTILE[2]}</code></p>\n"
 
@@ -710,7 +711,7 @@ def test_an_audit_stops_at_the_time_limit_and_keeps_its_results(hub: HubServer, 
 
 
 def test_figure_pace_follows_its_cost() -> None:
-    from lorafid.web.dashboard import Throttle
+    from lorafid.web.pacing import Throttle
 
     now = [0.0]
     pace = Throttle(0.5, cost_factor=5.0, clock=lambda: now[0])

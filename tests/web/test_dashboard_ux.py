@@ -20,7 +20,11 @@ from gradio_client.exceptions import AppError
 from lorafid.audit.engine import AuditProgress
 from lorafid.audit.store import Store
 from lorafid.audit.summary import percent
-from lorafid.web.dashboard import AppConfig, Catalog, ProgressMeter, example_link, html_text, parse_link, permalink
+from lorafid.web.config import AppConfig
+from lorafid.web.gallery import Catalog
+from lorafid.web.links import example_link, parse_link, permalink
+from lorafid.web.pacing import ProgressMeter
+from lorafid.web.text import html_text
 from tests.hub_server import HubServer
 from tests.web.test_app import BASE, GATED, LINK, PROGRESS, SUMMARY, Served, plain, run, serve
 from tests.web.test_app import served as _served  # noqa: F401  (the fixture, registered by import)
