@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from lorafid.audit.report import Report, SourceRecord
 from lorafid.weights.source import open_source
@@ -118,3 +118,14 @@ def resolve_commit(repo: str, revision: str | None, token: str | bool | None, en
     source = open_source(repo, revision=revision or None, token=token, endpoint=endpoint, allow_local=False)
     source.close()
     return source.info.resolved_sha or ""
+
+
+def stored_key(query: str, name: str) -> str:
+    """The stored document's key that ``?name=KEY`` names, or "" unless it is 16 hex digits."""
+    key = dict(parse_query(query)).get(name, "")
+    return key if len(key) == 16 and all(c in "0123456789abcdef" for c in key) else ""
+
+
+def parse_query(query: str) -> list[tuple[str, str]]:
+    """A query string's (name, value) pairs, read from its first 4,096 characters."""
+    return parse_qsl((query or "")[:4096].lstrip("?"))

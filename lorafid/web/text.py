@@ -76,7 +76,6 @@ def _pinned(spec: str, sha: str | None) -> str:
 MAX_ECHO_CHARS = 200
 """Longest piece of user or repo text quoted back in a message; the rest is cut, with its length."""
 
-
 _ASCII_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
 
 

@@ -1,6 +1,6 @@
 """The dashboard through gradio_client, against audits served by the loopback Hub.
 
-Each test launches ``app.build_app`` on 127.0.0.1 (a free port) with its own store under a
+Each test launches ``lorafid.web.app.build_app`` on 127.0.0.1 (a free port) with its own store under a
 tmp ``LORAFID_HOME`` and the loopback Hub as endpoint, then calls the endpoints the page
 uses (``api_name``s: run_audit, rerank, open_link, open_audit, stop).
 """
@@ -55,7 +55,7 @@ class Served:
     url: str
     hub: HubServer
     home: Path
-    app: ModuleType
+    audit_tab: ModuleType  # lorafid.web.tabs.audit, whose handlers a test may patch
 
     def client(self) -> Client:
         return Client(self.url, verbose=False)
@@ -78,7 +78,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serve(config: AppConfig) -> Iterator[str]:
     """Launch the dashboard in this process; yields its URL."""
-    app = importlib.import_module("app")
+    app = importlib.import_module("lorafid.web.app")
     demo = app.build_app(config)
     demo.launch(
         prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **app.launch_options()
@@ -92,11 +92,11 @@ def serve(config: AppConfig) -> Iterator[str]:
 @pytest.fixture
 def served(hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
     home = tmp_path / "home"
-    monkeypatch.setenv("LORAFID_HOME", str(home))  # also for the module-level demo of app.py
+    monkeypatch.setenv("LORAFID_HOME", str(home))
     add_models(hub)
     config = AppConfig(endpoint=hub.endpoint, store_home=home, examples_dir=tmp_path / "examples", device="cpu")
     with serve(config) as url:
-        yield Served(url, hub, home, importlib.import_module("app"))
+        yield Served(url, hub, home, importlib.import_module("lorafid.web.tabs.audit"))
 
 
 def run(client: Client, base: str = BASE, finetune: str = TUNED, rank: int = 8, token: str = "") -> list[tuple]:
@@ -356,7 +356,7 @@ def test_no_sign_in_button_without_oauth(tmp_path: Path, monkeypatch: pytest.Mon
     """Off Spaces a LoginButton makes Gradio call the Hub's whoami at build time: never render it there."""
     monkeypatch.setenv("LORAFID_HOME", str(tmp_path))
     monkeypatch.delenv("OAUTH_CLIENT_ID", raising=False)
-    app = importlib.import_module("app")
+    app = importlib.import_module("lorafid.web.app")
     assert not app.build_app(AppConfig.from_env()).expects_oauth
 
 
@@ -523,13 +523,13 @@ def test_downloads_are_written_per_request_atomically_and_swept(tmp_path: Path) 
 
 def test_the_json_is_written_only_when_downloaded(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
     written: list[int] = []
-    original = served.app.write_report_json
+    original = served.audit_tab.write_report_json
 
     def counting(report: Any, directory: Path) -> Path:
         written.append(report.rank)
         return original(report, directory)
 
-    monkeypatch.setattr(served.app, "write_report_json", counting)
+    monkeypatch.setattr(served.audit_tab, "write_report_json", counting)
     client = served.client()
     run(client, rank=8)
     for rank in (2, 3, 5):
