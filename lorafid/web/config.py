@@ -16,8 +16,6 @@ from lorafid.errors import LorafidError
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"
 MAX_RANK = 4096  # slider range; any rank is exact, this only bounds the widget
-
-
 DEFAULT_RANK = 64
 _TRUE = {"1", "true", "yes", "on"}
 

@@ -41,8 +41,6 @@ its difference to the base (truncated SVD of W_finetune − W_base)? Paste two H
 per matrix. Weights are read by HTTP ranges, never downloaded whole.
 """
 FIGURE_INTERVAL_S = 0.5  # rebuild the charts at most twice a second while an audit streams
-
-
 README_SECTION = "what-the-numbers-mean"  # the README's table of metrics, linked from "How to read this"
 
 

@@ -18,8 +18,6 @@ from lorafid.web.text import html_text
 
 TEXT_INTERVAL_S = 0.1  # update a status line at most ten times a second while a check streams
 MAX_INPUT_CHARS = 200  # a Hub repo ID is at most 96 characters, a revision a branch name or SHA
-
-
 MAX_MESSAGE_CHARS = 600  # an error message quoting user input is cut, never echoed whole
 
 
