@@ -24,7 +24,8 @@ from safetensors.torch import save
 
 from lorafid.audit.engine import Audit, AuditConfig
 from lorafid.audit.store import Store
-from lorafid.web.dashboard import AppConfig, Throttle
+from lorafid.web.config import AppConfig
+from lorafid.web.pacing import Throttle
 from tests.hub_server import HubServer
 from tests.web.test_app import serve
 

@@ -130,7 +130,8 @@ def test_full_finetune_example_is_high_rank() -> None:
 
 def test_dashboard_gallery_lists_and_opens_the_bundled_examples(tmp_path: Path) -> None:
     from lorafid.audit.store import Store
-    from lorafid.web.dashboard import EXAMPLES_DIR, Catalog
+    from lorafid.web.config import EXAMPLES_DIR
+    from lorafid.web.gallery import Catalog
 
     assert EXAMPLES_DIR == EXAMPLES
     catalog = Catalog(Store(tmp_path / "home"))  # the default: the bundled examples

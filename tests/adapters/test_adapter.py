@@ -356,7 +356,7 @@ def test_adapter_curve_marks_the_adapter_next_to_the_optimum(tmp_path: Path, tra
 def test_dashboard_compares_a_published_adapter(hub: HubServer, trained: dict, tmp_path: Path) -> None:
     from gradio_client import Client
 
-    from lorafid.web.dashboard import AppConfig
+    from lorafid.web.config import AppConfig
     from tests.web.test_app import serve
 
     hub.add_repo("org/base", trained["base"])

@@ -290,7 +290,7 @@ def test_dashboard_behaviour_tab_runs_stores_and_reopens(
 
     import lorafid.behaviour.check
     from lorafid.audit.store import Store
-    from lorafid.web.dashboard import AppConfig
+    from lorafid.web.config import AppConfig
     from tests.web.test_app import serve as serve_app
 
     family = model_family("llama", 2)
@@ -324,9 +324,10 @@ def test_dashboard_draws_the_audits_energy_beside_kl_and_reopens_a_stored_check(
     import importlib
 
     from lorafid.audit.engine import AuditConfig, audit
-    from lorafid.web.dashboard import AppConfig
+    from lorafid.web.config import AppConfig
+    from lorafid.web.tabs.behaviour import behaviour_figure
 
-    app = importlib.import_module("app")
+    app = importlib.import_module("lorafid.web.app")
     dashboard = app.Dashboard(AppConfig(allow_local=True, store_home=tmp_path / "home", examples_dir=tmp_path))
     dashboard.build()
     assert dashboard._energy_kept(full_report) is None  # no stored audit of this pair yet
@@ -335,7 +336,7 @@ def test_dashboard_draws_the_audits_energy_beside_kl_and_reopens_a_stored_check(
     assert energy is not None and energy[48] == 1.0
     assert energy[3] == pytest.approx(report.with_rank(3).summary().overall.energy_retained)
     assert 0.0 < energy[3] < 1.0
-    figure = app.behaviour_figure(full_report, energy)
+    figure = behaviour_figure(full_report, energy)
     traces = {trace.name: trace for trace in figure.data}
     assert list(traces["energy kept (weight audit)"].y) == [energy[3], energy[48]]
     assert list(traces["KL, lora-only"].x) == [3, 48]
@@ -397,8 +398,8 @@ def test_zero_gpu_block_compute_gives_the_same_check(
         for key in ("kl_mean", "kl_max", "top1_agreement", "loglik_delta"):
             assert remote[name][key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), (name, key)
 
-    import app
-    from lorafid.web.dashboard import AppConfig
+    from lorafid.web import app
+    from lorafid.web.config import AppConfig
 
     fake = types.ModuleType("spaces")
     fake.GPU = lambda duration: lambda function: ("decorated", function, duration)  # type: ignore[attr-defined]

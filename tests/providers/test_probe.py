@@ -637,7 +637,7 @@ def test_dashboard_tab_refuses_private_endpoints_on_public_servers_and_runs_on_p
 
     import lorafid.providers.probe
     from lorafid.audit.store import Store
-    from lorafid.web.dashboard import AppConfig
+    from lorafid.web.config import AppConfig
     from tests.web.test_app import serve as serve_app
 
     server = serve("rank-8")
@@ -648,7 +648,7 @@ def test_dashboard_tab_refuses_private_endpoints_on_public_servers_and_runs_on_p
     monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "home"))
     config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "home", examples_dir=tmp_path, device="cpu")
     arguments = ["tiny-served", "sk-app-secret", *pair, "4,8,16,32"]
-    app = importlib.import_module("app")
+    app = importlib.import_module("lorafid.web.app")
     public = app.Dashboard(config)  # a public deployment: the default
     for endpoint, reason in ((server.url, "only calls https"), ("https://127.0.0.1:1/v1", "not a public address")):
         with pytest.raises(gr.Error, match=reason):

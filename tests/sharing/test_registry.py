@@ -48,7 +48,7 @@ from lorafid.sharing.registry import (
     table_rows,
     verify,
 )
-from lorafid.web.dashboard import AppConfig
+from lorafid.web.config import AppConfig
 from tests.hub_server import HubServer
 from tests.models import model_pair, shard_files
 
@@ -475,7 +475,7 @@ def progress_of(outputs: tuple | list) -> str:
 @contextlib.contextmanager
 def dashboard(config: AppConfig) -> Iterator[tuple[Client, Any]]:
     """A dashboard (with its ``Dashboard`` object, to reach its writer) served on a free port."""
-    app = importlib.import_module("app")
+    app = importlib.import_module("lorafid.web.app")
     board = app.Dashboard(config)
     demo = board.build()
     demo.launch(
@@ -495,7 +495,7 @@ def final_progress(updates: list[tuple]) -> str:
 
 @pytest.fixture
 def app_env(hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubServer:
-    importlib.import_module("app")  # its module-level demo is built before the registry is configured
+    importlib.import_module("lorafid.web.app")  # imported before the registry is configured
     monkeypatch.setenv("LORAFID_REGISTRY", REGISTRY)
     monkeypatch.setenv("LORAFID_REGISTRY_TOKEN", WRITER)
     monkeypatch.setenv("LORAFID_REGISTRY_INTERVAL_S", "3600")  # the test commits with flush()

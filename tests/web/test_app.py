@@ -1,6 +1,6 @@
 """The dashboard through gradio_client, against audits served by the loopback Hub.
 
-Each test launches ``app.build_app`` on 127.0.0.1 (a free port) with its own store under a
+Each test launches ``lorafid.web.app.build_app`` on 127.0.0.1 (a free port) with its own store under a
 tmp ``LORAFID_HOME`` and the loopback Hub as endpoint, then calls the endpoints the page
 uses (``api_name``s: run_audit, rerank, open_link, open_audit, stop).
 """
@@ -36,7 +36,8 @@ from lorafid.audit.engine import Audit, AuditConfig
 from lorafid.audit.report import save_spectra, spectra_path
 from lorafid.audit.store import Store
 from lorafid.errors import FetchError, LorafidError
-from lorafid.web.dashboard import AppConfig, page_url, parse_link, permalink
+from lorafid.web.config import AppConfig
+from lorafid.web.links import page_url, parse_link, permalink
 from lorafid.weights.safetensors_format import HEADER_PROBE_BYTES, header_cap
 from tests.hub_server import HubServer
 from tests.models import model_pair, shard_files, write_dir
@@ -54,7 +55,7 @@ class Served:
     url: str
     hub: HubServer
     home: Path
-    app: ModuleType
+    audit_tab: ModuleType  # lorafid.web.tabs.audit, whose handlers a test may patch
 
     def client(self) -> Client:
         return Client(self.url, verbose=False)
@@ -77,7 +78,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serve(config: AppConfig) -> Iterator[str]:
     """Launch the dashboard in this process; yields its URL."""
-    app = importlib.import_module("app")
+    app = importlib.import_module("lorafid.web.app")
     demo = app.build_app(config)
     demo.launch(
         prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **app.launch_options()
@@ -91,11 +92,11 @@ def serve(config: AppConfig) -> Iterator[str]:
 @pytest.fixture
 def served(hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
     home = tmp_path / "home"
-    monkeypatch.setenv("LORAFID_HOME", str(home))  # also for the module-level demo of app.py
+    monkeypatch.setenv("LORAFID_HOME", str(home))
     add_models(hub)
     config = AppConfig(endpoint=hub.endpoint, store_home=home, examples_dir=tmp_path / "examples", device="cpu")
     with serve(config) as url:
-        yield Served(url, hub, home, importlib.import_module("app"))
+        yield Served(url, hub, home, importlib.import_module("lorafid.web.tabs.audit"))
 
 
 def run(client: Client, base: str = BASE, finetune: str = TUNED, rank: int = 8, token: str = "") -> list[tuple]:
@@ -355,7 +356,7 @@ def test_no_sign_in_button_without_oauth(tmp_path: Path, monkeypatch: pytest.Mon
     """Off Spaces a LoginButton makes Gradio call the Hub's whoami at build time: never render it there."""
     monkeypatch.setenv("LORAFID_HOME", str(tmp_path))
     monkeypatch.delenv("OAUTH_CLIENT_ID", raising=False)
-    app = importlib.import_module("app")
+    app = importlib.import_module("lorafid.web.app")
     assert not app.build_app(AppConfig.from_env()).expects_oauth
 
 
@@ -367,7 +368,7 @@ def test_zero_gpu_decorates_only_the_spectrum(monkeypatch: pytest.MonkeyPatch) -
     import torch
 
     from lorafid.audit.spectrum import DeltaSpectrum
-    from lorafid.web.dashboard import zero_gpu_compute
+    from lorafid.web.zerogpu import zero_gpu_compute
 
     assert zero_gpu_compute({}) is None  # off ZeroGPU the audit chooses its device itself
     decorated: list[tuple[str, int]] = []
@@ -465,7 +466,7 @@ def test_an_audit_of_a_gated_repo_stays_with_those_who_can_read_it(served: Serve
 
 
 def test_visibility_check_uses_the_visitors_own_token(served: Served) -> None:
-    from lorafid.web.dashboard import Catalog
+    from lorafid.web.gallery import Catalog
 
     run(served.client(), finetune=GATED, token="hf_reader_token")
     catalog = Catalog(Store(served.home), served.home / "none", endpoint=served.hub.endpoint)
@@ -481,7 +482,7 @@ def test_downloads_are_written_per_request_atomically_and_swept(tmp_path: Path) 
     import dataclasses
     import threading
 
-    from lorafid.web.dashboard import sweep_downloads, write_report_json
+    from lorafid.web.downloads import sweep_downloads, write_report_json
 
     reports = []
     for seed in (1, 2):
@@ -522,13 +523,13 @@ def test_downloads_are_written_per_request_atomically_and_swept(tmp_path: Path) 
 
 def test_the_json_is_written_only_when_downloaded(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
     written: list[int] = []
-    original = served.app.write_report_json
+    original = served.audit_tab.write_report_json
 
     def counting(report: Any, directory: Path) -> Path:
         written.append(report.rank)
         return original(report, directory)
 
-    monkeypatch.setattr(served.app, "write_report_json", counting)
+    monkeypatch.setattr(served.audit_tab, "write_report_json", counting)
     client = served.client()
     run(client, rank=8)
     for rank in (2, 3, 5):
@@ -585,7 +586,7 @@ def test_names_from_a_hostile_repo_render_as_text(served: Served) -> None:
     heatmap = json.loads(final[0]["plot"])
     shown = json.dumps(heatmap["data"])
     assert "<a href" not in shown and "&lt;a href=" in shown
-    from lorafid.web.dashboard import code_span
+    from lorafid.web.text import code_span
 
     assert MarkdownIt("commonmark").render(code_span(HOSTILE[2])) == f"<p><code>{HOSTILE[2]}</code></p>\n"
 
@@ -710,7 +711,7 @@ def test_an_audit_stops_at_the_time_limit_and_keeps_its_results(hub: HubServer, 
 
 
 def test_figure_pace_follows_its_cost() -> None:
-    from lorafid.web.dashboard import Throttle
+    from lorafid.web.pacing import Throttle
 
     now = [0.0]
     pace = Throttle(0.5, cost_factor=5.0, clock=lambda: now[0])

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from lorafid.audit.store import Store
-from lorafid.web.dashboard import AppConfig, Catalog
+from lorafid.web.config import AppConfig
+from lorafid.web.gallery import Catalog
 from tests.hub_server import HubServer
 from tests.models import model_pair, shard_files
 from tests.web.test_app import serve

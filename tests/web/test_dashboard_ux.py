@@ -1,7 +1,7 @@
 """What a first-time visitor meets in the dashboard: the form, the gallery, the rank controls,
 the progress line, links and the words of errors (issue 10, items 1-9).
 
-Handlers are called through gradio_client against ``app.build_app`` on 127.0.0.1 (as in
+Handlers are called through gradio_client against ``lorafid.web.app.build_app`` on 127.0.0.1 (as in
 test_app.py), or directly where no browser state is involved. Layout at phone width is
 checked in test_browser.py.
 """
@@ -20,7 +20,11 @@ from gradio_client.exceptions import AppError
 from lorafid.audit.engine import AuditProgress
 from lorafid.audit.store import Store
 from lorafid.audit.summary import percent
-from lorafid.web.dashboard import AppConfig, Catalog, ProgressMeter, example_link, html_text, parse_link, permalink
+from lorafid.web.config import AppConfig
+from lorafid.web.gallery import Catalog
+from lorafid.web.links import example_link, parse_link, permalink
+from lorafid.web.pacing import ProgressMeter
+from lorafid.web.text import html_text
 from tests.hub_server import HubServer
 from tests.web.test_app import BASE, GATED, LINK, PROGRESS, SUMMARY, Served, plain, run, serve
 from tests.web.test_app import served as _served  # noqa: F401  (the fixture, registered by import)
@@ -222,7 +226,7 @@ def test_local_path_refusal_offers_only_repo_ids(app: Served, tmp_path: Path) ->
 
 def test_sign_in_is_mentioned_only_where_the_button_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORAFID_HOME", str(tmp_path))
-    app = importlib.import_module("app")
+    app = importlib.import_module("lorafid.web.app")
     from lorafid.errors import GatedRepoError
 
     error = GatedRepoError(
@@ -242,11 +246,13 @@ def test_sign_in_is_mentioned_only_where_the_button_exists(tmp_path: Path, monke
 
 def test_how_to_read_links_the_readme_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORAFID_HOME", str(tmp_path))
-    app = importlib.import_module("app")
+    app = importlib.import_module("lorafid.web.app")
+    from lorafid.web.tabs.audit import how_to_read
+
     assert "## What the numbers mean" in README.read_text()
-    assert "https://huggingface.co/spaces/me/lorafid#what-the-numbers-mean" in app.how_to_read("me/lorafid")
-    assert "](" not in app.how_to_read(None) and "What the numbers mean" in app.how_to_read(None)
-    assert "](" not in app.how_to_read("evil)[x](y")  # a strange SPACE_ID makes no link
+    assert "https://huggingface.co/spaces/me/lorafid#what-the-numbers-mean" in how_to_read("me/lorafid")
+    assert "](" not in how_to_read(None) and "What the numbers mean" in how_to_read(None)
+    assert "](" not in how_to_read("evil)[x](y")  # a strange SPACE_ID makes no link
     config = app.build_app(AppConfig(store_home=tmp_path, examples_dir=tmp_path)).config
     labels = [c["props"].get("label") for c in config["components"]]
     assert "How to read this" in labels

@@ -1,0 +1,244 @@
+"""The Behaviour tab: next-token KL and top-1 agreement of the served extraction.
+
+Runs ``lorafid.behaviour.check`` (imported on first use: it loads transformers), stores
+each check, reopens one from ``?behaviour=KEY``, and draws its KL beside the weight audit's
+energy kept when that pair's audit is stored. Measures nothing itself.
+"""
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from lorafid.audit.store import Store
+from lorafid.errors import LorafidError
+from lorafid.names import parse_ranks
+from lorafid.web.config import MAX_RANK, AppConfig
+from lorafid.web.links import page_url, stored_key
+from lorafid.web.tabs.common import MAX_INPUT_CHARS, MAX_MESSAGE_CHARS, TEXT_INTERVAL_S, user_errors
+from lorafid.web.text import md_text
+
+BEHAVIOUR_INTRO = """**What does the served extraction do to the model's outputs?** The fine-tune, its base and the
+extraction at each rank run side by side on a built-in set of 36 short prompts, one layer at a
+time (weights are read once, by HTTP ranges); each is scored against the fine-tune: KL of the
+next-token distributions, top-1 agreement, log-likelihood change, and greedy continuations.
+"lora-only" is what a multi-LoRA server runs (embeddings, lm_head, norms at the base's values);
+"keep-extras" keeps the fine-tune's. Llama, Mistral, Qwen2 and Qwen3 models.
+"""
+BEHAVIOUR_GENERATE_BYTES = 4 * 2**30  # side-by-side continuations only when the whole models fit in this
+
+
+class BehaviourTab:
+    """The behaviour tab of the Dashboard.
+
+    Uses the Dashboard's ``config``, ``store``, ``downloads`` and ``block_compute``, and the
+    weight audit's ``base`` and ``finetune`` fields (``AuditTab``), which it follows.
+    """
+
+    config: AppConfig
+    store: Store
+    downloads: Path
+    block_compute: Callable[..., Any] | None
+    base: gr.Textbox
+    finetune: gr.Textbox
+
+    def _behaviour_tab(self, demo: gr.Blocks) -> None:
+        """Behaviour: next-token KL and top-1 agreement of the served extraction against the fine-tune."""
+        gr.Markdown(BEHAVIOUR_INTRO)
+        with gr.Row():
+            self.behave_base = gr.Textbox(label="Base model", placeholder="org/base-model")
+            self.behave_finetune = gr.Textbox(label="Fine-tuned model", placeholder="org/fine-tuned-model")
+        with gr.Row():
+            self.behave_ranks = gr.Textbox(label="Ranks", value="16,64,256")
+            self.behave_serving = gr.Radio(
+                ["both", "lora-only", "keep-extras"], value="both", label="Embeddings, lm_head, norms, biases"
+            )
+            self.behave_chat = gr.Checkbox(label="Wrap prompts in the fine-tune's chat template", value=False)
+        self.behave_button = gr.Button("Run behaviour check", variant="primary")
+        self.behave_status = gr.Markdown()
+        self.behave_plot = gr.Plot(label="KL and top-1 agreement by rank, beside the weight audit's energy kept")
+        self.behave_table = gr.Dataframe(
+            headers=["variant", "KL mean", "KL p95", "KL max", "top-1 agreement", "Δ log-likelihood", "tokens"],
+            label="Each variant against the fine-tune",
+            interactive=False,
+        )
+        self.behave_rows = gr.Dataframe(
+            headers=["prompt", "text", "tokens"], label="Per prompt: mean KL per token", interactive=False, wrap=True
+        )
+        self.behave_continuations = gr.Dataframe(
+            headers=["prompt", "fine-tune"], label="Greedy continuations, side by side", interactive=False, wrap=True
+        )
+        with gr.Row():
+            self.behave_file = gr.File(label="JSON (lorafid.behaviour/1)", interactive=False)
+            self.behave_link = gr.Markdown()
+        outputs = [self.behave_status, self.behave_plot, self.behave_table, self.behave_rows]
+        outputs += [self.behave_continuations, self.behave_file, self.behave_link]
+        self.behave_button.click(
+            self.run_behaviour,
+            [self.behave_base, self.behave_finetune, self.behave_ranks, self.behave_serving, self.behave_chat],
+            outputs,
+            api_name="run_behaviour",
+            show_progress="minimal",
+            concurrency_id="audit",  # reads and runs weights like an audit
+            concurrency_limit=self.config.concurrency,
+        )
+        # The same two repos as the weight audit, unless typed here.
+        self.base.change(lambda v: v, self.base, self.behave_base, queue=False, api_visibility="private")
+        self.finetune.change(lambda v: v, self.finetune, self.behave_finetune, queue=False, api_visibility="private")
+        behave_query = gr.Textbox(visible=False)
+        demo.load(
+            self.open_behaviour_link,
+            [behave_query],
+            [*outputs, self.behave_base, self.behave_finetune],
+            js="(query) => [window.location.search]",
+            api_visibility="private",
+            queue=False,
+        )
+
+    @user_errors
+    def run_behaviour(
+        self, base: str, finetune: str, ranks: str, serving: str, chat: bool, request: gr.Request
+    ) -> Iterator[dict[Any, Any]]:
+        """Stream the check (progress in the status line), then store it and show every view."""
+        from lorafid.behaviour.check import BehaviourCheck, BehaviourConfig
+
+        for label, value in (("base model", base), ("fine-tuned model", finetune)):
+            if not value.strip() or len(value) > MAX_INPUT_CHARS:
+                raise LorafidError(f"Give the {label} (at most {MAX_INPUT_CHARS} characters).")
+        rank_list = parse_ranks(ranks, max_count=8, max_rank=MAX_RANK * 64)
+        config = BehaviourConfig(
+            ranks=rank_list,
+            serving=serving if serving in ("both", "lora-only", "keep-extras") else "both",
+            chat_template=bool(chat),
+            continuation_tokens=16,
+            max_generate_bytes=BEHAVIOUR_GENERATE_BYTES,
+            device=self.config.device,
+            block_compute=self.block_compute,
+            token=None if self.config.allow_local or self.config.server_token else False,
+            endpoint=self.config.endpoint,
+            allow_local=self.config.allow_local,
+            max_model_bytes=self.config.max_model_bytes,
+        )
+        check = BehaviourCheck(base.strip(), finetune.strip(), config)
+        shown = 0.0
+        for step in check.run():
+            if time.monotonic() - shown > TEXT_INTERVAL_S or step.stage == "done":
+                shown = time.monotonic()
+                yield {self.behave_status: md_text(f"{step.stage}: {step.done}/{step.total}. {step.message}")}
+        document = check.report()
+        key = self.store.put_document("behaviour", document)
+        path = self.downloads / f"lorafid-behaviour-{key}.json"
+        path.write_text(json.dumps(document, indent=1) + "\n")
+        link = page_url(request.headers, str(request.url)) + f"?behaviour={key}"
+        yield self._behaviour_view(document) | {
+            self.behave_file: str(path),
+            self.behave_link: f"[Permalink]({link})",
+        }
+
+    def open_behaviour_link(self, query: str, request: gr.Request) -> dict[Any, Any]:
+        """On page load: ``?behaviour=KEY`` shows a stored behaviour check."""
+        key = stored_key(query, "behaviour")
+        if not key:
+            return {self.behave_status: gr.update()}  # an empty dict reads as one value: "needed 9, returned 1"
+        document = self.store.load_document("behaviour", key)
+        if document is None:
+            return {self.behave_status: "That behaviour check is not stored on this server."}
+        return self._behaviour_view(document) | {
+            self.behave_base: str((document.get("base") or {}).get("spec") or ""),
+            self.behave_finetune: str((document.get("finetune") or {}).get("spec") or ""),
+        }
+
+    def _behaviour_view(self, document: dict[str, Any]) -> dict[Any, Any]:
+        """Status line, chart and the three tables of a ``lorafid.behaviour/1`` document."""
+        from lorafid.behaviour.check import describe
+
+        variants = document.get("variants") or {}
+        table = pd.DataFrame(
+            [
+                [name, v["kl_mean"], v["kl_p95"], v["kl_max"], v["top1_agreement"], v["loglik_delta"], v["tokens"]]
+                for name, v in variants.items()
+            ],
+            columns=["variant", "KL mean", "KL p95", "KL max", "top-1 agreement", "Δ log-likelihood", "tokens"],
+        )
+        rows = pd.DataFrame(
+            [
+                [r["id"], r["text"], r["tokens"], *(r["variants"][n]["kl_mean"] for n in variants)]
+                for r in document.get("prompts") or []
+            ],
+            columns=["prompt", "text", "tokens", *variants],
+        )
+        continuations = document.get("continuations") or []
+        names = list(continuations[0]["variants"]) if continuations else []
+        side = pd.DataFrame(
+            [
+                [
+                    c["prompt"],
+                    c["finetune"],
+                    *(
+                        f"{c['variants'][n]['text']} [departs at token {c['variants'][n]['first_divergence']}]"
+                        if c["variants"][n]["first_divergence"] is not None
+                        else c["variants"][n]["text"] + " [same]"
+                        for n in names
+                    ),
+                ]
+                for c in continuations
+            ],
+            columns=["prompt", "fine-tune", *names],
+        )
+        summary = describe(document).splitlines()
+        status = summary[0] + ("  \n" + summary[-1] if len(summary) > 2 and "share" in summary[-1] else "")
+        return {
+            self.behave_status: md_text(status, MAX_MESSAGE_CHARS),
+            self.behave_plot: behaviour_figure(document, self._energy_kept(document)),
+            self.behave_table: table,
+            self.behave_rows: rows,
+            self.behave_continuations: side,
+        }
+
+    def _energy_kept(self, document: dict[str, Any]) -> dict[int, float] | None:
+        """The weight audit's overall energy kept at the document's ranks, if that pair's audit is stored."""
+        base, finetune = document.get("base") or {}, document.get("finetune") or {}
+        key = self.store.find(str(base.get("spec") or ""), str(finetune.get("spec") or ""))
+        report = self.store.load_report(key) if key else None
+        if report is None or report.status != "complete":
+            return None
+        try:
+            ranks = document["settings"]["ranks"]
+            return {r: report.with_rank(r).summary().overall.energy_retained for r in ranks}
+        except (LorafidError, KeyError):
+            return None
+
+
+def behaviour_figure(document: dict[str, Any], energy_kept: dict[int, float] | None) -> Any:
+    """KL (left) and top-1 agreement with the weight audit's energy kept (right), by rank."""
+    from plotly.subplots import make_subplots
+
+    variants = document.get("variants") or {}
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("KL(fine-tune ‖ variant), nats per token", "share"))
+    for suffix, label, dash in (("", "lora-only", "solid"), ("+extras", "keep-extras", "dot")):
+        points = sorted(
+            (v["rank"], v)
+            for name, v in variants.items()
+            if v.get("kind") == "served" and name.endswith(suffix) and (suffix or not name.endswith("+extras"))
+        )
+        if not points:
+            continue
+        ranks = [r for r, _ in points]
+        line = {"dash": dash}
+        figure.add_scatter(x=ranks, y=[v["kl_mean"] for _, v in points], name=f"KL, {label}", line=line, row=1, col=1)
+        figure.add_scatter(
+            x=ranks, y=[v["top1_agreement"] for _, v in points], name=f"top-1, {label}", line=line, row=1, col=2
+        )
+    if "base" in variants:
+        figure.add_hline(y=variants["base"]["kl_mean"], line_dash="dash", annotation_text="base", row=1, col=1)
+    if energy_kept:
+        ranks = sorted(energy_kept)
+        figure.add_scatter(x=ranks, y=[energy_kept[r] for r in ranks], name="energy kept (weight audit)", row=1, col=2)
+    figure.update_xaxes(type="log", title_text="rank")
+    figure.update_yaxes(range=[0, 1.02], row=1, col=2)
+    figure.update_layout(height=380, margin={"t": 40, "b": 40, "l": 50, "r": 20}, legend={"orientation": "h"})
+    return figure

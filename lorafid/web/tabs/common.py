@@ -1,0 +1,49 @@
+"""What every tab shares: the one error boundary (``user_errors``) and the limits on input.
+
+Library errors (``LorafidError``) become ``gr.Error`` pop-ups here and nowhere else, escaped
+and cut to ``MAX_MESSAGE_CHARS``; other exceptions pass through untouched (Gradio shows its
+generic error). ``MAX_INPUT_CHARS`` bounds a text field; ``TEXT_INTERVAL_S`` paces status
+lines while a check streams.
+"""
+
+import functools
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gradio as gr
+
+from lorafid.errors import LorafidError
+from lorafid.web.text import html_text
+
+TEXT_INTERVAL_S = 0.1  # update a status line at most ten times a second while a check streams
+MAX_INPUT_CHARS = 200  # a Hub repo ID is at most 96 characters, a revision a branch name or SHA
+MAX_MESSAGE_CHARS = 600  # an error message quoting user input is cut, never echoed whole
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The one boundary where library errors become messages for the user."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield from fn(*args, **kwargs)
+            except LorafidError as e:
+                raise gr.Error(_message(e), print_exception=False) from e
+
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LorafidError as e:
+            raise gr.Error(_message(e), print_exception=False) from e
+
+    return call
+
+
+def _message(error: LorafidError) -> str:
+    """The error's sentence for a pop-up: Gradio renders it as HTML, so it is escaped, and cut."""
+    return html_text(str(error), MAX_MESSAGE_CHARS)

@@ -1,0 +1,198 @@
+"""The Provider check tab: does an OpenAI-compatible API serve the fine-tune, an extraction, or else?
+
+Runs ``lorafid.providers.probe`` within the server's endpoint rules and each visitor's
+request budget (``lorafid.providers.netguard``), announces the number of requests before any
+is sent, stores each check (no key, no URL path) and reopens one from ``?probe=KEY``.
+"""
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from lorafid.audit.store import Store
+from lorafid.errors import LorafidError
+from lorafid.names import parse_ranks
+from lorafid.providers.netguard import ProbeServerSettings, VisitorBudget
+from lorafid.web import plots
+from lorafid.web.config import MAX_RANK, AppConfig
+from lorafid.web.limits import visitor_id
+from lorafid.web.links import page_url, stored_key
+from lorafid.web.tabs.common import MAX_INPUT_CHARS, user_errors
+from lorafid.web.text import md_text
+
+PROBE_INTRO = """**Does an API serve this fine-tune, or a rank-r LoRA extracted from it?** The provider's
+log-probabilities on a fixed prompt set are compared with those of the fine-tune, of its
+extractions at each candidate rank, of the base, and of the fine-tune rounded to 8 bits, all
+computed here from the public weights. The number of requests is shown before any is sent.
+"""
+
+
+class ProviderTab:
+    """The provider check tab of the Dashboard.
+
+    Uses the Dashboard's ``config``, ``store``, ``downloads``, ``behind_proxy``,
+    ``probe_settings``, ``probe_budget`` and ``tabs`` (a link opens this tab), and
+    ``ResultsTab._publish_probe``.
+    """
+
+    config: AppConfig
+    store: Store
+    downloads: Path
+    behind_proxy: bool
+    probe_settings: ProbeServerSettings
+    probe_budget: VisitorBudget
+    tabs: gr.Tabs
+    _publish_probe: Callable[[dict[str, Any]], str]  # ResultsTab's
+
+    def _provider_check_tab(self, demo: gr.Blocks) -> None:
+        """Provider check: does an OpenAI-compatible API serve the fine-tune, an extraction, or else?"""
+        gr.Markdown(PROBE_INTRO)
+        with gr.Row():
+            with gr.Column():
+                self.probe_endpoint = gr.Textbox(label="Endpoint", placeholder="https://api.example.com/v1")
+                self.probe_model = gr.Textbox(label="Model name at the endpoint", placeholder="org/fine-tuned-model")
+                self.probe_key = gr.Textbox(label="API key (used for this run only, never stored)", type="password")
+            with gr.Column():
+                self.probe_base = gr.Textbox(label="Base model", placeholder="org/base-model")
+                self.probe_finetune = gr.Textbox(label="Fine-tuned model", placeholder="org/fine-tuned-model")
+                self.probe_ranks = gr.Textbox(label="Candidate ranks", value="16,32,64,128,256,512")
+        self.probe_button = gr.Button("Check provider", variant="primary")
+        self.probe_status = gr.Markdown()
+        self.probe_verdict = gr.Markdown()
+        self.probe_plot = gr.Plot(label="Distance from the provider, by candidate")
+        self.probe_table = gr.Dataframe(
+            headers=["candidate", "KL nats/token", "95% interval", "top-1 agreement", "evidence"],
+            label="Candidates, closest first",
+            interactive=False,
+            wrap=True,
+        )
+        self.probe_rows = gr.Dataframe(
+            headers=["prompt", "text", "tokens"], label="Per prompt: KL per token to each candidate", interactive=False
+        )
+        with gr.Row():
+            self.probe_file = gr.File(label="JSON (lorafid.probe/1)", interactive=False)
+            self.probe_link = gr.Markdown()
+        outputs = [self.probe_status, self.probe_verdict, self.probe_plot, self.probe_table, self.probe_rows]
+        outputs += [self.probe_file, self.probe_link]
+        inputs = [self.probe_endpoint, self.probe_model, self.probe_key, self.probe_base, self.probe_finetune]
+        self.probe_button.click(
+            self.run_probe,
+            [*inputs, self.probe_ranks],
+            outputs,
+            api_name="run_probe",
+            show_progress="minimal",
+            concurrency_id="audit",  # the local candidates read and run weights like an audit
+            concurrency_limit=self.config.concurrency,
+        )
+        probe_query = gr.Textbox(visible=False)
+        linked = [self.probe_ranks, self.tabs]  # a link restores the ranks and opens this tab
+        demo.load(
+            self.open_probe_link,
+            [probe_query],
+            [*outputs, self.probe_endpoint, self.probe_model, self.probe_base, self.probe_finetune, *linked],
+            js="(query) => [window.location.search]",
+            api_visibility="private",
+            queue=False,
+        )
+
+    @user_errors
+    def run_probe(
+        self, endpoint: str, model: str, api_key: str, base: str, finetune: str, ranks: str, request: gr.Request
+    ) -> Iterator[dict[Any, Any]]:
+        """Plan (announced before any request), check the visitor's budget, probe, store, show."""
+        from lorafid.providers.probe import Probe, ProbeConfig, probe_prompts
+
+        fields = {"endpoint": endpoint, "model name": model, "base model": base, "fine-tuned model": finetune}
+        for label, value in fields.items():
+            if not value.strip() or len(value) > MAX_INPUT_CHARS * 2:
+                raise LorafidError(f"Give the {label} (at most {MAX_INPUT_CHARS * 2} characters).")
+        rank_list = parse_ranks(ranks, max_count=12, max_rank=MAX_RANK * 64, what="candidate ranks")
+        texts, prompt_set = probe_prompts(None)
+        private = self.probe_settings.any_endpoint or self.config.allow_local
+        config = ProbeConfig(
+            endpoint=endpoint.strip(),
+            model=model.strip(),
+            api_key=api_key.strip() or None,
+            ranks=rank_list,
+            policy=self.probe_settings.policy(),
+            hub_token=None if private or self.config.server_token else False,
+            hub_endpoint=self.config.endpoint,
+            allow_local=self.config.allow_local,
+            device=self.config.device,
+            max_model_bytes=self.config.max_model_bytes,
+        )
+        probe = Probe(base.strip(), finetune.strip(), texts, prompt_set, config)
+        plan = probe.plan()
+        visitor = visitor_id(request.headers, request.client.host if request.client else None, self.behind_proxy)
+        self.probe_budget.take(visitor, plan.max_requests)
+        yield {self.probe_status: md_text(plan.describe()), self.probe_verdict: "", self.probe_link: ""}
+        report = probe.run()
+        document = report.to_dict()
+        key = self.store.put_document("probe", document)
+        path = self.downloads / f"lorafid-probe-{key}.json"
+        path.write_text(report.to_json() + "\n")
+        status = f"Read by {report.method}; {report.requests['sent']} requests sent."
+        if report.status != "complete":
+            status += f" Partial: {len(report.failed_prompts)} prompts failed; the rest are shown."
+        status += self._publish_probe(document)
+        link = page_url(request.headers, str(request.url)) + f"?probe={key}"
+        yield self._probe_view(document) | {
+            self.probe_status: md_text(status),
+            self.probe_file: str(path),
+            self.probe_link: f"[Permalink]({link})",
+        }
+
+    def open_probe_link(self, query: str, request: gr.Request) -> dict[Any, Any]:
+        """On page load: ``?probe=KEY`` shows a stored provider check (it holds no key, no URL path)."""
+        key = stored_key(query, "probe")
+        if not key:
+            return {self.probe_status: gr.update()}  # an empty dict reads as one value: "needed 11, returned 1"
+        document = self.store.load_document("probe", key)
+        if document is None:
+            return {self.probe_status: "That provider check is not stored on this server."}
+        path = self.downloads / f"lorafid-probe-{key}.json"
+        path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        ranks = (document.get("settings") or {}).get("ranks") or []
+        return self._probe_view(document) | {
+            self.tabs: gr.Tabs(selected="provider-check"),  # a probe link opens on its own tab
+            self.probe_file: str(path),
+            self.probe_ranks: ",".join(str(int(r)) for r in ranks),
+            self.probe_status: md_text(f"Stored provider check of {document.get('endpoint_host', '')}."),
+            self.probe_endpoint: "https://" + str(document.get("endpoint_host", "")),
+            self.probe_model: str(document.get("model", "")),
+            self.probe_base: str((document.get("base") or {}).get("spec") or ""),
+            self.probe_finetune: str((document.get("finetune") or {}).get("spec") or ""),
+        }
+
+    def _probe_view(self, document: dict[str, Any]) -> dict[Any, Any]:
+        """Verdict, chart and both tables of a ``lorafid.probe/1`` document."""
+        candidates = sorted((document.get("candidates") or {}).values(), key=lambda c: c["distance"])
+        table = pd.DataFrame(
+            [
+                [
+                    c["name"],
+                    c["distance"],
+                    f"{c['interval'][0]:.3g} to {c['interval'][1]:.3g}",
+                    c["top1_agreement"],
+                    "ruled out" if c["ruled_out"] else "held",
+                ]
+                for c in candidates
+            ],
+            columns=["candidate", "KL nats/token", "95% interval", "top-1 agreement", "evidence"],
+        )
+        names = [c["name"] for c in candidates]
+        rows = pd.DataFrame(
+            [[r["index"], r["text"], r["tokens"], *(r["distance"].get(n) for n in names)] for r in document["prompts"]],
+            columns=["prompt", "text", "tokens", *names],
+        )
+        sentence = (document.get("verdict") or {}).get("sentence", "")
+        return {
+            self.probe_verdict: "**" + md_text(sentence) + "**",
+            self.probe_plot: plots.probe_distances(document),
+            self.probe_table: table,
+            self.probe_rows: rows,
+        }

@@ -1,0 +1,142 @@
+"""The public results registry (``LORAFID_REGISTRY``): publishing, and the Published results tab.
+
+Finished audits and provider checks of two public repos are queued for the registry's
+batching writer, which uses the server's own token (``LORAFID_REGISTRY_TOKEN``), never a
+visitor's; the tab lists every published audit in one table. Without ``LORAFID_REGISTRY``
+there is no registry, nothing is published and the tab is not shown.
+"""
+
+import atexit
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from lorafid.audit.report import Report
+from lorafid.audit.store import Store
+from lorafid.errors import LorafidError
+from lorafid.sharing.registry import (
+    TABLE_HEADERS,
+    TABLE_TYPES,
+    Registry,
+    RegistrySettings,
+    RegistryWriter,
+    probe_refusal,
+    publish_refusal,
+    table_rows,
+)
+from lorafid.web.config import AppConfig
+from lorafid.web.tabs.common import MAX_MESSAGE_CHARS
+from lorafid.web.text import md_text
+
+
+class ResultsTab:
+    """The registry, publishing and the published results tab of the Dashboard.
+
+    Uses the Dashboard's ``config``, ``store``, ``registry`` and ``publisher`` (the last two
+    made by ``_registry`` in ``__init__``).
+    """
+
+    config: AppConfig
+    store: Store
+    registry: Registry | None
+    publisher: RegistryWriter | None
+
+    def _registry(self) -> tuple[Registry | None, RegistryWriter | None]:
+        """The registry this server reads published results from, and its batching writer when
+        the server holds a write token (``LORAFID_REGISTRY_TOKEN``, a server secret: a visitor's
+        token never reaches it). Unset ``LORAFID_REGISTRY``: neither."""
+        settings = RegistrySettings.from_env()
+        if settings is None:
+            return None, None
+        cache = self.store.home / "registry" / settings.repo_id.replace("/", "--")
+        registry = Registry(
+            settings.repo_id, token=settings.token or False, endpoint=self.config.endpoint, cache_dir=cache
+        )
+        if settings.token is None:
+            return registry, None
+        writer = RegistryWriter(registry, self.store.home / "registry-outbox", settings.interval_s).start()
+        atexit.register(writer.close)  # one last commit; what fails stays in the outbox for the next start
+        return registry, writer
+
+    def _publish(self, key: str, report: Report) -> str:
+        """Queue a finished audit for the registry when both its repos were public when audited;
+        the words to add to the progress line."""
+        if self.publisher is None:
+            return ""
+        reason = publish_refusal(report, visibility=self.store.visibility(key))
+        if reason is not None:
+            return " Not published: " + md_text(reason, MAX_MESSAGE_CHARS)
+        self.publisher.submit(report)
+        return " " + md_text(self.publisher.note(), MAX_MESSAGE_CHARS)
+
+    def _publish_probe(self, document: dict[str, Any]) -> str:
+        """Queue a finished provider check for the registry when both repos are public now
+        (host, model, verdict and distances only); the words to add to the status line."""
+        if self.publisher is None:
+            return ""
+        reason = probe_refusal(document, endpoint=self.config.endpoint)
+        if reason is not None:
+            return " Not published: " + reason
+        try:
+            self.publisher.submit_probe(document)
+        except LorafidError as e:
+            return " Not published: " + str(e)
+        return " " + self.publisher.note()
+
+    def _results_tab(self, demo: gr.Blocks) -> None:
+        """Every published audit in one sortable table, filterable by base model."""
+        assert self.registry is not None
+        gr.Markdown(
+            f"Every audit published to [{self.registry.repo_id}]({self.registry.url}): energy of the fine-tune's "
+            "change kept at typical provider ranks, the rank needed for 90%, links to both repos at the audited "
+            "commits and to the full result. Click a column header to sort."
+        )
+        with gr.Row():
+            self.results_base = gr.Dropdown(["All base models"], value="All base models", label="Base model", scale=3)
+            refresh = gr.Button("Refresh", scale=1)
+        self.results_note = gr.Markdown("", elem_id="results-note")
+        self.results = gr.Dataframe(
+            headers=list(TABLE_HEADERS),
+            datatype=list(TABLE_TYPES),
+            interactive=False,
+            wrap=True,
+            elem_id="results-table",
+        )
+        outputs = [self.results, self.results_base, self.results_note]
+        gr.on(
+            [demo.load, refresh.click, self.results_base.input],
+            self.results_table,
+            [self.results_base],
+            outputs,
+            api_name="results_table",
+            queue=False,
+        )
+
+    def results_table(self, base: str) -> dict[Any, Any]:
+        """The table's rows (for one base model, or all) and the choice of base models."""
+        assert self.registry is not None
+        try:
+            entries = self.registry.entries()
+        except LorafidError as e:
+            note = f"The registry could not be read: {md_text(str(e), MAX_MESSAGE_CHARS)} Try Refresh in a minute."
+            return {self.results_note: note}
+        bases = ["All base models", *sorted({e.base for e in entries})]
+        chosen = base if base in bases else "All base models"
+        hub_url = self.registry.api.endpoint.rstrip("/")
+        try:
+            probes = self.registry.probes()
+        except LorafidError:
+            probes = []  # the audits are still worth showing
+        chosen_base = None if chosen == bases[0] else chosen
+        rows = table_rows(entries, hub_url=hub_url, registry=self.registry, base=chosen_base, probes=probes)
+        skipped = self.registry.unreadable_rows
+        note = f"{len(rows)} published audit(s)." + (
+            f" {skipped} of a newer lorafid are not shown: this server needs an upgrade." if skipped else ""
+        )
+        frame = pd.DataFrame(rows, columns=list(TABLE_HEADERS))
+        return {
+            self.results: frame,
+            self.results_base: gr.Dropdown(choices=bases, value=chosen),
+            self.results_note: note,
+        }
