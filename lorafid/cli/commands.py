@@ -28,6 +28,11 @@ from lorafid.audit.store import Store
 from lorafid.audit.summary import aggregate_rank_for_energy, percent
 from lorafid.errors import LorafidError
 from lorafid.names import InvalidRanksError, parse_ranks
+from lorafid.providers.evidence import candidate_names
+from lorafid.providers.probe import ALL_CHANNELS, DEFAULT_QUANTIZED
+from lorafid.providers.quantize import SCHEMES
+from lorafid.providers.text_channel import MAX_SAMPLES, MAX_TOKENS_CAP, TEXT
+from lorafid.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from lorafid.adapters.peft_adapter import AdapterAudit
@@ -596,6 +601,40 @@ def _add_probe(commands: argparse._SubParsersAction) -> None:
     probe.add_argument("--concurrency", type=_positive_int, default=4, help="requests in flight (default 4)")
     probe.add_argument("--rate", type=_positive_float, help="at most this many requests per second (default: no limit)")
     probe.add_argument("--max-retries", type=int, default=8, help="retries on 429/5xx over the whole probe (default 8)")
+    probe.add_argument(
+        "--channel",
+        choices=("auto", *ALL_CHANNELS),
+        default="auto",
+        help="how to read the provider: auto (default) tries the log-probability channels, then sampled text "
+        f"({TEXT}); name one to use it alone",
+    )
+    probe.add_argument(
+        "--max-requests",
+        type=_positive_int,
+        help="a hard budget of requests for the whole probe, retries included (e.g. 5 on a rate-limited free plan)",
+    )
+    probe.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=MAX_TOKENS_CAP,
+        help=f"text channel: sampled tokens per continuation (default and cap {MAX_TOKENS_CAP}; the model's "
+        "context bounds it too)",
+    )
+    probe.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=MAX_SAMPLES,
+        help=f"text channel: n per prompt where the API takes n (default {MAX_SAMPLES})",
+    )
+    probe.add_argument(
+        "--candidates",
+        type=_quantizations,
+        default=DEFAULT_QUANTIZED,
+        help=f"quantized copies of the fine-tune to compare besides the 8-bit reference, comma-separated, from "
+        f"{', '.join(SCHEMES)}; 'none' for none (default: {','.join(DEFAULT_QUANTIZED)}). Each costs one local "
+        "forward pass",
+    )
+    probe.add_argument("--seed", type=int, default=0, help="text channel: the seed sent with each request (default 0)")
     probe.add_argument("--device", default="auto", help="where the local candidates run: auto, cpu, cuda or cuda:N")
     probe.add_argument("--token", help="Hub token for the two repos (default: HF_TOKEN or the stored login)")
     probe.add_argument("--quiet", action="store_true", help="no progress bars and no table (the verdict still prints)")
@@ -622,10 +661,21 @@ def _probe(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         rate_per_s=args.rate,
         max_retries=max(0, args.max_retries),
+        retry=RetryPolicy.retries(min(4, max(0, args.max_retries))),
+        channel=None if args.channel == "auto" else args.channel,
+        max_requests=args.max_requests,
+        max_tokens=min(args.max_tokens, MAX_TOKENS_CAP),
+        samples=args.samples,
+        quantized=tuple(args.candidates),
+        seed=args.seed,
         hub_token=args.token,
         device=args.device,
     )
     job = Probe(args.base, args.finetune, texts, prompt_set, config)
+    candidates = candidate_names(config.ranks, config.quantized)
+    print(
+        f"lorafid: {len(candidates)} local candidates, one forward pass each: {', '.join(candidates)}", file=sys.stderr
+    )
     print(f"lorafid: {job.plan().describe()}", file=sys.stderr)  # before the first request
     bars: dict[str, tqdm] = {}
 
@@ -742,6 +792,15 @@ def _rank_list(text: str) -> tuple[int, ...]:
         return parse_ranks(text)
     except InvalidRanksError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _quantizations(text: str) -> tuple[str, ...]:
+    """``--candidates fp8,int4-g128`` -> ("fp8", "int4-g128"); "none" -> ()."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip() and part.strip() != "none")
+    unknown = [n for n in names if n not in SCHEMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown quantization {', '.join(unknown)}; choose from {', '.join(SCHEMES)}")
+    return names
 
 
 def _positive_float(text: str) -> float:

@@ -710,8 +710,8 @@ class Probe:
             channels = self._logprob_channels()
             if not channels:
                 requests = c.max_requests or DEFAULT_TEXT_REQUESTS
-                alone = plan_text(requests, len(self.texts), max_tokens=c.max_tokens, samples=c.samples)
                 counts = [len(self._encode(t)) for t in self.texts]
+                alone = plan_text(requests, len(self.texts), max_tokens=self._text_tokens(counts), samples=c.samples)
                 self._plan = ProbePlan(
                     0, int(sum(counts)), c.max_tokens, requests, requests, text=alone, text_only=True
                 )
@@ -724,7 +724,8 @@ class Probe:
             text_requests = (c.max_requests - len(channels)) if c.max_requests is not None else DEFAULT_TEXT_REQUESTS
             text: TextPlan | None = None
             if c.channel is None and text_requests >= 1:
-                text = plan_text(text_requests, len(self.texts), max_tokens=c.max_tokens, samples=c.samples)
+                every = [len(self._encode(t)) for t in self.texts]
+                text = plan_text(text_requests, len(self.texts), max_tokens=self._text_tokens(every), samples=c.samples)
             if c.max_requests is not None:
                 plan = replace(plan, requests=min(plan.requests, c.max_requests), max_requests=c.max_requests)
             elif text is not None:
@@ -732,6 +733,18 @@ class Probe:
                 plan = replace(plan, max_requests=max(plan.max_requests, len(channels) + text.requests))
             self._plan = replace(plan, text=text)
         return self._plan
+
+    def _text_tokens(self, prompt_tokens: Sequence[int]) -> int:
+        """--max-tokens, within the fine-tune's context after the longest prompt (a server refuses more)."""
+        wanted = min(self.config.max_tokens, MAX_TOKENS_CAP)
+        if self._context is None:
+            return wanted
+        room = self._context - max(prompt_tokens, default=0)
+        if room < 1:
+            raise LorafidError(
+                f"A prompt fills the fine-tune's context of {self._context} tokens; give shorter prompts (--prompts)."
+            )
+        return min(wanted, room)
 
     def _logprob_channels(self) -> tuple[str, ...]:
         """The log-probability channels to try, in order: none when the text channel is forced."""

@@ -319,3 +319,37 @@ def test_the_forced_text_channel_sends_no_logprob_request_and_adapts_to_a_plain_
     assert all(isinstance(b["prompt"], str) and "n" not in b for b in bodies[1:])  # then one at a time
     assert report.text["notes"] and not report.text["packed"] and len(bodies) == 5
     assert report.verdict.closest == "rank-8" or not report.verdict.matches or "rank-8" in report.verdict.consistent
+
+
+def test_cli_probe_on_the_text_channel_within_a_budget(
+    hub: Any, pair: tuple[str, str], serve: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from lorafid.cli.commands import main
+
+    server = serve("rank-8", no_logprobs=True)
+    prompts = tmp_path / "prompts.txt"
+    from tests.openai_server import vocabulary_prompts
+
+    prompts.write_text("\n".join(vocabulary_prompts(server.tokenizer, 16, words=6)) + "\n")
+    out = tmp_path / "probe.json"
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    arguments = ["--model", "tiny-served", *pair, "--ranks", "4,8,16,32", "--prompts", str(prompts)]
+    options = ["--channel", TEXT, "--max-requests", "2", "--max-tokens", "100", "--samples", "2", "--out", str(out)]
+    code = main(["probe", "--endpoint", server.url, *arguments, *options, "--max-retries", "0"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "Text channel: 2 request(s)" in captured.err and "local candidates, one forward pass each" in captured.err
+    assert "finetune-int4-g128" in captured.err  # the default quantized candidate is named before it costs
+    assert captured.out.startswith("Serves a rank-8 extraction") and "fit z" in captured.out
+    document = json.loads(out.read_text())
+    assert document["method"] == TEXT and document["requests"]["sent"] == len(server.requests) == 2
+    assert document["settings"]["channel"] == TEXT and document["verdict"]["closest"] == "rank-8"
+
+
+def test_cli_probe_refuses_an_unknown_quantization_before_anything_runs(capsys: Any) -> None:
+    from lorafid.cli.commands import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["probe", "org/a", "org/b", "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--candidates", "q3"])
+    assert stopped.value.code == 2
+    assert "unknown quantization q3; choose from int8, fp8" in capsys.readouterr().err
