@@ -541,10 +541,14 @@ def probe_distances(document: dict[str, Any]) -> go.Figure:
     """A ``lorafid.probe/1`` result: each candidate's distance from the provider against its rank.
 
     One line per serving mode (rank-r: the base's embeddings and norms; rank-r+extras: the
-    fine-tune's), with 95% bootstrap intervals, and dotted lines for the fine-tune, its 8-bit
-    rounding and the base, which have no rank. Lower is closer; the verdict is the title.
+    fine-tune's), with 95% bootstrap intervals, and horizontal lines for the candidates with no
+    rank: the fine-tune (solid), its quantized copies (dotted) and the base (dashed). Lower is
+    closer; the verdict is the title. A log-probability check plots KL(provider ‖ candidate); a
+    text check plots each candidate's log-likelihood gap to the closest (KL(P‖Q) − KL(P‖closest)).
     """
     candidates: dict[str, dict[str, Any]] = document.get("candidates") or {}
+    text = document.get("method") == "completions-text"
+    key = "gap" if text else "distance"
     fig = go.Figure()
     for serving, label in (("lora-only", "rank r (base extras)"), ("keep-extras", "rank r + fine-tune extras")):
         rows = sorted((c["rank"], c) for c in candidates.values() if c.get("serving") == serving)
@@ -553,38 +557,36 @@ def probe_distances(document: dict[str, Any]) -> go.Figure:
         fig.add_trace(
             go.Scatter(
                 x=[r for r, _ in rows],
-                y=[c["distance"] for _, c in rows],
+                y=[c[key] for _, c in rows],
                 error_y={
                     "type": "data",
                     "symmetric": False,
-                    "array": [c["interval"][1] - c["distance"] for _, c in rows],
-                    "arrayminus": [c["distance"] - c["interval"][0] for _, c in rows],
+                    "array": [max(c["interval"][1] - c[key], 0.0) for _, c in rows],
+                    "arrayminus": [max(c[key] - c["interval"][0], 0.0) for _, c in rows],
                 },
                 mode="lines+markers",
                 name=label,
                 hovertemplate="rank %{x}: %{y:.4g} nats/token<extra>" + label + "</extra>",
             )
         )
-    # The fine-tune and its 8-bit rounding are often a hair apart: their labels go on opposite sides.
-    for name, dash, side in (
-        ("finetune", "solid", "top left"),
-        ("finetune-8bit", "dot", "bottom right"),
-        ("base", "dash", "top left"),
-    ):
-        if name in candidates:
-            fig.add_hline(
-                y=candidates[name]["distance"],
-                line_dash=dash,
-                line_color="grey",
-                annotation_text=f"{name}: {candidates[name]['distance']:.3g}",
-                annotation_position=side,
-            )
+    unranked = [n for n in candidates if n == "base" or n == "finetune" or n.startswith("finetune-")]
+    # The fine-tune and its quantized copies are often a hair apart: labels alternate sides.
+    for i, name in enumerate(unranked):
+        dash = "solid" if name == "finetune" else "dash" if name == "base" else "dot"
+        fig.add_hline(
+            y=candidates[name][key],
+            line_dash=dash,
+            line_color="grey",
+            annotation_text=f"{html.escape(name)}: {candidates[name][key]:.3g}",
+            annotation_position="top left" if i % 2 == 0 else "bottom right",
+        )
     ranks = sorted({c["rank"] for c in candidates.values() if c.get("rank")})
     verdict = (document.get("verdict") or {}).get("sentence", "")
+    axis = "log-likelihood gap to the closest, nats per token" if text else "KL(provider ‖ candidate), nats per token"
     fig.update_layout(
         title={"text": html.escape(verdict.split(". The fine-tune rounded")[0])[:160], "font": {"size": 13}},
         xaxis={"title": "candidate rank", "type": "log", "tickvals": ranks, "ticktext": [str(r) for r in ranks]},
-        yaxis={"title": "KL(provider ‖ candidate), nats per token", "rangemode": "tozero"},
+        yaxis={"title": axis, "rangemode": "tozero"},
         legend={"orientation": "h", "y": -0.2},
         margin={"t": 60},
     )

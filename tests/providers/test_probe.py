@@ -647,7 +647,7 @@ def test_dashboard_tab_refuses_private_endpoints_on_public_servers_and_runs_on_p
     )
     monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "home"))
     config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "home", examples_dir=tmp_path, device="cpu")
-    arguments = ["tiny-served", "sk-app-secret", *pair, "4,8,16,32"]
+    arguments = ["tiny-served", "sk-app-secret", *pair, "4,8,16,32", "auto", None, ["int4-g128"]]
     app = importlib.import_module("lorafid.web.app")
     public = app.Dashboard(config)  # a public deployment: the default
     for endpoint, reason in ((server.url, "only calls https"), ("https://127.0.0.1:1/v1", "not a public address")):

@@ -353,3 +353,54 @@ def test_cli_probe_refuses_an_unknown_quantization_before_anything_runs(capsys: 
         main(["probe", "org/a", "org/b", "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--candidates", "q3"])
     assert stopped.value.code == 2
     assert "unknown quantization q3; choose from int8, fp8" in capsys.readouterr().err
+
+
+def test_the_dashboard_runs_the_text_channel_within_the_budget_it_is_given(
+    hub: Any, pair: tuple[str, str], serve: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gradio as gr
+
+    import lorafid.providers.probe
+    from lorafid.web.app import Dashboard
+    from lorafid.web.config import AppConfig
+    from tests.openai_server import vocabulary_prompts
+
+    server = serve("rank-8", no_logprobs=True)
+    texts = list(vocabulary_prompts(server.tokenizer, 16, words=6))
+    monkeypatch.setattr(lorafid.providers.probe, "probe_prompts", lambda path: (texts, {"name": "t", "version": "1"}))
+    monkeypatch.setattr(lorafid.providers.probe.ProbeConfig, "__init__", _with_short_text(lorafid.providers.probe))
+    monkeypatch.setenv("LORAFID_PROBE_ANY_ENDPOINT", "1")  # a private deployment
+    config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "home", examples_dir=tmp_path, device="cpu")
+    dashboard = Dashboard(config)
+    dashboard.build()
+    arguments = [server.url, "tiny-served", "", *pair, "4,8,16,32"]
+    with pytest.raises(gr.Error, match="whole number from 1 to 50"):
+        next(dashboard.run_probe(*arguments, TEXT, 500, [], request=_Request()))
+    steps = list(dashboard.run_probe(*arguments, TEXT, 2, ["int4-g128", "bogus"], request=_Request()))
+    assert "Text channel\\: 2 request\\(s\\)" in steps[0][dashboard.probe_status]  # the plan, before any request
+    shown = steps[-1]
+    assert shown[dashboard.probe_verdict].startswith("**Serves a rank\\-8 extraction")
+    table = shown[dashboard.probe_table]
+    assert list(table.columns)[:4] == ["candidate", "gap nats/token", "95% interval", "fit z"]
+    assert table.iloc[0]["candidate"] == "rank-8" and "finetune-int4-g128" in set(table["candidate"])
+    assert len(server.requests) == 2
+
+
+class _Request:
+    """What a handler reads of a Gradio request: headers, the client's address, the page URL."""
+
+    headers: dict[str, str] = {}  # noqa: RUF012
+    client = None
+    url = "http://127.0.0.1:7860/"
+
+
+def _with_short_text(module: Any) -> Any:
+    """ProbeConfig with 100-token continuations and 2 samples (the tiny model's context is 128)."""
+    original = module.ProbeConfig.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("max_tokens", 100)
+        kwargs.setdefault("samples", 2)
+        original(self, *args, **kwargs)
+
+    return init

@@ -17,6 +17,8 @@ from lorafid.audit.store import Store
 from lorafid.errors import LorafidError
 from lorafid.names import parse_ranks
 from lorafid.providers.netguard import ProbeServerSettings, VisitorBudget
+from lorafid.providers.probe import DEFAULT_QUANTIZED
+from lorafid.providers.quantize import SCHEMES
 from lorafid.web import plots
 from lorafid.web.config import MAX_RANK, AppConfig
 from lorafid.web.limits import visitor_id
@@ -25,10 +27,13 @@ from lorafid.web.tabs.common import MAX_INPUT_CHARS, user_errors
 from lorafid.web.text import md_text
 
 PROBE_INTRO = """**Does an API serve this fine-tune, or a rank-r LoRA extracted from it?** The provider's
-log-probabilities on a fixed prompt set are compared with those of the fine-tune, of its
-extractions at each candidate rank, of the base, and of the fine-tune rounded to 8 bits, all
-computed here from the public weights. The number of requests is shown before any is sent.
+log-probabilities on a fixed prompt set, or, where it gives none, text it samples, are compared
+with the fine-tune, its extractions at each candidate rank, its quantized copies and the base,
+all computed here from the public weights. The plan, and the number of requests, is shown
+before any is sent; a request budget fits rate-limited plans (5 requests is enough for text).
 """
+CHANNEL_CHOICES = ("auto", "completions-echo", "prompt-logprobs", "chat-top-logprobs", "completions-text")
+MAX_BUDGET = 50  # requests one dashboard check may spend, whatever a visitor asks
 
 
 class ProviderTab:
@@ -60,6 +65,24 @@ class ProviderTab:
                 self.probe_base = gr.Textbox(label="Base model", placeholder="org/base-model")
                 self.probe_finetune = gr.Textbox(label="Fine-tuned model", placeholder="org/fine-tuned-model")
                 self.probe_ranks = gr.Textbox(label="Candidate ranks", value="16,32,64,128,256,512")
+        with gr.Row():
+            self.probe_channel = gr.Dropdown(
+                list(CHANNEL_CHOICES),
+                value="auto",
+                label="Channel (auto: log-probabilities where offered, else sampled text)",
+            )
+            self.probe_requests = gr.Number(
+                label=f"Request budget (retries included; blank: as planned, at most {MAX_BUDGET})",
+                value=None,
+                precision=0,
+                minimum=1,
+                maximum=MAX_BUDGET,
+            )
+            self.probe_quantized = gr.CheckboxGroup(
+                list(SCHEMES),
+                value=list(DEFAULT_QUANTIZED),
+                label="Quantized candidates (each costs one local forward pass)",
+            )
         self.probe_button = gr.Button("Check provider", variant="primary")
         self.probe_status = gr.Markdown()
         self.probe_verdict = gr.Markdown()
@@ -81,7 +104,7 @@ class ProviderTab:
         inputs = [self.probe_endpoint, self.probe_model, self.probe_key, self.probe_base, self.probe_finetune]
         self.probe_button.click(
             self.run_probe,
-            [*inputs, self.probe_ranks],
+            [*inputs, self.probe_ranks, self.probe_channel, self.probe_requests, self.probe_quantized],
             outputs,
             api_name="run_probe",
             show_progress="minimal",
@@ -101,7 +124,17 @@ class ProviderTab:
 
     @user_errors
     def run_probe(
-        self, endpoint: str, model: str, api_key: str, base: str, finetune: str, ranks: str, request: gr.Request
+        self,
+        endpoint: str,
+        model: str,
+        api_key: str,
+        base: str,
+        finetune: str,
+        ranks: str,
+        channel: str | None,
+        budget: float | None,
+        quantized: list[str] | None,
+        request: gr.Request,
     ) -> Iterator[dict[Any, Any]]:
         """Plan (announced before any request), check the visitor's budget, probe, store, show."""
         from lorafid.providers.probe import Probe, ProbeConfig, probe_prompts
@@ -111,6 +144,11 @@ class ProviderTab:
             if not value.strip() or len(value) > MAX_INPUT_CHARS * 2:
                 raise LorafidError(f"Give the {label} (at most {MAX_INPUT_CHARS * 2} characters).")
         rank_list = parse_ranks(ranks, max_count=12, max_rank=MAX_RANK * 64, what="candidate ranks")
+        if channel not in (None, *CHANNEL_CHOICES):
+            raise LorafidError(f"Pick a channel from the list ({', '.join(CHANNEL_CHOICES)}).")
+        if budget is not None and not (1 <= budget <= MAX_BUDGET and float(budget).is_integer()):
+            raise LorafidError(f"The request budget is a whole number from 1 to {MAX_BUDGET}, or blank.")
+        schemes = tuple(q for q in (quantized or []) if q in SCHEMES)[: len(SCHEMES)]
         texts, prompt_set = probe_prompts(None)
         private = self.probe_settings.any_endpoint or self.config.allow_local
         config = ProbeConfig(
@@ -124,9 +162,17 @@ class ProviderTab:
             allow_local=self.config.allow_local,
             device=self.config.device,
             max_model_bytes=self.config.max_model_bytes,
+            channel=None if channel in (None, "auto") else channel,
+            max_requests=int(budget) if budget is not None else None,
+            quantized=schemes,
         )
         probe = Probe(base.strip(), finetune.strip(), texts, prompt_set, config)
         plan = probe.plan()
+        if plan.max_requests > MAX_BUDGET:
+            raise LorafidError(
+                f"This check could send up to {plan.max_requests} requests; this server allows {MAX_BUDGET} per check. "
+                "Give a request budget."
+            )
         visitor = visitor_id(request.headers, request.client.host if request.client else None, self.behind_proxy)
         self.probe_budget.take(visitor, plan.max_requests)
         yield {self.probe_status: md_text(plan.describe()), self.probe_verdict: "", self.probe_link: ""}
@@ -169,26 +215,40 @@ class ProviderTab:
         }
 
     def _probe_view(self, document: dict[str, Any]) -> dict[Any, Any]:
-        """Verdict, chart and both tables of a ``lorafid.probe/1`` document."""
-        candidates = sorted((document.get("candidates") or {}).values(), key=lambda c: c["distance"])
+        """Verdict, chart and both tables of a ``lorafid.probe/1`` document (either channel kind)."""
+        text = document.get("method") == "completions-text"
+        key = "gap" if text else "distance"
+        candidates = sorted((document.get("candidates") or {}).values(), key=lambda c: c[key])
+        agreement = "argmax_agreement" if text else "top1_agreement"
+        columns = ["candidate", "gap nats/token" if text else "KL nats/token", "95% interval"]
+        columns += ["fit z" if text else "top-1 agreement", "evidence"]
         table = pd.DataFrame(
             [
                 [
                     c["name"],
-                    c["distance"],
+                    c[key],
                     f"{c['interval'][0]:.3g} to {c['interval'][1]:.3g}",
-                    c["top1_agreement"],
+                    round(c["fit_z"], 1) if text else c[agreement],
                     "ruled out" if c["ruled_out"] else "held",
                 ]
                 for c in candidates
             ],
-            columns=["candidate", "KL nats/token", "95% interval", "top-1 agreement", "evidence"],
+            columns=columns,
         )
         names = [c["name"] for c in candidates]
-        rows = pd.DataFrame(
-            [[r["index"], r["text"], r["tokens"], *(r["distance"].get(n) for n in names)] for r in document["prompts"]],
-            columns=["prompt", "text", "tokens", *names],
-        )
+        if text:
+            rows = pd.DataFrame(
+                [[r["index"], r["text"], r["tokens"], r.get("finish")] for r in document["prompts"]],
+                columns=["prompt", "text", "tokens", "ended by"],
+            )
+        else:
+            rows = pd.DataFrame(
+                [
+                    [r["index"], r["text"], r["tokens"], *(r["distance"].get(n) for n in names)]
+                    for r in document["prompts"]
+                ],
+                columns=["prompt", "text", "tokens", *names],
+            )
         sentence = (document.get("verdict") or {}).get("sentence", "")
         return {
             self.probe_verdict: "**" + md_text(sentence) + "**",
