@@ -91,21 +91,24 @@ def build_pair(work: Path) -> tuple[Path, Path]:
     model = LlamaForCausalLM(config)
 
     def train(lines: tuple[str, ...], steps: int, lr: float) -> None:
-        batch = tokenizer(list(lines), padding=False)["input_ids"]
+        # Lines run on into each other with no EOS, so the models write long continuations (a
+        # model that ends every line would give the text channel a dozen tokens per request).
+        texts = [" ".join(lines[i:] + lines[:i]) for i in range(len(lines))]
+        batch = tokenizer(texts, padding=False)["input_ids"]
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         model.train()
         for _ in range(steps):
             for ids in batch:
                 optimizer.zero_grad()
-                x = torch.tensor([[*ids, tokenizer.eos_token_id]])
+                x = torch.tensor([ids])
                 model(input_ids=x, labels=x).loss.backward()
                 optimizer.step()
         model.eval()
 
-    train(CORPUS, 12, 3e-3)
+    train(CORPUS, 25, 3e-3)
     model.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
-    train(FINETUNE_CORPUS, 10, 1e-3)
+    train(FINETUNE_CORPUS, 20, 1e-3)
     model.save_pretrained(finetune_dir)
     tokenizer.save_pretrained(finetune_dir)
     return base_dir, finetune_dir
@@ -160,8 +163,8 @@ def extract_adapter(llama_cpp: Path, base_dir: Path, finetune_dir: Path, work: P
     """``lorafid extract`` writes a PEFT adapter; llama.cpp's converter makes it a GGUF LoRA."""
     adapter_dir, out = work / f"adapter-{rank}", work / f"adapter-{rank}.gguf"
     if not out.exists():
-        run([sys.executable, "-m", "lorafid", "extract", str(base_dir), str(finetune_dir), "--rank", str(rank), "--dtype", "float32",
-             "--out", str(adapter_dir), "--quiet"], cwd=ROOT)  # fmt: skip
+        extract = [sys.executable, "-m", "lorafid", "extract", str(base_dir), str(finetune_dir)]
+        run([*extract, "--rank", str(rank), "--dtype", "float32", "--out", str(adapter_dir), "--quiet"], cwd=ROOT)
         run(
             [sys.executable, str(llama_cpp / "convert_lora_to_gguf.py"), str(adapter_dir), "--base", str(base_dir),
              "--outfile", str(out), "--outtype", "f32"],
@@ -221,14 +224,19 @@ class LlamaServer:
         self.process.wait(timeout=30)
 
 
-def probe(server: LlamaServer, base_dir: Path, finetune_dir: Path, channel: str, budget: int, out: Path) -> dict[str, Any]:
+def probe(
+    server: LlamaServer, base_dir: Path, finetune_dir: Path, channel: str, budget: int, out: Path
+) -> dict[str, Any]:
     command = [sys.executable, "-m", "lorafid", "probe", str(base_dir), str(finetune_dir), "--endpoint", server.url,
                "--model", "served", "--ranks", ",".join(map(str, RANKS)), "--channel", channel,
                "--max-requests", str(budget), "--max-retries", "0", "--out", str(out), "--quiet",
                "--candidates", "int4-g128,q8_0,q4_0"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OPENAI_API_KEY": ""})
+    out.unlink(missing_ok=True)
+    env = {**os.environ, "OPENAI_API_KEY": ""}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     if not out.exists():
-        return {"verdict": {"sentence": f"no report: {(result.stderr or result.stdout).strip()[-400:]}"}, "requests": {}}
+        why = (result.stderr or result.stdout).strip()[-400:]
+        return {"verdict": {"sentence": f"no report: {why}"}, "requests": {}}
     return dict(json.loads(out.read_text()))
 
 
@@ -250,8 +258,10 @@ def main() -> int:
         ("finetune F16", to_gguf(args.llama_cpp, finetune_dir, work / "finetune-f16.gguf", "f16"), None),
         ("finetune Q8_0", quantize(f32, work / "finetune-q8_0.gguf", "Q8_0"), None),
         ("finetune Q4_K_M", quantize(f32, work / "finetune-q4_k_m.gguf", "Q4_K_M"), None),
-        *((f"base + rank-{r} adapter", base, extract_adapter(args.llama_cpp, base_dir, finetune_dir, work, r))
-          for r in (16, 64)),  # fmt: skip
+        *(
+            (f"base + rank-{r} adapter", base, extract_adapter(args.llama_cpp, base_dir, finetune_dir, work, r))
+            for r in (16, 64)
+        ),
         ("base", base, None),
     ]
     print(f"# models built and converted in {time.time() - started:.0f} s ({work})")

@@ -60,7 +60,8 @@ CHANNELS: tuple[str, ...] = (ECHO, PROMPT_LOGPROBS, CHAT)
 MAX_RESPONSE_BYTES = 32 * 2**20  # a 2,000-token echo with 20 alternatives is ~1 MB of JSON
 MAX_REDIRECTS = 3
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
-_PERMANENT_500 = re.compile(r"not supported|unsupported|not implemented|not allowed|invalid", re.IGNORECASE)
+# llama-cpp-python answers a request its schema refuses with 500 "validation error".
+_PERMANENT_500 = re.compile(r"not supported|unsupported|not implemented|not allowed|invalid|validation error", re.I)
 # connect 10 s; read 120 s: a loaded provider can take a minute on a long prompt.
 _TIMEOUT = httpx2.Timeout(connect=10.0, read=120.0, write=30.0, pool=120.0)
 

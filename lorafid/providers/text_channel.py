@@ -36,7 +36,7 @@ TEXT = "completions-text"
 OPENAI_SAMPLER: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 NEUTRAL_SAMPLER: dict[str, Any] = {
     **OPENAI_SAMPLER,
-    "top_k": -1,  # off for vLLM and llama.cpp (any k <= 0)
+    "top_k": 0,  # off for vLLM and llama.cpp; llama-cpp-python's server refuses -1 (k must be >= 0)
     "min_p": 0.0,
     "repetition_penalty": 1.0,  # vLLM's name
     "repeat_penalty": 1.0,  # llama.cpp's name
