@@ -230,7 +230,7 @@ def probe(
     command = [sys.executable, "-m", "lorafid", "probe", str(base_dir), str(finetune_dir), "--endpoint", server.url,
                "--model", "served", "--ranks", ",".join(map(str, RANKS)), "--channel", channel,
                "--max-requests", str(budget), "--max-retries", "0", "--out", str(out), "--quiet",
-               "--candidates", "int4-g128,q8_0,q4_0"]  # fmt: skip
+               "--candidates", "int4-g128,q8_0,q4_0", "--prompts", str(out.parent / "prompts.txt")]  # fmt: skip
     out.unlink(missing_ok=True)
     env = {**os.environ, "OPENAI_API_KEY": ""}
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -264,6 +264,10 @@ def main() -> int:
         ),
         ("base", base, None),
     ]
+    # Prompts the tiny models know: the fine-tune's lines cut after a few words. (The built-in set
+    # is English the 465-token vocabulary spells in bytes; its continuations hold invalid UTF-8.)
+    lines = [" ".join(line.split()[:k]) for line in (*FINETUNE_CORPUS, *CORPUS) for k in (3, 5)]
+    (work / "prompts.txt").write_text("\n".join(lines) + "\n")
     print(f"# models built and converted in {time.time() - started:.0f} s ({work})")
     for label, model, lora in served:
         with LlamaServer(model, lora) as server:

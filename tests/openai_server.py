@@ -128,7 +128,7 @@ class OpenAIServer:
         )
         self.requests: list[Recorded] = []
         self.tokenizer = _tokenizer(files)
-        self.model = _model(files, tensors)
+        self.model = causal_lm(files, tensors)
         self._lock = threading.Lock()
         self._server: http.server.ThreadingHTTPServer | None = None
 
@@ -394,7 +394,7 @@ def _tokenizer(files: dict[str, bytes]) -> Any:
         return AutoTokenizer.from_pretrained(folder)
 
 
-def _model(files: dict[str, bytes], tensors: dict[str, torch.Tensor]) -> Any:
+def causal_lm(files: dict[str, bytes], tensors: dict[str, torch.Tensor]) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(**json.loads(files["config.json"]))

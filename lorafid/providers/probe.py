@@ -65,7 +65,7 @@ from lorafid.providers.openai_api import (
 )
 from lorafid.providers.quantize import SCHEMES, int8_rows, scheme
 from lorafid.providers.text_channel import MAX_SAMPLES, MAX_TOKENS_CAP, TEXT, TextPlan, collect_text, plan_text
-from lorafid.providers.text_evidence import TextCandidate, judge_text
+from lorafid.providers.text_evidence import TextCandidate, fit_z, judge_text
 from lorafid.providers.text_probe import concatenated, observe, score_text
 from lorafid.retry import RetryPolicy
 
@@ -904,8 +904,16 @@ class Probe:
                 raise
         scored = observations[: len(per_continuation)]
         family = [n for n in candidate_names(c.ranks, c.quantized) if is_original(n)]
+        # The provider's own token count (a lone continuation's usage) tells whether re-tokenizing
+        # its text gave back the tokens it sampled; servers differ on counting the final EOS.
+        aligned = [
+            o.provider_tokens is None
+            or o.provider_tokens == o.tokens
+            or (o.finish_reason == "stop" and o.provider_tokens == o.tokens - 1)
+            for o in scored
+        ]
         candidates, verdict, evidence = judge_text(
-            concatenated(per_continuation), [o.tokens for o in scored], original_family=family
+            concatenated(per_continuation), [o.tokens for o in scored], original_family=family, aligned=aligned
         )
         tried = [*collection.channels_tried, {"channel": TEXT, "outcome": "used"}]
         return ProbeReport(
@@ -934,8 +942,12 @@ class Probe:
                     "text": self.texts[o.prompt_index][:120],
                     "tokens": o.tokens,
                     "finish": o.finish_reason,
+                    "provider_tokens": o.provider_tokens,
+                    # how this continuation alone fits the closest candidate (about N(0, 1) if it wrote it)
+                    "fit_z": round(fit_z(part[verdict.closest]), 2),
+                    "mean_logprob": round(float(part[verdict.closest].logprob.mean()), 4),
                 }
-                for o in scored
+                for o, part in zip(scored, per_continuation, strict=True)
             ],
             failed_prompts={},
             error=error,
@@ -954,6 +966,7 @@ class Probe:
                     "z": evidence.tail_z,
                 },
                 "finding": evidence.finding,
+                "fit": {"z": evidence.fit_z, "tokens": evidence.fit_tokens, "aligned_continuations": sum(aligned)},
             },
         )
 

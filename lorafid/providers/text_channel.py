@@ -47,6 +47,7 @@ NEUTRAL_SAMPLER: dict[str, Any] = {
 MAX_TOKENS_CAP = 1024  # one continuation's length, at most
 MAX_PACKED_PROMPTS = 8  # prompts in one request's array
 MAX_SAMPLES = 4  # n per prompt
+MIN_REQUESTS_TO_PACK = 2  # with one request, none is risked on finding out whether arrays and n work
 # A pair of candidates with a KL gap δ nats per token differs per token by about δ with
 # variance about 2δ (near-identical distributions), so N sampled tokens rule one out at 95%
 # once δ > 1.96² · 2 / N.
@@ -90,12 +91,15 @@ class TextPlan:
 def plan_text(requests: int, prompts: int, *, max_tokens: int = MAX_TOKENS_CAP, samples: int = MAX_SAMPLES) -> TextPlan:
     """The text plan for ``requests`` requests over a prompt set of ``prompts`` texts.
 
-    Example: 5 requests, 36 prompts -> 8 prompts × 4 samples asked on the first request.
+    Example: 5 requests, 36 prompts -> 8 prompts × 4 samples asked on the first request;
+    1 request -> one prompt, one sample (a refusal would cost the whole budget).
     """
     if requests < 1:
         raise ProviderError("The request budget leaves no request for the text channel; raise --max-requests.")
     if not 1 <= max_tokens <= MAX_TOKENS_CAP:
         raise ProviderError(f"--max-tokens must be between 1 and {MAX_TOKENS_CAP}.")
+    if requests < MIN_REQUESTS_TO_PACK:  # a refused array would cost the whole budget
+        return TextPlan(requests, 1, 1, max_tokens, prompts)
     per_request = max(1, min(MAX_PACKED_PROMPTS, math.ceil(prompts / requests)))
     return TextPlan(requests, per_request, max(1, min(MAX_SAMPLES, samples)), max_tokens, prompts)
 

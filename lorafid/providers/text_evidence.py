@@ -88,6 +88,8 @@ class TextEvidence:
     tail_expected: float
     tail_z: float
     finding: str  # "served", "ambiguous", "matches-none", "sampler-changed", "too-little-text"
+    fit_z: float  # the closest candidate's fit over the aligned continuations (0 when none)
+    fit_tokens: int  # tokens of the continuations the fit and tail checks read
 
 
 def block_ids(segments: Sequence[int], block: int = BLOCK_TOKENS) -> np.ndarray:
@@ -121,12 +123,21 @@ def fit_z(scores: TokenScores) -> float:
 
 
 def judge_text(
-    scores: dict[str, TokenScores], segments: Sequence[int], *, original_family: Sequence[str] = (FINETUNE,)
+    scores: dict[str, TokenScores],
+    segments: Sequence[int],
+    *,
+    original_family: Sequence[str] = (FINETUNE,),
+    aligned: Sequence[bool] | None = None,
 ) -> tuple[dict[str, TextCandidate], Verdict, TextEvidence]:
     """Every candidate's likelihood, gap to the closest with its interval, and the verdict.
 
     ``segments``: the token count of each continuation, in the order the scores concatenate
     them. ``original_family``: the fine-tune and its quantized copies (never an extraction).
+    ``aligned``: per continuation, whether re-tokenizing its text gave as many tokens as the
+    provider counted (None: not known, taken as aligned). A continuation the provider sampled
+    in a non-canonical split scores lower under every candidate alike: it still counts for the
+    gaps between candidates, but not for the fit and tail checks, which compare with the
+    candidates' own samples.
     """
     names = list(scores)
     tokens = int(sum(segments))
@@ -151,21 +162,34 @@ def judge_text(
             rank=rank,
             serving=None if rank is None else ("keep-extras" if keep else "lora-only"),
         )
-    tail_observed = int((np.exp(best.logprob) < TAIL_PROBABILITY).sum())
-    tail_expected = float(best.tail.sum())
-    tail_sd = float(np.sqrt(np.clip(best.tail * (1 - best.tail), 0, None).sum()))
-    tail_z = (tail_observed - tail_expected) / max(tail_sd, 1e-12)
-    z = results[closest].fit_z
+    flags = list(aligned) if aligned is not None else [True] * len(segments)
+    mask = np.repeat(np.asarray(flags, dtype=bool), np.asarray(segments, dtype=np.int64))
+    fit = TokenScores(*(getattr(best, f)[mask] for f in TokenScores.__dataclass_fields__))
+    checked = int(mask.sum())
+    tail_observed = int((np.exp(fit.logprob) < TAIL_PROBABILITY).sum())
+    tail_expected = float(fit.tail.sum())
+    tail_sd = float(np.sqrt(np.clip(fit.tail * (1 - fit.tail), 0, None).sum()))
+    tail_z = (tail_observed - tail_expected) / max(tail_sd, 1e-12) if checked else 0.0
+    z = fit_z(fit) if checked else 0.0
+    unchecked = (
+        ""
+        if checked
+        else " (The fit check did not run: re-tokenizing the text gave other token counts than the provider's in "
+        "every continuation, so its likelihood is not comparable with the candidates' own samples; 'matches none' "
+        "and a changed sampler cannot be told from this text.)"
+    )
     consistent = tuple(n for n, r in results.items() if not r.ruled_out)
     resolution = 2 * 1.96**2 / max(tokens, 1)
     tail_note = (
-        f"{tail_observed} of {tokens} tokens have under {TAIL_PROBABILITY:.0%} probability under {closest} "
+        f"{tail_observed} of {checked} tokens have under {TAIL_PROBABILITY:.0%} probability under {closest} "
         f"(sampling at temperature 1 gives {tail_expected:.1f} ± {tail_sd:.1f})"
     )
 
     def verdict(finding: str, sentence: str, matches: bool) -> tuple[dict[str, TextCandidate], Verdict, TextEvidence]:
-        evidence = TextEvidence(tokens, len(segments), resolution, tail_observed, tail_expected, tail_z, finding)
-        return results, Verdict(sentence, closest, matches, consistent, None, resolution), evidence
+        evidence = TextEvidence(
+            tokens, len(segments), resolution, tail_observed, tail_expected, tail_z, finding, z, checked
+        )
+        return results, Verdict(sentence + unchecked, closest, matches, consistent, None, resolution), evidence
 
     if tokens < MIN_TOKENS_FOR_VERDICT:
         return verdict(

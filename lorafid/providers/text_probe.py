@@ -32,6 +32,7 @@ class TextObservation:
     ids: tuple[int, ...]
     start: int
     finish_reason: str | None
+    provider_tokens: int | None = None  # the provider's own count of the continuation's tokens, where given
 
     @property
     def tokens(self) -> int:
@@ -48,20 +49,24 @@ def observe(
 ) -> tuple[list[TextObservation], int]:
     """The continuations as observations, and how many were empty (nothing to score).
 
-    ``max_length`` cuts a sequence to the model's context; a U+FFFD at the end (a character
-    cut by ``max_tokens``) is dropped rather than scored as a replacement character.
+    ``max_length`` cuts a sequence to the model's context; a continuation is cut at its first
+    U+FFFD (invalid UTF-8, or a character cut by ``max_tokens``) rather than scored as one.
     """
     out, empty = [], 0
     for c in continuations:
         prompt = encode(texts[c.prompt_index])
-        generated = encode_plain(c.text.rstrip("\ufffd")) if c.text.rstrip("\ufffd") else []
-        if c.finish_reason == "stop" and eos_id is not None:
+        # A U+FFFD stands for bytes that were not valid UTF-8: the tokens there are lost, and
+        # re-tokenizing the replacement character gives three other tokens. What follows it
+        # cannot be aligned, so the text is cut there (its end, then, was not the model's choice).
+        valid, cut, _ = c.text.partition("\ufffd")
+        generated = encode_plain(valid) if valid else []
+        if c.finish_reason == "stop" and eos_id is not None and not cut:
             generated.append(eos_id)
         ids = (prompt + generated)[:max_length] if max_length else prompt + generated
         if len(ids) <= len(prompt) or not prompt:
             empty += 1
             continue
-        out.append(TextObservation(c.prompt_index, tuple(ids), len(prompt), c.finish_reason))
+        out.append(TextObservation(c.prompt_index, tuple(ids), len(prompt), c.finish_reason, c.completion_tokens))
     return out, empty
 
 

@@ -177,6 +177,7 @@ def test_the_plan_packs_prompts_and_names_what_it_can_resolve() -> None:
     assert "5 request(s)" in plan.describe() and "nats per token" in plan.describe()
     with pytest.raises(ProviderError, match="raise --max-requests"):
         plan_text(0, 36)
+    assert (plan_text(1, 36).prompts_per_request, plan_text(1, 36).samples) == (1, 1)  # nothing risked on arrays
 
 
 def test_every_neutral_sampler_setting_is_sent() -> None:
@@ -404,3 +405,19 @@ def _with_short_text(module: Any) -> Any:
         original(self, *args, **kwargs)
 
     return init
+
+
+def test_continuations_the_provider_tokenized_otherwise_count_for_the_gaps_but_not_the_fit() -> None:
+    """A provider that sampled a non-canonical split (its token count differs from the re-tokenized
+    text's) makes the text unlikely under every candidate alike: no 'matches none' from it."""
+    served = _categorical([1, 1, 1, 1, 1, 1])  # a poor fit for the closest candidate
+    a, b = _categorical([5, 3, 1, 1, 0.5, 0.2]), _categorical([1, 1, 1, 1, 1, 3])
+    x = np.random.default_rng(0).choice(6, size=4000, p=np.exp(served))
+    scores = {FINETUNE: _scores(a[x], a), "rank-8": _scores(b[x], b)}
+    _, _, evidence = judge_text(scores, [2000, 2000], aligned=[True, True])
+    assert evidence.finding == "matches-none" and evidence.fit_tokens == 4000
+    _, unchecked, evidence = judge_text(scores, [2000, 2000], aligned=[False, False])
+    assert evidence.finding != "matches-none" and evidence.fit_tokens == 0
+    assert "The fit check did not run" in unchecked.sentence
+    _, _, evidence = judge_text(scores, [2000, 2000], aligned=[False, True])
+    assert evidence.fit_tokens == 2000 and evidence.finding == "matches-none"
