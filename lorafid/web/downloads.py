@@ -30,15 +30,25 @@ def write_report_json(report: Report, directory: Path) -> Path:
     older than ``DOWNLOAD_MAX_AGE_S`` are removed on the way. The file name still says
     the pair and the rank: "lorafid-org_tuned-vs-org_base-rank64.json".
     """
-    sweep_downloads(directory)
     slug = "-vs-".join(
         re.sub(r"[^A-Za-z0-9._-]+", "_", s.spec).strip("_")[-60:] for s in (report.finetune, report.base)
     )
+    return write_download(directory, f"lorafid-{slug}-rank{report.rank}.json", report.to_json())
+
+
+def write_download(directory: Path, name: str, text: str) -> Path:
+    """``text`` as ``name`` in a new per-request folder under ``directory``, written atomically.
+
+    Every download (an audit's report, a provider check, a behaviour check) goes through here:
+    its own folder, so concurrent requests never share a file; a temporary name renamed into
+    place, so nobody reads half a file; old folders swept on the way.
+    """
+    sweep_downloads(directory)
     folder = directory / uuid.uuid4().hex
     folder.mkdir(parents=True)
-    path = folder / f"lorafid-{slug}-rank{report.rank}.json"
-    staging = folder / f".{path.name}.partial"
-    staging.write_text(report.to_json(), encoding="utf-8")
+    path = folder / name
+    staging = folder / f".{name}.partial"
+    staging.write_text(text, encoding="utf-8")
     os.replace(staging, path)
     return path
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -385,6 +386,24 @@ def test_the_dashboard_runs_the_text_channel_within_the_budget_it_is_given(
     assert list(table.columns)[:4] == ["candidate", "gap nats/token", "95% interval", "fit z"]
     assert table.iloc[0]["candidate"] == "rank-8" and "finetune-int4-g128" in set(table["candidate"])
     assert len(server.requests) == 2
+    # the JSON download is the visitor's own: a new folder per request, no partial file left
+    first = Path(shown[dashboard.probe_file])
+    again = Path(
+        dashboard.open_probe_link(shown[dashboard.probe_link].split("?")[1].rstrip(")"), None)[dashboard.probe_file]
+    )
+    assert first.parent != again.parent and first.parent.parent == again.parent.parent == dashboard.downloads
+    assert json.loads(first.read_text()) == json.loads(again.read_text()) and not list(first.parent.glob(".*"))
+    # a check takes one of the visitor's audit slots: a visitor with an audit running waits
+    from lorafid.web.limits import visitor_id
+
+    visitor = visitor_id({}, None, dashboard.behind_proxy)
+    assert dashboard.visitors.take(visitor)
+    try:
+        with pytest.raises(gr.Error, match="already have 1 audit"):
+            next(dashboard.run_probe(*arguments, TEXT, 2, [], request=_Request()))
+    finally:
+        dashboard.visitors.give_back(visitor)
+    assert len(server.requests) == 2  # nothing was sent
 
 
 class _Request:

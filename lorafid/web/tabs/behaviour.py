@@ -15,9 +15,11 @@ import gradio as gr
 import pandas as pd
 
 from lorafid.audit.store import Store
-from lorafid.errors import LorafidError
+from lorafid.errors import LimitExceededError, LorafidError
 from lorafid.names import parse_ranks
 from lorafid.web.config import MAX_RANK, AppConfig
+from lorafid.web.downloads import write_download
+from lorafid.web.limits import VisitorSlots, visitor_id
 from lorafid.web.links import page_url, stored_key
 from lorafid.web.tabs.common import MAX_INPUT_CHARS, MAX_MESSAGE_CHARS, TEXT_INTERVAL_S, user_errors
 from lorafid.web.text import md_text
@@ -35,14 +37,17 @@ BEHAVIOUR_GENERATE_BYTES = 4 * 2**30  # side-by-side continuations only when the
 class BehaviourTab:
     """The behaviour tab of the Dashboard.
 
-    Uses the Dashboard's ``config``, ``store``, ``downloads`` and ``block_compute``, and the
-    weight audit's ``base`` and ``finetune`` fields (``AuditTab``), which it follows.
+    Uses the Dashboard's ``config``, ``store``, ``downloads``, ``block_compute``, ``visitors``
+    (one slot per running check) and ``behind_proxy``, and the weight audit's ``base`` and
+    ``finetune`` fields (``AuditTab``), which it follows.
     """
 
     config: AppConfig
     store: Store
     downloads: Path
     block_compute: Callable[..., Any] | None
+    visitors: VisitorSlots
+    behind_proxy: bool
     base: gr.Textbox
     finetune: gr.Textbox
 
@@ -124,15 +129,26 @@ class BehaviourTab:
             max_model_bytes=self.config.max_model_bytes,
         )
         check = BehaviourCheck(base.strip(), finetune.strip(), config)
-        shown = 0.0
-        for step in check.run():
-            if time.monotonic() - shown > TEXT_INTERVAL_S or step.stage == "done":
-                shown = time.monotonic()
-                yield {self.behave_status: md_text(f"{step.stage}: {step.done}/{step.total}. {step.message}")}
-        document = check.report()
+        visitor = visitor_id(
+            dict(request.headers or {}), request.client.host if request.client else None, self.behind_proxy
+        )
+        # A check reads and runs weights like an audit: it takes one of the visitor's audit slots.
+        if not self.visitors.take(visitor):
+            raise LimitExceededError(
+                f"You already have {self.config.max_audits_per_visitor} audit(s) or check(s) running on this server: "
+                "wait for it to finish, then check the behaviour."
+            )
+        try:
+            shown = 0.0
+            for step in check.run():
+                if time.monotonic() - shown > TEXT_INTERVAL_S or step.stage == "done":
+                    shown = time.monotonic()
+                    yield {self.behave_status: md_text(f"{step.stage}: {step.done}/{step.total}. {step.message}")}
+            document = check.report()
+        finally:
+            self.visitors.give_back(visitor)
         key = self.store.put_document("behaviour", document)
-        path = self.downloads / f"lorafid-behaviour-{key}.json"
-        path.write_text(json.dumps(document, indent=1) + "\n")
+        path = write_download(self.downloads, f"lorafid-behaviour-{key}.json", json.dumps(document, indent=1) + "\n")
         link = page_url(request.headers, str(request.url)) + f"?behaviour={key}"
         yield self._behaviour_view(document) | {
             self.behave_file: str(path),

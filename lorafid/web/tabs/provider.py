@@ -14,14 +14,15 @@ import gradio as gr
 import pandas as pd
 
 from lorafid.audit.store import Store
-from lorafid.errors import LorafidError
+from lorafid.errors import LimitExceededError, LorafidError
 from lorafid.names import parse_ranks
 from lorafid.providers.netguard import ProbeServerSettings, VisitorBudget
 from lorafid.providers.probe import DEFAULT_QUANTIZED
 from lorafid.providers.quantize import SCHEMES
 from lorafid.web import plots
 from lorafid.web.config import MAX_RANK, AppConfig
-from lorafid.web.limits import visitor_id
+from lorafid.web.downloads import write_download
+from lorafid.web.limits import VisitorSlots, visitor_id
 from lorafid.web.links import page_url, stored_key
 from lorafid.web.tabs.common import MAX_INPUT_CHARS, user_errors
 from lorafid.web.text import md_text
@@ -40,8 +41,8 @@ class ProviderTab:
     """The provider check tab of the Dashboard.
 
     Uses the Dashboard's ``config``, ``store``, ``downloads``, ``behind_proxy``,
-    ``probe_settings``, ``probe_budget`` and ``tabs`` (a link opens this tab), and
-    ``ResultsTab._publish_probe``.
+    ``probe_settings``, ``probe_budget``, ``visitors`` (one slot per running check) and
+    ``tabs`` (a link opens this tab), and ``ResultsTab._publish_probe``.
     """
 
     config: AppConfig
@@ -50,6 +51,7 @@ class ProviderTab:
     behind_proxy: bool
     probe_settings: ProbeServerSettings
     probe_budget: VisitorBudget
+    visitors: VisitorSlots
     tabs: gr.Tabs
     _publish_probe: Callable[[dict[str, Any]], str]  # ResultsTab's
 
@@ -174,13 +176,21 @@ class ProviderTab:
                 "Give a request budget."
             )
         visitor = visitor_id(request.headers, request.client.host if request.client else None, self.behind_proxy)
-        self.probe_budget.take(visitor, plan.max_requests)
-        yield {self.probe_status: md_text(plan.describe()), self.probe_verdict: "", self.probe_link: ""}
-        report = probe.run()
+        # A check reads and runs weights like an audit: it takes one of the visitor's audit slots.
+        if not self.visitors.take(visitor):
+            raise LimitExceededError(
+                f"You already have {self.config.max_audits_per_visitor} audit(s) or check(s) running on this server: "
+                "wait for it to finish, then check the provider."
+            )
+        try:
+            self.probe_budget.take(visitor, plan.max_requests)
+            yield {self.probe_status: md_text(plan.describe()), self.probe_verdict: "", self.probe_link: ""}
+            report = probe.run()
+        finally:
+            self.visitors.give_back(visitor)
         document = report.to_dict()
         key = self.store.put_document("probe", document)
-        path = self.downloads / f"lorafid-probe-{key}.json"
-        path.write_text(report.to_json() + "\n")
+        path = write_download(self.downloads, f"lorafid-probe-{key}.json", report.to_json() + "\n")
         status = f"Read by {report.method}; {report.requests['sent']} requests sent."
         if report.status != "complete":
             status += f" Partial: {len(report.failed_prompts)} prompts failed; the rest are shown."
@@ -200,8 +210,8 @@ class ProviderTab:
         document = self.store.load_document("probe", key)
         if document is None:
             return {self.probe_status: "That provider check is not stored on this server."}
-        path = self.downloads / f"lorafid-probe-{key}.json"
-        path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+        path = write_download(self.downloads, f"lorafid-probe-{key}.json", text)
         ranks = (document.get("settings") or {}).get("ranks") or []
         return self._probe_view(document) | {
             self.tabs: gr.Tabs(selected="provider-check"),  # a probe link opens on its own tab
