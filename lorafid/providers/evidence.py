@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lorafid.errors import ProviderError
+
 BOOTSTRAP_RESAMPLES = 2000
 MIN_PROMPTS_FOR_VERDICT = 5  # fewer scored prompts: no bootstrap is meaningful, no verdict
 # KL below this is float noise of a serving stack, whatever the candidates: a bfloat16 forward of
@@ -138,6 +140,12 @@ def summarise(
     names = list(scores[0].kl_sum) if scores else []
     tokens = np.array([s.tokens for s in scores], dtype=np.float64)
     total_tokens = float(tokens.sum())
+    if not names or total_tokens == 0:
+        # No position had alternatives to compare (every listed token unknown, or nothing scored).
+        raise ProviderError(
+            "No scored token had alternatives the fine-tune's tokenizer knows: there is nothing to compare. "
+            "Ask for more alternatives (--top-logprobs), or use the text channel (--channel completions-text)."
+        )
     kl = {n: np.array([s.kl_sum[n] for s in scores]) for n in names}
     idx = bootstrap_indices(len(scores))
     boot_tokens = tokens[idx].sum(axis=1)

@@ -696,3 +696,51 @@ def test_cli_probe_that_loses_the_provider_midway_keeps_a_partial_report(
     # six answers, then the two failing prompts tried twice each (--max-retries 1 bounds one request's
     # retries too), within the announced cap: 8 prompts + 2 channel tries + 1 retry
     assert document["requests"]["sent"] == 10 == len(server.requests) and document["requests"]["max"] == 11
+
+
+def test_no_scored_alternatives_is_a_clear_error_not_a_division_by_zero() -> None:
+    names = candidate_names([16])
+    empty = [
+        PromptScore(i, 0, dict.fromkeys(names, 0.0), dict.fromkeys(names, 0), dict.fromkeys(names, 0.0))
+        for i in range(6)
+    ]
+    with pytest.raises(ProviderError, match="nothing to compare"):
+        summarise(empty, {a: dict.fromkeys(names, 0.0) for a in names}, [16])
+    with pytest.raises(ProviderError, match="nothing to compare"):
+        summarise([], {}, [16])
+
+
+def _two_candidates(rank_excess: list[float], tolerance_tokens: float = 0.0) -> Any:
+    """finetune (the closest, 0.01 nats/token everywhere) and rank-16 at 0.01 + excess per prompt."""
+    names = candidate_names([16])
+    distances = {
+        FINETUNE: [0.01] * len(rank_excess),
+        FINETUNE_8BIT: [0.02] * len(rank_excess),
+        "rank-16": [0.01 + e for e in rank_excess],
+        "rank-16+extras": [1.0] * len(rank_excess),
+        BASE: [3.0] * len(rank_excess),
+    }
+    local = {a: dict.fromkeys(names, 800.0) for a in names}
+    local[FINETUNE][FINETUNE_8BIT] = tolerance_tokens  # the 8-bit reference's own distance, summed
+    return summarise(_scores(distances), local, [16])
+
+
+def test_a_candidate_is_ruled_out_only_when_the_bootstraps_lower_bound_clears_the_tolerance() -> None:
+    """Fails if the rule reads the median (or the mean) of the paired bootstrap instead of its 2.5% bound."""
+    # the excess over the closest: large on most prompts, at or below zero on three of eight
+    excess = [0.004, 0.0035, 0.0038, 0.0042, 0.004, -0.003, -0.003, 0.0]
+    results, _ = _two_candidates(excess)
+    mean_excess = sum(excess) / len(excess)
+    assert mean_excess > 1e-4 and sorted(excess)[4] > 1e-4  # the mean and the median clear the 1e-4 tolerance
+    assert not results["rank-16"].ruled_out  # but the lower bound does not
+    results, _ = _two_candidates([0.004] * 8)
+    assert results["rank-16"].ruled_out
+
+
+def test_the_8bit_references_distance_widens_the_tolerance() -> None:
+    """Fails if the tolerance ignores the 8-bit reference's own distance from the fine-tune."""
+    results, verdict = _two_candidates([0.004] * 8)
+    assert results["rank-16"].ruled_out and verdict.tolerance == pytest.approx(1e-4)
+    # 8 prompts × 10 tokens: a reference 0.005 nats/token from the fine-tune makes 0.004 indistinguishable
+    results, verdict = _two_candidates([0.004] * 8, tolerance_tokens=0.005 * 80)
+    assert verdict.tolerance == pytest.approx(0.005) and not results["rank-16"].ruled_out
