@@ -97,16 +97,17 @@ class ProbePlan:
     max_requests: int  # with retries: a hard cap the client enforces
     text: TextPlan | None = None  # the text channel's plan, where it may be used
     text_only: bool = False  # --channel completions-text: no log-probability channel is tried
+    note: str = ""  # what the budget leaves out, said before anything is sent
 
     def describe(self) -> str:
         if self.text_only and self.text is not None:
-            return f"{self.text.describe()} Never more than {self.max_requests} requests."
+            return f"{self.text.describe()} Never more than {self.max_requests} requests.{self.note}"
         generated = self.prompts * self.max_new_tokens
         fallback = f" If the endpoint gives no log-probabilities: {self.text.describe()}" if self.text else ""
         return (
             f"The probe sends {self.prompts} prompts ({self.prompt_tokens} tokens): {self.prompts} requests, "
             f"{self.requests} if the first channels are refused, never more than {self.max_requests} with retries; "
-            f"at most {generated} tokens generated if only chat is offered.{fallback}"
+            f"at most {generated} tokens generated if only chat is offered.{fallback}{self.note}"
         )
 
 
@@ -731,7 +732,13 @@ class Probe:
             elif text is not None:
                 # The text channel runs only after every log-probability channel was refused.
                 plan = replace(plan, max_requests=max(plan.max_requests, len(channels) + text.requests))
-            self._plan = replace(plan, text=text)
+            note = ""
+            if c.channel is None and text is None:
+                note = (
+                    f" If the endpoint gives no log-probabilities, the budget leaves no request for sampled text: "
+                    f"give --max-requests {len(channels) + 2} or more, or --channel {TEXT}."
+                )
+            self._plan = replace(plan, text=text, note=note)
         return self._plan
 
     def _text_tokens(self, prompt_tokens: Sequence[int]) -> int:

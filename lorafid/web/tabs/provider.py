@@ -74,10 +74,10 @@ class ProviderTab:
                 label="Channel (auto: log-probabilities where offered, else sampled text)",
             )
             self.probe_requests = gr.Number(
-                label=f"Request budget (retries included; blank: as planned, at most {MAX_BUDGET})",
+                label=f"Request budget (retries included; 0 or blank: as planned, at most {MAX_BUDGET})",
                 value=None,
                 precision=0,
-                minimum=1,
+                minimum=0,
                 maximum=MAX_BUDGET,
             )
             self.probe_quantized = gr.CheckboxGroup(
@@ -96,7 +96,9 @@ class ProviderTab:
             wrap=True,
         )
         self.probe_rows = gr.Dataframe(
-            headers=["prompt", "text", "tokens"], label="Per prompt: KL per token to each candidate", interactive=False
+            headers=["prompt", "text", "tokens"],
+            label="Per prompt (for sampled text: per continuation): its evidence",
+            interactive=False,
         )
         with gr.Row():
             self.probe_file = gr.File(label="JSON (lorafid.probe/1)", interactive=False)
@@ -114,7 +116,8 @@ class ProviderTab:
             concurrency_limit=self.config.concurrency,
         )
         probe_query = gr.Textbox(visible=False)
-        linked = [self.probe_ranks, self.tabs]  # a link restores the ranks and opens this tab
+        # a link restores the ranks, channel and budget, and opens this tab
+        linked = [self.probe_ranks, self.probe_channel, self.probe_requests, self.tabs]
         demo.load(
             self.open_probe_link,
             [probe_query],
@@ -148,6 +151,7 @@ class ProviderTab:
         rank_list = parse_ranks(ranks, max_count=12, max_rank=MAX_RANK * 64, what="candidate ranks")
         if channel not in (None, *CHANNEL_CHOICES):
             raise LorafidError(f"Pick a channel from the list ({', '.join(CHANNEL_CHOICES)}).")
+        budget = budget or None  # an empty number field reads as 0: as planned
         if budget is not None and not (1 <= budget <= MAX_BUDGET and float(budget).is_integer()):
             raise LorafidError(f"The request budget is a whole number from 1 to {MAX_BUDGET}, or blank.")
         schemes = tuple(q for q in (quantized or []) if q in SCHEMES)[: len(SCHEMES)]
@@ -212,11 +216,16 @@ class ProviderTab:
             return {self.probe_status: "That provider check is not stored on this server."}
         text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
         path = write_download(self.downloads, f"lorafid-probe-{key}.json", text)
-        ranks = (document.get("settings") or {}).get("ranks") or []
+        settings = document.get("settings") or {}
+        ranks = settings.get("ranks") or []
+        channel = settings.get("channel") if settings.get("channel") in CHANNEL_CHOICES else "auto"
+        budget = settings.get("max_requests") if isinstance(settings.get("max_requests"), int) else None
         return self._probe_view(document) | {
             self.tabs: gr.Tabs(selected="provider-check"),  # a probe link opens on its own tab
             self.probe_file: str(path),
             self.probe_ranks: ",".join(str(int(r)) for r in ranks),
+            self.probe_channel: channel,
+            self.probe_requests: budget,
             self.probe_status: md_text(f"Stored provider check of {document.get('endpoint_host', '')}."),
             self.probe_endpoint: "https://" + str(document.get("endpoint_host", "")),
             self.probe_model: str(document.get("model", "")),
