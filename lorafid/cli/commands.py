@@ -191,7 +191,7 @@ def _rerank(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_batch(commands: argparse._SubParsersAction) -> None:
+def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     batch = commands.add_parser(
         "batch", help="audit every pair of a catalogue (CSV or YAML) on Ray, locally or on a cluster"
     )
@@ -281,7 +281,7 @@ def _batch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_extract(commands: argparse._SubParsersAction) -> None:
+def _add_extract(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     extract = commands.add_parser(
         "extract", help="write the rank-r PEFT LoRA adapter of a fine-tune, with the audit of what it loses"
     )
@@ -354,7 +354,9 @@ def _extract(args: argparse.Namespace) -> int:
 # -- the results registry: audit --publish / --verify, open ------------------------------------
 
 
-def _add_registry(commands: argparse._SubParsersAction, audit: argparse.ArgumentParser) -> None:
+def _add_registry(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], audit: argparse.ArgumentParser
+) -> None:
     """``audit --publish [DATASET]``, ``audit --verify REF`` and ``lorafid open DATASET [REF]``."""
     audit.add_argument(
         "--publish",
@@ -570,7 +572,7 @@ def _count(n: int, reason: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
 
-def _add_probe(commands: argparse._SubParsersAction) -> None:
+def _add_probe(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     probe = commands.add_parser(
         "probe", help="does an OpenAI-compatible API serve the fine-tune, a rank-r extraction of it, or another model?"
     )
@@ -712,7 +714,7 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_behave(commands: argparse._SubParsersAction) -> None:
+def _add_behave(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     behave = commands.add_parser(
         "behave", help="next-token KL and top-1 agreement of the served extraction vs the fine-tune, per prompt"
     )

@@ -12,7 +12,9 @@ import contextlib
 import ctypes
 import gc
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+
+from lorafid.errors import LimitExceededError
 
 
 class VisitorSlots:
@@ -41,6 +43,20 @@ class VisitorSlots:
                 self._running[visitor] = left
             else:
                 self._running.pop(visitor, None)
+
+    @contextlib.contextmanager
+    def hold(self, visitor: str, then: str) -> Iterator[None]:
+        """One slot for the length of the block; at the cap, a ``LimitExceededError`` that ends
+        with what to do ``then`` ("run this one", "check the provider")."""
+        if not self.take(visitor):
+            raise LimitExceededError(
+                f"You already have {self.per_visitor} audit(s) or check(s) running on this server: wait for it to "
+                f"finish or press Stop, then {then}."
+            )
+        try:
+            yield
+        finally:
+            self.give_back(visitor)
 
 
 def release_memory() -> None:

@@ -12,7 +12,7 @@ import gradio as gr
 
 from lorafid.adapters.peft_adapter import audit_adapter, section_of
 from lorafid.audit.engine import AuditConfig
-from lorafid.errors import LimitExceededError, LorafidError
+from lorafid.errors import LorafidError
 from lorafid.web import plots
 from lorafid.web.config import AppConfig
 from lorafid.web.limits import VisitorSlots, visitor_id
@@ -104,12 +104,7 @@ class AdapterTab:
         visitor = visitor_id(
             dict(request.headers or {}), request.client.host if request.client else None, self.behind_proxy
         )
-        if not self.visitors.take(visitor):
-            raise LimitExceededError(
-                f"You already have {self.config.max_audits_per_visitor} audit(s) running on this server: wait for it "
-                "to finish, then compare the adapter."
-            )
-        try:
+        with self.visitors.hold(visitor, "compare the adapter"):
             report = audit_adapter(
                 base.strip(),
                 finetune.strip(),
@@ -117,8 +112,6 @@ class AdapterTab:
                 config,
                 adapter_revision=adapter_revision.strip() or None,
             )
-        finally:
-            self.visitors.give_back(visitor)
         section = section_of(report)
         sentence = section.sentence() if section is not None else ""
         return {self.adapter_summary: "**" + md_text(sentence) + "**", self.adapter_plot: plots.adapter_curve(report)}

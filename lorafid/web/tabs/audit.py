@@ -22,7 +22,7 @@ from lorafid.audit.engine import Audit, AuditConfig
 from lorafid.audit.report import PROVIDER_RANKS, Report, SourceRecord
 from lorafid.audit.spectrum import DeltaSpectrum
 from lorafid.audit.store import Store
-from lorafid.errors import GatedRepoError, LimitExceededError, LorafidError, RepoNotFoundError
+from lorafid.errors import GatedRepoError, LorafidError, RepoNotFoundError
 from lorafid.names import is_commit_sha
 from lorafid.web import plots
 from lorafid.web.config import DEFAULT_RANK, MAX_RANK, AppConfig
@@ -213,24 +213,19 @@ class AuditTab:
         visitor = visitor_id(
             dict(request.headers or {}), request.client.host if request.client else None, self.behind_proxy
         )
-        if not self.visitors.take(visitor):
-            raise LimitExceededError(
-                f"You already have {self.config.max_audits_per_visitor} audit(s) running on this server: wait for it "
-                "to finish or press Stop, then run this one."
-            )
-        try:
-            yield from self._stream(
-                base.strip(),
-                finetune.strip(),
-                config,
-                metric,
-                request,
-                anonymous=access is False,
-                typed=bool(token.strip()),
-            )
-        finally:
-            self.visitors.give_back(visitor)
-            release_memory()  # a stopped or finished audit's pages go back to the OS
+        with self.visitors.hold(visitor, "run this one"):
+            try:
+                yield from self._stream(
+                    base.strip(),
+                    finetune.strip(),
+                    config,
+                    metric,
+                    request,
+                    anonymous=access is False,
+                    typed=bool(token.strip()),
+                )
+            finally:
+                release_memory()  # a stopped or finished audit's pages go back to the OS
 
     def _stream(
         self,

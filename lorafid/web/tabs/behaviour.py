@@ -15,7 +15,7 @@ import gradio as gr
 import pandas as pd
 
 from lorafid.audit.store import Store
-from lorafid.errors import LimitExceededError, LorafidError
+from lorafid.errors import LorafidError
 from lorafid.names import parse_ranks
 from lorafid.web.config import MAX_RANK, AppConfig
 from lorafid.web.downloads import write_download
@@ -133,20 +133,13 @@ class BehaviourTab:
             dict(request.headers or {}), request.client.host if request.client else None, self.behind_proxy
         )
         # A check reads and runs weights like an audit: it takes one of the visitor's audit slots.
-        if not self.visitors.take(visitor):
-            raise LimitExceededError(
-                f"You already have {self.config.max_audits_per_visitor} audit(s) or check(s) running on this server: "
-                "wait for it to finish, then check the behaviour."
-            )
-        try:
+        with self.visitors.hold(visitor, "check the behaviour"):
             shown = 0.0
             for step in check.run():
                 if time.monotonic() - shown > TEXT_INTERVAL_S or step.stage == "done":
                     shown = time.monotonic()
                     yield {self.behave_status: md_text(f"{step.stage}: {step.done}/{step.total}. {step.message}")}
             document = check.report()
-        finally:
-            self.visitors.give_back(visitor)
         key = self.store.put_document("behaviour", document)
         path = write_download(self.downloads, f"lorafid-behaviour-{key}.json", json.dumps(document, indent=1) + "\n")
         link = page_url(request.headers, str(request.url)) + f"?behaviour={key}"

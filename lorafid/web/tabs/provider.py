@@ -14,7 +14,7 @@ import gradio as gr
 import pandas as pd
 
 from lorafid.audit.store import Store
-from lorafid.errors import LimitExceededError, LorafidError
+from lorafid.errors import LorafidError
 from lorafid.names import parse_ranks
 from lorafid.providers.netguard import ProbeServerSettings, VisitorBudget
 from lorafid.providers.probe import DEFAULT_QUANTIZED
@@ -181,17 +181,10 @@ class ProviderTab:
             )
         visitor = visitor_id(request.headers, request.client.host if request.client else None, self.behind_proxy)
         # A check reads and runs weights like an audit: it takes one of the visitor's audit slots.
-        if not self.visitors.take(visitor):
-            raise LimitExceededError(
-                f"You already have {self.config.max_audits_per_visitor} audit(s) or check(s) running on this server: "
-                "wait for it to finish, then check the provider."
-            )
-        try:
+        with self.visitors.hold(visitor, "check the provider"):
             self.probe_budget.take(visitor, plan.max_requests)
             yield {self.probe_status: md_text(plan.describe()), self.probe_verdict: "", self.probe_link: ""}
             report = probe.run()
-        finally:
-            self.visitors.give_back(visitor)
         document = report.to_dict()
         key = self.store.put_document("probe", document)
         path = write_download(self.downloads, f"lorafid-probe-{key}.json", report.to_json() + "\n")
