@@ -56,6 +56,17 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 HIDDEN = 48
+# A transformers LlamaConfig's fields for the adapter tests, which build models with PEFT themselves.
+ADAPTER_LLAMA: dict[str, Any] = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+}
 LORA_RANK = 8
 BASE_STEPS = 40
 FINETUNE_STEPS = 30

@@ -32,17 +32,8 @@ from lorafid.audit.report import Report
 from lorafid.cli.commands import main
 from lorafid.errors import AdapterMismatchError, UnsupportedAdapterError
 from tests.hub_server import HubServer
+from tests.llama_models import ADAPTER_LLAMA as LLAMA
 
-LLAMA = {
-    "vocab_size": 64,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-    "tie_word_embeddings": False,
-}
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 

@@ -25,18 +25,8 @@ from lorafid.audit.report import Report
 from lorafid.cli.commands import main
 from lorafid.errors import LorafidError
 from tests.hub_server import HubServer
+from tests.llama_models import ADAPTER_LLAMA as LLAMA
 from tests.models import model_pair, shard_files, write_dir
-
-LLAMA = {
-    "vocab_size": 64,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-    "tie_word_embeddings": False,
-}
 
 
 @pytest.fixture(autouse=True)

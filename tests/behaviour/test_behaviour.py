@@ -44,14 +44,6 @@ PROMPTS = [
 FLOOR = 1e-6  # KL of float32 log-probabilities of the same weights computed two ways
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     family = model_family("llama", 2)

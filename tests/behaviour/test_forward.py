@@ -59,15 +59,6 @@ def whole_model_logprobs(config_json: bytes, state: dict[str, torch.Tensor], tex
         return [torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1) for ids in texts]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    """Tiny matrices: torch's thread pool only costs time here, a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def llama_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     family = model_family("llama", 2)
