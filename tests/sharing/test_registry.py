@@ -266,15 +266,21 @@ def test_read_only_registry_keeps_results_until_a_writable_token(hub: HubServer,
 
 
 def test_unreachable_registry_is_a_clear_error_and_keeps_the_outbox(
-    store: Store, hub: HubServer, tmp_path: Path
+    store: Store, hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import huggingface_hub.utils._http as hub_http
+
+    waits: list[float] = []
+    # The client's own backoff (about 24 s of real waiting) is recorded, not slept: the same
+    # retries happen, the test does not wait them out.
+    monkeypatch.setattr(hub_http.time, "sleep", waits.append)
     report = run_audit(hub, store)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once the socket closes
     down = Registry(REGISTRY, token=WRITER, endpoint=closed, cache_dir=tmp_path / "cache")
     with pytest.raises(RegistryError, match="Could not read the registry lorafid/results"):
-        down.entries()  # huggingface_hub retries the connection for ~24 s, once
+        down.entries()  # huggingface_hub retries the connection (its backoff recorded in waits), once
     with pytest.raises(RegistryError, match="is unreachable"):
         down.open(entry_for(report))  # then reads fail at once
     writer = RegistryWriter(down, tmp_path / "outbox")
@@ -282,6 +288,7 @@ def test_unreachable_registry_is_a_clear_error_and_keeps_the_outbox(
     with pytest.raises(RegistryError, match="Could not write"):
         writer.flush()
     assert len(writer.pending()) == 1
+    assert waits and sum(waits) >= 10  # the real client did back off; only the waiting was skipped
 
 
 # -- integrity ---------------------------------------------------------------------------------------
