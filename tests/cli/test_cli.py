@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sqlite3
@@ -95,14 +97,35 @@ def test_rerank_rederives_from_the_sidecar(pair_dirs: tuple, tmp_path: Path) -> 
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lorafid", *args],
+    """The command run in this process (``main`` with stdout and stderr captured, ``env`` set
+    for the call): what a shell would see, without a new interpreter per case.
+    ``test_a_real_process_prints_one_line_errors`` runs one case as a real process."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse's own errors and --help
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["lorafid", *args], code, out.getvalue(), err.getvalue())
+
+
+def test_a_real_process_prints_one_line_errors(hub: HubServer) -> None:
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lorafid", "audit", "org/base", "org/missing"],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, **(env or {})},
+        env=env,
         check=False,
     )
+    assert_one_line_error(result, "Repo org/base was not found", "--token or HF_TOKEN")
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
