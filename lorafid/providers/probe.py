@@ -64,8 +64,16 @@ from lorafid.providers.openai_api import (
     RequestBudget,
 )
 from lorafid.providers.quantize import SCHEMES, int8_rows, scheme
-from lorafid.providers.text_channel import MAX_SAMPLES, MAX_TOKENS_CAP, TEXT, TextPlan, collect_text, plan_text
-from lorafid.providers.text_evidence import TextCandidate, fit_z, judge_text
+from lorafid.providers.text_channel import (
+    GREEDY,
+    MAX_SAMPLES,
+    MAX_TOKENS_CAP,
+    TEXT,
+    TextPlan,
+    collect_text,
+    plan_text,
+)
+from lorafid.providers.text_evidence import TextCandidate, fit_z, judge_greedy, judge_text
 from lorafid.providers.text_probe import concatenated, observe, score_text
 from lorafid.retry import RetryPolicy
 
@@ -75,7 +83,7 @@ DEFAULT_TOP_K = 20  # vLLM's default --max-logprobs and OpenAI's chat limit
 DEFAULT_NEW_TOKENS = 32  # chat channel: greedy continuation length scored locally
 DEFAULT_QUANTIZED: tuple[str, ...] = ("int4-g128",)  # besides the 8-bit reference, always a candidate
 DEFAULT_TEXT_REQUESTS = 5  # the text channel's budget when --max-requests is not given
-ALL_CHANNELS: tuple[str, ...] = (*CHANNELS, TEXT)
+ALL_CHANNELS: tuple[str, ...] = (*CHANNELS, TEXT, GREEDY)
 
 
 def round_to_8_bits(name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -712,7 +720,13 @@ class Probe:
             if not channels:
                 requests = c.max_requests or DEFAULT_TEXT_REQUESTS
                 counts = [len(self._encode(t)) for t in self.texts]
-                alone = plan_text(requests, len(self.texts), max_tokens=self._text_tokens(counts), samples=c.samples)
+                alone = plan_text(
+                    requests,
+                    len(self.texts),
+                    max_tokens=self._text_tokens(counts),
+                    samples=c.samples,
+                    greedy=c.channel == GREEDY,
+                )
                 self._plan = ProbePlan(
                     0, int(sum(counts)), c.max_tokens, requests, requests, text=alone, text_only=True
                 )
@@ -755,7 +769,7 @@ class Probe:
 
     def _logprob_channels(self) -> tuple[str, ...]:
         """The log-probability channels to try, in order: none when the text channel is forced."""
-        if self.config.channel == TEXT:
+        if self.config.channel in (TEXT, GREEDY):
             return ()
         if self.config.channel is not None:
             return (self.config.channel,)
@@ -820,7 +834,7 @@ class Probe:
                     raise ProviderError(f"{collection.error} The request budget is spent; raise --max-requests.")
                 if on_progress:
                     on_progress("provider", 0, text_plan.requests)
-                read = collect_text(client, c.model, self.texts, text_plan, seed=c.seed)
+                read = collect_text(client, c.model, self.texts, text_plan, seed=c.seed, greedy=c.channel == GREEDY)
                 return self._text_report(plan, text_plan, read, collection, budget, on_progress)
         raise_unless_usable(collection)
         observations = [collection.observations[i] for i in sorted(collection.observations)]
@@ -919,15 +933,17 @@ class Probe:
             or (o.finish_reason == "stop" and o.provider_tokens == o.tokens - 1)
             for o in scored
         ]
-        candidates, verdict, evidence = judge_text(
+        judge = judge_greedy if c.channel == GREEDY else judge_text
+        candidates, verdict, evidence = judge(
             concatenated(per_continuation), [o.tokens for o in scored], original_family=family, aligned=aligned
         )
-        tried = [*collection.channels_tried, {"channel": TEXT, "outcome": "used"}]
+        method = GREEDY if c.channel == GREEDY else TEXT
+        tried = [*collection.channels_tried, {"channel": method, "outcome": "used"}]
         return ProbeReport(
             status="complete" if error is None else "partial",
             endpoint_host=urlsplit(c.endpoint).hostname or "",
             model=c.model,
-            method=TEXT,
+            method=method,
             channels_tried=tried,
             base=self._described(0),
             finetune=self._described(1),

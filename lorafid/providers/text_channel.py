@@ -29,6 +29,8 @@ from lorafid.retry import RetryPolicy
 
 TEXT = "completions-text"
 """The channel's name in reports and ``--channel``."""
+GREEDY = "completions-greedy"
+"""The same requests at temperature 0: each token should be the served model's argmax."""
 
 # Sampling at temperature 1 with nothing cut or penalised: the text is a draw from the served
 # model itself. Every neutral value is sent explicitly: llama.cpp's server, for one, applies
@@ -44,6 +46,7 @@ NEUTRAL_SAMPLER: dict[str, Any] = {
     # from what is scored, and the tokens around it would be scored out of their context.
     "skip_special_tokens": False,
 }
+GREEDY_SAMPLER: dict[str, Any] = {**NEUTRAL_SAMPLER, "temperature": 0.0}
 MAX_TOKENS_CAP = 1024  # one continuation's length, at most
 MAX_PACKED_PROMPTS = 8  # prompts in one request's array
 MAX_SAMPLES = 4  # n per prompt
@@ -88,7 +91,9 @@ class TextPlan:
         )
 
 
-def plan_text(requests: int, prompts: int, *, max_tokens: int = MAX_TOKENS_CAP, samples: int = MAX_SAMPLES) -> TextPlan:
+def plan_text(
+    requests: int, prompts: int, *, max_tokens: int = MAX_TOKENS_CAP, samples: int = MAX_SAMPLES, greedy: bool = False
+) -> TextPlan:
     """The text plan for ``requests`` requests over a prompt set of ``prompts`` texts.
 
     Example: 5 requests, 36 prompts -> 8 prompts × 4 samples asked on the first request;
@@ -98,6 +103,8 @@ def plan_text(requests: int, prompts: int, *, max_tokens: int = MAX_TOKENS_CAP, 
         raise ProviderError("The request budget leaves no request for the text channel; raise --max-requests.")
     if not 1 <= max_tokens <= MAX_TOKENS_CAP:
         raise ProviderError(f"--max-tokens must be between 1 and {MAX_TOKENS_CAP}.")
+    if greedy:
+        samples = 1  # every greedy sample of a prompt is the same text
     if requests < MIN_REQUESTS_TO_PACK:  # a refused array would cost the whole budget
         return TextPlan(requests, 1, 1, max_tokens, prompts)
     per_request = max(1, min(MAX_PACKED_PROMPTS, math.ceil(prompts / requests)))
@@ -171,12 +178,13 @@ def collect_text(
     plan: TextPlan,
     *,
     seed: int = 0,
+    greedy: bool = False,
 ) -> TextCollection:
     """Spend the plan's requests on continuations; keeps what was read if the provider fails later.
 
     Raises ``ProviderError`` only when not a single continuation could be read.
     """
-    sampler = dict(NEUTRAL_SAMPLER)
+    sampler = dict(GREEDY_SAMPLER if greedy else NEUTRAL_SAMPLER)
     notes: list[str] = []
     got: list[Continuation] = []
     per_request, samples = plan.prompts_per_request, plan.samples
@@ -207,7 +215,7 @@ def collect_text(
                 continue
             if not accepted and not openai_only and isinstance(e, ChannelUnsupportedError):
                 notes.append(f"the sampler fields beyond OpenAI's were refused ({e}); sent OpenAI's only")
-                sampler, openai_only = dict(OPENAI_SAMPLER), True
+                sampler, openai_only = {**OPENAI_SAMPLER, "temperature": sampler["temperature"]}, True
                 continue
             if not got:
                 raise ProviderError(f"The endpoint gave no continuation on the text channel ({e}).") from None

@@ -214,9 +214,24 @@ def judge_text(
             "above 1.",
             False,
         )
+    finding, sentence = name_served(
+        closest,
+        consistent,
+        original_family,
+        f"{tokens} tokens of sampled text",
+        f"about {resolution:.2g} nats per token",
+    )
+    return verdict(finding, sentence, True)
+
+
+def name_served(
+    closest: str, consistent: Sequence[str], original_family: Sequence[str], count: str, unresolved: str
+) -> tuple[str, str]:
+    """The finding ("served" or "ambiguous") and the sentence naming what is served, from the
+    candidates not ruled out. A set of the original and its quantized copies is "the original
+    weights", never an extraction; one rank in one or both serving modes is that extraction."""
     family = set(original_family)
     held = set(consistent)
-    count = f"{tokens} tokens of sampled text"
     others = ", ".join(n for n in consistent if n != closest)
     undecided = f"; {others} cannot be told apart from it with {count}" if others else f" ({count})"
     if held <= family:
@@ -229,17 +244,96 @@ def judge_text(
             )
         else:
             sentence = f"Serves the original weights quantized ({closest})" + undecided
-        return verdict("served", sentence + ". Not an extraction: every rank is ruled out.", True)
+        return "served", sentence + ". Not an extraction: every rank is ruled out."
     if held == {BASE}:
-        return verdict("served", f"Serves the base model, not the fine-tune ({count}).", True)
+        return "served", f"Serves the base model, not the fine-tune ({count})."
     ranks = {parse_candidate(n)[0] for n in held if n.startswith("rank-")}
     if len(held) == 1 or (len(ranks) == 1 and all(n.startswith("rank-") for n in held)):
         rank = parse_candidate(closest)[0] if closest.startswith("rank-") else None
         what = f"a rank-{rank} extraction ({closest})" if rank is not None else closest
-        return verdict("served", f"Serves {what}" + undecided + ".", True)
-    return verdict(
+        return "served", f"Serves {what}" + undecided + "."
+    return (
         "ambiguous",
-        f"Closest to {closest}{undecided}. Gaps below about {resolution:.2g} nats per token are not resolved: "
-        "raise --max-requests or --max-tokens for a sharper verdict.",
-        True,
+        f"Closest to {closest}{undecided}. Differences below {unresolved} are not resolved: raise --max-requests "
+        "or --max-tokens for a sharper verdict.",
     )
+
+
+GREEDY_MIN_AGREEMENT = 0.9  # below this share, the text is not any candidate's greedy path
+
+
+def judge_greedy(
+    scores: dict[str, TokenScores],
+    segments: Sequence[int],
+    *,
+    original_family: Sequence[str] = (FINETUNE,),
+    aligned: Sequence[bool] | None = None,
+) -> tuple[dict[str, TextCandidate], Verdict, TextEvidence]:
+    """Greedy text (temperature 0): each token should be the served model's most likely one.
+
+    Each candidate's *agreement* is the share of the provider's tokens that are its own argmax
+    given the provider's prefix; the closest agrees most (ties broken by log-likelihood). Another
+    is ruled out when the 95% block-bootstrap interval of its agreement deficit is above zero.
+    Exact agreement is broken by ties between near-equal logits and by real servers' batch
+    nondeterminism, so the served candidate agrees at, not always exactly at, 100%; if even the
+    best agrees on fewer than 90% of the tokens of the continuations the provider tokenized as we
+    do, the text is no candidate's greedy path: the provider overrides the temperature, or serves
+    another model. Robust to temperature and top_p overrides that keep the argmax (top_k, min_p).
+    """
+    names = list(scores)
+    tokens = int(sum(segments))
+    blocks = block_ids(segments)
+    agreement = {n: float(scores[n].argmax_hit.mean()) if tokens else float("nan") for n in names}
+    mean = {n: float(scores[n].logprob.mean()) if tokens else float("nan") for n in names}
+    closest = max(names, key=lambda n: (agreement[n], mean[n]))
+    best = scores[closest].argmax_hit.astype(np.float64)
+    results: dict[str, TextCandidate] = {}
+    for n in names:
+        deficit = best - scores[n].argmax_hit.astype(np.float64)
+        interval = (0.0, 0.0) if n == closest else bootstrap_gap(deficit, blocks)
+        rank, keep = parse_candidate(n) if n.startswith("rank-") else (None, False)
+        results[n] = TextCandidate(
+            name=n,
+            mean_logprob=mean[n],
+            gap=float(deficit.mean()) if tokens else float("nan"),
+            interval=interval,
+            fit_z=0.0,  # no fit check for greedy text: the agreement is the check
+            argmax_agreement=agreement[n],
+            ruled_out=n != closest and tokens >= MIN_TOKENS_FOR_VERDICT and interval[0] > 0.0,
+            rank=rank,
+            serving=None if rank is None else ("keep-extras" if keep else "lora-only"),
+        )
+    flags = list(aligned) if aligned is not None else [True] * len(segments)
+    mask = np.repeat(np.asarray(flags, dtype=bool), np.asarray(segments, dtype=np.int64))
+    checked = int(mask.sum())
+    checked_agreement = float(scores[closest].argmax_hit[mask].mean()) if checked else float("nan")
+    consistent = tuple(n for n, r in results.items() if not r.ruled_out)
+    resolution = 2 * 1.96 / max(tokens, 1) ** 0.5  # an agreement difference resolved at 95%, roughly
+
+    def verdict(finding: str, sentence: str, matches: bool) -> tuple[dict[str, TextCandidate], Verdict, TextEvidence]:
+        evidence = TextEvidence(tokens, len(segments), resolution, 0, 0.0, 0.0, finding, checked_agreement, checked)
+        return results, Verdict(sentence, closest, matches, consistent, None, resolution), evidence
+
+    if tokens < MIN_TOKENS_FOR_VERDICT:
+        return verdict(
+            "too-little-text",
+            f"Too little text for a verdict ({tokens} tokens; at least {MIN_TOKENS_FOR_VERDICT}): closest so far "
+            f"{closest}. Raise --max-requests or --max-tokens.",
+            False,
+        )
+    if checked and checked_agreement < GREEDY_MIN_AGREEMENT:
+        return verdict(
+            "sampler-changed",
+            f"The greedy text is no candidate's greedy path: the closest, {closest}, picks the provider's token at "
+            f"only {checked_agreement:.0%} of {checked} positions. The provider does not decode greedily (a "
+            "temperature override), or serves another model. No candidate is named from this text.",
+            False,
+        )
+    finding, sentence = name_served(
+        closest,
+        consistent,
+        original_family,
+        f"{tokens} tokens of greedy text ({closest} agrees on {agreement[closest]:.1%})",
+        f"about {resolution:.2g} in agreement",
+    )
+    return verdict(finding, sentence, True)

@@ -547,7 +547,7 @@ def probe_distances(document: dict[str, Any]) -> go.Figure:
     text check plots each candidate's log-likelihood gap to the closest (KL(P‖Q) − KL(P‖closest)).
     """
     candidates: dict[str, dict[str, Any]] = document.get("candidates") or {}
-    text = document.get("method") == "completions-text"
+    text = document.get("method") in ("completions-text", "completions-greedy")
     key = "gap" if text else "distance"
     fig = go.Figure()
     for serving, label in (("lora-only", "rank r (base extras)"), ("keep-extras", "rank r + fine-tune extras")):

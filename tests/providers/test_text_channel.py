@@ -440,3 +440,26 @@ def test_continuations_the_provider_tokenized_otherwise_count_for_the_gaps_but_n
     assert "The fit check did not run" in unchecked.sentence
     _, _, evidence = judge_text(scores, [2000, 2000], aligned=[False, True])
     assert evidence.fit_tokens == 2000 and evidence.finding == "matches-none"
+
+
+def test_greedy_text_names_the_served_candidate_by_its_argmax_path(hub: Any, pair: tuple[str, str], serve: Any) -> None:
+    from lorafid.providers.text_channel import GREEDY, GREEDY_SAMPLER
+
+    server = serve("rank-8", no_logprobs=True)
+    report = _probe(hub, pair, server, channel=GREEDY, max_requests=2).run()
+    assert report.method == GREEDY and report.verdict.matches, report.verdict.sentence
+    assert report.verdict.closest == "rank-8" and report.candidates["rank-8"].argmax_agreement == 1.0
+    assert report.verdict.sentence.startswith("Serves a rank-8 extraction")
+    assert all(r.body["temperature"] == 0.0 and "n" not in r.body for r in server.requests)
+    assert {k: server.requests[0].body[k] for k in GREEDY_SAMPLER} == GREEDY_SAMPLER
+
+
+def test_greedy_text_from_a_provider_that_samples_anyway_names_nothing(
+    hub: Any, pair: tuple[str, str], serve: Any
+) -> None:
+    from lorafid.providers.text_channel import GREEDY
+
+    server = serve("rank-8", no_logprobs=True, sampler_override={"temperature": 1.0})
+    report = _probe(hub, pair, server, channel=GREEDY, max_requests=2).run()
+    assert report.text["finding"] == "sampler-changed" and not report.verdict.matches
+    assert "no candidate's greedy path" in report.verdict.sentence

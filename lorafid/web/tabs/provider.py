@@ -33,7 +33,14 @@ with the fine-tune, its extractions at each candidate rank, its quantized copies
 all computed here from the public weights. The plan, and the number of requests, is shown
 before any is sent; a request budget fits rate-limited plans (5 requests is enough for text).
 """
-CHANNEL_CHOICES = ("auto", "completions-echo", "prompt-logprobs", "chat-top-logprobs", "completions-text")
+CHANNEL_CHOICES = (
+    "auto",
+    "completions-echo",
+    "prompt-logprobs",
+    "chat-top-logprobs",
+    "completions-text",
+    "completions-greedy",
+)
 MAX_BUDGET = 50  # requests one dashboard check may spend, whatever a visitor asks
 
 
@@ -228,19 +235,20 @@ class ProviderTab:
 
     def _probe_view(self, document: dict[str, Any]) -> dict[Any, Any]:
         """Verdict, chart and both tables of a ``lorafid.probe/1`` document (either channel kind)."""
-        text = document.get("method") == "completions-text"
+        text = document.get("method") in ("completions-text", "completions-greedy")
         key = "gap" if text else "distance"
         candidates = sorted((document.get("candidates") or {}).values(), key=lambda c: c[key])
         agreement = "argmax_agreement" if text else "top1_agreement"
         columns = ["candidate", "gap nats/token" if text else "KL nats/token", "95% interval"]
-        columns += ["fit z" if text else "top-1 agreement", "evidence"]
+        greedy = document.get("method") == "completions-greedy"
+        columns += ["agreement" if greedy else "fit z" if text else "top-1 agreement", "evidence"]
         table = pd.DataFrame(
             [
                 [
                     c["name"],
                     c[key],
                     f"{c['interval'][0]:.3g} to {c['interval'][1]:.3g}",
-                    round(c["fit_z"], 1) if text else c[agreement],
+                    round(c["fit_z"], 1) if text and not greedy else c[agreement],
                     "ruled out" if c["ruled_out"] else "held",
                 ]
                 for c in candidates
