@@ -243,7 +243,7 @@ def probe(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp's folder with the converters")
-    parser.add_argument("--channels", default="completions-echo,completions-text")
+    parser.add_argument("--channels", default="completions-echo,completions-text,completions-greedy")
     parser.add_argument("--max-requests", type=int, default=5)
     parser.add_argument("--work", type=Path, help="keep the models here (default: a temporary folder)")
     args = parser.parse_args()

@@ -187,6 +187,16 @@ class OpenAIServer:
             return 400, {"error": {"message": "prompt must be a string", "code": 400}}
         if not body.get("echo") and body.get("prompt_logprobs") is None:
             return self.generate(body)
+        if isinstance(body["prompt"], list):  # vLLM: one choice per prompt, in order
+            choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+            for i, text in enumerate(body["prompt"]):
+                status, answer = self.completions({**body, "prompt": text})
+                if status != 200:
+                    return status, answer
+                choices.append({**answer["choices"][0], "index": i})
+                usage = {k: usage[k] + answer["usage"][k] for k in usage}
+            return 200, {"id": "cmpl-3", "object": "text_completion", "model": self.model_name, "choices": choices,
+                         "usage": usage}  # fmt: skip
         ids = self.tokenizer(str(body["prompt"]))["input_ids"]
         rows = self.logprobs(ids)
         k_prompt = (body.get("prompt_logprobs") if self.options.vllm_extensions else None) or (

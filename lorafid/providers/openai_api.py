@@ -37,7 +37,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -222,6 +222,35 @@ class OpenAIClient:
             }
             return parse_chat(self.post("/chat/completions", body))
         raise ValueError(f"unknown channel {channel!r}")
+
+    def read_many(self, channel: str, model: str, texts: Sequence[str], *, top_k: int) -> list[ProviderAnswer]:
+        """One request for several prompts (a ``prompt`` array) on ``echo`` or ``prompt_logprobs``.
+
+        Tried once, without retries: an endpoint that refuses arrays (or answers another number
+        of choices) raises ``ChannelUnsupportedError`` having cost one request, and the caller
+        goes on one prompt at a time.
+        """
+        if channel not in (ECHO, PROMPT_LOGPROBS):
+            raise ValueError(f"prompt arrays apply to {ECHO} and {PROMPT_LOGPROBS}, not {channel!r}")
+        body: dict[str, Any] = {"model": model, "prompt": list(texts), "max_tokens": 1, "temperature": 0}
+        if channel == ECHO:
+            body.update(echo=True, logprobs=top_k)
+        else:
+            body.update(prompt_logprobs=top_k, return_token_ids=True)
+        try:
+            payload = self.post("/completions", body, retry=RetryPolicy(max_tries=1))
+        except ProviderError as e:
+            if isinstance(e, ChannelUnsupportedError):
+                raise
+            raise ChannelUnsupportedError(f"prompt arrays failed ({e})") from None
+        choices = payload.get("choices")
+        if not isinstance(choices, list) or len(choices) != len(texts):
+            count = len(choices) if isinstance(choices, list) else 0
+            raise ChannelUnsupportedError(f"the answer has {count} choices for {len(texts)} prompts")
+        ordered = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
+        parse = parse_echo if channel == ECHO else parse_prompt_logprobs
+        # usage counts every prompt together: the BOS check falls back to the echoed tokens.
+        return [parse({"choices": [choice]}) for choice in ordered]
 
     def post(self, path: str, body: Mapping[str, Any], *, retry: RetryPolicy | None = None) -> dict[str, Any]:
         """POST ``body`` as JSON to ``endpoint + path``, retrying transient failures

@@ -57,6 +57,8 @@ from lorafid.providers.netguard import NetPolicy
 from lorafid.providers.openai_api import (
     CHANNELS,
     CHAT,
+    ECHO,
+    PROMPT_LOGPROBS,
     OpenAIClient,
     Position,
     ProviderAnswer,
@@ -83,7 +85,9 @@ DEFAULT_TOP_K = 20  # vLLM's default --max-logprobs and OpenAI's chat limit
 DEFAULT_NEW_TOKENS = 32  # chat channel: greedy continuation length scored locally
 DEFAULT_QUANTIZED: tuple[str, ...] = ("int4-g128",)  # besides the 8-bit reference, always a candidate
 DEFAULT_TEXT_REQUESTS = 5  # the text channel's budget when --max-requests is not given
+PACKED_PROMPTS = 8  # prompts per echo / prompt_logprobs request under a request budget
 ALL_CHANNELS: tuple[str, ...] = (*CHANNELS, TEXT, GREEDY)
+PACKABLE: tuple[str, ...] = (ECHO, PROMPT_LOGPROBS)
 
 
 def round_to_8_bits(name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -160,6 +164,7 @@ class Collection:
     observations: dict[int, Observation] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
     error: str | None = None  # why the run stopped early, if it did
+    unsent: list[int] = field(default_factory=list)  # prompts a request budget left unread (not failures)
 
     @property
     def complete(self) -> bool:
@@ -313,12 +318,19 @@ def collect(
     concurrency: int = 4,
     channels: Sequence[str] = CHANNELS,
     on_answer: Callable[[int], None] | None = None,
+    pack: int = 1,
+    budgeted: bool = False,
 ) -> Collection:
     """Read every text from the provider; the channel is the first that works on text 0.
 
     Never raises for a failure after the channel is known: the collection keeps what was
     read and says what stopped it (``error``), so a partial probe is still a probe.
-    ``TokenMismatchError`` and an unusable endpoint (no channel works) do raise.
+    ``TokenMismatchError`` on the first prompt does raise.
+
+    ``pack`` > 1: on ``echo`` and ``prompt_logprobs`` the other prompts go ``pack`` to a request
+    (a ``prompt`` array), back to one per request if the endpoint refuses the first array.
+    ``budgeted``: the request budget is the user's own cap, so prompts it leaves unread are
+    ``unsent``, not a failure that makes the probe partial.
     """
     result = Collection()
 
@@ -350,8 +362,19 @@ def collect(
     lock, stop = threading.Lock(), threading.Event()
     channel = result.channel
 
+    def spent(index: int, e: LimitExceededError) -> None:
+        stop.set()
+        if budgeted:
+            result.unsent.append(index)
+        else:
+            result.failed[index] = str(e)
+            result.error = str(e)
+
     def one(index: int) -> None:
         if stop.is_set():
+            if budgeted:
+                with lock:
+                    result.unsent.append(index)
             return
         try:
             observation = read(index, channel)
@@ -359,19 +382,23 @@ def collect(
             # A token mismatch past the first prompt (where the tokenizer was checked) spoils
             # that prompt only: the others already read are kept.
             with lock:
-                result.failed[index] = str(e)
                 if isinstance(e, LimitExceededError):
-                    stop.set()
-                    result.error = str(e)
+                    spent(index, e)
+                else:
+                    result.failed[index] = str(e)
             return
         with lock:
             result.observations[index] = observation
         if on_answer:
             on_answer(index)
 
+    rest = list(range(1, len(texts)))
+    if pack > 1 and channel in (ECHO, PROMPT_LOGPROBS) and len(rest) > 1:
+        rest = _read_packed(client, model, texts, encode, tokens, channel, rest, pack, top_k, result, on_answer, spent)
+
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         try:
-            list(pool.map(one, range(1, len(texts))))
+            list(pool.map(one, rest))
         except TokenMismatchError:
             stop.set()
             raise
@@ -379,6 +406,48 @@ def collect(
             stop.set()
             result.error = "interrupted"
     return result
+
+
+def _read_packed(
+    client: OpenAIClient,
+    model: str,
+    texts: Sequence[str],
+    encode: Callable[[str], list[int]],
+    tokens: TokenMap,
+    channel: str,
+    indexes: list[int],
+    pack: int,
+    top_k: int,
+    result: Collection,
+    on_answer: Callable[[int], None] | None,
+    spent: Callable[[int, LimitExceededError], None],
+) -> list[int]:
+    """Read ``indexes`` ``pack`` prompts to a request; returns those left to read one at a time
+    (all of them when the endpoint refuses the first array, which is recorded)."""
+    for start in range(0, len(indexes), pack):
+        group = indexes[start : start + pack]
+        try:
+            answers = client.read_many(channel, model, [texts[i] for i in group], top_k=top_k)
+        except ChannelUnsupportedError as e:
+            if start == 0:
+                result.channels_tried.append({"channel": channel, "outcome": f"prompt arrays refused: {e}"})
+                return indexes
+            for i in group:
+                result.failed[i] = str(e)
+            continue
+        except LimitExceededError as e:
+            for i in indexes[start:]:
+                spent(i, e)
+            return []
+        for i, answer in zip(group, answers, strict=True):
+            try:
+                result.observations[i] = align_prompt(i, answer, encode(texts[i]), tokens)
+            except TokenMismatchError as e:
+                result.failed[i] = str(e)
+                continue
+            if on_answer:
+                on_answer(i)
+    return []
 
 
 # -- local candidates --------------------------------------------------------------------------
@@ -743,12 +812,19 @@ class Probe:
                 text = plan_text(text_requests, len(self.texts), max_tokens=self._text_tokens(every), samples=c.samples)
             if c.max_requests is not None:
                 plan = replace(plan, requests=min(plan.requests, c.max_requests), max_requests=c.max_requests)
+                if c.channel in (None, *PACKABLE) and len(texts) > 1:
+                    extra = (
+                        f" Under the budget of {c.max_requests}, echo and prompt_logprobs take {PACKED_PROMPTS} "
+                        f"prompts per request where the endpoint accepts prompt arrays (up to {len(texts)} prompts); "
+                        "prompts the budget does not reach are not sent."
+                    )
+                    plan = replace(plan, note=plan.note + extra)
             elif text is not None:
                 # The text channel runs only after every log-probability channel was refused.
                 plan = replace(plan, max_requests=max(plan.max_requests, len(channels) + text.requests))
-            note = ""
+            note = plan.note
             if c.channel is None and text is None:
-                note = (
+                note += (
                     f" If the endpoint gives no log-probabilities, the budget leaves no request for sampled text: "
                     f"give --max-requests {len(channels) + 2} or more, or --channel {TEXT}."
                 )
@@ -778,7 +854,9 @@ class Probe:
     def _logprob_texts(self) -> list[str]:
         """The prompts a log-probability channel reads: one request each, so a budget takes the first ones."""
         limit = self.config.max_requests
-        return self.texts if limit is None else self.texts[:limit]
+        # Under a budget the first prompt finds the channel, then prompts go PACKED_PROMPTS to a
+        # request where the endpoint takes prompt arrays; what the budget cannot reach is unsent.
+        return self.texts if limit is None else self.texts[: 1 + max(0, limit - 1) * PACKED_PROMPTS]
 
     def run(self, on_progress: Callable[[str, int, int], None] | None = None) -> ProbeReport:
         """Send the planned requests, score the candidates, compare; a partial run keeps its prompts.
@@ -822,6 +900,8 @@ class Probe:
                     concurrency=c.concurrency,
                     channels=self._logprob_channels(),
                     on_answer=provider_step,
+                    pack=PACKED_PROMPTS if c.max_requests is not None else 1,
+                    budgeted=c.max_requests is not None,
                 )
                 if collection.channel is None and plan.text is None:
                     raise ProviderError(collection.error or "The endpoint offers no way to read log-probabilities.")
@@ -855,7 +935,7 @@ class Probe:
                 raise
         scored = [o for o in observations if any(s.prompt_index == o.prompt_index for s in scores)]
         candidates, verdict = summarise(scores, local_distances(scored, gathered), c.ranks)
-        complete = collection.complete and error is None and len(scores) == len(texts)
+        complete = collection.complete and error is None and len(scores) == len(texts) - len(collection.unsent)
         return ProbeReport(
             status="complete" if complete else "partial",
             endpoint_host=urlsplit(c.endpoint).hostname or "",
@@ -873,7 +953,12 @@ class Probe:
                 "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": 0, "level": 0.95},
                 "noise_floor_nats": NOISE_FLOOR_NATS,
             },
-            requests={"announced": plan.requests, "max": plan.max_requests, "sent": budget.used},
+            requests={
+                "announced": plan.requests,
+                "max": plan.max_requests,
+                "sent": budget.used,
+                "prompts_unsent": len(collection.unsent),
+            },
             candidates=candidates,
             verdict=verdict,
             prompts=prompt_rows(scores, self.texts),

@@ -744,3 +744,26 @@ def test_the_8bit_references_distance_widens_the_tolerance() -> None:
     # 8 prompts × 10 tokens: a reference 0.005 nats/token from the fine-tune makes 0.004 indistinguishable
     results, verdict = _two_candidates([0.004] * 8, tolerance_tokens=0.005 * 80)
     assert verdict.tolerance == pytest.approx(0.005) and not results["rank-16"].ruled_out
+
+
+@pytest.mark.parametrize("arrays", [True, False])
+def test_a_request_budget_packs_the_logprob_channel_where_prompt_arrays_work(
+    hub: Any, pair: tuple[str, str], serve: Any, arrays: bool
+) -> None:
+    from tests.openai_server import vocabulary_prompts
+
+    server = serve("rank-8", prompt_arrays=arrays)
+    texts = list(vocabulary_prompts(server.tokenizer, 36))
+    probe = _probe(hub, pair, server, texts, max_requests=5, max_retries=0)
+    plan = probe.plan()
+    assert plan.max_requests == 5 and "8 prompts per request" in plan.describe()
+    report = probe.run()
+    assert report.requests["sent"] == len(server.requests) <= 5
+    assert report.status == "complete" and report.verdict.closest == "rank-8"
+    scored = len(report.prompts)
+    if arrays:  # one prompt finds the channel, then four arrays of eight
+        assert scored == 33 and report.requests["prompts_unsent"] == 0
+        assert isinstance(server.requests[1].body["prompt"], list)
+    else:  # the first array is refused (one request), then one prompt per request
+        assert scored == 4 and report.requests["prompts_unsent"] == 29
+        assert any("prompt arrays refused" in t["outcome"] for t in report.channels_tried)
