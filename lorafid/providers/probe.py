@@ -42,6 +42,7 @@ from lorafid.providers.evidence import (
     BASE,
     BOOTSTRAP_RESAMPLES,
     FINETUNE,
+    MIN_PROMPTS_FOR_VERDICT,
     NOISE_FLOOR_NATS,
     CandidateResult,
     PromptScore,
@@ -812,7 +813,7 @@ class Probe:
                 text = plan_text(text_requests, len(self.texts), max_tokens=self._text_tokens(every), samples=c.samples)
             if c.max_requests is not None:
                 plan = replace(plan, requests=min(plan.requests, c.max_requests), max_requests=c.max_requests)
-                if c.channel in (None, *PACKABLE) and len(texts) > 1:
+                if c.channel in (None, *PACKABLE) and len(texts) > 1 and self._packs():
                     extra = (
                         f" Under the budget of {c.max_requests}, echo and prompt_logprobs take {PACKED_PROMPTS} "
                         f"prompts per request where the endpoint accepts prompt arrays (up to {len(texts)} prompts); "
@@ -856,7 +857,15 @@ class Probe:
         limit = self.config.max_requests
         # Under a budget the first prompt finds the channel, then prompts go PACKED_PROMPTS to a
         # request where the endpoint takes prompt arrays; what the budget cannot reach is unsent.
-        return self.texts if limit is None else self.texts[: 1 + max(0, limit - 1) * PACKED_PROMPTS]
+        if limit is None:
+            return self.texts
+        return self.texts[: 1 + max(0, limit - 1) * PACKED_PROMPTS] if self._packs() else self.texts[:limit]
+
+    def _packs(self) -> bool:
+        """Whether to ask for prompt arrays: only under a budget that, if the endpoint refuses the
+        first array (llama.cpp's server does), still leaves one request per prompt for a verdict."""
+        limit = self.config.max_requests
+        return limit is not None and limit >= 1 + 1 + (MIN_PROMPTS_FOR_VERDICT - 1)
 
     def run(self, on_progress: Callable[[str, int, int], None] | None = None) -> ProbeReport:
         """Send the planned requests, score the candidates, compare; a partial run keeps its prompts.
@@ -900,7 +909,7 @@ class Probe:
                     concurrency=c.concurrency,
                     channels=self._logprob_channels(),
                     on_answer=provider_step,
-                    pack=PACKED_PROMPTS if c.max_requests is not None else 1,
+                    pack=PACKED_PROMPTS if self._packs() else 1,
                     budgeted=c.max_requests is not None,
                 )
                 if collection.channel is None and plan.text is None:

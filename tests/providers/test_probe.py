@@ -754,16 +754,18 @@ def test_a_request_budget_packs_the_logprob_channel_where_prompt_arrays_work(
 
     server = serve("rank-8", prompt_arrays=arrays)
     texts = list(vocabulary_prompts(server.tokenizer, 36))
-    probe = _probe(hub, pair, server, texts, max_requests=5, max_retries=0)
+    probe = _probe(hub, pair, server, texts, max_requests=6, max_retries=0)
     plan = probe.plan()
-    assert plan.max_requests == 5 and "8 prompts per request" in plan.describe()
+    assert plan.max_requests == 6 and "8 prompts per request" in plan.describe()
     report = probe.run()
-    assert report.requests["sent"] == len(server.requests) <= 5
+    assert report.requests["sent"] == len(server.requests) <= 6
     assert report.status == "complete" and report.verdict.closest == "rank-8"
     scored = len(report.prompts)
-    if arrays:  # one prompt finds the channel, then four arrays of eight
-        assert scored == 33 and report.requests["prompts_unsent"] == 0
+    five = _probe(hub, pair, serve("rank-8", prompt_arrays=arrays), texts, max_requests=5, max_retries=0)
+    assert "prompts per request" not in five.plan().describe()  # 5: a refusal would leave too few
+    if arrays:  # one prompt finds the channel, then five arrays hold the other 35
+        assert scored == 36 and report.requests["prompts_unsent"] == 0
         assert isinstance(server.requests[1].body["prompt"], list)
-    else:  # the first array is refused (one request), then one prompt per request
-        assert scored == 4 and report.requests["prompts_unsent"] == 29
+    else:  # the first array is refused (one request), then one prompt per request: 5, enough for a verdict
+        assert scored == 5 and report.requests["prompts_unsent"] == 31 and report.verdict.matches
         assert any("prompt arrays refused" in t["outcome"] for t in report.channels_tried)
