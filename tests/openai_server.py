@@ -54,16 +54,24 @@ def served_weights(
         return dict(base)
     if mode == "finetune-8bit":
         return {n: _int8_rows(t) if t.ndim == 2 and ".layers." in n else t for n, t in finetune.items()}
+    mode, _, base_quantization = mode.partition("@")  # "rank-8@fp8": the LoRA on an fp8 base
     keep = mode.endswith("+extras")
     rank = int(mode.removeprefix("rank-").removesuffix("+extras"))
     out = {}
     for name, weight in finetune.items():
         if weight.ndim == 2 and not is_embedding(name):
             _, decomposition = decompose(base[name], weight, rank)
-            out[name] = base[name] + decomposition.truncated(rank)
+            served_base = _fp8_tensor(base[name]) if base_quantization == "fp8" and ".layers." in name else base[name]
+            out[name] = served_base + decomposition.truncated(rank)
         else:
             out[name] = weight if keep else base[name]
     return out
+
+
+def _fp8_tensor(w: torch.Tensor) -> torch.Tensor:
+    """float8 e4m3 with one scale for the tensor (448 is e4m3's largest finite value)."""
+    scale = w.abs().max() / 448.0
+    return (w / scale).to(torch.float8_e4m3fn).to(w.dtype) * scale
 
 
 def _int8_rows(w: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,9 @@ class Variant:
     # Applied to every final weight of this variant (model parameter name, float tensor on the
     # compute device) -> the weight to use, e.g. rounding to 8 bits as a provider might serve it.
     weight_hook: WeightHook | None = field(default=None, compare=False)
+    # Served variants only: applied to the base's weights before the rank-r delta is added, as a
+    # LoRA server whose base is quantized (e.g. fp8) computes W = Q(W_base) + B·A.
+    base_hook: WeightHook | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in VARIANT_KINDS:
@@ -98,8 +101,8 @@ class Variant:
             )
         if self.kind == "served" and (self.rank is None or self.rank < 0):
             raise ValueError(f"Variant {self.name!r}: a served variant needs a rank ≥ 0")
-        if self.kind != "served" and (self.rank is not None or self.keep_extras):
-            raise ValueError(f"Variant {self.name!r}: rank and keep_extras apply to served variants only")
+        if self.kind != "served" and (self.rank is not None or self.keep_extras or self.base_hook):
+            raise ValueError(f"Variant {self.name!r}: rank, keep_extras and base_hook apply to served variants only")
 
 
 def served(rank: int, keep_extras: bool = False) -> Variant:
@@ -489,8 +492,12 @@ class LayerStream:
                     if name in decompositions:
                         assert variant.rank is not None
                         low_rank = decompositions[name].truncated(variant.rank)
-                        served_weight = raw["base"][name].to(self.device, torch.float32) + low_rank
-                        weights[name] = self._final(variant, name, served_weight)
+                        base_weight = raw["base"][name].to(self.device, torch.float32)
+                        if variant.base_hook is not None:
+                            base_weight = variant.base_hook(name, base_weight)
+                        weights[name] = self._final(variant, name, base_weight + low_rank)
+                    elif side == "base" and variant.base_hook is not None:
+                        weights[name] = self._final(variant, name, variant.base_hook(name, tensor.to(self.device)))
                     else:
                         weights[name] = self._final(variant, name, tensor)
             else:

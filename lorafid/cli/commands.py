@@ -633,8 +633,8 @@ def _add_probe(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=_quantizations,
         default=DEFAULT_QUANTIZED,
         help=f"quantized copies of the fine-tune to compare besides the 8-bit reference, comma-separated, from "
-        f"{', '.join(SCHEMES)}; 'none' for none (default: {','.join(DEFAULT_QUANTIZED)}). Each costs one local "
-        "forward pass",
+        f"{', '.join(SCHEMES)}; base:SCHEME adds every rank's extraction served on a quantized base (e.g. "
+        f"base:fp8); 'none' for none (default: {','.join(DEFAULT_QUANTIZED)}). Each costs one local forward pass",
     )
     probe.add_argument("--seed", type=int, default=0, help="text channel: the seed sent with each request (default 0)")
     probe.add_argument("--device", default="auto", help="where the local candidates run: auto, cpu, cuda or cuda:N")
@@ -799,7 +799,7 @@ def _rank_list(text: str) -> tuple[int, ...]:
 def _quantizations(text: str) -> tuple[str, ...]:
     """``--candidates fp8,int4-g128`` -> ("fp8", "int4-g128"); "none" -> ()."""
     names = tuple(part.strip() for part in text.split(",") if part.strip() and part.strip() != "none")
-    unknown = [n for n in names if n not in SCHEMES]
+    unknown = [n for n in names if n.removeprefix("base:") not in SCHEMES]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown quantization {', '.join(unknown)}; choose from {', '.join(SCHEMES)}")
     return names

@@ -50,12 +50,17 @@ def is_original(name: str) -> bool:
     return name == FINETUNE or name.startswith("finetune-")
 
 
+BASE_QUANTIZED = "base:"  # "base:fp8" in --candidates: every rank's extraction served on an fp8 base
+
+
 def candidate_names(ranks: Sequence[int], quantized: Sequence[str] = ()) -> list[str]:
     """Every candidate, nearest the fine-tune first: finetune, 8-bit, other quantizations,
-    ranks high→low (both modes), base."""
-    names = [FINETUNE, FINETUNE_8BIT, *(quantized_name(q) for q in quantized if q != "int8")]
+    ranks high→low (both modes, then served on each quantized base: "rank-64@fp8"), base."""
+    originals = [q for q in quantized if not q.startswith(BASE_QUANTIZED) and q != "int8"]
+    bases = [q.removeprefix(BASE_QUANTIZED) for q in quantized if q.startswith(BASE_QUANTIZED)]
+    names = [FINETUNE, FINETUNE_8BIT, *(quantized_name(q) for q in originals)]
     for r in sorted(set(ranks), reverse=True):
-        names += [f"rank-{r}", f"rank-{r}+extras"]
+        names += [f"rank-{r}", f"rank-{r}+extras", *(f"rank-{r}@{q}" for q in bases)]
     return [*names, BASE]
 
 
@@ -63,7 +68,7 @@ def parse_candidate(name: str) -> tuple[int | None, bool]:
     """(rank, keep_extras) of a candidate name: "rank-64+extras" -> (64, True); "base" -> (None, False)."""
     if not name.startswith("rank-"):
         return None, False
-    rest = name[5:]
+    rest = name[5:].partition("@")[0]  # "rank-64@fp8": the extraction on an fp8 base
     keep = rest.endswith("+extras")
     return int(rest.removesuffix("+extras")), keep
 

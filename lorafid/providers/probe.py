@@ -40,6 +40,7 @@ from lorafid import __version__
 from lorafid.errors import ChannelUnsupportedError, LimitExceededError, LorafidError, ProviderError, TokenMismatchError
 from lorafid.providers.evidence import (
     BASE,
+    BASE_QUANTIZED,
     BOOTSTRAP_RESAMPLES,
     FINETUNE,
     MIN_PROMPTS_FOR_VERDICT,
@@ -488,7 +489,7 @@ def candidate_variants(ranks: Sequence[int], quantized: Sequence[str] = ()) -> l
     """The behaviour engine's variants for ``candidate_names(ranks, quantized)``."""
     from lorafid.behaviour.forward import Variant  # transformers only when a probe runs
 
-    hooks = {quantized_name(q): scheme(q) for q in ("int8", *quantized)}
+    hooks = {quantized_name(q): scheme(q) for q in ("int8", *quantized) if not q.startswith(BASE_QUANTIZED)}
     variants = []
     for name in candidate_names(ranks, quantized):
         rank, keep = parse_candidate(name)
@@ -498,6 +499,9 @@ def candidate_variants(ranks: Sequence[int], quantized: Sequence[str] = ()) -> l
             variants.append(Variant(name=name, kind="finetune", weight_hook=hooks[name]))
         elif name == BASE:
             variants.append(Variant(name=name, kind="base"))
+        elif "@" in name:  # the extraction served on a quantized base
+            base_scheme = scheme(name.partition("@")[2])
+            variants.append(Variant(name=name, kind="served", rank=rank, base_hook=base_scheme))
         else:
             variants.append(Variant(name=name, kind="served", rank=rank, keep_extras=keep))
     return variants
@@ -754,7 +758,7 @@ class Probe:
             raise LorafidError("Candidate ranks must be positive integers, e.g. --ranks 16,64,256.")
         if config.channel is not None and config.channel not in ALL_CHANNELS:
             raise LorafidError(f"Unknown channel {config.channel!r}; choose from {', '.join(ALL_CHANNELS)}.")
-        unknown = [q for q in config.quantized if q not in SCHEMES]
+        unknown = [q for q in config.quantized if q.removeprefix(BASE_QUANTIZED) not in SCHEMES]
         if unknown:
             raise LorafidError(f"Unknown quantization(s) {', '.join(unknown)}; choose from {', '.join(SCHEMES)}.")
         if config.max_requests is not None and config.max_requests < 1:

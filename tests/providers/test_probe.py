@@ -769,3 +769,15 @@ def test_a_request_budget_packs_the_logprob_channel_where_prompt_arrays_work(
     else:  # the first array is refused (one request), then one prompt per request: 5, enough for a verdict
         assert scored == 5 and report.requests["prompts_unsent"] == 31 and report.verdict.matches
         assert any("prompt arrays refused" in t["outcome"] for t in report.channels_tried)
+
+
+def test_an_extraction_served_on_a_quantized_base_is_its_own_candidate(
+    hub: Any, pair: tuple[str, str], serve: Any
+) -> None:
+    """A LoRA provider whose base is fp8 computes fp8(W_base) + B·A: named as the rank-8 extraction on an
+    fp8 base, never as the original, and closer than the plain rank-8 candidate."""
+    report = _probe(hub, pair, serve("rank-8@fp8"), quantized=("base:fp8",)).run()
+    assert report.verdict.closest == "rank-8@fp8", report.verdict.sentence
+    assert report.candidates["rank-8@fp8"].distance < 1e-6 < report.candidates["rank-8"].distance
+    assert report.verdict.sentence.startswith("Closest to a rank-8 extraction")
+    assert report.candidates["rank-8@fp8"].rank == 8

@@ -88,9 +88,10 @@ class ProviderTab:
                 maximum=MAX_BUDGET,
             )
             self.probe_quantized = gr.CheckboxGroup(
-                list(SCHEMES),
+                [*SCHEMES, "base:int8", "base:fp8"],
                 value=list(DEFAULT_QUANTIZED),
-                label="Quantized candidates (each costs one local forward pass)",
+                label="Quantized candidates (each costs one local forward pass; base:… = the extractions on a "
+                "quantized base)",
             )
         self.probe_button = gr.Button("Check provider", variant="primary")
         self.probe_status = gr.Markdown()
@@ -161,7 +162,7 @@ class ProviderTab:
         budget = budget or None  # an empty number field reads as 0: as planned
         if budget is not None and not (1 <= budget <= MAX_BUDGET and float(budget).is_integer()):
             raise LorafidError(f"The request budget is a whole number from 1 to {MAX_BUDGET}, or blank.")
-        schemes = tuple(q for q in (quantized or []) if q in SCHEMES)[: len(SCHEMES)]
+        schemes = tuple(q for q in (quantized or []) if q.removeprefix("base:") in SCHEMES)[: 2 * len(SCHEMES)]
         texts, prompt_set = probe_prompts(None)
         private = self.probe_settings.any_endpoint or self.config.allow_local
         config = ProbeConfig(
