@@ -28,7 +28,7 @@ Not here: HTTP, tokenizers, forward passes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,23 +145,7 @@ def judge_text(
     mean = {n: float(scores[n].logprob.mean()) if tokens else float("nan") for n in names}
     closest = max(names, key=lambda n: mean[n])
     best = scores[closest]
-    results: dict[str, TextCandidate] = {}
-    for n in names:
-        diff = best.logprob - scores[n].logprob
-        interval = (0.0, 0.0) if n == closest else bootstrap_gap(diff, blocks)
-        rank, keep = parse_candidate(n) if n.startswith("rank-") else (None, False)
-        results[n] = TextCandidate(
-            name=n,
-            mean_logprob=mean[n],
-            gap=float(diff.mean()) if tokens else float("nan"),
-            interval=interval,
-            fit_z=fit_z(scores[n]),
-            argmax_agreement=float(scores[n].argmax_hit.mean()) if tokens else float("nan"),
-            # The rule: ruled out only when the whole 95% interval of the gap is above zero.
-            ruled_out=n != closest and tokens >= MIN_TOKENS_FOR_VERDICT and interval[0] > 0.0,
-            rank=rank,
-            serving=None if rank is None else ("keep-extras" if keep else "lora-only"),
-        )
+    results = _candidates(scores, closest, blocks, tokens, lambda c: c.logprob, with_fit=True)
     flags = list(aligned) if aligned is not None else [True] * len(segments)
     mask = np.repeat(np.asarray(flags, dtype=bool), np.asarray(segments, dtype=np.int64))
     fit = TokenScores(*(getattr(best, f)[mask] for f in TokenScores.__dataclass_fields__))
@@ -192,12 +176,7 @@ def judge_text(
         return results, Verdict(sentence + unchecked, closest, matches, consistent, None, resolution), evidence
 
     if tokens < MIN_TOKENS_FOR_VERDICT:
-        return verdict(
-            "too-little-text",
-            f"Too little text for a verdict ({tokens} tokens; at least {MIN_TOKENS_FOR_VERDICT}): closest so far "
-            f"{closest}. Raise --max-requests or --max-tokens.",
-            False,
-        )
+        return verdict("too-little-text", _too_little(tokens, closest), False)
     if z > FIT_Z or tail_z < -FIT_Z:
         return verdict(
             "sampler-changed",
@@ -259,6 +238,45 @@ def name_served(
     )
 
 
+def _candidates(
+    scores: dict[str, TokenScores],
+    closest: str,
+    blocks: np.ndarray,
+    tokens: int,
+    per_token: Callable[[TokenScores], np.ndarray],
+    *,
+    with_fit: bool,
+) -> dict[str, TextCandidate]:
+    """Each candidate's shortfall from the closest in ``per_token`` (log-likelihood, or argmax
+    hits for greedy text), its 95% block-bootstrap interval, and whether that rules it out:
+    only when the whole interval is above zero."""
+    best = per_token(scores[closest])
+    results: dict[str, TextCandidate] = {}
+    for n, candidate in scores.items():
+        diff = best - per_token(candidate)
+        interval = (0.0, 0.0) if n == closest else bootstrap_gap(diff, blocks)
+        rank, keep = parse_candidate(n) if n.startswith("rank-") else (None, False)
+        results[n] = TextCandidate(
+            name=n,
+            mean_logprob=float(candidate.logprob.mean()) if tokens else float("nan"),
+            gap=float(diff.mean()) if tokens else float("nan"),
+            interval=interval,
+            fit_z=fit_z(candidate) if with_fit else 0.0,  # greedy text: the agreement is the check
+            argmax_agreement=float(candidate.argmax_hit.mean()) if tokens else float("nan"),
+            ruled_out=n != closest and tokens >= MIN_TOKENS_FOR_VERDICT and interval[0] > 0.0,
+            rank=rank,
+            serving=None if rank is None else ("keep-extras" if keep else "lora-only"),
+        )
+    return results
+
+
+def _too_little(tokens: int, closest: str) -> str:
+    return (
+        f"Too little text for a verdict ({tokens} tokens; at least {MIN_TOKENS_FOR_VERDICT}): closest so far "
+        f"{closest}. Raise --max-requests or --max-tokens."
+    )
+
+
 GREEDY_MIN_AGREEMENT = 0.9  # below this share, the text is not any candidate's greedy path
 
 
@@ -286,23 +304,7 @@ def judge_greedy(
     agreement = {n: float(scores[n].argmax_hit.mean()) if tokens else float("nan") for n in names}
     mean = {n: float(scores[n].logprob.mean()) if tokens else float("nan") for n in names}
     closest = max(names, key=lambda n: (agreement[n], mean[n]))
-    best = scores[closest].argmax_hit.astype(np.float64)
-    results: dict[str, TextCandidate] = {}
-    for n in names:
-        deficit = best - scores[n].argmax_hit.astype(np.float64)
-        interval = (0.0, 0.0) if n == closest else bootstrap_gap(deficit, blocks)
-        rank, keep = parse_candidate(n) if n.startswith("rank-") else (None, False)
-        results[n] = TextCandidate(
-            name=n,
-            mean_logprob=mean[n],
-            gap=float(deficit.mean()) if tokens else float("nan"),
-            interval=interval,
-            fit_z=0.0,  # no fit check for greedy text: the agreement is the check
-            argmax_agreement=agreement[n],
-            ruled_out=n != closest and tokens >= MIN_TOKENS_FOR_VERDICT and interval[0] > 0.0,
-            rank=rank,
-            serving=None if rank is None else ("keep-extras" if keep else "lora-only"),
-        )
+    results = _candidates(scores, closest, blocks, tokens, lambda c: c.argmax_hit.astype(np.float64), with_fit=False)
     flags = list(aligned) if aligned is not None else [True] * len(segments)
     mask = np.repeat(np.asarray(flags, dtype=bool), np.asarray(segments, dtype=np.int64))
     checked = int(mask.sum())
@@ -315,12 +317,7 @@ def judge_greedy(
         return results, Verdict(sentence, closest, matches, consistent, None, resolution), evidence
 
     if tokens < MIN_TOKENS_FOR_VERDICT:
-        return verdict(
-            "too-little-text",
-            f"Too little text for a verdict ({tokens} tokens; at least {MIN_TOKENS_FOR_VERDICT}): closest so far "
-            f"{closest}. Raise --max-requests or --max-tokens.",
-            False,
-        )
+        return verdict("too-little-text", _too_little(tokens, closest), False)
     if checked and checked_agreement < GREEDY_MIN_AGREEMENT:
         return verdict(
             "sampler-changed",
