@@ -8,10 +8,15 @@ Gradio; a bad setting is a ``LorafidError`` naming the variable, raised by ``fro
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from lorafid.audit.engine import AuditConfig
+from lorafid.audit.spectrum import DeltaSpectrum
+from lorafid.audit.store import Store
 from lorafid.errors import LorafidError
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"
@@ -83,3 +88,31 @@ def _positive_setting(env: Mapping[str, str], name: str, kind: type[int] | type[
         example = "40" if kind is float else "2"
         raise LorafidError(f"{name}={text!r} is not a positive {kind.__name__}; unset it or set e.g. {name}={example}.")
     return value
+
+
+def audit_config(
+    app: AppConfig,
+    *,
+    rank: int,
+    base_revision: str,
+    finetune_revision: str,
+    token: str | bool | None,
+    store: Store,
+    compute: Callable[[torch.Tensor, torch.Tensor], DeltaSpectrum] | None,
+) -> AuditConfig:
+    """The one way the dashboard configures an audit (the weight audit and the adapter audit):
+    this deployment's limits, the app's own store, and its compute hook (ZeroGPU)."""
+    return AuditConfig(
+        rank=int(rank),
+        device=app.device,
+        base_revision=base_revision.strip() or None,
+        finetune_revision=finetune_revision.strip() or None,
+        token=token,
+        endpoint=app.endpoint,
+        allow_local=app.allow_local,
+        max_model_bytes=app.max_model_bytes,
+        max_tensor_bytes=app.max_tensor_bytes,
+        max_tensors=app.max_tensors,
+        store=store,
+        compute=compute,
+    )

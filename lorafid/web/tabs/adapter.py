@@ -9,12 +9,14 @@ from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
+import torch
 
 from lorafid.adapters.peft_adapter import audit_adapter, section_of
-from lorafid.audit.engine import AuditConfig
+from lorafid.audit.spectrum import DeltaSpectrum
+from lorafid.audit.store import Store
 from lorafid.errors import LorafidError
 from lorafid.web import plots
-from lorafid.web.config import AppConfig
+from lorafid.web.config import AppConfig, audit_config
 from lorafid.web.limits import VisitorSlots, visitor_id
 from lorafid.web.tabs.common import MAX_INPUT_CHARS, user_errors
 from lorafid.web.text import md_text
@@ -23,12 +25,15 @@ from lorafid.web.text import md_text
 class AdapterTab:
     """The adapter section, built inside the weight audit tab from its form.
 
-    Uses the Dashboard's ``config``, ``visitors``, ``behind_proxy`` and ``_token``, and the
+    Uses the Dashboard's ``config``, ``store`` and ``compute`` (one audit config for both audits),
+    ``visitors``, ``behind_proxy`` and ``_token``, and the
     weight audit's fields (``AuditTab``): ``base``, ``finetune``, their revisions, ``rank``
     and ``token``.
     """
 
     config: AppConfig
+    store: Store
+    compute: Callable[[torch.Tensor, torch.Tensor], DeltaSpectrum] | None
     visitors: VisitorSlots
     behind_proxy: bool
     base: gr.Textbox
@@ -89,17 +94,14 @@ class AdapterTab:
         for label, text in {**fields, "adapter revision": adapter_revision}.items():
             if len(text.strip()) > MAX_INPUT_CHARS:
                 raise LorafidError(f"The {label} field holds {len(text):,} characters; that is not a repo or revision.")
-        config = AuditConfig(
+        config = audit_config(
+            self.config,
             rank=int(rank),
-            device=self.config.device,
-            base_revision=base_revision.strip() or None,
-            finetune_revision=finetune_revision.strip() or None,
+            base_revision=base_revision,
+            finetune_revision=finetune_revision,
             token=self._token(token, oauth_token),
-            endpoint=self.config.endpoint,
-            allow_local=self.config.allow_local,
-            max_model_bytes=self.config.max_model_bytes,
-            max_tensor_bytes=self.config.max_tensor_bytes,
-            max_tensors=self.config.max_tensors,
+            store=self.store,
+            compute=self.compute,
         )
         visitor = visitor_id(
             dict(request.headers or {}), request.client.host if request.client else None, self.behind_proxy

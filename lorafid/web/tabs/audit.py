@@ -25,7 +25,7 @@ from lorafid.audit.store import Store
 from lorafid.errors import GatedRepoError, LorafidError, RepoNotFoundError
 from lorafid.names import is_commit_sha
 from lorafid.web import plots
-from lorafid.web.config import DEFAULT_RANK, MAX_RANK, AppConfig
+from lorafid.web.config import DEFAULT_RANK, MAX_RANK, AppConfig, audit_config
 from lorafid.web.downloads import write_report_json
 from lorafid.web.gallery import Catalog, GalleryEntry, ReportCache
 from lorafid.web.limits import VisitorSlots, release_memory, visitor_id
@@ -196,17 +196,12 @@ class AuditTab:
                     f"The {label} field holds {len(text):,} characters; give a branch, tag or commit SHA."
                 )
         access = self._token(token, oauth_token)
-        config = AuditConfig(
+        config = audit_config(
+            self.config,
             rank=int(rank),
-            device=self.config.device,
-            base_revision=base_revision.strip() or None,
-            finetune_revision=finetune_revision.strip() or None,
+            base_revision=base_revision,
+            finetune_revision=finetune_revision,
             token=access,
-            endpoint=self.config.endpoint,
-            allow_local=self.config.allow_local,
-            max_model_bytes=self.config.max_model_bytes,
-            max_tensor_bytes=self.config.max_tensor_bytes,
-            max_tensors=self.config.max_tensors,
             store=self.store,
             compute=self.compute,
         )
