@@ -562,8 +562,13 @@ def probe_summary(document: Mapping[str, Any]) -> dict[str, Any]:
                 "matches": bool(verdict["matches"]),
                 "consistent": [str(c) for c in verdict.get("consistent") or ()],
             },
+            # A log-probability check's KL distance, or a text check's log-likelihood gap to the
+            # closest candidate (which of the two: "method"); lower is closer either way.
             "distances": {
-                str(name): {"distance": float(c["distance"]), "interval": [float(x) for x in c["interval"]]}
+                str(name): {
+                    "distance": float(c["distance"] if "distance" in c else c["gap"]),
+                    "interval": [float(x) for x in c["interval"]],
+                }
                 for name, c in candidates.items()
             },
             "prompts": int((document.get("prompt_set") or {}).get("count") or 0),

@@ -14,6 +14,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -703,3 +704,20 @@ def test_dashboard_publishes_provider_checks_of_public_pairs_into_the_results_ta
         assert frame["headers"] == list(TABLE_HEADERS)
         (row,) = frame["data"]
         assert row[TABLE_HEADERS.index("Provider checks")] == f"api.example.com · served/model: {SENTENCE}"
+
+
+def test_a_text_channel_check_is_published_with_its_gaps(hub: HubServer, store: Store) -> None:
+    """A check read from sampled text has log-likelihood gaps, not KL distances: it publishes them."""
+    from lorafid.providers.text_evidence import TextCandidate
+    from lorafid.sharing.registry import probe_summary
+
+    audited = run_audit(hub, store)
+    document = probe_document(audited)
+    document["method"] = "completions-text"
+    document["candidates"] = {
+        name: asdict(TextCandidate(name, -1.2 - gap, gap, (gap * 0.5, gap * 1.5), 0.1, 0.5, gap > 0, rank, None))
+        for name, gap, rank in (("rank-64", 0.0, 64), ("finetune", 0.02, None), ("base", 0.9, None))
+    }
+    summary = probe_summary(document)
+    assert summary["method"] == "completions-text"
+    assert summary["distances"]["base"] == {"distance": 0.9, "interval": [0.45, 0.9 * 1.5]}
