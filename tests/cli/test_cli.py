@@ -19,8 +19,8 @@ from safetensors.torch import save
 from lorafid.audit import engine as audit_module
 from lorafid.audit.engine import Audit, AuditConfig
 from lorafid.audit.report import Report
-from lorafid.cli import commands as cli
 from lorafid.cli.commands import main
+from lorafid.cli.output import count_noun
 from lorafid.errors import LorafidError
 from tests.audit.test_spectrum import reference_metrics
 from tests.hub_server import HubServer
@@ -228,7 +228,7 @@ def test_rerank_at_a_large_rank_keeps_columns_apart_and_files_share_a_mode(
     header = next(line for line in printed.splitlines() if line.startswith("module"))
     assert header.split() == ["module", "matrices", "kept@100000", "cos.dist", "rank", "for", "90%"]
     assert "not audited: 1 embedding" in printed
-    assert cli._count(2, "embedding") == "2 embeddings" and cli._count(1, "shape_mismatch") == "1 shape mismatch"
+    assert count_noun(2, "embedding") == "2 embeddings" and count_noun(1, "shape_mismatch") == "1 shape mismatch"
 
 
 def test_rerank_of_an_incomplete_report_is_one_line(tmp_path: Path) -> None:

@@ -1,0 +1,103 @@
+"""Argument types and options the subcommands share: ranks, quantizations, numbers, patterns,
+--verbose, the output options, and the check that --out can be written before any work."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lorafid.errors import LorafidError
+from lorafid.names import InvalidRanksError, parse_ranks
+from lorafid.providers.quantize import SCHEMES
+
+if TYPE_CHECKING:
+    pass
+
+
+def rank_list(text: str) -> tuple[int, ...]:
+    """``--ranks 16,64,256`` -> (16, 64, 256)."""
+    try:
+        return parse_ranks(text)
+    except InvalidRanksError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def quantizations(text: str) -> tuple[str, ...]:
+    """``--candidates fp8,int4-g128`` -> ("fp8", "int4-g128"); "none" -> ()."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip() and part.strip() != "none")
+    unknown = [n for n in names if n.removeprefix("base:") not in SCHEMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown quantization {', '.join(unknown)}; choose from {', '.join(SCHEMES)}")
+    return names
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def regex(text: str) -> str:
+    """An ``--include``/``--exclude`` pattern, checked now: a bad one is a usage error, not a traceback."""
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression ({e})") from None
+    return text
+
+
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand without the flag must not reset ``lorafid -v audit`` to False.
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, help="write the report here (and full spectra beside it)")
+    parser.add_argument(
+        "--format",
+        choices=("report", "compare-py"),
+        default="report",
+        help="report: lorafid's JSON (default); compare-py: the seed post's results.json layout",
+    )
+
+
+def configure_logging(*, verbose: bool) -> None:
+    """``--verbose``: lorafid's INFO messages (retries, re-resolved URLs) on stderr, one line each."""
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("lorafid: %(message)s"))
+        logger = logging.getLogger("lorafid")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def check_writable(out: Path | None) -> None:
+    """Fail before any work when ``--out`` cannot be written: a missing or read-only folder."""
+    if out is None:
+        return
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise LorafidError(f"Cannot write {out}: the folder {folder} does not exist. Create it, or pick another --out.")
+    if out.is_dir():
+        raise LorafidError(f"Cannot write {out}: it is a folder. Pass a file name, e.g. {out / 'report.json'}.")
+    if not os.access(folder, os.W_OK):
+        raise LorafidError(f"Cannot write {out}: the folder {folder} is not writable. Pick another --out.")

@@ -1,0 +1,91 @@
+"""``lorafid behave BASE FINETUNE``: what the served extraction does to the outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+
+from lorafid.cli.arguments import add_verbose, check_writable, positive_int, rank_list
+from lorafid.errors import LorafidError
+
+if TYPE_CHECKING:
+    pass
+
+
+def add_behave(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    behave = commands.add_parser(
+        "behave", help="next-token KL and top-1 agreement of the served extraction vs the fine-tune, per prompt"
+    )
+    behave.add_argument("base", help="the base model: Hub repo ID (org/name[@revision]) or a local directory")
+    behave.add_argument("finetune", help="the fine-tune (the reference), same forms as BASE; its tokenizer is used")
+    behave.add_argument("--ranks", type=rank_list, default=(16, 64, 256), help="ranks to serve (default: 16,64,256)")
+    behave.add_argument("--prompts", type=Path, help="one text per line, or JSONL with 'text' (default: built-in)")
+    behave.add_argument(
+        "--serving",
+        choices=("lora-only", "keep-extras", "both"),
+        default="both",
+        help="embeddings/lm_head/norms/biases at the base's (lora-only, as multi-LoRA servers run it) or the "
+        "fine-tune's (keep-extras); both (default) also gives the share of KL they cause",
+    )
+    behave.add_argument("--chat-template", action="store_true", help="wrap each prompt as a user turn (chat models)")
+    behave.add_argument("--max-tokens", type=positive_int, default=256, help="tokens per prompt (default: 256)")
+    behave.add_argument(
+        "--continuation-tokens",
+        type=int,
+        default=24,
+        help="greedy tokens per prompt side by side, when the models fit (default: 24; 0: none)",
+    )
+    behave.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    behave.add_argument("--token", help="Hub token (default: HF_TOKEN or the stored login); never stored")
+    behave.add_argument("--base-revision", help="revision of BASE (branch, tag or commit)")
+    behave.add_argument("--finetune-revision", help="revision of FINETUNE")
+    behave.add_argument("--out", type=Path, help="write the lorafid.behaviour/1 JSON report here")
+    behave.add_argument("--quiet", action="store_true", help="no progress bar, no table")
+    add_verbose(behave)
+
+
+def run_behave(args: argparse.Namespace) -> int:
+    """Exit 0 with a complete check; 130 on Ctrl-C (the prompts already scored are written to --out)."""
+    from lorafid.behaviour.check import BehaviourCheck, BehaviourConfig, describe, read_prompts
+
+    check_writable(args.out)
+    config = BehaviourConfig(
+        ranks=tuple(args.ranks),
+        serving=args.serving,
+        prompts=read_prompts(args.prompts) if args.prompts else None,
+        chat_template=args.chat_template,
+        max_tokens=max(2, args.max_tokens),
+        continuation_tokens=max(0, args.continuation_tokens),
+        device=args.device,
+        token=args.token,
+        base_revision=args.base_revision,
+        finetune_revision=args.finetune_revision,
+    )
+    check = BehaviourCheck(args.base, args.finetune, config)
+    bar = tqdm(total=1, desc="behave", disable=args.quiet)
+    interrupted = False
+    try:
+        with bar:
+            for step in check.run():
+                bar.total = step.total
+                bar.desc = step.stage
+                bar.update(step.done - bar.n)
+    except KeyboardInterrupt:
+        interrupted = True
+    report = check.report()
+    if args.out is not None:
+        try:
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+        except OSError as e:
+            raise LorafidError(f"Cannot write {args.out}: {e.strerror}.") from e
+    if not args.quiet or interrupted:
+        print(describe(report))
+    if interrupted:
+        print("lorafid: interrupted; the prompts scored so far are in the report.", file=sys.stderr)
+        return 130
+    return 0
