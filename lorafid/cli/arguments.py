@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lorafid.audit.engine import AuditConfig
 from lorafid.errors import LorafidError
 from lorafid.names import InvalidRanksError, parse_ranks
 from lorafid.providers.quantize import SCHEMES
@@ -101,3 +102,18 @@ def check_writable(out: Path | None) -> None:
         raise LorafidError(f"Cannot write {out}: it is a folder. Pass a file name, e.g. {out / 'report.json'}.")
     if not os.access(folder, os.W_OK):
         raise LorafidError(f"Cannot write {out}: the folder {folder} is not writable. Pick another --out.")
+
+
+def audit_config(args: argparse.Namespace) -> AuditConfig:
+    """The audit settings ``audit`` and ``extract`` take from the same options."""
+    return AuditConfig(
+        rank=args.rank,
+        device=args.device,
+        include_embeddings=getattr(args, "include_embeddings", False),
+        include=args.include,
+        exclude=args.exclude,
+        base_revision=args.base_revision,
+        finetune_revision=args.finetune_revision,
+        token=args.token,
+        fresh=args.fresh,
+    )

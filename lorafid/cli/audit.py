@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from lorafid.audit.engine import Audit, AuditConfig
 from lorafid.audit.report import Report, load_spectra, spectra_path
 from lorafid.audit.store import Store
-from lorafid.cli.arguments import check_writable
+from lorafid.cli.arguments import audit_config, check_writable
 from lorafid.cli.output import describe, follow_bytes, print_adapter, write_report
 from lorafid.cli.registry import publish_report
 from lorafid.errors import LorafidError
@@ -21,17 +21,7 @@ if TYPE_CHECKING:
 
 def run_audit(args: argparse.Namespace) -> int:
     check_writable(args.out)  # before the audit, not after an hour of it
-    config = AuditConfig(
-        rank=args.rank,
-        device=args.device,
-        include_embeddings=args.include_embeddings,
-        include=args.include,
-        exclude=args.exclude,
-        base_revision=args.base_revision,
-        finetune_revision=args.finetune_revision,
-        token=args.token,
-        fresh=args.fresh,
-    )
+    config = audit_config(args)
     with audit_job(args, config) as job:
         plan = job.plan()
         try:

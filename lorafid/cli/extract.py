@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lorafid.audit.engine import AuditConfig
-from lorafid.cli.arguments import positive_int
+from lorafid.cli.arguments import audit_config, positive_int
 from lorafid.cli.output import describe, follow_bytes, print_adapter
 
 if TYPE_CHECKING:
@@ -49,16 +48,7 @@ def run_extract(args: argparse.Namespace) -> int:
     """Exit 0 with the adapter written; 130 on Ctrl-C (staged factors are kept: run again to resume)."""
     from lorafid.adapters.extract import ExtractConfig, Extraction, push_to_hub
 
-    audit = AuditConfig(
-        rank=args.rank,
-        device=args.device,
-        include=args.include,
-        exclude=args.exclude,
-        base_revision=args.base_revision,
-        finetune_revision=args.finetune_revision,
-        token=args.token,
-        fresh=args.fresh,
-    )
+    audit = audit_config(args)
     config = ExtractConfig(rank=args.rank, dtype=args.dtype, modules_to_save=tuple(args.modules_to_save), audit=audit)
     with Extraction(args.base, args.finetune, args.out, config) as job:
         plan = job.plan()
