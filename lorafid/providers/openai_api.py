@@ -198,19 +198,9 @@ class OpenAIClient:
         for other failures after retries; ``LimitExceededError`` when the budget is spent.
         """
         if channel == ECHO:
-            # max_tokens 1, not 0: llama.cpp's server reads 0 as "until the context is full".
-            body = {"model": model, "prompt": text, "echo": True, "max_tokens": 1, "logprobs": top_k, "temperature": 0}
-            return parse_echo(self.post("/completions", body), channel)
+            return parse_echo(self.post("/completions", _prompt_body(channel, model, text, top_k)), channel)
         if channel == PROMPT_LOGPROBS:
-            body = {
-                "model": model,
-                "prompt": text,
-                "max_tokens": 1,
-                "temperature": 0,
-                "prompt_logprobs": top_k,
-                "return_token_ids": True,
-            }
-            return parse_prompt_logprobs(self.post("/completions", body))
+            return parse_prompt_logprobs(self.post("/completions", _prompt_body(channel, model, text, top_k)))
         if channel == CHAT:
             body = {
                 "model": model,
@@ -232,11 +222,7 @@ class OpenAIClient:
         """
         if channel not in (ECHO, PROMPT_LOGPROBS):
             raise ValueError(f"prompt arrays apply to {ECHO} and {PROMPT_LOGPROBS}, not {channel!r}")
-        body: dict[str, Any] = {"model": model, "prompt": list(texts), "max_tokens": 1, "temperature": 0}
-        if channel == ECHO:
-            body.update(echo=True, logprobs=top_k)
-        else:
-            body.update(prompt_logprobs=top_k, return_token_ids=True)
+        body = _prompt_body(channel, model, list(texts), top_k)
         try:
             payload = self.post("/completions", body, retry=RetryPolicy(max_tries=1))
         except ProviderError as e:
@@ -368,6 +354,17 @@ def parse_chat(payload: Mapping[str, Any]) -> ProviderAnswer:
 
 class _TooLarge(Exception):
     pass
+
+
+def _prompt_body(channel: str, model: str, prompt: str | list[str], top_k: int) -> dict[str, Any]:
+    """A ``/completions`` request scoring ``prompt`` (one text, or an array) on echo or prompt_logprobs."""
+    # max_tokens 1, not 0: llama.cpp's server reads 0 as "until the context is full".
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    if channel == ECHO:
+        body.update(echo=True, logprobs=top_k)
+    else:
+        body.update(prompt_logprobs=top_k, return_token_ids=True)
+    return body
 
 
 def _read_capped(response: httpx2.Response) -> bytes:

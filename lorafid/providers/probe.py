@@ -67,7 +67,7 @@ from lorafid.providers.openai_api import (
     RateLimiter,
     RequestBudget,
 )
-from lorafid.providers.quantize import SCHEMES, int8_rows, scheme
+from lorafid.providers.quantize import SCHEMES, scheme
 from lorafid.providers.text_channel import (
     GREEDY,
     MAX_SAMPLES,
@@ -90,11 +90,6 @@ DEFAULT_TEXT_REQUESTS = 5  # the text channel's budget when --max-requests is no
 PACKED_PROMPTS = 8  # prompts per echo / prompt_logprobs request under a request budget
 ALL_CHANNELS: tuple[str, ...] = (*CHANNELS, TEXT, GREEDY)
 PACKABLE: tuple[str, ...] = (ECHO, PROMPT_LOGPROBS)
-
-
-def round_to_8_bits(name: str, weight: torch.Tensor) -> torch.Tensor:
-    """The weight as an 8-bit weight-only quantization serves it (``quantize.int8_rows``)."""
-    return int8_rows(name, weight)
 
 
 # -- plan ------------------------------------------------------------------------------------
@@ -791,29 +786,25 @@ class Probe:
                 allow_local=c.allow_local,
             )
             channels = self._logprob_channels()
+            every = [len(self._encode(t)) for t in self.texts]  # prompt tokens, by the fine-tune's tokenizer
             if not channels:
                 requests = c.max_requests or DEFAULT_TEXT_REQUESTS
-                counts = [len(self._encode(t)) for t in self.texts]
                 alone = plan_text(
                     requests,
                     len(self.texts),
-                    max_tokens=self._text_tokens(counts),
+                    max_tokens=self._text_tokens(every),
                     samples=c.samples,
                     greedy=c.channel == GREEDY,
                 )
-                self._plan = ProbePlan(
-                    0, int(sum(counts)), c.max_tokens, requests, requests, text=alone, text_only=True
-                )
+                self._plan = ProbePlan(0, int(sum(every)), c.max_tokens, requests, requests, text=alone, text_only=True)
                 return self._plan
-            texts = self._logprob_texts()
-            counts = [len(self._encode(t)) for t in texts]
+            texts = self._logprob_texts()  # a prefix of self.texts
             plan = plan_probe(
-                counts, max_new_tokens=c.max_new_tokens, max_retries=c.max_retries, channels=len(channels)
+                every[: len(texts)], max_new_tokens=c.max_new_tokens, max_retries=c.max_retries, channels=len(channels)
             )
             text_requests = (c.max_requests - len(channels)) if c.max_requests is not None else DEFAULT_TEXT_REQUESTS
             text: TextPlan | None = None
             if c.channel is None and text_requests >= 1:
-                every = [len(self._encode(t)) for t in self.texts]
                 text = plan_text(text_requests, len(self.texts), max_tokens=self._text_tokens(every), samples=c.samples)
             if c.max_requests is not None:
                 plan = replace(plan, requests=min(plan.requests, c.max_requests), max_requests=c.max_requests)
@@ -928,7 +919,7 @@ class Probe:
                 if on_progress:
                     on_progress("provider", 0, text_plan.requests)
                 read = collect_text(client, c.model, self.texts, text_plan, seed=c.seed, greedy=c.channel == GREEDY)
-                return self._text_report(plan, text_plan, read, collection, budget, on_progress)
+                return self._text_report(plan, text_plan, read, collection, budget, tokens, on_progress)
         raise_unless_usable(collection)
         observations = [collection.observations[i] for i in sorted(collection.observations)]
         scores: list[PromptScore] = []
@@ -998,11 +989,11 @@ class Probe:
         read: Any,
         collection: Collection,
         budget: RequestBudget,
+        tokens: TokenMap,
         on_progress: Callable[[str, int, int], None] | None,
     ) -> ProbeReport:
         """Score the provider's continuations under every candidate and judge them."""
         c = self.config
-        tokens = TokenMap(self._tokenizer)
         max_length = self._context
         observations, empty = observe(
             read.continuations, self.texts, self._encode, tokens.encode_plain, tokens.eos_id, max_length

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from lorafid.providers.text_channel import Continuation
@@ -53,8 +52,11 @@ def observe(
     U+FFFD (invalid UTF-8, or a character cut by ``max_tokens``) rather than scored as one.
     """
     out, empty = [], 0
+    encoded: dict[int, list[int]] = {}  # a prompt's n samples share one encoding
     for c in continuations:
-        prompt = encode(texts[c.prompt_index])
+        if c.prompt_index not in encoded:
+            encoded[c.prompt_index] = encode(texts[c.prompt_index])
+        prompt = list(encoded[c.prompt_index])
         # A U+FFFD stands for bytes that were not valid UTF-8: the tokens there are lost, and
         # re-tokenizing the replacement character gives three other tokens. What follows it
         # cannot be aligned, so the text is cut there (its end, then, was not the model's choice).
@@ -103,8 +105,3 @@ def concatenated(per_continuation: Sequence[dict[str, TokenScores]]) -> dict[str
     """Every candidate's scores over all continuations, in order."""
     names = list(per_continuation[0]) if per_continuation else []
     return {n: TokenScores.concatenate([p[n] for p in per_continuation]) for n in names}
-
-
-def empty_scores() -> TokenScores:
-    nothing = np.zeros(0)
-    return TokenScores(nothing, nothing, nothing, nothing, np.zeros(0, dtype=bool))

@@ -35,7 +35,8 @@ from lorafid.providers.openai_api import (
     parse_echo,
     parse_prompt_logprobs,
 )
-from lorafid.providers.probe import plan_probe, round_to_8_bits
+from lorafid.providers.probe import plan_probe
+from lorafid.providers.quantize import int8_rows as round_to_8_bits
 from lorafid.retry import RetryPolicy
 
 FAST_RETRY = RetryPolicy(max_tries=4, base_wait_s=0.001, max_wait_s=0.01)
