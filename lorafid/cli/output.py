@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import stat
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -51,17 +52,27 @@ def describe(report: Report) -> str:
     """The terminal summary: overall, per module kind, worst layers, what a LoRA cannot carry."""
     summary = report.summary()
     lines = [summary.sentence(), ""]
+    if summary.full_rank and report.rank > summary.full_rank:
+        lines[1:1] = [
+            f"(rank {report.rank:,} is above the largest matrix's full rank, {summary.full_rank}: "
+            "a LoRA of that rank is the whole change, read at full rank)"
+        ]
     # One space between columns: a header as wide as its column ("kept@100000") never runs on.
     kept = f"kept@{report.rank}"
     lines.append(f"{'module':<27} {'matrices':>8} {kept:>10} {'cos.dist':>9} {'rank for 90%':>13}")
+    width = max(10, len(kept))
     for group in sorted(summary.by_module, key=lambda g: g.energy_retained):
         members = [m for m in report.matrices if m.module == group.key]
+        if group.energy == 0.0:  # nothing changed in this kind: there is nothing to keep or lose
+            lines.append(f"{group.key:<27} {group.matrices:>8} {'unchanged':>{width}} {'-':>9} {'-':>13}")
+            continue
         needed = aggregate_rank_for_energy(members, 0.9)
         lines.append(
-            f"{group.key:<27} {group.matrices:>8} {group.energy_retained:>{max(10, len(kept))}.1%} "
+            f"{group.key:<27} {group.matrices:>8} {group.energy_retained:>{width}.1%} "
             f"{group.cosine_distance:>9.4f} {needed if needed is not None else '-':>13}"
         )
-    layers = sorted((g for g in summary.by_layer if g.key != "-"), key=lambda g: g.energy_retained)[:3]
+    changed_layers = (g for g in summary.by_layer if g.key != "-" and g.energy > 0.0)
+    layers = sorted(changed_layers, key=lambda g: g.energy_retained)[:3]
     if layers:
         lines.append("worst layers: " + ", ".join(f"{g.key} (keeps {g.energy_retained:.0%})" for g in layers))
     total = summary.overall.energy + summary.lost_outside_lora
@@ -77,6 +88,18 @@ def describe(report: Report) -> str:
     if report.status != "complete":
         lines.append(f"partial: {len(report.pending)} matrices not computed yet")
     return "\n".join(lines)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_text(text: str) -> str:
+    """Text from outside (a registry row, a repo's names) safe to print: control characters,
+    escape sequences and bidirectional overrides become ``?``; newlines stay.
+
+    Example: "org/x\x1b[2J" -> "org/x?[2J" (the terminal is not cleared).
+    """
+    return _CONTROL.sub("?", text.replace("\t", " "))
 
 
 def count_noun(n: int, reason: str) -> str:

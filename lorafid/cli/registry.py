@@ -15,7 +15,7 @@ from lorafid.audit.report import Report, load_spectra, spectra_path
 from lorafid.audit.store import Store
 from lorafid.audit.summary import percent
 from lorafid.cli.arguments import add_output_options, positive_int
-from lorafid.cli.output import describe, write_report
+from lorafid.cli.output import describe, terminal_text, write_report
 from lorafid.errors import LorafidError
 
 if TYPE_CHECKING:
@@ -58,7 +58,8 @@ def registry_id(given: str | None, option: str) -> str:
 
 def publish_report(report: Report, args: argparse.Namespace) -> int:
     """Publish a finished audit to the user's own dataset with the user's own token."""
-    from lorafid.sharing.registry import Registry, publish, publish_refusal
+    from lorafid.sharing.hub_dataset import Registry, publish
+    from lorafid.sharing.policy import publish_refusal
 
     repo_id = registry_id(args.publish, "--publish")
     reason = publish_refusal(report)
@@ -71,14 +72,16 @@ def publish_report(report: Report, args: argparse.Namespace) -> int:
 
 
 def open_registry(args: argparse.Namespace) -> int:
-    from lorafid.sharing.registry import Registry
+    from lorafid.sharing.hub_dataset import Registry
 
     registry = Registry(args.dataset, token=args.token)
     if args.ref is None:
         entries = registry.entries()
+        refs = unique_prefixes([e.name for e in entries])
         for e in entries:
-            kept = " ".join(f"{r}:{percent(v)}" for r, v in e.energy_at.items())
-            print(f"{e.name[:16]}  {e.finetune} vs {e.base}  kept at {kept}  ({e.created})")
+            ranks = sorted(e.energy_at.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0)
+            kept = " ".join(f"{r}:{percent(v)}" for r, v in ranks)
+            print(terminal_text(f"{refs[e.name]}  {e.finetune} vs {e.base}  kept at {kept}  ({e.created})"))
         print(f"{len(entries)} result(s) in {registry.url}")
         if registry.unreadable_rows:
             print(
@@ -90,15 +93,33 @@ def open_registry(args: argparse.Namespace) -> int:
         report = report.with_rank(args.rank)
     write_report(report, args)
     if not args.quiet:
-        print(describe(report))
+        print(terminal_text(describe(report)))  # names in a published report come from its repos
     return 0
+
+
+def unique_prefixes(names: list[str], shortest: int = 16) -> dict[str, str]:
+    """Each name's shortest prefix (at least ``shortest`` characters) that no other name starts
+    with: what the listing shows and ``lorafid open DATASET REF`` takes.
+
+    Example: ["abc…-1", "abc…-2"] (equal for 40 characters) -> the first 41 characters of each.
+    """
+    out = {}
+    for name in names:
+        others = [n for n in names if n != name]
+        length = min(len(name), shortest)
+        while length < len(name) and any(o.startswith(name[:length]) for o in others):
+            length += 1
+        out[name] = name[:length]
+    return out
 
 
 def run_verify(args: argparse.Namespace) -> int:
     """Re-run the audit a published result names, at its commits, and compare every rank."""
     import tempfile
 
-    from lorafid.sharing.registry import PRECISION, Registry, read_published, verify
+    from lorafid.sharing.hub_dataset import Registry
+    from lorafid.sharing.records import PRECISION, read_published
+    from lorafid.sharing.verify import verify
 
     ref = Path(args.verify)
     if ref.is_file():

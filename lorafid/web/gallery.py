@@ -20,7 +20,7 @@ from pathlib import Path
 from lorafid.audit.report import Report, SourceRecord, load_spectra, spectra_path
 from lorafid.audit.store import Store, StoredAudit
 from lorafid.errors import GatedRepoError, LorafidError, RegistryError, RepoNotFoundError, ResultSchemaError
-from lorafid.sharing.registry import Registry
+from lorafid.sharing.hub_dataset import Registry
 from lorafid.web.config import EXAMPLES_DIR
 from lorafid.web.text import cut
 from lorafid.weights.source import open_source

@@ -15,16 +15,10 @@ import pandas as pd
 from lorafid.audit.report import Report
 from lorafid.audit.store import Store
 from lorafid.errors import LorafidError
-from lorafid.sharing.registry import (
-    TABLE_HEADERS,
-    TABLE_TYPES,
-    Registry,
-    RegistrySettings,
-    RegistryWriter,
-    probe_refusal,
-    publish_refusal,
-    table_rows,
-)
+from lorafid.sharing.hub_dataset import Registry
+from lorafid.sharing.policy import probe_refusal, publish_refusal
+from lorafid.sharing.table import TABLE_HEADERS, TABLE_TYPES, table_rows
+from lorafid.sharing.writer import RegistrySettings, RegistryWriter
 from lorafid.web.config import AppConfig
 from lorafid.web.tabs.common import MAX_MESSAGE_CHARS
 from lorafid.web.text import md_text
