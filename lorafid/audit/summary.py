@@ -55,15 +55,25 @@ class Summary:
     noise_floor_retained: float  # overall retention a pure-rounding remainder would allow
     lost_outside_lora: float  # Δ energy in 1-D tensors: not representable by any LoRA
     unchanged: int = 0  # matrices identical in both models (Δ = 0): nothing for a LoRA to keep
+    full_rank: int = 0  # the largest matrix's full rank: a rank at or above it keeps everything
 
     def sentence(self) -> str:
-        """The summary card in words; identical models are said to be identical, not "100% kept"."""
+        """The summary card in words; identical models are said to be identical, not "100% kept",
+        a rank at or above every matrix's full rank is said to be full rank, and nothing computed
+        yet (an audit stopped before its first matrix) is said so, not read as a result."""
         compared = self.overall.matrices
-        if compared and self.unchanged == compared:
+        if not compared:
+            return "No weight matrix has been compared yet."
+        if self.unchanged == compared:
             what = f"No weight matrix differs between the two models (all {compared} compared are identical)"
             if self.lost_outside_lora > 0:
                 return what + "; only 1-D tensors (norms, biases) changed, and no LoRA can carry those."
             return what + ": there is no change for a LoRA to keep."
+        if self.full_rank and self.rank >= self.full_rank:  # nothing is lost, nothing loses most
+            first = f"Full rank ({self.full_rank}) keeps everything of this fine-tune's change"
+            if self.rank_for_90 is None:
+                return first + "."
+            return f"{first}; rank {self.rank_for_90} already keeps 90%."
         parts = [f"Rank {self.rank} keeps {percent(self.overall.energy_retained)} of this fine-tune's change"]
         if self.unchanged:
             parts.append(f"only {compared - self.unchanged} of {compared} matrices changed")
@@ -119,6 +129,7 @@ def summarize(matrices: Iterable[MatrixResult], vectors: Iterable[VectorResult],
         noise_floor_retained=floor,
         lost_outside_lora=vector_energy,
         unchanged=sum(1 for m in done if m.energy == 0.0),
+        full_rank=max((m.full_rank for m in done), default=0),
     )
 
 

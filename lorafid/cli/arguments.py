@@ -62,7 +62,7 @@ def regex(text: str) -> str:
     try:
         re.compile(text)
     except re.error as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression ({e})") from None
+        raise argparse.ArgumentTypeError(f"'{text}' is not a valid regular expression ({e})") from None
     return text
 
 

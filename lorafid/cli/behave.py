@@ -78,6 +78,10 @@ def run_behave(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True
     report = check.report()
+    if interrupted and config.continuation_tokens and report.get("continuations") is None:
+        # Every prompt was scored, but the side-by-side continuations were cut short: not complete.
+        report["status"] = "partial"
+        report["continuations_note"] = "not generated: interrupted (Ctrl-C) before they were finished"
     if args.out is not None:
         try:
             args.out.write_text(json.dumps(report, indent=1) + "\n")

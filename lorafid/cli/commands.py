@@ -9,10 +9,11 @@ traceback); 2 bad usage; 130 interrupted (what was computed is kept in the store
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from lorafid import __version__
 from lorafid.cli.arguments import add_output_options, add_verbose, configure_logging, positive_int, regex
@@ -28,14 +29,30 @@ if TYPE_CHECKING:
     pass
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad value of one option is one line that names it, not the whole usage.
+
+    Example: ``lorafid audit a b --include 'mlp\\.('`` prints ``lorafid audit: --include 'mlp\\.(' is
+    not a valid regular expression (…)`` and exits 2. Other errors (a missing argument) keep the
+    usage, which is then what the user needs.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        bad = re.match(r"argument ([^:/ ]+)[^:]*: (.*)", message, re.S)
+        if bad and not bad.group(2).startswith(("expected", "not allowed", "ignored")):
+            detail = re.sub(r"^invalid \S+ value: ", "has an invalid value: ", bad.group(2))
+            self.exit(2, f"{self.prog}: {bad.group(1)} {detail}\n")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lorafid",
         description="Measure how much of a fine-tune survives as a LoRA extracted from its delta to the base.",
     )
     parser.add_argument("--version", action="version", version=f"lorafid {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log Hub requests that are retried, and why")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     run = commands.add_parser("audit", help="audit a base / fine-tune pair")
     run.add_argument("base", help="Hub repo ID (org/name[@revision]), a directory of shards, or a .safetensors file")
