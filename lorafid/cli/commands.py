@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, cast
 
 from lorafid import __version__
 from lorafid.cli.arguments import add_output_options, add_verbose, configure_logging, positive_int, regex
@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lorafid {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log Hub requests that are retried, and why")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    # Every subcommand's parser is a Parser (one-line value errors); the modules take the base type.
+    commands = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", required=True, parser_class=Parser),
+    )
 
     run = commands.add_parser("audit", help="audit a base / fine-tune pair")
     run.add_argument("base", help="Hub repo ID (org/name[@revision]), a directory of shards, or a .safetensors file")

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -19,7 +19,7 @@ from lorafid.cli.output import describe, terminal_text, write_report
 from lorafid.errors import LorafidError
 
 if TYPE_CHECKING:
-    pass
+    from lorafid.sharing.hub_dataset import Registry
 
 
 def add_registry(commands: argparse._SubParsersAction[argparse.ArgumentParser], audit: argparse.ArgumentParser) -> None:
@@ -46,6 +46,13 @@ def add_registry(commands: argparse._SubParsersAction[argparse.ArgumentParser], 
     opened.add_argument("--token", help="Hub token, for a private registry (default: HF_TOKEN or the stored login)")
     add_output_options(opened)
     opened.add_argument("--quiet", action="store_true", help="no summary")
+    opened.add_argument(
+        "--providers",
+        nargs="?",
+        const="",
+        metavar="HOST",
+        help="list the published provider checks instead: the latest per provider host and model (one host: HOST)",
+    )
 
 
 def registry_id(given: str | None, option: str) -> str:
@@ -75,6 +82,8 @@ def open_registry(args: argparse.Namespace) -> int:
     from lorafid.sharing.hub_dataset import Registry
 
     registry = Registry(args.dataset, token=args.token)
+    if args.providers is not None:
+        return list_providers(registry, args.providers)
     if args.ref is None:
         entries = registry.entries()
         refs = unique_prefixes([e.name for e in entries])
@@ -94,6 +103,28 @@ def open_registry(args: argparse.Namespace) -> int:
     write_report(report, args)
     if not args.quiet:
         print(terminal_text(describe(report)))  # names in a published report come from its repos
+    return 0
+
+
+def list_providers(registry: Registry, host: str) -> int:
+    """The public table of providers in the terminal: one block per provider host and model."""
+    from lorafid.sharing.table import channel_name
+
+    probes = registry.probes()
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for p in sorted(probes, key=lambda p: str(p.get("created", ""))):
+        if not host or p["endpoint_host"] == host:
+            latest[(str(p["endpoint_host"]), str(p["model"]))] = p
+    for (where, model), p in sorted(latest.items()):
+        requests = f"{p['requests']} requests" if isinstance(p.get("requests"), int) and p["requests"] else "requests ?"
+        print(
+            terminal_text(
+                f"{where} · {model}  [{channel_name(str(p.get('method') or ''))}, {requests}, "
+                f"{str(p.get('created', ''))[:10]}]\n  {p['finetune']}@{p['finetune_sha'][:7]} vs "
+                f"{p['base']}@{p['base_sha'][:7]}: {p['verdict']['sentence']}"
+            )
+        )
+    print(f"{len(latest)} provider check(s){f' of {host}' if host else ''} in {registry.url}")
     return 0
 
 

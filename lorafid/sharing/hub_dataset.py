@@ -203,7 +203,7 @@ class Registry:
             except (ValueError, UnicodeDecodeError):
                 continue
             if isinstance(data, dict) and probe_well_formed(data):
-                out.append(data)
+                out.append(data | {"path": path})  # where the full check is, for the tables' links
         with self._lock:
             self._probes = (time.monotonic(), out)
         return list(out)

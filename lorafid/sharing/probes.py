@@ -62,6 +62,8 @@ def probe_summary(document: Mapping[str, Any]) -> dict[str, Any]:
                 for name, c in candidates.items()
             },
             "prompts": int((document.get("prompt_set") or {}).get("count") or 0),
+            # What the check cost at the provider: requests actually sent (a free tier counts them).
+            "requests": int((document.get("requests") or {}).get("sent") or 0),
         }
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise RegistryError(f"This provider check cannot be published: it lacks {e}.") from e

@@ -67,9 +67,7 @@ def table_rows(
             is_commit_sha(s) for s in (e.base_sha, e.finetune_sha)
         ):
             continue
-        link = urlencode(
-            {"base": e.base, "finetune": e.finetune, "base_revision": e.base_sha, "finetune_revision": e.finetune_sha}
-        )
+        link = audit_query(e.base, e.finetune, e.base_sha, e.finetune_sha)
         rows.append(
             [
                 f"[{e.finetune}]({hub_url}/{e.finetune}/tree/{e.finetune_sha}) @{e.finetune_sha[:7]}",
@@ -98,3 +96,80 @@ def provider_checks_cell(probes: list[dict[str, Any]], entry: RegistryEntry) -> 
         f"{host} · {cut(model, 80)}: {cut(p['verdict']['sentence'], 240)}"
         for (host, model), p in sorted(latest.items())
     )
+
+
+# -- the public table of providers ----------------------------------------------------------------
+
+PROVIDER_HEADERS: tuple[str, ...] = (
+    "Provider",
+    "Model",
+    "Verdict",
+    "Channel",
+    "Requests",
+    "Checked",
+    "Fine-tune",
+    "Base",
+    "Full check",
+)
+PROVIDER_TYPES: tuple[Literal["str", "number", "markdown"], ...] = (
+    "str",  # host and model are the prober's text: never rendered as Markdown
+    "str",
+    "str",
+    "str",
+    "number",
+    "str",
+    "markdown",
+    "markdown",
+    "markdown",
+)
+
+
+def channel_name(method: str) -> str:
+    """The channel a check read, in a word: "logprobs", "text (sampled)" or "text (greedy)"."""
+    return {"completions-text": "text (sampled)", "completions-greedy": "text (greedy)"}.get(method, "logprobs")
+
+
+def provider_rows(
+    probes: list[dict[str, Any]], *, hub_url: str, registry: Registry, host: str | None = None
+) -> list[list[Any]]:
+    """Rows of the public table of providers (``PROVIDER_HEADERS``): one per provider host and
+    model, the latest published check of it (of any pair), optionally for one host.
+
+    ``probes``: ``Registry.probes()`` (published summaries: host, model, verdict, distances;
+    never a key or a URL path). Repo cells link to the Hub at the checked commits; the last cell
+    links to the published check and to the audit of the same two commits here. A check
+    published before its request count was kept shows no count.
+    """
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for p in sorted(probes, key=lambda p: str(p.get("created", ""))):
+        latest[(str(p["endpoint_host"]), str(p["model"]))] = p
+    rows = []
+    for (where, model), p in sorted(latest.items()):
+        if host and where != host:
+            continue
+        link = audit_query(p["base"], p["finetune"], p["base_sha"], p["finetune_sha"])
+        check = f"[JSON]({registry.url}/blob/main/{quote(str(p['path']))}) · " if p.get("path") else ""
+        rows.append(
+            [
+                where,
+                cut(model, 80),
+                cut(str(p["verdict"]["sentence"]), 400),
+                channel_name(str(p.get("method") or "")),
+                p.get("requests") if isinstance(p.get("requests"), int) and p.get("requests") else None,
+                str(p.get("created", ""))[:10],
+                f"[{p['finetune']}]({hub_url}/{p['finetune']}/tree/{p['finetune_sha']}) @{p['finetune_sha'][:7]}",
+                f"[{p['base']}]({hub_url}/{p['base']}/tree/{p['base_sha']}) @{p['base_sha'][:7]}",
+                f"{check}[audit](?{link})",
+            ]
+        )
+    return rows
+
+
+def provider_hosts(probes: list[dict[str, Any]]) -> list[str]:
+    """The hosts of published checks, sorted: the table's filter."""
+    return sorted({str(p["endpoint_host"]) for p in probes})
+
+
+def audit_query(base: str, finetune: str, base_sha: str, finetune_sha: str) -> str:
+    """The dashboard's query string that opens the audit of these two repos at these commits."""
+    return urlencode({"base": base, "finetune": finetune, "base_revision": base_sha, "finetune_revision": finetune_sha})

@@ -47,6 +47,12 @@ from lorafid.web.tabs.results import ResultsTab
 from lorafid.web.zerogpu import zero_gpu_compute
 
 SCROLL_TO_RESULTS_JS = "() => document.querySelector('#heatmap')?.scrollIntoView({block: 'start'})"
+SCROLL_TO_PROGRESS_JS = "() => document.querySelector('#progress')?.scrollIntoView({block: 'start'})"
+# A permalink that opened a result scrolls to it; a bare page stays at the top.
+SCROLL_IF_OPENED_JS = (
+    "() => { if (document.querySelector('#summary')?.innerText.trim()) "
+    "document.querySelector('#progress')?.scrollIntoView({block: 'start'}); }"
+)
 CSS = """
 #gallery td { white-space: normal; }
 #summary table { width: 100%; }
@@ -98,7 +104,8 @@ class Dashboard(AuditTab, AdapterTab, BehaviourTab, ProviderTab, ResultsTab):
             title="lorafid: LoRA extraction fidelity", analytics_enabled=False, delete_cache=(300, 900)
         ) as demo:
             # One tab per check, each built by its own method; further checks add a tab here.
-            with gr.Tabs() as self.tabs:
+            # "wrap": on a phone every tab stays a visible, labelled button (a menu hid three behind "⋯").
+            with gr.Tabs(overflow_behavior="wrap", elem_id="tabs") as self.tabs:
                 with gr.Tab("Weight audit", id="weight-audit"):
                     self._weight_audit_tab()
                 with gr.Tab("Provider check", id="provider-check"):
@@ -122,12 +129,13 @@ class Dashboard(AuditTab, AdapterTab, BehaviourTab, ProviderTab, ResultsTab):
         run = self.run_button.click(
             self.run_audit,
             [*inputs, self.rank, self.metric, self.token],
-            [*view, self.progress, self.gallery, self.refs, *rank_controls],
+            [*view, self.progress, self.gallery, self.refs, *rank_controls, self.gallery_box],
             api_name="run_audit",
             show_progress="hidden",
             concurrency_id="audit",
             concurrency_limit=self.config.concurrency,
         )
+        self.run_button.click(None, js=SCROLL_TO_PROGRESS_JS, api_visibility="private", queue=False)
         run.then(self.rerender, [self.ref, self.rank, self.metric], view, api_visibility="private", queue=False)
         self.stop_button.click(
             self.stopped,
@@ -168,7 +176,9 @@ class Dashboard(AuditTab, AdapterTab, BehaviourTab, ProviderTab, ResultsTab):
             js="(query, rank, metric) => [window.location.search, rank, metric]",
             api_name="open_link",
             queue=False,
-        ).then(self.quick_picks, [self.ref, self.rank], self.provider_rank, api_visibility="private", queue=False)
+        ).then(self.quick_picks, [self.ref, self.rank], self.provider_rank, api_visibility="private", queue=False).then(
+            None, js=SCROLL_IF_OPENED_JS, api_visibility="private", queue=False
+        )
 
     def _token(self, typed: str, oauth_token: gr.OAuthToken | None) -> str | bool | None:
         """The user's token; else their sign-in; else none at all on a public deployment."""

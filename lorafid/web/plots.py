@@ -542,13 +542,22 @@ def probe_distances(document: dict[str, Any]) -> go.Figure:
 
     One line per serving mode (rank-r: the base's embeddings and norms; rank-r+extras: the
     fine-tune's), with 95% bootstrap intervals, and horizontal lines for the candidates with no
-    rank: the fine-tune (solid), its quantized copies (dotted) and the base (dashed). Lower is
-    closer; the verdict is the title. A log-probability check plots KL(provider ‖ candidate); a
-    text check plots each candidate's log-likelihood gap to the closest (KL(P‖Q) − KL(P‖closest)).
+    rank: the fine-tune (solid), its quantized copies (dotted) and the base (dashed), named in
+    the legend (labels on the plot sat on the axis ticks). Lower is closer; the verdict is the
+    title. A log-probability check plots KL(provider ‖ candidate); a text check plots each
+    candidate's log-likelihood gap to the closest (KL(P‖Q) − KL(P‖closest)). The distance axis
+    is logarithmic (the base sits decades above the ranks); a distance of 0 (the closest, in a
+    text check) is drawn at the floor, a decade under the smallest positive one.
     """
     candidates: dict[str, dict[str, Any]] = document.get("candidates") or {}
     text = document.get("method") in ("completions-text", "completions-greedy")
     key = "gap" if text else "distance"
+    positive = [float(c[key]) for c in candidates.values() if float(c[key]) > 0]
+    floor = min(positive) / 10 if positive else 1e-6
+
+    def shown(value: float) -> float:
+        return max(float(value), floor)
+
     fig = go.Figure()
     for serving, label in (("lora-only", "rank r (base extras)"), ("keep-extras", "rank r + fine-tune extras")):
         rows = sorted((c["rank"], c) for c in candidates.values() if c.get("serving") == serving)
@@ -557,38 +566,43 @@ def probe_distances(document: dict[str, Any]) -> go.Figure:
         fig.add_trace(
             go.Scatter(
                 x=[r for r, _ in rows],
-                y=[c[key] for _, c in rows],
+                y=[shown(c[key]) for _, c in rows],
+                customdata=[c[key] for _, c in rows],
                 error_y={
                     "type": "data",
                     "symmetric": False,
-                    "array": [max(c["interval"][1] - c[key], 0.0) for _, c in rows],
-                    "arrayminus": [max(c[key] - c["interval"][0], 0.0) for _, c in rows],
+                    "array": [max(c["interval"][1] - shown(c[key]), 0.0) for _, c in rows],
+                    "arrayminus": [max(shown(c[key]) - shown(c["interval"][0]), 0.0) for _, c in rows],
                 },
                 mode="lines+markers",
                 name=label,
-                hovertemplate="rank %{x}: %{y:.4g} nats/token<extra>" + label + "</extra>",
+                hovertemplate="rank %{x}: %{customdata:.4g} nats/token<extra>" + label + "</extra>",
             )
         )
-    unranked = [n for n in candidates if n == "base" or n == "finetune" or n.startswith("finetune-")]
-    # The fine-tune and its quantized copies are often a hair apart: labels alternate sides.
-    for i, name in enumerate(unranked):
-        dash = "solid" if name == "finetune" else "dash" if name == "base" else "dot"
-        fig.add_hline(
-            y=candidates[name][key],
-            line_dash=dash,
-            line_color="grey",
-            annotation_text=f"{html.escape(name)}: {candidates[name][key]:.3g}",
-            annotation_position="top left" if i % 2 == 0 else "bottom right",
-        )
     ranks = sorted({c["rank"] for c in candidates.values() if c.get("rank")})
+    unranked = [n for n in candidates if n == "base" or n == "finetune" or n.startswith("finetune-")]
+    span = [ranks[0], ranks[-1]] if ranks else [1, 2]
+    for name in unranked:
+        dash = "solid" if name == "finetune" else "dash" if name == "base" else "dot"
+        value = candidates[name][key]
+        fig.add_trace(
+            go.Scatter(
+                x=span,
+                y=[shown(value)] * 2,
+                mode="lines",
+                line={"dash": dash, "color": "grey", "width": 1.5},
+                name=f"{html.escape(name)}: {value:.3g}",
+                hovertemplate=f"{html.escape(name)}: {value:.4g} nats/token<extra></extra>",
+            )
+        )
     verdict = (document.get("verdict") or {}).get("sentence", "")
-    axis = "log-likelihood gap to the closest, nats per token" if text else "KL(provider ‖ candidate), nats per token"
+    axis = "gap to the closest, nats/token" if text else "KL(provider ‖ candidate), nats/token"
     fig.update_layout(
         title={"text": html.escape(verdict.split(". The fine-tune rounded")[0])[:160], "font": {"size": 13}},
         xaxis={"title": "candidate rank", "type": "log", "tickvals": ranks, "ticktext": [str(r) for r in ranks]},
-        yaxis={"title": axis, "rangemode": "tozero"},
-        legend={"orientation": "h", "y": -0.2},
-        margin={"t": 60},
+        yaxis={"title": axis, "type": "log", "exponentformat": "power"},
+        legend={"orientation": "h", "y": -0.25, "x": 0},
+        margin={"t": 60, "l": 60, "r": 20},
     )
     return fig
 

@@ -85,7 +85,7 @@ def test_run_move_rank_download_and_permalink(browser: object, page_url: str, tm
     page.wait_for_selector("#heatmap .js-plotly-plot")
     wait_for_text(page, "#progress", "Done:")
     # The slider asked for 64; these matrices have at most rank 32, so it is bounded there.
-    wait_for_text(page, "#summary", "Rank 32 keeps")
+    wait_for_text(page, "#summary", "Full rank (32) keeps everything")
     wait_for_text(page, "#rank", "Any rank (1 to 32)")
     assert page.locator("#rank input[type=range]").get_attribute("max") == "32"
 

@@ -133,9 +133,9 @@ def test_a_link_rank_above_the_range_opens_at_the_largest_k_without_errors(examp
     opened = client.predict("?example=minilm-full-finetune.json&rank=100000", 64, "mse", api_name="/open_link")
     assert opened[L_RANK]["value"] == opened[L_RANK]["maximum"] == 384
     assert "rank 100,000, beyond these matrices' largest rank (384): shown at 384" in plain(opened[L_PROGRESS])
-    assert plain(opened[SUMMARY]).startswith("**Rank 384 keeps 100%")
+    assert plain(opened[SUMMARY]).startswith("**Full rank (384) keeps everything")
     after = client.predict(384, "mse", api_name="/rerank")  # what the slider sends next: accepted
-    assert after[SUMMARY].startswith("**Rank 384 keeps")
+    assert plain(after[SUMMARY]).startswith("**Full rank (384) keeps everything")
     unknown = client.predict("?base=org%2Fa&finetune=org%2Fb&rank=100000", 64, "mse", api_name="/open_link")
     assert unknown[L_RANK]["value"] == 4096  # no audit yet: the slider's own range
 

@@ -135,7 +135,9 @@ class AuditTab:
                 with gr.Row():
                     self.run_button = gr.Button("Run audit", variant="primary")
                     self.stop_button = gr.Button("Stop", variant="stop")
-        with gr.Accordion("Audits: examples and past runs (click one to open it)", open=True):
+        with gr.Accordion(
+            "Audits: examples and past runs (click one to open it)", open=True, elem_id="gallery-box"
+        ) as self.gallery_box:
             entries = self.catalog.entries()
             # HTML cells: Gradio's text cells cut everything after 60 characters with "...".
             self.gallery = gr.Dataset(
@@ -234,7 +236,8 @@ class AuditTab:
         typed: bool = False,
     ) -> Iterator[dict[Any, Any]]:
         """The audit's frames: planned grid, live charts (paced by their cost), final charts."""
-        yield {self.progress: "Reading both models' headers…"}
+        # The gallery folds away: the results appear right under the form, not 1,200 px below.
+        yield {self.progress: "Reading both models' headers…", self.gallery_box: gr.Accordion(open=False)}
         job = Audit(base, finetune, config)
         deadline = time.monotonic() + self.config.max_audit_minutes * 60 if self.config.max_audit_minutes else None
         timed_out = False
@@ -284,8 +287,8 @@ class AuditTab:
     def _failed(self, job: Audit, error: LorafidError, metric: str, request: gr.Request) -> dict[Any, Any]:
         """The last frame of a failed audit: the error in the progress line (the pop-up fades),
         and, when matrices were finished before it, their charts (they are kept in the store)."""
-        if not job.key:  # failed while planning: nothing of this pair to show
-            return {self.progress: f"**Failed:** {_progress_message(error)}"}
+        if not job.key:  # failed while planning: nothing of this pair to show, nor of the last one
+            return {**self._cleared(), self.progress: f"**Failed:** {_progress_message(error)}"}
         report = job.report()
         done = len(report.matrices)
         total = done + len(report.pending)
@@ -318,6 +321,10 @@ class AuditTab:
         report = self.store.load_report(key) if key else None
         if report is None:
             return {self.progress: "Stopped."}
+        # Gradio cancels the run without closing its generator, so the frame the run saved last
+        # (at its start) still describes no matrix: save it again from what the store holds, or
+        # the gallery row would read "keeps 100%" for a partial audit the page shows at 79%.
+        self.store.save_report(key, report)
         # One count, the table's: a matrix in flight at Stop may still land in the store after
         # this line is written, so the line names no number of its own.
         return {
@@ -438,6 +445,17 @@ class AuditTab:
         return f"Opened {where} ({status})."
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _cleared(self) -> dict[Any, Any]:
+        """An empty view: no summary, charts or link of an audit the page no longer shows."""
+        return {
+            self.ref: "",
+            self.heatmap: None,
+            self.lines: None,
+            self.curves: None,
+            self.summary: "",
+            self.link: "",
+        }
 
     def _view(self, ref: str, report: Report, metric: str, request: gr.Request) -> dict[Any, Any]:
         """Every chart, the summary and the pinned link of ``report`` at its rank (no file: the

@@ -31,6 +31,7 @@ next-token distributions, top-1 agreement, log-likelihood change, and greedy con
 "lora-only" is what a multi-LoRA server runs (embeddings, lm_head, norms at the base's values);
 "keep-extras" keeps the fine-tune's. Llama, Mistral, Qwen2 and Qwen3 models.
 """
+TABLE_FIELDS = ("kl_mean", "kl_p95", "kl_max", "top1_agreement", "loglik_delta")  # after the name, before tokens
 BEHAVIOUR_GENERATE_BYTES = 4 * 2**30  # side-by-side continuations only when the whole models fit in this
 
 
@@ -50,6 +51,7 @@ class BehaviourTab:
     behind_proxy: bool
     base: gr.Textbox
     finetune: gr.Textbox
+    tabs: gr.Tabs
 
     def _behaviour_tab(self, demo: gr.Blocks) -> None:
         """Behaviour: next-token KL and top-1 agreement of the served extraction against the fine-tune."""
@@ -65,7 +67,8 @@ class BehaviourTab:
             self.behave_chat = gr.Checkbox(label="Wrap prompts in the fine-tune's chat template", value=False)
         self.behave_button = gr.Button("Run behaviour check", variant="primary")
         self.behave_status = gr.Markdown()
-        self.behave_plot = gr.Plot(label="KL and top-1 agreement by rank, beside the weight audit's energy kept")
+        # No panel label: it covered the figure's titles, which say what is drawn.
+        self.behave_plot = gr.Plot(show_label=False, elem_id="behaviour-plot")
         self.behave_table = gr.Dataframe(
             headers=["variant", "KL mean", "KL p95", "KL max", "top-1 agreement", "Δ log-likelihood", "tokens"],
             label="Each variant against the fine-tune",
@@ -98,7 +101,7 @@ class BehaviourTab:
         demo.load(
             self.open_behaviour_link,
             [behave_query],
-            [*outputs, self.behave_base, self.behave_finetune],
+            [*outputs, self.behave_base, self.behave_finetune, self.tabs],
             js="(query) => [window.location.search]",
             api_visibility="private",
             queue=False,
@@ -157,6 +160,7 @@ class BehaviourTab:
         if document is None:
             return {self.behave_status: "That behaviour check is not stored on this server."}
         return self._behaviour_view(document) | {
+            self.tabs: gr.Tabs(selected="behaviour"),  # a behaviour link opens on its own tab
             self.behave_base: str((document.get("base") or {}).get("spec") or ""),
             self.behave_finetune: str((document.get("finetune") or {}).get("spec") or ""),
         }
@@ -167,15 +171,12 @@ class BehaviourTab:
 
         variants = document.get("variants") or {}
         table = pd.DataFrame(
-            [
-                [name, v["kl_mean"], v["kl_p95"], v["kl_max"], v["top1_agreement"], v["loglik_delta"], v["tokens"]]
-                for name, v in variants.items()
-            ],
+            [[name, *(rounded(v[k]) for k in TABLE_FIELDS), v["tokens"]] for name, v in variants.items()],
             columns=["variant", "KL mean", "KL p95", "KL max", "top-1 agreement", "Δ log-likelihood", "tokens"],
         )
         rows = pd.DataFrame(
             [
-                [r["id"], r["text"], r["tokens"], *(r["variants"][n]["kl_mean"] for n in variants)]
+                [r["id"], r["text"], r["tokens"], *(rounded(r["variants"][n]["kl_mean"]) for n in variants)]
                 for r in document.get("prompts") or []
             ],
             columns=["prompt", "text", "tokens", *variants],
@@ -223,11 +224,24 @@ class BehaviourTab:
 
 
 def behaviour_figure(document: dict[str, Any], energy_kept: dict[int, float] | None) -> Any:
-    """KL (left) and top-1 agreement with the weight audit's energy kept (right), by rank."""
+    """KL (left, log axis) and top-1 agreement with the weight audit's energy kept (right), by rank.
+
+    KL spans decades (4.6 nats for the base, 1e-8 at a high rank), so its axis is logarithmic:
+    a linear one drew 0.07 and 4e-8 both flat at 0. A KL of exactly 0 (a rank at full rank) is
+    drawn at the floor, a decade under the smallest positive value. Ticks are the ranks run.
+    """
     from plotly.subplots import make_subplots
 
     variants = document.get("variants") or {}
-    figure = make_subplots(rows=1, cols=2, subplot_titles=("KL(fine-tune ‖ variant), nats per token", "share"))
+    figure = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=("KL(fine-tune ‖ served), nats per token", "top-1 agreement and energy kept"),
+        horizontal_spacing=0.12,
+    )
+    positive = [float(v["kl_mean"]) for v in variants.values() if float(v.get("kl_mean") or 0) > 0]
+    floor = min(positive) / 10 if positive else 1e-12
+    ran: set[int] = set()
     for suffix, label, dash in (("", "lora-only", "solid"), ("+extras", "keep-extras", "dot")):
         points = sorted(
             (v["rank"], v)
@@ -237,17 +251,50 @@ def behaviour_figure(document: dict[str, Any], energy_kept: dict[int, float] | N
         if not points:
             continue
         ranks = [r for r, _ in points]
+        ran.update(ranks)
         line = {"dash": dash}
-        figure.add_scatter(x=ranks, y=[v["kl_mean"] for _, v in points], name=f"KL, {label}", line=line, row=1, col=1)
+        figure.add_scatter(
+            x=ranks,
+            y=[max(float(v["kl_mean"]), floor) for _, v in points],
+            customdata=[float(v["kl_mean"]) for _, v in points],
+            hovertemplate="rank %{x}: KL %{customdata:.3g} nats/token<extra>" + label + "</extra>",
+            name=f"KL, {label}",
+            line=line,
+            row=1,
+            col=1,
+        )
         figure.add_scatter(
             x=ranks, y=[v["top1_agreement"] for _, v in points], name=f"top-1, {label}", line=line, row=1, col=2
         )
     if "base" in variants:
-        figure.add_hline(y=variants["base"]["kl_mean"], line_dash="dash", annotation_text="base", row=1, col=1)
+        base_kl = max(float(variants["base"]["kl_mean"]), floor)
+        figure.add_hline(
+            y=base_kl,
+            line_dash="dash",
+            annotation_text=f"base: {base_kl:.3g}",
+            annotation_position="bottom right",
+            row=1,
+            col=1,
+        )
     if energy_kept:
         ranks = sorted(energy_kept)
+        ran.update(ranks)
         figure.add_scatter(x=ranks, y=[energy_kept[r] for r in ranks], name="energy kept (weight audit)", row=1, col=2)
-    figure.update_xaxes(type="log", title_text="rank")
-    figure.update_yaxes(range=[0, 1.02], row=1, col=2)
-    figure.update_layout(height=380, margin={"t": 40, "b": 40, "l": 50, "r": 20}, legend={"orientation": "h"})
+    ticks = sorted(ran)
+    figure.update_xaxes(type="log", title_text="rank", tickvals=ticks, ticktext=[str(r) for r in ticks])
+    figure.update_yaxes(type="log", exponentformat="power", row=1, col=1)
+    figure.update_yaxes(range=[0, 1.02], tickformat=".0%", row=1, col=2)
+    figure.update_layout(
+        height=420,
+        margin={"t": 50, "b": 40, "l": 60, "r": 20},
+        # Under the axes' titles, not over them.
+        legend={"orientation": "h", "y": -0.28, "x": 0},
+    )
     return figure
+
+
+def rounded(value: Any, digits: int = 3) -> Any:
+    """A number as a table shows it: ``digits`` significant figures (0.0722, 3.66e-08); the rest as is."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    return value

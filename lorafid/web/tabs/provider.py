@@ -227,8 +227,11 @@ class ProviderTab:
             self.probe_ranks: ",".join(str(int(r)) for r in ranks),
             self.probe_channel: channel,
             self.probe_requests: budget,
-            self.probe_status: md_text(f"Stored provider check of {document.get('endpoint_host', '')}."),
-            self.probe_endpoint: "https://" + str(document.get("endpoint_host", "")),
+            self.probe_status: md_text(
+                f"Stored provider check of {document.get('endpoint_host', '')}. Only the host was kept (never the "
+                "URL's path, port or key), so the Endpoint field is left empty: give the full URL to check again."
+            ),
+            self.probe_endpoint: "",
             self.probe_model: str(document.get("model", "")),
             self.probe_base: str((document.get("base") or {}).get("spec") or ""),
             self.probe_finetune: str((document.get("finetune") or {}).get("spec") or ""),
@@ -247,7 +250,7 @@ class ProviderTab:
             [
                 [
                     c["name"],
-                    c[key],
+                    float(f"{c[key]:.3g}"),
                     f"{c['interval'][0]:.3g} to {c['interval'][1]:.3g}",
                     round(c["fit_z"], 1) if text and not greedy else c[agreement],
                     "ruled out" if c["ruled_out"] else "held",

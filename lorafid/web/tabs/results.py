@@ -17,9 +17,18 @@ from lorafid.audit.store import Store
 from lorafid.errors import LorafidError
 from lorafid.sharing.hub_dataset import Registry
 from lorafid.sharing.policy import probe_refusal, publish_refusal
-from lorafid.sharing.table import TABLE_HEADERS, TABLE_TYPES, table_rows
+from lorafid.sharing.table import (
+    PROVIDER_HEADERS,
+    PROVIDER_TYPES,
+    TABLE_HEADERS,
+    TABLE_TYPES,
+    provider_hosts,
+    provider_rows,
+    table_rows,
+)
 from lorafid.sharing.writer import RegistrySettings, RegistryWriter
 from lorafid.web.config import AppConfig
+from lorafid.web.links import parse_query
 from lorafid.web.tabs.common import MAX_MESSAGE_CHARS
 from lorafid.web.text import md_text
 
@@ -35,6 +44,7 @@ class ResultsTab:
     store: Store
     registry: Registry | None
     publisher: RegistryWriter | None
+    tabs: gr.Tabs
 
     def _registry(self) -> tuple[Registry | None, RegistryWriter | None]:
         """The registry this server reads published results from, and its batching writer when
@@ -106,6 +116,40 @@ class ResultsTab:
             api_name="results_table",
             queue=False,
         )
+        gr.Markdown(
+            "### Providers\nThe latest published check of each provider host and model: its verdict, the channel "
+            "it read (log-probabilities, or sampled text where a provider gives none), the requests it took, "
+            "both repos at the checked commits. Link one provider with `?provider=<host>`."
+        )
+        with gr.Row():
+            self.providers_host = gr.Dropdown(["All providers"], value="All providers", label="Provider", scale=3)
+            refresh_providers = gr.Button("Refresh", scale=1)
+        self.providers_note = gr.Markdown("", elem_id="providers-note")
+        self.providers = gr.Dataframe(
+            headers=list(PROVIDER_HEADERS),
+            datatype=list(PROVIDER_TYPES),
+            interactive=False,
+            wrap=True,
+            elem_id="providers-table",
+        )
+        provider_query = gr.Textbox(visible=False)
+        provider_outputs = [self.providers, self.providers_host, self.providers_note]
+        demo.load(
+            self.providers_link,
+            [provider_query],
+            [*provider_outputs, self.tabs],
+            js="(query) => [window.location.search]",
+            api_name="providers_link",
+            queue=False,
+        )
+        gr.on(
+            [refresh_providers.click, self.providers_host.input],
+            self.providers_table,
+            [self.providers_host],
+            provider_outputs,
+            api_name="providers_table",
+            queue=False,
+        )
 
     def results_table(self, base: str) -> dict[Any, Any]:
         """The table's rows (for one base model, or all) and the choice of base models."""
@@ -133,4 +177,39 @@ class ResultsTab:
             self.results: frame,
             self.results_base: gr.Dropdown(choices=bases, value=chosen),
             self.results_note: note,
+        }
+
+    def providers_link(self, query: str) -> dict[Any, Any]:
+        """On page load: the table of providers; ``?provider=<host>`` shows that host's rows and
+        opens this tab."""
+        host = dict(parse_query(query)).get("provider", "").strip()
+        shown = self.providers_table(host or "All providers")
+        if host:
+            shown[self.tabs] = gr.Tabs(selected="published-results")
+        else:
+            shown[self.tabs] = gr.update()
+        return shown
+
+    def providers_table(self, host: str) -> dict[Any, Any]:
+        """One row per provider host and model (the latest check), for one host or all."""
+        assert self.registry is not None
+        try:
+            probes = self.registry.probes()
+        except LorafidError as e:
+            note = f"The registry could not be read: {md_text(str(e), MAX_MESSAGE_CHARS)} Try Refresh in a minute."
+            return {self.providers_note: note}
+        hosts = ["All providers", *provider_hosts(probes)]
+        chosen = host if host in hosts else hosts[0]
+        hub_url = self.registry.api.endpoint.rstrip("/")
+        rows = provider_rows(
+            probes, hub_url=hub_url, registry=self.registry, host=None if chosen == hosts[0] else chosen
+        )
+        missing = host and host not in hosts and host != "All providers"
+        note = (f"No published check of {md_text(host, 80)}; showing every provider. " if missing else "") + (
+            f"{len(rows)} provider check(s)."
+        )
+        return {
+            self.providers: pd.DataFrame(rows, columns=list(PROVIDER_HEADERS)),
+            self.providers_host: gr.Dropdown(choices=hosts, value=chosen),
+            self.providers_note: note,
         }
