@@ -24,178 +24,28 @@ KL = 0.5·ln(0.5/0.9) + 0.5·ln(0.5/0.1) = 0.5108 nats; top-1 agrees (a tie in F
 first token, as ``argmax`` does).
 
 Not here: reading weights or running blocks (``forward``), the linear algebra (``spectrum``),
-UI (``app.py``, ``cli.py``).
+UI (``app.py``, ``cli.py``), the tokenizer (``tokenizer``), the prompt texts (``prompts``).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lorafid.errors import LorafidError, MissingModelFileError
-from lorafid.weights.source import Source, open_source
+from lorafid.behaviour.prompts import PROMPT_SET, Prompt, builtin_prompts
+from lorafid.behaviour.tokenizer import encode_prompts, load_tokenizer
+from lorafid.errors import LorafidError
+from lorafid.weights.source import Source
 
 SCHEMA = "lorafid.behaviour/1"
 SERVING_MODES: tuple[str, ...] = ("lora-only", "keep-extras", "both")
-PROMPT_SET = "builtin-v1"  # the built-in set's version: change it whenever its texts change
-MAX_PROMPTS = 1000
-MAX_PROMPT_FILE_BYTES = 8 * 2**20
-
-TOKENIZER_FILE = "tokenizer.json"
-# Small text files a fast tokenizer reads besides tokenizer.json; nothing executable, no pickles.
-TOKENIZER_SIDE_FILES: tuple[str, ...] = (
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-MAX_TOKENIZER_BYTES = 64 * 2**20  # the largest tokenizer.json on the Hub (Gemma 3) is ~33 MB
-
-
-def load_tokenizer(
-    spec: str,
-    *,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    endpoint: str | None = None,
-    allow_local: bool = True,
-) -> Any:
-    """The fast tokenizer of a Hub repo or local directory, from its ``tokenizer.json`` fetched whole.
-
-    Only ``tokenizer.json`` and the small text files beside it (``TOKENIZER_SIDE_FILES``) are
-    read, at the same pinned commit as the weights; SentencePiece ``tokenizer.model`` files
-    and anything pickled are never loaded, and no code from the repo runs.
-
-    Returns:
-        A ``transformers.PreTrainedTokenizerFast`` (its chat template included, if any).
-
-    Raises:
-        MissingModelFileError: the repo has no ``tokenizer.json``.
-        The sources' errors: RepoNotFoundError, GatedRepoError, InvalidSourceError, ...
-    """
-    from lorafid.behaviour.forward import require_transformers
-
-    require_transformers()
-    from transformers import PreTrainedTokenizerFast
-
-    with open_source(spec, revision=revision, token=token, endpoint=endpoint, allow_local=allow_local) as source:
-        files = {TOKENIZER_FILE: source.read_small_file(TOKENIZER_FILE, MAX_TOKENIZER_BYTES)}
-        if files[TOKENIZER_FILE] is None:
-            raise MissingModelFileError(
-                f"{source.describe()} has no {TOKENIZER_FILE}; the behaviour check tokenizes with the fine-tune's "
-                "fast tokenizer (tokenizer.json) and never loads SentencePiece or pickled tokenizers. Use a "
-                "revision that has it, or save one with transformers' AutoTokenizer(...).save_pretrained."
-            )
-        files.update({name: source.read_small_file(name, MAX_TOKENIZER_BYTES) for name in TOKENIZER_SIDE_FILES})
-    with tempfile.TemporaryDirectory(prefix="lorafid-tokenizer-") as folder:
-        for name, content in files.items():
-            if content is not None:
-                (Path(folder) / name).write_bytes(content)
-        return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
-
-
-# -- prompts -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One text to score."""
-
-    id: str  # "chat-00", or "line-3" for a user's file
-    text: str
-    category: str = ""  # chat, roleplay, instruction, code, arithmetic, language
-    language: str = ""  # en, fr, de, es
-
-
-def builtin_prompts() -> list[Prompt]:
-    """The built-in set (``PROMPT_SET``): 36 short texts written for lorafid, in six kinds and four languages."""
-    raw = resources.files("lorafid.behaviour").joinpath("prompts/builtin.jsonl").read_text(encoding="utf-8")
-    return [Prompt(**json.loads(line)) for line in raw.splitlines() if line.strip()]
-
-
-def read_prompts(path: str | Path) -> list[Prompt]:
-    """A user's prompt file: JSONL with a ``text`` field per line, or plain text, one prompt per line.
-
-    A file whose every non-empty line is a JSON object is read as JSONL; otherwise each non-empty
-    line is a prompt (write "\\n" inside JSONL strings for multi-line prompts).
-
-    Raises:
-        LorafidError: unreadable, empty, too large, or JSONL lines without a string ``text``.
-    """
-    path = Path(path)
-    try:
-        if path.stat().st_size > MAX_PROMPT_FILE_BYTES:
-            raise LorafidError(f"{path} is larger than {MAX_PROMPT_FILE_BYTES // 2**20} MB; keep prompt files short.")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise LorafidError(f"Cannot read the prompt file {path}: {e}. Give a UTF-8 text or JSONL file.") from e
-    if not lines:
-        raise LorafidError(f"The prompt file {path} has no prompts: write one text per line, or JSONL with 'text'.")
-    if len(lines) > MAX_PROMPTS:
-        raise LorafidError(f"The prompt file {path} has {len(lines)} prompts; at most {MAX_PROMPTS} are scored.")
-    records = [_json_object(line) for line in lines]
-    if all(r is not None for r in records):
-        prompts = []
-        for number, record in enumerate(records, 1):
-            assert record is not None
-            text = record.get("text")
-            if not isinstance(text, str) or not text.strip():
-                raise LorafidError(f"{path}, line {number}: a JSONL prompt needs a non-empty string field 'text'.")
-            prompts.append(Prompt(str(record.get("id", f"line-{number}")), text, str(record.get("category", ""))))
-        return prompts
-    return [Prompt(f"line-{number}", line) for number, line in enumerate(lines, 1)]
-
-
-def _json_object(line: str) -> dict[str, Any] | None:
-    if not line.lstrip().startswith("{"):
-        return None
-    try:
-        value = json.loads(line)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], *, chat: bool, max_tokens: int) -> list[list[int]]:
-    """Token ids of each prompt: plain (with the tokenizer's own special tokens), or as one user
-    turn through the fine-tune's chat template with the assistant's turn opened. Longer texts
-    are cut to ``max_tokens``.
-
-    Raises:
-        LorafidError: ``chat`` asked of a tokenizer without a chat template; a text with no tokens.
-    """
-    if chat and not getattr(tokenizer, "chat_template", None):
-        raise LorafidError(
-            "The fine-tune's tokenizer has no chat template; run without --chat-template (plain text) "
-            "or use a repo whose tokenizer_config.json or chat_template.jinja defines one."
-        )
-    out = []
-    for prompt in prompts:
-        if chat:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt.text}], tokenize=False, add_generation_prompt=True
-            )
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(prompt.text)["input_ids"]
-        if not ids:
-            raise LorafidError(f"Prompt {prompt.id} has no tokens with this tokenizer.")
-        out.append(list(ids[:max_tokens]))
-    return out
-
-
 # -- metrics -------------------------------------------------------------------------------
 
 

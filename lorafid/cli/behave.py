@@ -51,7 +51,8 @@ def add_behave(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run_behave(args: argparse.Namespace) -> int:
     """Exit 0 with a complete check; 130 on Ctrl-C (the prompts already scored are written to --out)."""
-    from lorafid.behaviour.check import BehaviourCheck, BehaviourConfig, describe, read_prompts
+    from lorafid.behaviour.check import BehaviourCheck, BehaviourConfig, describe
+    from lorafid.behaviour.prompts import read_prompts
 
     check_writable(args.out)
     config = BehaviourConfig(

@@ -682,7 +682,7 @@ def probe_prompts(path: Path | None) -> tuple[list[str], dict[str, Any]]:
     file (``behaviour.read_prompts``: one text per line, or JSON Lines with ``text``) is
     versioned by the first 12 hex digits of its SHA-256, so a report names exactly what was sent.
     """
-    from lorafid.behaviour.check import PROMPT_SET, builtin_prompts, read_prompts
+    from lorafid.behaviour.prompts import PROMPT_SET, builtin_prompts, read_prompts
 
     if path is None:
         return [p.text for p in builtin_prompts()], {"name": "builtin", "version": PROMPT_SET}
@@ -774,7 +774,7 @@ class Probe:
     def plan(self) -> ProbePlan:
         """Resolve both repos, load the fine-tune's tokenizer, count requests and tokens."""
         if self._plan is None:
-            from lorafid.behaviour.check import load_tokenizer
+            from lorafid.behaviour.tokenizer import load_tokenizer
 
             c = self.config
             self._sources = (self._resolve(self.base), self._resolve(self.finetune))

@@ -22,16 +22,13 @@ from lorafid.behaviour.check import (
     SCHEMA,
     BehaviourCheck,
     BehaviourConfig,
-    Prompt,
     Summary,
     behave,
-    builtin_prompts,
-    encode_prompts,
     first_divergence,
-    load_tokenizer,
-    read_prompts,
     score_tokens,
 )
+from lorafid.behaviour.prompts import Prompt, builtin_prompts, read_prompts
+from lorafid.behaviour.tokenizer import encode_prompts, load_tokenizer
 from lorafid.errors import LorafidError, MissingModelFileError
 from tests.behaviour.test_forward import reference_weights, whole_model_logprobs
 from tests.llama_models import model_family, publish, with_files, write_model
