@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -33,10 +33,23 @@ from lorafid.audit.matrices import MatrixResult, VectorResult
 from lorafid.audit.pairing import MatrixPair, PairingPlan, SkippedTensor, plan_pairs
 from lorafid.audit.report import AuditSettings, Report, SourceRecord, Timings
 from lorafid.audit.store import Store, audit_key
+from lorafid.compute import ComputeHook, kernel_device
 from lorafid.errors import EmptySelectionError, LimitExceededError, LorafidError, NoCommonTensorsError
 from lorafid.weights.safetensors_format import TensorInfo, header_cap
 from lorafid.weights.source import Source, open_source
 from lorafid.weights.tensors import read_tensor, tensor_indexes
+
+T = TypeVar("T")
+MatrixMath = Callable[[MatrixPair, torch.Tensor, torch.Tensor, ComputeHook], sp.DeltaSpectrum]
+"""``(pair, base, finetune, run) -> spectrum``: a job's own per-matrix math (``AuditConfig.matrix_math``)."""
+
+
+def spectrum_kernel(
+    base: torch.Tensor, finetune: torch.Tensor, device: str | torch.device | None = None
+) -> sp.DeltaSpectrum:
+    """The audit's kernel (``lorafid.compute``): one matrix's spectrum, CPU tensors in, plain numbers out."""
+    target = kernel_device(device)
+    return sp.delta_spectrum(base.to(target, non_blocking=True), finetune.to(target, non_blocking=True))
 
 
 @dataclass(frozen=True)
@@ -61,16 +74,15 @@ class AuditConfig:
     max_tensor_bytes: int | None = None  # refuse pairs with a tensor larger than this (peak memory ~7x)
     max_tensors: int | None = None  # refuse models whose headers list more tensors than this
     store: Store | None = field(default=None, repr=False)  # None = Store() under LORAFID_HOME
-    # Replaces the per-matrix math: gets the two CPU tensors, returns plain numbers. On a
-    # ZeroGPU Space this is the one function decorated with @spaces.GPU, so the GPU is held
-    # only while a spectrum is computed, never while bytes stream in.
-    compute: Callable[[torch.Tensor, torch.Tensor], sp.DeltaSpectrum] | None = field(default=None, repr=False)
-    # Like ``compute``, but also told which matrix the tensors are (the adapter extraction writes
-    # that matrix's factors here, and the adapter audit compares it with the adapter's). It runs
-    # before the matrix is stored, so whatever it writes exists for every stored matrix.
-    compute_pair: Callable[[MatrixPair, torch.Tensor, torch.Tensor], sp.DeltaSpectrum] | None = field(
-        default=None, repr=False
-    )
+    # Where each matrix's math runs (``lorafid.compute``): None runs it here, on ``device``. A
+    # ZeroGPU Space passes ``zero_gpu_hook()``: the GPU is held only while a kernel runs (CPU
+    # tensors in, plain numbers out), never while bytes stream in.
+    compute: ComputeHook | None = field(default=None, repr=False)
+    # Replaces the per-matrix math (the extraction writes that matrix's factors, the adapter
+    # audit compares the adapter's): called with the pair, both CPU tensors and ``run``, which
+    # runs a kernel through ``compute`` (or here). It runs before the matrix is stored, so
+    # whatever it writes exists for every stored matrix.
+    matrix_math: MatrixMath | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -244,8 +256,11 @@ class Audit:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _spectrum_on_device(self, base: torch.Tensor, finetune: torch.Tensor) -> sp.DeltaSpectrum:
-        return sp.delta_spectrum(base.to(self.device, non_blocking=True), finetune.to(self.device, non_blocking=True))
+    def run_kernel(self, kernel: Callable[..., T], /, *args: Any) -> T:
+        """Run a kernel through the configured hook, or here on this audit's device."""
+        if self.config.compute is not None:
+            return self.config.compute(kernel, *args)
+        return kernel(*args, device=self.device)
 
     def _compute(self, pair: MatrixPair, base: torch.Tensor, finetune: torch.Tensor) -> MatrixResult | None:
         started = time.perf_counter()
@@ -254,10 +269,10 @@ class Audit:
                 self._vectors[pair.name] = _vector_result(pair, base, finetune)
                 self.store.put_vector(self._key, self._vectors[pair.name])
                 return None
-            if self.config.compute_pair is not None:
-                spectrum = self.config.compute_pair(pair, base, finetune)
+            if self.config.matrix_math is not None:
+                spectrum = self.config.matrix_math(pair, base, finetune, self.run_kernel)
             else:
-                spectrum = (self.config.compute or self._spectrum_on_device)(base, finetune)
+                spectrum = self.run_kernel(spectrum_kernel, base, finetune)
         except sp.NonFiniteWeightsError:
             self._flagged.append(
                 SkippedTensor(

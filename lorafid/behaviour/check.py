@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +41,7 @@ import torch
 
 from lorafid.behaviour.prompts import PROMPT_SET, Prompt, builtin_prompts
 from lorafid.behaviour.tokenizer import encode_prompts, load_tokenizer
+from lorafid.compute import ComputeHook
 from lorafid.errors import LorafidError
 from lorafid.weights.source import Source
 
@@ -126,8 +127,7 @@ class BehaviourConfig:
     endpoint: str | None = None
     allow_local: bool = True
     max_model_bytes: int | None = None
-    compute: Callable[[Callable[[], None]], None] | None = field(default=None, repr=False)  # see ForwardConfig
-    block_compute: Callable[..., Any] | None = field(default=None, repr=False)  # see ForwardConfig (ZeroGPU)
+    compute: ComputeHook | None = field(default=None, repr=False)  # where blocks run: see ForwardConfig.compute
 
     def variants(self) -> list[Any]:
         """F first, then the base, then the served variants by rank (lora-only before keep-extras)."""
@@ -182,7 +182,6 @@ class BehaviourCheck:
             dtype=cfg.dtype,
             max_model_bytes=cfg.max_model_bytes,
             compute=cfg.compute,
-            block_compute=cfg.block_compute,
         )
         self.prompts = list(cfg.prompts) if cfg.prompts is not None else builtin_prompts()
         if not self.prompts:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from lorafid import __version__
+from lorafid.compute import ComputeHook
 from lorafid.errors import ChannelUnsupportedError, LimitExceededError, LorafidError, ProviderError, TokenMismatchError
 from lorafid.providers.evidence import (
     BASE,
@@ -727,8 +728,8 @@ class ProbeConfig:
     allow_local: bool = True
     device: str = "auto"
     max_model_bytes: int | None = None  # refuse pairs whose weights (both models) exceed this
-    # Wraps each block's compute of the local forward (a ZeroGPU Space's @spaces.GPU function).
-    compute: Callable[[Callable[[], None]], None] | None = field(default=None, compare=False, repr=False)
+    # Where the local forward's blocks run (``lorafid.compute``; a ZeroGPU Space's hook).
+    compute: ComputeHook | None = field(default=None, compare=False, repr=False)
     transport: Any = field(default=None, compare=False, repr=False)  # replaces HTTP (tests)
 
 

@@ -358,42 +358,29 @@ def test_without_transformers_the_check_says_which_extra_to_install(
     assert "pip install lorafid[behaviour]" in capsys.readouterr().err
 
 
-def test_zero_gpu_block_compute_gives_the_same_check(
+def test_a_compute_hook_gives_the_same_check(
     dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """BehaviourConfig.block_compute reaches the forward: each block call's arguments and results
-    pickled (as a ZeroGPU worker gets them) give the metrics of the in-process check; the
-    dashboard passes the ZeroGPU-decorated block to its checks."""
+    """BehaviourConfig.compute reaches the forward: each block kernel's arguments and results
+    pickled (as a ZeroGPU worker gets them) give the metrics of the in-process check."""
     import pickle
-    import sys
-    import types
 
     from lorafid.behaviour.forward import block_on_device
 
     calls: list[int] = []
 
-    def across_processes(*args: Any) -> Any:
+    def across_processes(kernel: Any, *args: Any) -> Any:
+        assert kernel is block_on_device
         calls.append(args[1])
-        return pickle.loads(pickle.dumps(block_on_device(*pickle.loads(pickle.dumps(args)))))
+        return pickle.loads(pickle.dumps(kernel(*pickle.loads(pickle.dumps(args)))))
 
     config = BehaviourConfig(ranks=(4, 8), serving="lora-only", prompts=PROMPTS[:2], continuation_tokens=0)
     local = behave(str(dirs["base"]), str(dirs["lora"]), config)["variants"]
     remote_config = BehaviourConfig(
-        ranks=(4, 8), serving="lora-only", prompts=PROMPTS[:2], continuation_tokens=0, block_compute=across_processes
+        ranks=(4, 8), serving="lora-only", prompts=PROMPTS[:2], continuation_tokens=0, compute=across_processes
     )
     remote = behave(str(dirs["base"]), str(dirs["lora"]), remote_config)["variants"]
     assert len(calls) == 2 * 4  # 2 blocks × (fine-tune, base, rank-4, rank-8)
     for name, metrics in local.items():
         for key in ("kl_mean", "kl_max", "top1_agreement", "loglik_delta"):
             assert remote[name][key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), (name, key)
-
-    from lorafid.web import app
-    from lorafid.web.config import AppConfig
-
-    fake = types.ModuleType("spaces")
-    fake.GPU = lambda duration: lambda function: ("decorated", function, duration)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "spaces", fake)
-    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
-    monkeypatch.setenv("LORAFID_HOME", str(tmp_path))
-    dashboard = app.Dashboard(AppConfig(store_home=tmp_path, examples_dir=tmp_path, device="cpu"))
-    assert dashboard.block_compute == ("decorated", block_on_device, 60)

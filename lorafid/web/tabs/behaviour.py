@@ -7,7 +7,7 @@ energy kept when that pair's audit is stored. Measures nothing itself.
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import gradio as gr
 import pandas as pd
 
 from lorafid.audit.store import Store
+from lorafid.compute import ComputeHook
 from lorafid.errors import LorafidError
 from lorafid.names import parse_ranks
 from lorafid.web.config import MAX_RANK, AppConfig
@@ -38,7 +39,7 @@ BEHAVIOUR_GENERATE_BYTES = 4 * 2**30  # side-by-side continuations only when the
 class BehaviourTab:
     """The behaviour tab of the Dashboard.
 
-    Uses the Dashboard's ``config``, ``store``, ``downloads``, ``block_compute``, ``visitors``
+    Uses the Dashboard's ``config``, ``store``, ``downloads``, ``compute``, ``visitors``
     (one slot per running check) and ``behind_proxy``, and the weight audit's ``base`` and
     ``finetune`` fields (``AuditTab``), which it follows.
     """
@@ -46,7 +47,7 @@ class BehaviourTab:
     config: AppConfig
     store: Store
     downloads: Path
-    block_compute: Callable[..., Any] | None
+    compute: ComputeHook | None
     visitors: VisitorSlots
     behind_proxy: bool
     base: gr.Textbox
@@ -125,7 +126,7 @@ class BehaviourTab:
             continuation_tokens=16,
             max_generate_bytes=BEHAVIOUR_GENERATE_BYTES,
             device=self.config.device,
-            block_compute=self.block_compute,
+            compute=self.compute,
             token=None if self.config.allow_local or self.config.server_token else False,
             endpoint=self.config.endpoint,
             allow_local=self.config.allow_local,

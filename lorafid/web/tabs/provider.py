@@ -14,6 +14,7 @@ import gradio as gr
 import pandas as pd
 
 from lorafid.audit.store import Store
+from lorafid.compute import ComputeHook
 from lorafid.errors import LorafidError
 from lorafid.names import parse_ranks
 from lorafid.providers.netguard import ProbeServerSettings, VisitorBudget
@@ -60,6 +61,7 @@ class ProviderTab:
     probe_budget: VisitorBudget
     visitors: VisitorSlots
     tabs: gr.Tabs
+    compute: ComputeHook | None
     _publish_probe: Callable[[dict[str, Any]], str]  # ResultsTab's
 
     def _provider_check_tab(self, demo: gr.Blocks) -> None:
@@ -176,6 +178,7 @@ class ProviderTab:
             allow_local=self.config.allow_local,
             device=self.config.device,
             max_model_bytes=self.config.max_model_bytes,
+            compute=self.compute,  # the local candidates' blocks on ZeroGPU's GPU, as the other checks
             channel=None if channel in (None, "auto") else channel,
             max_requests=int(budget) if budget is not None else None,
             quantized=schemes,
