@@ -35,6 +35,7 @@ from lorafid.audit.report import AuditSettings, Report, SourceRecord, Timings
 from lorafid.audit.store import Store, audit_key
 from lorafid.compute import ComputeHook, kernel_device
 from lorafid.errors import EmptySelectionError, LimitExceededError, LorafidError, NoCommonTensorsError
+from lorafid.progress import Progress
 from lorafid.weights.safetensors_format import TensorInfo, header_cap
 from lorafid.weights.source import Source, open_source
 from lorafid.weights.tensors import read_tensor, tensor_indexes
@@ -86,16 +87,29 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
-class AuditProgress:
-    """One step of a running audit, for progress bars and live charts."""
+class AuditProgress(Progress):
+    """One matrix of a running audit done (``lorafid.progress``), for progress bars and live
+    charts: ``stage`` "matrices", ``done`` of ``total`` matrices (stored ones included)."""
 
-    done: int  # matrices finished (stored ones included)
-    total: int
-    bytes_done: int  # bytes of planned tensors consumed so far (fetched or from the store)
-    bytes_total: int
-    elapsed_s: float
-    latest: MatrixResult | None  # the matrix just finished; None for a flagged or 1-D one
+    bytes_done: int = 0  # bytes of planned tensors consumed so far (fetched or from the store)
+    bytes_total: int = 0
+    latest: MatrixResult | None = None  # the matrix just finished; None for a flagged or 1-D one
     from_store: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        done: int,
+        total: int,
+        bytes_done: int,
+        bytes_total: int,
+        elapsed_s: float,
+        latest: MatrixResult | None,
+        from_store: bool = False,
+    ) -> AuditProgress:
+        """A step, its ``message`` in words ("12/48 matrices, 1.2 of 3.4 GB")."""
+        message = f"{done}/{total} matrices, {bytes_done / 1e9:.2f} of {bytes_total / 1e9:.2f} GB"
+        return cls("matrices", done, total, elapsed_s, message, bytes_done, bytes_total, latest, from_store)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -215,7 +229,9 @@ class Audit:
         bytes_done += sum(p.size_bytes for p in plan.vectors if p.name in self._vectors)
         for pair in plan.matrices:
             if pair.name in self._done:
-                yield AuditProgress(len(self._done), total, bytes_done, bytes_total, 0.0, self._done[pair.name], True)
+                yield AuditProgress.of(
+                    len(self._done), total, bytes_done, bytes_total, 0.0, self._done[pair.name], True
+                )
         todo = [p for p in (*plan.vectors, *plan.matrices) if p.name not in self._done and p.name not in self._vectors]
         try:
             for pair, base, finetune in self._prefetched(todo):
@@ -224,7 +240,7 @@ class Audit:
                 bytes_done += pair.size_bytes
                 if len(pair.shape) == 2:
                     elapsed = time.perf_counter() - self._started
-                    yield AuditProgress(len(self._done), total, bytes_done, bytes_total, elapsed, latest)
+                    yield AuditProgress.of(len(self._done), total, bytes_done, bytes_total, elapsed, latest)
         finally:
             self.store.save_report(self._key, self.report())
 

@@ -59,6 +59,7 @@ from lorafid.errors import (
     UnsupportedArchitectureError,
     VocabularyMismatchError,
 )
+from lorafid.progress import Progress
 from lorafid.weights.safetensors_format import TensorInfo
 from lorafid.weights.source import Source, open_source
 from lorafid.weights.tensors import read_tensor, tensor_indexes
@@ -112,13 +113,11 @@ BASE = Variant("base", "base")
 
 
 @dataclass(frozen=True)
-class ForwardProgress:
-    """One stage of a streamed forward done, for progress bars."""
+class ForwardProgress(Progress):
+    """One stage of a streamed forward done (``lorafid.progress``): ``stage`` "reading", ``done``
+    of ``total`` stages (1 = embeddings, 2..N+1 = blocks, N+2 = head)."""
 
-    stage: int  # 1 = embeddings, 2..N+1 = blocks, N+2 = head
-    stages: int
-    bytes_read: int  # weight bytes read so far, both models
-    elapsed_s: float
+    bytes_read: int = 0  # weight bytes read so far, both models
 
 
 @dataclass(frozen=True)
@@ -393,7 +392,9 @@ class LayerStream:
 
     def _report(self, stage: int, stages: int, started: float) -> ForwardProgress:
         self.stats.elapsed_s = time.perf_counter() - started
-        return ForwardProgress(stage, stages, self.stats.bytes_read, self.stats.elapsed_s)
+        read = self.stats.bytes_read
+        message = f"stage {stage}/{stages}: {read / 1e6:.1f} MB read"
+        return ForwardProgress("reading", stage, stages, self.stats.elapsed_s, message, read)
 
     def _hold(self, purpose: str, tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> None:
         """Record that these tensors are materialised now (for ``stats.peak_weight_bytes``)."""

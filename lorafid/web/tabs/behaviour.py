@@ -15,8 +15,9 @@ import gradio as gr
 import pandas as pd
 
 from lorafid.audit.store import Store
+from lorafid.behaviour.report import BehaviourReport
 from lorafid.compute import ComputeHook
-from lorafid.errors import LorafidError
+from lorafid.errors import LorafidError, ReportFormatError
 from lorafid.names import parse_ranks
 from lorafid.web.config import MAX_RANK, AppConfig
 from lorafid.web.downloads import write_download
@@ -143,11 +144,12 @@ class BehaviourTab:
                 if time.monotonic() - shown > TEXT_INTERVAL_S or step.stage == "done":
                     shown = time.monotonic()
                     yield {self.behave_status: md_text(f"{step.stage}: {step.done}/{step.total}. {step.message}")}
-            document = check.report()
+            report = check.report()
+        document = report.to_dict()
         key = self.store.put_document("behaviour", document)
         path = write_download(self.downloads, f"lorafid-behaviour-{key}.json", json.dumps(document, indent=1) + "\n")
         link = page_url(request.headers, str(request.url)) + f"?behaviour={key}"
-        yield self._behaviour_view(document) | {
+        yield self._behaviour_view(report) | {
             self.behave_file: str(path),
             self.behave_link: f"[Permalink]({link})",
         }
@@ -160,15 +162,21 @@ class BehaviourTab:
         document = self.store.load_document("behaviour", key)
         if document is None:
             return {self.behave_status: "That behaviour check is not stored on this server."}
-        return self._behaviour_view(document) | {
+        try:
+            report = BehaviourReport.from_dict(document)  # the one boundary for stored documents
+        except ReportFormatError as e:
+            return {self.behave_status: md_text(str(e), MAX_MESSAGE_CHARS)}
+        return self._behaviour_view(report) | {
             self.tabs: gr.Tabs(selected="behaviour"),  # a behaviour link opens on its own tab
-            self.behave_base: str((document.get("base") or {}).get("spec") or ""),
-            self.behave_finetune: str((document.get("finetune") or {}).get("spec") or ""),
+            self.behave_base: str(report.base.get("spec") or ""),
+            self.behave_finetune: str(report.finetune.get("spec") or ""),
         }
 
-    def _behaviour_view(self, document: dict[str, Any]) -> dict[Any, Any]:
-        """Status line, chart and the three tables of a ``lorafid.behaviour/1`` document."""
+    def _behaviour_view(self, report: BehaviourReport) -> dict[Any, Any]:
+        """Status line, chart and the three tables of a behaviour check."""
         from lorafid.behaviour.check import describe
+
+        document = report.to_dict()  # the tables and chart read the JSON layout, as downloaded
 
         variants = document.get("variants") or {}
         table = pd.DataFrame(
@@ -200,7 +208,7 @@ class BehaviourTab:
             ],
             columns=["prompt", "fine-tune", *names],
         )
-        summary = describe(document).splitlines()
+        summary = describe(report).splitlines()
         status = summary[0] + ("  \n" + summary[-1] if len(summary) > 2 and "share" in summary[-1] else "")
         return {
             self.behave_status: md_text(status, MAX_MESSAGE_CHARS),
