@@ -122,3 +122,11 @@ class MissingModelFileError(LorafidError):
 
 class VocabularyMismatchError(LorafidError):
     """Base and fine-tune have different vocabularies, so their next-token distributions cannot be compared."""
+
+
+class ChatTemplateError(LorafidError):
+    """A repo's chat template is too long, runs too long or too large, or fails: it is not rendered."""
+
+
+class TokenizerError(LorafidError):
+    """A repo's tokenizer is too large to load on this server, or fails inside its own code (a Rust panic)."""
