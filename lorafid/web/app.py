@@ -17,7 +17,9 @@ browser keeps no run history (it would hold the token). Other switches: ``LORAFI
 Face" appears only where OAuth is configured (``OAUTH_CLIENT_ID``, set by ``hf_oauth``).
 The Provider check tab (``lorafid.providers.probe``) calls only https endpoints on public addresses and
 reads only public repos unless ``LORAFID_PROBE_ANY_ENDPOINT=1`` (a private deployment); each
-visitor may make it send ``LORAFID_PROBE_REQUESTS_PER_HOUR`` requests an hour (default 300).
+visitor may make it send ``LORAFID_PROBE_REQUESTS_PER_HOUR`` requests an hour (default 300), all
+visitors together ``LORAFID_PROBE_SERVER_REQUESTS_PER_HOUR`` (default 3,000). The app takes no
+uploads (``lorafid.web.uploads``).
 
 ZeroGPU: on such a Space only the per-matrix spectrum is decorated with ``@spaces.GPU``
 (``lorafid.web.zerogpu.zero_gpu_compute``, passed as ``AuditConfig.compute``): it gets CPU tensors and
