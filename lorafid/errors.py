@@ -126,3 +126,11 @@ class VocabularyMismatchError(LorafidError):
 
 class ReportFormatError(LorafidError):
     """A stored, downloaded or published document is not the lorafid document it claims to be."""
+
+
+class ChatTemplateError(LorafidError):
+    """A repo's chat template is too long, runs too long or too large, or fails: it is not rendered."""
+
+
+class TokenizerError(LorafidError):
+    """A repo's tokenizer is too large to load on this server, or fails inside its own code (a Rust panic)."""

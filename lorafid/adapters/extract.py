@@ -196,12 +196,14 @@ class Extraction:
         extra = self._modules_to_save(report.finetune)
         target_modules = _target_modules([p for p, _ in pieces], self.plan())
         _write_adapter_weights(self.out / WEIGHTS_FILE, pieces, extra, self._read_finetune)
+        # Written files say where the models came from, never a path of this machine.
+        report = replace(report, base=portable(report.base), finetune=portable(report.finetune))
         adapter_config = self._adapter_config(report.base, target_modules)
         (self.out / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2) + "\n")
         notes = tuple(vllm_warnings(self.config.rank, self.config.modules_to_save))
         section = build_section(
             kind="extracted",
-            source={"spec": str(self.out), "kind": "local", "path": None},
+            source={"spec": self.out.name, "kind": "local", "path": None},
             settings=adapter_config,
             report=report,
             fitted=fitted,
@@ -300,7 +302,7 @@ class Extraction:
             "alpha_pattern": {},
             "init_lora_weights": True,
             "inference_mode": True,
-            "base_model_name_or_path": base.repo_id or base.path,
+            "base_model_name_or_path": base.repo_id or base.spec,  # a local base: its folder's name (``portable``)
             "revision": base.resolved_sha,
         }
 
@@ -319,6 +321,14 @@ def extraction_kernel(
     lora_b, lora_a = lora_b.to(dtype), lora_a.to(dtype)
     fit = adapter_fit(decomposition.delta, lora_b, lora_a, 1.0)
     return spectrum, (lora_b.cpu(), lora_a.cpu(), fit)
+
+
+def portable(record: SourceRecord) -> SourceRecord:
+    """A source record fit for files that leave this machine: a local source keeps its folder's
+    or file's name only (no absolute path); a Hub record is unchanged."""
+    if record.kind == "hub":
+        return record
+    return replace(record, spec=Path(record.path or record.spec).name, path=None)
 
 
 def _pad(lora_b: torch.Tensor, lora_a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,13 +495,25 @@ def push_to_hub(
 ) -> str:
     """Upload the adapter folder to a Hub model repo (created if missing); returns the commit URL.
 
-    The token is used for these requests only, never written anywhere.
+    ``private``: create the repo private, and refuse to upload into an existing public one (an
+    adapter of a gated or private fine-tune carries its weights' change). The token is used for
+    these requests only, never written anywhere.
     """
     from huggingface_hub import HfApi
     from huggingface_hub import errors as hf_errors
 
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
     try:
+        if private:
+            try:
+                public = not api.model_info(repo_id).private
+            except hf_errors.RepositoryNotFoundError:
+                public = False  # created private below
+            if public:
+                raise LorafidError(
+                    f"{repo_id} exists and is public; this adapter is to be private. Push to a new repo name, make "
+                    f"{repo_id} private first, or pass --public."
+                )
         api.create_repo(repo_id, exist_ok=True, private=private)
         commit = api.upload_folder(
             folder_path=str(out),

@@ -192,6 +192,9 @@ class ProbeConfig:
     allow_local: bool = True
     device: str = "auto"
     max_model_bytes: int | None = None  # refuse pairs whose weights (both models) exceed this
+    max_tensor_bytes: int | None = None  # a server's limits, checked from the headers in plan()
+    max_tensors: int | None = None
+    deadline: float | None = None  # time.monotonic() after which the local forward stops
     # Where the local forward's blocks run (``lorafid.compute``; a ZeroGPU Space's hook).
     compute: ComputeHook | None = field(default=None, compare=False, repr=False)
     transport: Any = field(default=None, compare=False, repr=False)  # replaces HTTP (tests)
@@ -241,10 +244,12 @@ class Probe:
     def plan(self) -> ProbePlan:
         """Resolve both repos, load the fine-tune's tokenizer, count requests and tokens."""
         if self._plan is None:
+            from lorafid.behaviour.forward import check_models
             from lorafid.behaviour.tokenizer import load_tokenizer
 
             c = self.config
             self._sources = (self._resolve(self.base), self._resolve(self.finetune))
+            check_models(self.base, self.finetune, self._forward_config())  # limits, before the tokenizer
             self._tokenizer = load_tokenizer(
                 self.finetune,
                 revision=self._sources[1].resolved_sha,
@@ -585,19 +590,16 @@ class Probe:
         }
 
     def _encode(self, text: str) -> list[int]:
-        return list(self._tokenizer(text)["input_ids"])
+        from lorafid.behaviour.tokenizer import encode_text
+
+        return encode_text(self._tokenizer, text)  # a Rust panic in the tokenizer: a clear error
 
     def _chat_context(self) -> Callable[[str], list[int]] | None:
+        from lorafid.behaviour.tokenizer import ChatEncoder
+
         if not getattr(self._tokenizer, "chat_template", None):
             return None
-
-        def context(text: str) -> list[int]:
-            encoded = self._tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-            )
-            return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-
-        return context
+        return ChatEncoder(self._tokenizer, self.texts)  # rendered once, under time and size limits
 
     def _forward_config(self) -> Any:
         from lorafid.behaviour.forward import ForwardConfig
@@ -611,5 +613,8 @@ class Probe:
             finetune_revision=self._sources[1].resolved_sha,
             allow_local=self.config.allow_local,
             max_model_bytes=self.config.max_model_bytes,
+            max_tensor_bytes=self.config.max_tensor_bytes,
+            max_tensors=self.config.max_tensors,
+            deadline=self.config.deadline,
             compute=self.config.compute,
         )

@@ -17,7 +17,9 @@ browser keeps no run history (it would hold the token). Other switches: ``LORAFI
 Face" appears only where OAuth is configured (``OAUTH_CLIENT_ID``, set by ``hf_oauth``).
 The Provider check tab (``lorafid.providers.probe``) calls only https endpoints on public addresses and
 reads only public repos unless ``LORAFID_PROBE_ANY_ENDPOINT=1`` (a private deployment); each
-visitor may make it send ``LORAFID_PROBE_REQUESTS_PER_HOUR`` requests an hour (default 300).
+visitor may make it send ``LORAFID_PROBE_REQUESTS_PER_HOUR`` requests an hour (default 300), all
+visitors together ``LORAFID_PROBE_SERVER_REQUESTS_PER_HOUR`` (default 3,000). The app takes no
+uploads (``lorafid.web.uploads``).
 
 ZeroGPU: on such a Space one function is decorated with ``@spaces.GPU``, the compute hook
 (``lorafid.compute.zero_gpu_hook``), and every check gets it as its ``compute``: a matrix's
@@ -30,20 +32,22 @@ import os
 from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from lorafid.audit.store import Store
 from lorafid.compute import zero_gpu_hook
 from lorafid.errors import LorafidError
-from lorafid.providers.netguard import ProbeServerSettings, VisitorBudget
+from lorafid.providers.netguard import ProbeServerSettings
 from lorafid.web.config import AppConfig
 from lorafid.web.downloads import download_dir
 from lorafid.web.gallery import Catalog, ReportCache
-from lorafid.web.limits import VisitorSlots
+from lorafid.web.limits import VisitorRate, VisitorSlots
 from lorafid.web.tabs.adapter import AdapterTab
 from lorafid.web.tabs.audit import AuditTab, provider_choice
 from lorafid.web.tabs.behaviour import BehaviourTab
 from lorafid.web.tabs.provider import ProviderTab
 from lorafid.web.tabs.results import ResultsTab
+from lorafid.web.uploads import RefuseUploads
 
 SCROLL_TO_RESULTS_JS = "() => document.querySelector('#heatmap')?.scrollIntoView({block: 'start'})"
 SCROLL_TO_PROGRESS_JS = "() => document.querySelector('#progress')?.scrollIntoView({block: 'start'})"
@@ -92,7 +96,8 @@ class Dashboard(AuditTab, AdapterTab, BehaviourTab, ProviderTab, ResultsTab):
         self.visitors = VisitorSlots(config.max_audits_per_visitor)
         self.behind_proxy = bool(os.environ.get("SPACE_ID"))  # a Space: its proxy appends x-forwarded-for
         self.probe_settings = ProbeServerSettings.from_env(os.environ)
-        self.probe_budget = VisitorBudget(self.probe_settings.requests_per_hour)
+        self.probe_budget = self.probe_settings.budget()  # per visitor, and for the whole server
+        self.link_rate = VisitorRate()  # permalinks opened per visitor a minute (each asks the Hub)
 
     def build(self) -> gr.Blocks:
         # delete_cache: Gradio's served copies of downloads go after 15 minutes (checked every 5).
@@ -206,4 +211,5 @@ def launch_options() -> dict[str, Any]:
         "theme": gr.themes.Soft(),
         "css": CSS,
         "max_file_size": "1kb",  # the app takes no files: anonymous uploads are refused, not stored
+        "app_kwargs": {"middleware": [Middleware(RefuseUploads)]},  # ... and the upload route answers 403
     }

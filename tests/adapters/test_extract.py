@@ -251,6 +251,13 @@ def test_push_to_hub_uploads_the_folder(tmp_path: Path, monkeypatch: pytest.Monk
         def __init__(self, endpoint: str | None = None, token: str | None = None) -> None:
             calls.append(("init", {"endpoint": endpoint, "token": token}))
 
+        def model_info(self, repo_id: str) -> object:  # asked before a private push: the repo is new
+            import httpx
+            from huggingface_hub.errors import RepositoryNotFoundError
+
+            response = httpx.Response(404, request=httpx.Request("GET", f"http://hub/api/models/{repo_id}"))
+            raise RepositoryNotFoundError(f"{repo_id} not found", response=response)
+
         def create_repo(self, repo_id: str, **kwargs: object) -> None:
             calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
 

@@ -27,7 +27,7 @@ from lorafid.web import plots
 from lorafid.web.config import DEFAULT_RANK, MAX_RANK, AppConfig, audit_config
 from lorafid.web.downloads import write_report_json
 from lorafid.web.gallery import Catalog, GalleryEntry, ReportCache
-from lorafid.web.limits import VisitorSlots, release_memory, visitor_id
+from lorafid.web.limits import TOO_MANY_LINKS, VisitorRate, VisitorSlots, release_memory, visitor_id, visitor_of
 from lorafid.web.links import example_link, page_url, parse_link, parse_query, report_link, resolve_commit
 from lorafid.web.pacing import ProgressMeter, Throttle
 from lorafid.web.tabs.common import MAX_INPUT_CHARS, MAX_MESSAGE_CHARS, TEXT_INTERVAL_S, user_errors
@@ -93,6 +93,7 @@ class AuditTab:
     reports: ReportCache
     downloads: Path
     visitors: VisitorSlots
+    link_rate: VisitorRate  # permalinks opened per visitor (each asks the Hub)
     behind_proxy: bool
     compute: ComputeHook | None
     _token: Callable[[str, gr.OAuthToken | None], str | bool | None]  # the Dashboard's
@@ -378,6 +379,8 @@ class AuditTab:
             self.metric: metric,
             **self._rank_controls(MAX_RANK, wanted, picks=False),  # the slider's bounds until an audit is open
         }
+        if not self.link_rate.allow(visitor_of(request, self.behind_proxy)):
+            return out | {self.progress: TOO_MANY_LINKS}
         token = self._token("", oauth_token)  # their sign-in; no token at all on a public server
         revisions = (link.base_revision, link.finetune_revision)
         found = self.catalog.find_example(link.base, link.finetune, *revisions)

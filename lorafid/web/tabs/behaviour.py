@@ -19,9 +19,10 @@ from lorafid.behaviour.report import BehaviourReport
 from lorafid.compute import ComputeHook
 from lorafid.errors import LorafidError, ReportFormatError
 from lorafid.names import parse_ranks
-from lorafid.web.config import MAX_RANK, AppConfig
+from lorafid.web.config import MAX_RANK, AppConfig, check_deadline, check_token
 from lorafid.web.downloads import write_download
-from lorafid.web.limits import VisitorSlots, visitor_id
+from lorafid.web.gallery import Catalog
+from lorafid.web.limits import TOO_MANY_LINKS, VisitorRate, VisitorSlots, visitor_of
 from lorafid.web.links import page_url, stored_key
 from lorafid.web.tabs.common import MAX_INPUT_CHARS, MAX_MESSAGE_CHARS, TEXT_INTERVAL_S, user_errors
 from lorafid.web.text import md_text
@@ -40,16 +41,19 @@ BEHAVIOUR_GENERATE_BYTES = 4 * 2**30  # side-by-side continuations only when the
 class BehaviourTab:
     """The behaviour tab of the Dashboard.
 
-    Uses the Dashboard's ``config``, ``store``, ``downloads``, ``compute``, ``visitors``
-    (one slot per running check) and ``behind_proxy``, and the weight audit's ``base`` and
+    Uses the Dashboard's ``config``, ``store``, ``catalog`` (who may see a stored check),
+    ``downloads``, ``compute``, ``visitors`` (one slot per running check), ``link_rate``
+    (permalinks opened per visitor) and ``behind_proxy``, and the weight audit's ``base`` and
     ``finetune`` fields (``AuditTab``), which it follows.
     """
 
     config: AppConfig
     store: Store
+    catalog: Catalog
     downloads: Path
     compute: ComputeHook | None
     visitors: VisitorSlots
+    link_rate: VisitorRate
     behind_proxy: bool
     base: gr.Textbox
     finetune: gr.Textbox
@@ -111,7 +115,14 @@ class BehaviourTab:
 
     @user_errors
     def run_behaviour(
-        self, base: str, finetune: str, ranks: str, serving: str, chat: bool, request: gr.Request
+        self,
+        base: str,
+        finetune: str,
+        ranks: str,
+        serving: str,
+        chat: bool,
+        request: gr.Request,
+        oauth_token: gr.OAuthToken | None = None,
     ) -> Iterator[dict[Any, Any]]:
         """Stream the check (progress in the status line), then store it and show every view."""
         from lorafid.behaviour.check import BehaviourCheck, BehaviourConfig
@@ -120,6 +131,7 @@ class BehaviourTab:
             if not value.strip() or len(value) > MAX_INPUT_CHARS:
                 raise LorafidError(f"Give the {label} (at most {MAX_INPUT_CHARS} characters).")
         rank_list = parse_ranks(ranks, max_count=8, max_rank=MAX_RANK * 64)
+        token = check_token(oauth_token.token if oauth_token else None, private=self.config.allow_local)
         config = BehaviourConfig(
             ranks=rank_list,
             serving=serving if serving in ("both", "lora-only", "keep-extras") else "both",
@@ -128,15 +140,16 @@ class BehaviourTab:
             max_generate_bytes=BEHAVIOUR_GENERATE_BYTES,
             device=self.config.device,
             compute=self.compute,
-            token=None if self.config.allow_local or self.config.server_token else False,
+            token=token,
             endpoint=self.config.endpoint,
             allow_local=self.config.allow_local,
             max_model_bytes=self.config.max_model_bytes,
+            max_tensor_bytes=self.config.max_tensor_bytes,
+            max_tensors=self.config.max_tensors,
+            deadline=check_deadline(self.config),
         )
         check = BehaviourCheck(base.strip(), finetune.strip(), config)
-        visitor = visitor_id(
-            dict(request.headers or {}), request.client.host if request.client else None, self.behind_proxy
-        )
+        visitor = visitor_of(request, self.behind_proxy)
         # A check reads and runs weights like an audit: it takes one of the visitor's audit slots.
         with self.visitors.hold(visitor, "check the behaviour"):
             shown = 0.0
@@ -147,6 +160,7 @@ class BehaviourTab:
             report = check.report()
         document = report.to_dict()
         key = self.store.put_document("behaviour", document)
+        self.catalog.record_document("behaviour", key, document, anonymous=token is False)
         path = write_download(self.downloads, f"lorafid-behaviour-{key}.json", json.dumps(document, indent=1) + "\n")
         link = page_url(request.headers, str(request.url)) + f"?behaviour={key}"
         yield self._behaviour_view(report) | {
@@ -154,14 +168,25 @@ class BehaviourTab:
             self.behave_link: f"[Permalink]({link})",
         }
 
-    def open_behaviour_link(self, query: str, request: gr.Request) -> dict[Any, Any]:
-        """On page load: ``?behaviour=KEY`` shows a stored behaviour check."""
+    def open_behaviour_link(
+        self, query: str, request: gr.Request, oauth_token: gr.OAuthToken | None = None
+    ) -> dict[Any, Any]:
+        """On page load: ``?behaviour=KEY`` shows a stored behaviour check, to those the audit's
+        rule lets see it (both repos public when checked, or readable with their own sign-in)."""
         key = stored_key(query, "behaviour")
         if not key:
             return {self.behave_status: gr.update()}  # an empty dict reads as one value: "needed 9, returned 1"
+        if not self.link_rate.allow(visitor_of(request, self.behind_proxy)):
+            return {self.behave_status: TOO_MANY_LINKS}
         document = self.store.load_document("behaviour", key)
-        if document is None:
-            return {self.behave_status: "That behaviour check is not stored on this server."}
+        if document is None or not self.catalog.document_visible(
+            "behaviour", key, document, oauth_token.token if oauth_token else False
+        ):
+            # The same words whether it is missing or private: they reveal nothing.
+            return {
+                self.behave_status: "That behaviour check is not stored on this server, or is of a gated or "
+                "private repo: sign in with an account that can read both repos."
+            }
         try:
             report = BehaviourReport.from_dict(document)  # the one boundary for stored documents
         except ReportFormatError as e:
