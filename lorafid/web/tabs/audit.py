@@ -337,8 +337,8 @@ class AuditTab:
     @user_errors
     def open_entry(self, index: int, refs: list[str], rank: float, metric: str, request: gr.Request) -> dict[Any, Any]:
         """Open an audit from the gallery."""
-        if index is None or not 0 <= index < len(refs):
-            return {}
+        if index is None or not 0 <= index < len(refs):  # a row of a gallery older than this page's list
+            return {self.progress: "That row is no longer listed; reload the page to see the gallery as it is now."}
         ref = refs[index]
         report = self.catalog.open(ref)  # at its own rank: the one its gallery row describes
         return {

@@ -1,0 +1,245 @@
+"""What a first-time visitor of the dashboard met (issue 20): words after Stop, full rank, a failed
+audit's view, links that open their tab, the provider link's endpoint, charts and tables.
+
+Handlers run through gradio_client against ``build_app`` on 127.0.0.1 (as in test_app.py), or are
+called on a ``Dashboard`` directly where only the returned components matter. Scrolling and the
+phone's tabs are checked in a real browser in test_browser.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pytest
+from gradio_client.exceptions import AppError
+
+from lorafid.web.config import AppConfig
+from lorafid.web.text import html_text
+from tests.web.test_app import BASE, PROGRESS, SUMMARY, TUNED, Served, plain, run
+from tests.web.test_app import served as _served  # noqa: F401  (the fixture, registered by import)
+
+pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+HEATMAP, GALLERY = 1, 6  # run_audit outputs: the view (ref is a state), progress, gallery
+
+
+@pytest.fixture
+def app(_served: Served) -> Served:  # noqa: F811 - the imported fixture, by name
+    return _served
+
+
+def bold_sentence(summary: str) -> str:
+    """The summary card's first sentence, as the page shows it in bold."""
+    match = re.match(r"\*\*(.+?)\*\*", plain(summary))
+    assert match, summary
+    return match.group(1)
+
+
+# -- item 1: the gallery row of a stopped audit describes what was computed -------------------------
+
+
+def test_gallery_row_after_stop_reads_what_the_page_shows(app: Served) -> None:
+    import time
+
+    client = app.client()
+    with app.hub.inject(slow_bytes_per_s=20_000):  # ~0.2 s per tensor: Stop lands mid-audit
+        job = client.submit(BASE, TUNED, "", "", 8, "energy_retained", "", api_name="/run_audit")
+        deadline = time.monotonic() + 60
+        while not any("matrices ·" in str(o[PROGRESS]) for o in job.outputs()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        job.cancel()
+    stopped = client.predict(8, "energy_retained", api_name="/stop")
+    summary, gallery = stopped[3], stopped[6]
+    (row,) = gallery["samples"]
+    shown = bold_sentence(summary)
+    assert shown.startswith("Rank 8 keeps ") and "(partial" not in row[2]
+    assert row[2] == html_text(shown)  # not "No weight matrix has been compared yet", nor "keeps 100%"
+    # A fresh page's gallery (another visitor) reads the same.
+    fresh = app.client().predict("", 8, "energy_retained", api_name="/open_link")[-1]
+    assert fresh["samples"][0][2] == html_text(shown)
+
+
+# -- item 2: a rank above full rank, in the gallery and when opened ------------------------------------
+
+
+def test_a_rank_above_full_rank_is_full_rank_in_the_gallery_and_opens_without_errors(
+    app: Served, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    final = run(app.client(), rank=64)[-1]
+    assert bold_sentence(final[SUMMARY]).startswith("Full rank (32) keeps everything")
+    (row,) = final[GALLERY]["samples"]
+    assert row[2].startswith("Full rank (32) keeps everything") and "Rank 64" not in row[2]
+    visitor = app.client()
+    visitor.predict("", 64, "energy_retained", api_name="/open_link")  # the page load lists the gallery
+    opened = visitor.predict(0, 64, "energy_retained", api_name="/open_audit")
+    assert opened[10]["value"] == opened[10]["maximum"] == 32  # the slider, at the largest k
+    assert bold_sentence(opened[3]).startswith("Full rank (32) keeps everything")
+    logged = capfd.readouterr().err + caplog.text
+    assert "greater than maximum" not in logged and "Traceback" not in logged
+
+
+# -- item 6: a failed audit does not leave the previous pair's view ------------------------------------
+
+
+def test_a_failed_audit_clears_the_previous_pairs_summary_and_charts(app: Served) -> None:
+    client = app.client()
+    good = run(client, rank=8)[-1]
+    assert good[SUMMARY] and good[HEATMAP]
+    job = client.submit(BASE, "org/missing", "", "", 8, "energy_retained", "", api_name="/run_audit")
+    with pytest.raises(AppError, match="org/missing"):
+        job.result(timeout=60)
+    last = job.outputs()[-1]
+    assert plain(last[PROGRESS]).startswith("**Failed:**") and "org/missing" in plain(last[PROGRESS])
+    assert last[SUMMARY] == "" and last[HEATMAP] is None  # no summary or chart of org/tuned under it
+    with pytest.raises(AppError, match="Run an audit or open one first"):
+        client.predict(8, api_name="/download")  # the failed pair's view holds no audit to download
+
+
+# -- items 9, 11, 12, 14: links open their tab; the probe link's endpoint; charts; tables ---------------
+
+BEHAVIOUR: dict[str, Any] = {
+    "schema": "lorafid.behaviour/1",
+    "status": "complete",
+    "base": {"spec": "org/base"},
+    "finetune": {"spec": "org/tuned"},
+    "settings": {"ranks": [8, 64], "prompts": 1, "prompt_set": "builtin-v1", "chat_template": False},
+    "variants": {
+        name: {
+            "kind": kind,
+            "rank": rank,
+            "keep_extras": False,
+            "kl_mean": kl,
+            "kl_p95": kl * 2,
+            "kl_max": kl * 3,
+            "top1_agreement": top1,
+            "loglik_delta": -kl / 7,
+            "tokens": 12,
+        }
+        for name, kind, rank, kl, top1 in (
+            ("base", "base", None, 4.6086, 0.117),
+            ("rank-8", "served", 8, 0.07215251209154244, 0.927),
+            ("rank-64", "served", 64, 3.6580456817669525e-8, 1.0),
+        )
+    },
+    "extras_share": {},
+    "prompts": [
+        {
+            "id": "p1",
+            "text": "the knight drew his sword",
+            "tokens": 12,
+            "variants": {
+                "base": {"kl_mean": 4.6086},
+                "rank-8": {"kl_mean": 0.07215251209154244},
+                "rank-64": {"kl_mean": 3.6580456817669525e-8},
+            },
+        }
+    ],
+    "continuations": None,
+}
+
+
+def board(tmp_path: Path) -> Any:
+    app = importlib.import_module("lorafid.web.app")
+    dashboard = app.Dashboard(AppConfig(store_home=tmp_path / "home", examples_dir=tmp_path / "none"))
+    dashboard.build()
+    return dashboard
+
+
+def test_a_behaviour_link_opens_the_behaviour_tab_with_rounded_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "home"))
+    dash = board(tmp_path)
+    key = dash.store.put_document("behaviour", BEHAVIOUR)
+    shown = dash.open_behaviour_link(f"?behaviour={key}", None)
+    tabs = shown[dash.tabs]
+    assert isinstance(tabs, gr.Tabs) and tabs.selected == "behaviour"
+    assert (shown[dash.behave_base], shown[dash.behave_finetune]) == ("org/base", "org/tuned")
+    table = shown[dash.behave_table]
+    kl = dict(zip(table["variant"], table["KL mean"], strict=True))
+    assert kl == {"base": 4.61, "rank-8": 0.0722, "rank-64": 3.66e-8}  # three significant figures
+    rows = shown[dash.behave_rows]
+    assert [rows[n][0] for n in ("base", "rank-8", "rank-64")] == [4.61, 0.0722, 3.66e-8]
+    # A page with no link stays on the tab it opens on.
+    assert dash.tabs not in dash.open_behaviour_link("", None)
+
+
+def test_behaviour_chart_has_a_log_kl_axis_ticks_at_the_ranks_run_and_titles(tmp_path: Path) -> None:
+    from lorafid.web.tabs.behaviour import behaviour_figure
+
+    figure = behaviour_figure(BEHAVIOUR, {8: 0.8, 64: 0.99})
+    assert figure.layout.yaxis.type == "log"  # 0.07 and 4e-8 are decades apart, not both flat at 0
+    assert list(figure.layout.xaxis.tickvals) == [8, 64] and list(figure.layout.xaxis.ticktext) == ["8", "64"]
+    titles = [a.text for a in figure.layout.annotations]
+    assert "KL(fine-tune ‖ served), nats per token" in titles
+    assert "top-1 agreement and energy kept" in titles
+    kl = next(t for t in figure.data if t.name == "KL, lora-only")
+    assert list(kl.y) == [0.07215251209154244, 3.6580456817669525e-8]
+    assert figure.layout.legend.y < 0  # under the axes' titles, not over them
+
+
+def probe(method: str = "completions") -> dict[str, Any]:
+    """A stored provider check: ranks 16 to 512, the fine-tune and an 8-bit copy, the base."""
+    text = method != "completions"
+    key = "gap" if text else "distance"
+
+    def candidate(name: str, value: float, rank: int | None) -> dict[str, Any]:
+        return {
+            "name": name,
+            key: value,
+            "interval": [value * 0.8, value * 1.2],
+            "rank": rank,
+            "serving": "lora-only" if rank else None,
+            "ruled_out": value > 0.01,
+            "top1_agreement": 0.987654321,
+            "argmax_agreement": 0.9,
+            "fit_z": 0.123,
+        }
+
+    values = {"rank-16": (0.0123456, 16), "rank-512": (1.5e-7, 512), "finetune": (1.2e-7, None)}
+    values |= {"finetune-8bit": (1.3e-7, None), "base": (4.6, None)}
+    return {
+        "endpoint_host": "127.0.0.1",
+        "model": "served",
+        "method": method,
+        "settings": {"ranks": [16, 512], "channel": "auto", "max_requests": 40},
+        "base": {"spec": "org/base"},
+        "finetune": {"spec": "org/tuned"},
+        "candidates": {n: candidate(n, v, r) for n, (v, r) in values.items()},
+        "verdict": {"sentence": "Closest to the fine-tune."},
+        "prompts": [{"index": 0, "text": "x", "tokens": 3, "distance": {"rank-16": 0.0123456789}, "finish": "length"}],
+    }
+
+
+def test_a_probe_link_leaves_the_endpoint_empty_and_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "home"))
+    dash = board(tmp_path)
+    key = dash.store.put_document("probe", probe())
+    shown = dash.open_probe_link(f"?probe={key}", None)
+    assert shown[dash.tabs].selected == "provider-check"
+    assert shown[dash.probe_endpoint] == ""  # never https://127.0.0.1, a URL that was never checked
+    assert "Only the host was kept" in plain(shown[dash.probe_status])
+    assert shown[dash.probe_model] == "served" and shown[dash.probe_ranks] == "16,512"
+    table = shown[dash.probe_table]
+    assert dict(zip(table["candidate"], table["KL nats/token"], strict=True))["rank-16"] == 0.0123
+
+
+def test_probe_chart_has_a_log_axis_and_names_the_unranked_in_the_legend() -> None:
+    from lorafid.web.plots import probe_distances
+
+    figure = probe_distances(probe())
+    assert figure.layout.yaxis.type == "log"
+    assert list(figure.layout.xaxis.tickvals) == [16, 512]
+    assert not figure.layout.annotations  # no label sits on a rank tick ("finetune-8bit" on "512")
+    names = [t.name for t in figure.data]
+    assert "finetune-8bit: 1.3e-07" in names and "base: 4.6" in names
+    gaps = probe_distances(probe("completions-text"))  # a gap of 0 is drawn at the floor, not dropped
+    assert gaps.layout.yaxis.type == "log" and min(min(t.y) for t in gaps.data) > 0
+
+
+def test_a_gallery_row_the_page_no_longer_lists_is_said_so(app: Served) -> None:
+    stale = app.client().predict(3, 8, "energy_retained", api_name="/open_audit")  # this page lists no row 3
+    assert "no longer listed" in stale[9]
