@@ -221,3 +221,25 @@ def test_probe_chart_has_a_log_axis_and_names_the_unranked_in_the_legend() -> No
 def test_a_gallery_row_the_page_no_longer_lists_is_said_so(app: Served) -> None:
     stale = app.client().predict(3, 8, "energy_retained", api_name="/open_audit")  # this page lists no row 3
     assert "no longer listed" in stale[9]
+
+
+# -- item 15 and the table of providers on a phone: one card per row -----------------------------------
+
+
+def test_phone_cards_escape_text_and_keep_only_the_tables_own_links() -> None:
+    from lorafid.web.text import cards_html
+
+    rows = [
+        [
+            "evil<script>",
+            "[x](javascript:alert(1)) <b>bold</b>\nsecond line",
+            "[org/t](https://hub/org/t) · [open](?a=1&b=2)",
+            None,
+        ]
+    ]
+    html = cards_html(["Provider", "Model", "Links", "Requests"], ["str", "markdown", "markdown", "number"], rows)
+    assert html.startswith('<div class="card"><div class="card-title">evil&lt;script&gt;</div>')
+    assert '<a href="javascript' not in html and "&lt;b&gt;bold&lt;/b&gt;<br>second line" in html
+    assert '<a href="https://hub/org/t" target="_blank" rel="noopener">org/t</a>' in html
+    assert '<a href="?a=1&amp;b=2">open</a>' in html  # this page's own link opens here
+    assert "Requests" not in html  # an empty cell is left out
