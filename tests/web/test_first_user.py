@@ -243,3 +243,60 @@ def test_phone_cards_escape_text_and_keep_only_the_tables_own_links() -> None:
     assert '<a href="https://hub/org/t" target="_blank" rel="noopener">org/t</a>' in html
     assert '<a href="?a=1&amp;b=2">open</a>' in html  # this page's own link opens here
     assert "Requests" not in html  # an empty cell is left out
+
+
+# -- issue 19: the page's words come from the error's fields, not from its message ----------------------
+
+
+def test_in_app_words_read_the_errors_fields_not_its_message() -> None:
+    import pickle
+
+    from lorafid.errors import GatedRepoError, InvalidSourceError, RepoNotFoundError
+    from lorafid.web.wording import in_app_words
+
+    # Messages that share no wording with the CLI's: only the fields can produce these sentences.
+    gated = GatedRepoError("(any words)", repo="org/x", page="https://hub/org/x")
+    said = in_app_words(gated, typed=False, oauth=True, allow_local=False)
+    assert isinstance(said, GatedRepoError) and said.repo == "org/x"
+    assert str(said) == (
+        "org/x is a gated repo: accept the licence at https://hub/org/x (signed in to the Hub), then paste a token "
+        "that can read it in the token field, or press Sign in with Hugging Face."
+    )
+    assert "token you pasted" in str(in_app_words(gated, typed=True, oauth=False, allow_local=False))
+    missing = RepoNotFoundError("(any words)", repo="org/m", endpoint="https://hub")
+    assert str(in_app_words(missing, typed=True, oauth=False, allow_local=True)) == (
+        "Repo org/m was not found on https://hub. Check the spelling (org/name); if it is private, the token you "
+        "pasted cannot read it."
+    )
+    refused = RepoNotFoundError("(any words)", repo="org/m", endpoint="https://hub", token_rejected=True)
+    assert "Paste a valid token" in str(in_app_words(refused, typed=True, oauth=False, allow_local=True))
+    local = InvalidSourceError("'./x' is a local path (any advice)", problem="'./x' is a local path.")
+    assert str(in_app_words(local, typed=False, oauth=False, allow_local=False)) == (
+        "'./x' is a local path. Enter a Hub repo ID like org/name; a revision goes in its own field."
+    )
+    assert in_app_words(local, typed=False, oauth=False, allow_local=True) is local  # a private deployment: as is
+    plain_error = RepoNotFoundError("Repo org/m (--token or HF_TOKEN)")  # no fields: never rewritten from its text
+    assert in_app_words(plain_error, typed=False, oauth=False, allow_local=False) is plain_error
+    copy = pickle.loads(pickle.dumps(refused))  # a batch worker's error keeps its fields
+    assert (copy.repo, copy.endpoint, copy.token_rejected, str(copy)) == ("org/m", "https://hub", True, "(any words)")
+
+
+def test_the_hubs_errors_carry_their_fields(app: Served) -> None:
+    from lorafid.errors import GatedRepoError, InvalidSourceError, RepoNotFoundError
+    from lorafid.weights.source import open_source, parse_source_spec
+
+    endpoint = app.hub.endpoint
+    with pytest.raises(RepoNotFoundError) as missing:
+        open_source("org/missing", endpoint=endpoint, token=False)
+    assert (missing.value.repo, missing.value.endpoint, missing.value.token_rejected) == (
+        "org/missing",
+        endpoint,
+        False,
+    )
+    with pytest.raises(GatedRepoError) as gated:
+        open_source("org/gated-tuned", endpoint=endpoint, token=False)
+    assert gated.value.repo == "org/gated-tuned" and gated.value.page == f"{endpoint}/org/gated-tuned"
+    with pytest.raises(InvalidSourceError) as local:
+        parse_source_spec("./checkpoint", allow_local=False)
+    assert local.value.problem == "'./checkpoint' is a local path; this deployment reads Hub repos only."
+    assert str(local.value).startswith(local.value.problem + " Expected a Hub repo ID")  # the CLI's words unchanged
