@@ -151,3 +151,11 @@ def _link(match: re.Match[str]) -> str:
     """An escaped Markdown link as an anchor: the Hub in a new tab, this page's own links here."""
     external = ' target="_blank" rel="noopener"' if match.group(2).startswith("http") else ""
     return f'<a href="{match.group(2)}"{external}>{match.group(1)}</a>'
+
+
+def rounded(value: object, digits: int = 3) -> object:
+    """A number as a table shows it: ``digits`` significant figures (0.0722, 3.66e-08); the rest
+    (counts, text, None) as is. Tables print what the CLI prints, not 0.07215251209154244."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    return value

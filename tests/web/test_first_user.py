@@ -136,9 +136,11 @@ def test_a_behaviour_link_opens_the_behaviour_tab_with_rounded_tables(
     tabs = shown[dash.tabs]
     assert isinstance(tabs, gr.Tabs) and tabs.selected == "behaviour"
     assert (shown[dash.behave_base], shown[dash.behave_finetune]) == ("org/base", "org/tuned")
+    assert shown[dash.behave_ranks] == "8,64"  # Run behaviour check repeats the ranks it ran
     table = shown[dash.behave_table]
     kl = dict(zip(table["variant"], table["KL mean"], strict=True))
     assert kl == {"base": 4.61, "rank-8": 0.0722, "rank-64": 3.66e-8}  # three significant figures
+    assert list(table["variant"]) == ["base", "rank-8", "rank-64"]  # rank order, not the stored keys' text order
     rows = shown[dash.behave_rows]
     assert [rows[n][0] for n in ("base", "rank-8", "rank-64")] == [4.61, 0.0722, 3.66e-8]
     # A page with no link stays on the tab it opens on.
@@ -152,11 +154,12 @@ def test_behaviour_chart_has_a_log_kl_axis_ticks_at_the_ranks_run_and_titles(tmp
     assert figure.layout.yaxis.type == "log"  # 0.07 and 4e-8 are decades apart, not both flat at 0
     assert list(figure.layout.xaxis.tickvals) == [8, 64] and list(figure.layout.xaxis.ticktext) == ["8", "64"]
     titles = [a.text for a in figure.layout.annotations]
-    assert "KL(fine-tune ‖ served), nats per token" in titles
-    assert "top-1 agreement and energy kept" in titles
+    assert titles[:2] == ["KL(fine-tune ‖ served)<br>nats per token", "top-1 agreement<br>and energy kept"]
     kl = next(t for t in figure.data if t.name == "KL, lora-only")
     assert list(kl.y) == [0.07215251209154244, 3.6580456817669525e-8]
     assert figure.layout.legend.y < 0  # under the axes' titles, not over them
+    base = next(t for t in figure.data if t.name == "KL, base: 4.61")  # in the legend, not a label on the plot
+    assert list(base.x) == [8, 64] and base.line.dash == "dash" and len(titles) == 2
 
 
 def probe(method: str = "completions") -> dict[str, Any]:
@@ -203,6 +206,8 @@ def test_a_probe_link_leaves_the_endpoint_empty_and_says_why(tmp_path: Path, mon
     assert shown[dash.probe_model] == "served" and shown[dash.probe_ranks] == "16,512"
     table = shown[dash.probe_table]
     assert dict(zip(table["candidate"], table["KL nats/token"], strict=True))["rank-16"] == 0.0123
+    assert set(table["top-1 agreement"]) == {0.988}
+    assert shown[dash.probe_rows]["rank-16"][0] == 0.0123  # per prompt too
 
 
 def test_probe_chart_has_a_log_axis_and_names_the_unranked_in_the_legend() -> None:
