@@ -134,6 +134,12 @@ class Extraction:
             raise LorafidError(f"Unknown --dtype {config.dtype!r}; use one of {', '.join(DTYPES)}.")
         self.config = config
         self.out = Path(out)
+        if self.out.exists() and not self.out.is_dir():
+            raise LorafidError(
+                f"--out {self.out} is a file, not a folder: name a new folder for the adapter "
+                "(or the folder of an interrupted extraction, to resume it)."
+            )
+        self._created_out = not self.out.exists()  # removed again if the rank is refused
         self._staging = self.out / STAGING_DIR
         self._prepare_staging()
         self._store = Store(self._staging)
@@ -161,10 +167,26 @@ class Extraction:
             self._finetune_source.close()
 
     def plan(self) -> PairingPlan:
-        return self.job.plan()
+        """The matrices to extract, from the headers alone.
+
+        Raises:
+            LorafidError: the rank is above the largest matrix's full rank (every factor would
+                be zero-padded to it: a rank of 10^9 asked for 192 GB); nothing was read but headers.
+        """
+        plan = self.job.plan()
+        largest = max((min(p.shape) for p in plan.matrices if len(p.shape) == 2), default=0)
+        if largest and self.config.rank > largest:
+            self.close()
+            self._discard_unused_folders()
+            raise LorafidError(
+                f"--rank {self.config.rank:,} is above the largest matrix's full rank ({largest:,}): rank "
+                f"{largest:,} already carries the whole change. Use --rank {largest:,} or less."
+            )
+        return plan
 
     def run(self) -> Iterator[AuditProgress]:
         """Decompose every matrix not already staged, writing its factors as it goes."""
+        self.plan()  # the rank is checked before any weight is read
         yield from self.job.run()
 
     def finish(self) -> ExtractResult:
@@ -230,8 +252,19 @@ class Extraction:
         path = self._staging / "manifest.json"
         if self.config.audit.fresh or (path.exists() and json.loads(path.read_text()) != manifest):
             shutil.rmtree(self._staging, ignore_errors=True)
-        (self._staging / "factors").mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(manifest))
+        try:
+            (self._staging / "factors").mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(manifest))
+        except OSError as e:  # a file where a folder should be, no permission, a full disk
+            raise LorafidError(f"Cannot write the adapter under {self.out}: {e.strerror}. Name another --out.") from e
+
+    def _discard_unused_folders(self) -> None:
+        """After a refusal: remove the staging folder when it holds no factors (a resumable
+        extraction's are kept), and ``out`` when this run created it and it is empty again."""
+        if not any((self._staging / "factors").iterdir()):
+            shutil.rmtree(self._staging, ignore_errors=True)
+        if self._created_out and not any(self.out.iterdir()):
+            self.out.rmdir()
 
     def _piece(self, name: str) -> Path:
         return self._staging / "factors" / (hashlib.sha256(name.encode()).hexdigest()[:24] + ".safetensors")

@@ -61,12 +61,23 @@ CSS = """
 #summary table { width: 100%; }
 #summary td { word-break: normal; overflow-wrap: normal; hyphens: none; }  /* "88.28%" never splits */
 #progress progress { width: 100%; height: 0.8em; accent-color: var(--color-accent); }
+/* Published results: headers and cells break between words, never inside one ("Matr/ices"). */
+:is(#results-table, #providers-table) :is(th, td, th *, td *) {
+  word-break: normal !important; overflow-wrap: normal !important; hyphens: none;
+}
+.phone-cards { display: none; }
+.phone-cards .card { padding: 0.5em 0; border-bottom: 1px solid var(--border-color-primary); }
+.phone-cards .card { overflow-wrap: anywhere; }  /* a 60-character model name wraps inside 390 px */
+.phone-cards .card-title { font-weight: 600; }
 @media (max-width: 640px) {
   /* A phone gets one card per audit instead of a table wider than the screen. */
   #gallery thead { display: none; }
   #gallery table, #gallery tbody, #gallery tr, #gallery td { display: block; width: 100%; max-width: none !important; }
   #gallery tr { padding: 0.4em 0; border-bottom: 1px solid var(--border-color-primary); }
   #gallery td { padding: 0.15em 0.6em; }
+  /* Published results: one card per row; a table of 8 to 12 columns does not fit 390 px. */
+  #results-table, #providers-table { display: none !important; }
+  .phone-cards { display: block; }
 }
 """
 

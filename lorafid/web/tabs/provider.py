@@ -28,7 +28,7 @@ from lorafid.web.gallery import Catalog
 from lorafid.web.limits import TOO_MANY_LINKS, VisitorRate, VisitorSlots, visitor_of
 from lorafid.web.links import page_url, stored_key
 from lorafid.web.tabs.common import MAX_INPUT_CHARS, MAX_MESSAGE_CHARS, user_errors
-from lorafid.web.text import md_text
+from lorafid.web.text import md_text, rounded
 
 PROBE_INTRO = """**Does an API serve this fine-tune, or a rank-r LoRA extracted from it?** The provider's
 log-probabilities on a fixed prompt set, or, where it gives none, text it samples, are compared
@@ -292,9 +292,9 @@ class ProviderTab:
             [
                 [
                     c["name"],
-                    float(f"{c[key]:.3g}"),
+                    rounded(c[key]),
                     f"{c['interval'][0]:.3g} to {c['interval'][1]:.3g}",
-                    round(c["fit_z"], 1) if text and not greedy else c[agreement],
+                    round(c["fit_z"], 1) if text and not greedy else rounded(c[agreement]),
                     "ruled out" if c["ruled_out"] else "held",
                 ]
                 for c in candidates
@@ -310,7 +310,7 @@ class ProviderTab:
         else:
             rows = pd.DataFrame(
                 [
-                    [r["index"], r["text"], r["tokens"], *(r["distance"].get(n) for n in names)]
+                    [r["index"], r["text"], r["tokens"], *(rounded(r["distance"].get(n)) for n in names)]
                     for r in document["prompts"]
                 ],
                 columns=["prompt", "text", "tokens", *names],

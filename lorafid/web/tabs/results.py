@@ -20,8 +20,10 @@ from lorafid.sharing.policy import probe_refusal, publish_refusal
 from lorafid.sharing.table import (
     PROVIDER_HEADERS,
     PROVIDER_TYPES,
+    PROVIDER_WIDTHS,
     TABLE_HEADERS,
     TABLE_TYPES,
+    TABLE_WIDTHS,
     provider_hosts,
     provider_rows,
     table_rows,
@@ -30,7 +32,13 @@ from lorafid.sharing.writer import RegistrySettings, RegistryWriter
 from lorafid.web.config import AppConfig
 from lorafid.web.links import parse_query
 from lorafid.web.tabs.common import MAX_MESSAGE_CHARS
-from lorafid.web.text import md_text
+from lorafid.web.text import cards_html, md_text
+
+# A ?provider= link opens on the table of providers, not on the audits above it.
+SCROLL_TO_PROVIDERS_JS = (
+    "() => { if (new URLSearchParams(window.location.search).get('provider')) "
+    "setTimeout(() => document.querySelector('#providers')?.scrollIntoView({block: 'start'}), 300); }"
+)  # after the tab switch has drawn the table: scrolling earlier finds nothing to scroll to
 
 
 class ResultsTab:
@@ -105,9 +113,12 @@ class ResultsTab:
             datatype=list(TABLE_TYPES),
             interactive=False,
             wrap=True,
+            column_widths=list(TABLE_WIDTHS),
             elem_id="results-table",
         )
-        outputs = [self.results, self.results_base, self.results_note]
+        # A phone gets one card per row (CSS shows these, hides the table): 12 columns do not fit 390 px.
+        self.results_cards = gr.HTML(elem_id="results-cards", elem_classes="phone-cards")
+        outputs = [self.results, self.results_base, self.results_note, self.results_cards]
         gr.on(
             [demo.load, refresh.click, self.results_base.input],
             self.results_table,
@@ -117,9 +128,11 @@ class ResultsTab:
             queue=False,
         )
         gr.Markdown(
-            "### Providers\nThe latest published check of each provider host and model: its verdict, the channel "
+            elem_id="providers",
+            value="### Providers\nThe latest published check of each provider host and model: its verdict, the channel "
             "it read (log-probabilities, or sampled text where a provider gives none), the requests it took, "
-            "both repos at the checked commits. Link one provider with `?provider=<host>`."
+            "both repos at the checked commits and links to the full check. Click a column header to sort; link one "
+            "provider with `?provider=<host>`.",
         )
         with gr.Row():
             self.providers_host = gr.Dropdown(["All providers"], value="All providers", label="Provider", scale=3)
@@ -130,10 +143,12 @@ class ResultsTab:
             datatype=list(PROVIDER_TYPES),
             interactive=False,
             wrap=True,
+            column_widths=list(PROVIDER_WIDTHS),
             elem_id="providers-table",
         )
+        self.providers_cards = gr.HTML(elem_id="providers-cards", elem_classes="phone-cards")
         provider_query = gr.Textbox(visible=False)
-        provider_outputs = [self.providers, self.providers_host, self.providers_note]
+        provider_outputs = [self.providers, self.providers_host, self.providers_note, self.providers_cards]
         demo.load(
             self.providers_link,
             [provider_query],
@@ -141,7 +156,7 @@ class ResultsTab:
             js="(query) => [window.location.search]",
             api_name="providers_link",
             queue=False,
-        )
+        ).then(None, js=SCROLL_TO_PROVIDERS_JS, api_visibility="private", queue=False)
         gr.on(
             [refresh_providers.click, self.providers_host.input],
             self.providers_table,
@@ -177,6 +192,7 @@ class ResultsTab:
             self.results: frame,
             self.results_base: gr.Dropdown(choices=bases, value=chosen),
             self.results_note: note,
+            self.results_cards: cards_html(list(TABLE_HEADERS), list(TABLE_TYPES), rows),
         }
 
     def providers_link(self, query: str) -> dict[Any, Any]:
@@ -212,4 +228,5 @@ class ResultsTab:
             self.providers: pd.DataFrame(rows, columns=list(PROVIDER_HEADERS)),
             self.providers_host: gr.Dropdown(choices=hosts, value=chosen),
             self.providers_note: note,
+            self.providers_cards: cards_html(list(PROVIDER_HEADERS), list(PROVIDER_TYPES), rows),
         }
