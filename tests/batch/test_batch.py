@@ -559,3 +559,21 @@ def test_stored_results_are_keyed_by_the_hub_endpoint_and_the_commits_read(
             reused, loss, reads = audit(server)
             assert not reused and reads > 0 and loss == pytest.approx(reference(seed), abs=1e-6), server.endpoint
         assert audit(hub)[0]
+
+
+def test_losing_the_progress_board_only_stops_the_byte_counts(ray_local: Any, tmp_path: Path) -> None:
+    """The board is an actor: its node may die. The driver then goes on without byte counts."""
+    seen: list[BatchProgress] = []
+    pairs = [CataloguePair("org/base", "org/ft")]
+    driver = _Driver(ray_local, pairs, BatchOptions(), Store(tmp_path), None, {}, seen.append)
+    driver.board = driver._start_board()
+    assert ray_local.get(driver.board.snapshot.remote()) == {}
+    ray_local.kill(driver.board)
+    for _ in range(20):  # the first call asks the dead board, a later one finds the answer failed
+        driver._progress()
+        if driver.board is None:
+            break
+        time.sleep(0.1)
+    assert driver.board is None
+    assert seen[-1] == BatchProgress(0, 1, 0, 0, 0)
+    driver.close()  # nothing left to stop: no error either
