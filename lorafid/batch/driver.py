@@ -15,13 +15,13 @@ matrix level, and a batch run again resumes partial pairs the same way. Only the
 its spectra (8 bytes per singular value) travel back to the driver.
 
 Driver-side state stays on the driver: outcomes, the queue and the table live in this
-process; the one actor (the progress board, byte counts only) is placed on the driver's own
-node, and losing it only stops the byte counts.
+process; its two small actors (the progress board, the token's holder) are placed on the
+driver's own node, and losing the board only stops the byte counts.
 
-Secrets: the Hub token goes into Ray's object store once (``ray.put``) and reaches tasks as
-a reference (``tasks``): never a task argument by value, never in a runtime environment
-(Ray writes those to its logs). The endpoint, not a secret, is an argument, so every node
-reads the same Hub.
+Secrets: the Hub token is handed to a small actor on the driver's node (``secret``) and
+each task asks it for the token: never a task argument, never in a runtime environment
+(Ray writes those to its logs), never in the object store (Ray may spill it to disk). The
+endpoint, not a secret, is an argument, so every node reads the same Hub.
 
 Failures: a pair that fails (missing or gated repo, corrupt file, a worker lost more than
 ``max_retries`` times) is recorded with its error; the other pairs go on. What it computed
@@ -59,6 +59,7 @@ from lorafid.batch.cluster import connect, import_ray, node_label
 from lorafid.batch.progress import ProgressBoard
 from lorafid.batch.results import BatchResult, PairOutcome, write_pair, write_table
 from lorafid.batch.reuse import HubSide, ReuseIndex, hub_endpoint, resolve_commits, selection
+from lorafid.batch.secret import SecretHolder
 from lorafid.batch.tasks import PairResult, PairTask, audit_task, part_task
 from lorafid.errors import LorafidError
 
@@ -80,7 +81,7 @@ class BatchOptions:
     max_concurrent: int = 8  # streaming tasks in flight: keeps a catalogue under the Hub's rate limits
     max_retries: int = 3  # Ray retries of a task whose worker died (OOM, a lost node)
     endpoint: str | None = None  # None: the driver's HF_ENDPOINT, else huggingface.co
-    # None: the driver's HF_TOKEN or stored login. Sent to tasks only through Ray's object store.
+    # None: the driver's HF_TOKEN or stored login. Tasks ask a small actor on the driver's node for it.
     token: str | None = field(default=None, repr=False)
     store_home: Path | None = None  # None: each worker's LORAFID_HOME (on a local Ray: the driver's)
     progress: bool = True  # live byte counts from the tasks (one small actor on the driver's node)
@@ -223,9 +224,9 @@ class _Driver:
             "num_gpus": gpus,
             "max_retries": options.max_retries,
         }
-        # The object store, not the arguments or a runtime environment: Ray logs those. In a
-        # list, so that Ray passes the reference and the task fetches the value itself.
-        self.secret: list[Any] = [ray.put(token)] if token else []
+        # Not an argument, not a runtime environment (Ray logs those), not the object store
+        # (Ray may spill it to disk): a small actor on this node hands it out (``secret``).
+        self.secret: list[Any] = [self._hold(token)] if token else []
         self.audit_remote = ray.remote(audit_task).options(**self.task_options)
         self.part_remote = ray.remote(part_task).options(**self.task_options)
         self.board: Any = None  # the progress actor, started with the first task
@@ -267,9 +268,10 @@ class _Driver:
             self._progress()
 
     def close(self) -> None:
-        if self.board is not None:
-            with contextlib.suppress(Exception):  # already gone with its node: nothing to stop
-                self.ray.kill(self.board)
+        for actor in (self.board, *self.secret):
+            if actor is not None:
+                with contextlib.suppress(Exception):  # already gone with its node: nothing to stop
+                    self.ray.kill(actor)
 
     def cancel(self) -> None:
         for ref in self.streaming | self.finals.keys():
@@ -277,11 +279,21 @@ class _Driver:
 
     def _start_board(self) -> Any:
         """The progress actor, on this driver's node: a lost worker node cannot take it along."""
+        return self._here(ProgressBoard)
+
+    def _hold(self, token: str) -> Any:
+        """The token's holder, on this driver's node, given the token (one call, waited for)."""
+        holder = self._here(SecretHolder)
+        self.ray.get(holder.set.remote(token))
+        return holder
+
+    def _here(self, actor: type) -> Any:
+        """An actor of class ``actor`` on this driver's node, taking no CPU."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = self.ray.get_runtime_context().get_node_id()
         strategy = NodeAffinitySchedulingStrategy(node_id=here, soft=False)
-        return self.ray.remote(num_cpus=0, scheduling_strategy=strategy)(ProgressBoard).remote()
+        return self.ray.remote(num_cpus=0, scheduling_strategy=strategy)(actor).remote()
 
     def _task(self, index: int) -> PairTask:
         pair, options = self.pairs[index], self.options

@@ -5,10 +5,9 @@ ships it by reference, so workers import this module (and the audit engine), not
 
 The token is never a task argument, nor in the runtime environment (Ray writes runtime
 environments, environment variables included, to its ``runtime_env_agent.log`` on every node):
-the driver puts it in Ray's object store and passes the object's reference inside a list, which
-Ray hands over as a reference, not as a value. The task reads it with ``ray.get`` into the
-audit's config, in memory only. No token: the worker's own ``HF_TOKEN`` or login, as for
-``lorafid audit``.
+the task gets the handle of the driver's ``SecretHolder`` actor and asks it for the token,
+which it keeps in the audit's config, in memory only. No token: the worker's own ``HF_TOKEN``
+or login, as for ``lorafid audit``.
 
 Every matrix goes to the store under the worker's ``LORAFID_HOME`` as it is computed (the
 audit does that), so a task that Ray retries on the same machine starts where the dead one
@@ -70,7 +69,7 @@ class PartResult:
 def audit_task(task: PairTask, board: Any, secret: list[Any], *parts: PartResult) -> PairResult:
     """The whole audit of one pair; ``parts``: matrices already computed by the pair's chunk tasks.
 
-    ``secret``: [] or [the object reference of the token].
+    ``secret``: [] or [the driver's ``SecretHolder`` actor].
     """
     store = Store(task.store_home)
     try:
@@ -128,12 +127,13 @@ def part_task(task: PairTask, board: Any, secret: list[Any], part: int, parts: i
 
 
 def _token(secret: list[Any]) -> str | None:
-    """The token the driver put in the object store, or None (the worker's own lookup)."""
+    """The token the driver's holder keeps (``secret``: [] or [its actor]), or None: the worker's own lookup."""
     if not secret:
         return None
     import ray
 
-    return str(ray.get(secret[0]))
+    token = ray.get(secret[0].get.remote())
+    return str(token) if token else None
 
 
 def _node() -> str:

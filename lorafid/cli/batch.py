@@ -39,7 +39,8 @@ def add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     batch.add_argument("--max-retries", type=int, default=3, help="retries of a task whose worker died (default: 3)")
     batch.add_argument("--num-cpus", type=positive_int, help="size of a local Ray instance (default: all cores)")
     batch.add_argument(
-        "--token", help="Hub token (default: HF_TOKEN or the stored login); reaches tasks through Ray's object store"
+        "--token",
+        help="Hub token (default: HF_TOKEN or the stored login); tasks ask the driver's node for it, not Ray's logs",
     )
     batch.add_argument("--include-embeddings", action="store_true", help="also audit embeddings and lm_head")
     batch.add_argument("--include", metavar="REGEX", help="audit only tensors whose name matches")

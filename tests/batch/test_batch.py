@@ -287,13 +287,14 @@ def test_token_reaches_tasks_through_their_environment_only(
     assert [o.status for o in result.outcomes] == ["complete"], result.outcomes[0].error
     assert any(r.has_authorization for r in hub.requests_matching(origin="hub", path_contains="org/gated"))
     assert not any(r.has_authorization for r in hub.requests_matching(origin="cdn"))
-    # What Ray receives as the task's arguments holds no token, nor its options: the token is in
-    # the object store, passed by reference.
+    # What Ray receives as the task's arguments holds no token, nor its options: tasks ask the
+    # driver's holder actor for it.
     driver = _Driver(ray_local, pairs, options, Store(home), None, {}, None, token=secret)
     assert secret.encode() not in pickle.dumps(driver._task(0))
     assert "runtime_env" not in driver.task_options and secret not in repr(driver.task_options)
-    assert [type(ref).__name__ for ref in driver.secret] == ["ObjectRef"]
-    assert ray_local.get(driver.secret[0]) == secret
+    assert [type(actor).__name__ for actor in driver.secret] == ["ActorHandle"]
+    assert ray_local.get(driver.secret[0].get.remote()) == secret and secret not in repr(driver.secret)
+    driver.close()
     assert secret not in repr(options)
     for path in [*out.rglob("*"), *home.rglob("*")]:
         if path.is_file():
