@@ -65,9 +65,10 @@ def connect(address: str | None = "local", *, num_cpus: int | None = None) -> No
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 2**20, **quiet)
         return
     target = cluster_address(address)
-    if target is not None and "://" not in target:
+    if target is not None:
         check_reachable(target)
-        _probe_authentication(ray, address, target)
+        if "://" not in target:  # Ray Client addresses go through its own server, not the GCS
+            _probe_authentication(ray, address, target)
     try:
         ray.init(address=address, **quiet)
     except ray.exceptions.AuthenticationError as e:

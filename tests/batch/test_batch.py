@@ -28,7 +28,7 @@ from lorafid.audit.engine import Audit, AuditConfig
 from lorafid.audit.report import load_spectra
 from lorafid.audit.store import Store
 from lorafid.batch.catalogue import CataloguePair, load_catalogue, parse_csv, parse_yaml
-from lorafid.batch.cluster import check_reachable, import_ray
+from lorafid.batch.cluster import check_reachable, connect, import_ray
 from lorafid.batch.driver import BatchOptions, BatchProgress, _Driver, _keep, run_batch
 from lorafid.cli.commands import main
 from lorafid.errors import CatalogueError, LorafidError, MissingExtraError, RayClusterError
@@ -40,13 +40,15 @@ RANK = 8
 # -- catalogues (no Ray) -------------------------------------------------------------------
 
 
-def test_a_cluster_address_nobody_answers_at_fails_fast() -> None:
+def test_a_cluster_address_nobody_answers_at_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+    monkeypatch.setattr(import_ray(), "is_initialized", lambda: False)  # connect() must try
+    monkeypatch.setenv("RAY_ADDRESS", f"ray://127.0.0.1:{port}")
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", "auto"):
         with pytest.raises(RayClusterError, match=f"^Nothing answers at 127.0.0.1:{port} .*use --ray local.$"):
-            check_reachable(address, timeout_s=2)
+            connect(address)
     check_reachable("auto")  # left to Ray: RAY_ADDRESS or the cluster `ray start` runs here
 
 
