@@ -2,7 +2,7 @@
 
 Ray writes runtime environments (environment variables included) to ``runtime_env_agent.log``
 on every node, keeps task arguments in task specs, and may spill object-store objects to
-files under its session directory when memory runs short. A value that only ever travels
+files under its temp directory when memory runs short. A value that only ever travels
 as a small actor-call argument or return value does none of that: Ray sends such values
 inline over its RPCs and keeps them in the memory of the processes involved. So the driver
 hands the token to this actor once (``set``), and each task asks for it (``get``) and keeps it
