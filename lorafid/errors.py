@@ -115,6 +115,10 @@ class CatalogueError(LorafidError):
     """A batch catalogue (CSV or YAML list of pairs) is malformed: the message names the row and field."""
 
 
+class RayClusterError(LorafidError):
+    """The Ray cluster of a batch cannot be joined: nobody answers, or it refuses our token (or our lack of one)."""
+
+
 class MissingExtraError(LorafidError):
     """An optional dependency is not installed; the message names the ``pip install lorafid[...]`` extra."""
 
