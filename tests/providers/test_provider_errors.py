@@ -90,5 +90,5 @@ def test_a_host_that_does_not_resolve_says_so() -> None:
     client = OpenAIClient(
         "http://provider.invalid/v1", None, budget=RequestBudget(5), transport=httpx2.MockTransport(unknown)
     )
-    with client, pytest.raises(ProviderError, match="provider.invalid: no such host: check the URL"):
+    with client, pytest.raises(ProviderError, match=r"provider\.invalid: no such host: check the URL"):
         client.post("/completions", {"model": "m"})
