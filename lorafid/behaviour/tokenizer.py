@@ -36,9 +36,10 @@ TOKENIZER_SIDE_FILES: tuple[str, ...] = (
     "chat_template.jinja",
     "chat_template.json",
 )
-# Parsing costs ~0.7 s and ~27 MB of memory per MB of tokenizer.json (a 62 MB one took 45 s and
-# 1.7 GB). The families the check runs have 7-10 MB ones (Qwen2.5's 152k tokens: 7 MB, Llama 3's
-# 128k: 9 MB); 20 MB leaves room and bounds a load to ~15 s and ~0.55 GB.
+# Parsing is slow and memory-hungry: a 62 MB tokenizer.json took 45 s and 1.7 GB; a 20 MB BPE one
+# (498k tokens and merges) loads in ~10 s with a peak of ~0.6 GB (measured on 2 busy CPU cores).
+# The families the check runs have 7-10 MB ones (Qwen2.5's 152k tokens: 7 MB, Llama 3's 128k:
+# 9 MB): 20 MB leaves them room and bounds what one visitor's repo can cost.
 MAX_TOKENIZER_BYTES = 20 * 2**20
 MAX_SIDE_FILE_BYTES = 4 * 2**20  # tokenizer_config.json lists added tokens: ~1 MB for 256k of them
 

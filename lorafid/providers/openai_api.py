@@ -280,8 +280,10 @@ class OpenAIClient:
                 if isinstance(e, _TooLarge):
                     raise ProviderError(f"{_host(url)} answered more than {MAX_RESPONSE_BYTES} bytes.") from None
                 if isinstance(e, httpx2.ConnectError):  # nothing listens there: retrying will not help
+                    unknown = any(w in str(e) for w in ("Name or service", "nodename", "getaddrinfo", "resolve"))
+                    why = "no such host" if unknown else "connection refused"
                     raise ProviderError(
-                        f"{_shown(url)}: connection refused: check the URL (host and port) and that the server runs."
+                        f"{_shown(url)}: {why}: check the URL (host and port) and that the server runs."
                     ) from None
                 raise Transient(type(e).__name__) from None
             return _decode(status, raw, url, response.headers.get("retry-after"), model)

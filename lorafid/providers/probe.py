@@ -242,7 +242,8 @@ class Probe:
         self._report: ProbeReport | None = None
 
     def plan(self) -> ProbePlan:
-        """Resolve both repos, load the fine-tune's tokenizer, count requests and tokens."""
+        """Resolve both repos, check them against the config and header limits (``check_models``),
+        load the fine-tune's tokenizer, count requests and tokens: nothing is sent to the provider."""
         if self._plan is None:
             from lorafid.behaviour.forward import check_models
             from lorafid.behaviour.tokenizer import load_tokenizer

@@ -82,3 +82,14 @@ def test_a_wrong_model_name_says_the_endpoint_does_not_serve_it(hub: Any, pair: 
     with pytest.raises(ProviderError, match="does not serve model 'org/no-such-model'"):
         run_to_end(probe)
     assert len(server.requests) == 1  # the first answer said so: no other channel was tried
+
+
+def test_a_host_that_does_not_resolve_says_so() -> None:
+    def unknown(request: httpx2.Request) -> httpx2.Response:
+        raise httpx2.ConnectError("[Errno -2] Name or service not known", request=request)
+
+    client = OpenAIClient(
+        "http://provider.invalid/v1", None, budget=RequestBudget(5), transport=httpx2.MockTransport(unknown)
+    )
+    with client, pytest.raises(ProviderError, match=r"provider\.invalid: no such host: check the URL"):
+        client.post("/completions", {"model": "m"})
