@@ -129,13 +129,14 @@ def results_table(outcomes: Sequence[PairOutcome], default_rank: int = 64) -> li
 
 def _row(outcome: PairOutcome, rank: int) -> TableRow:
     pair, report = outcome.pair, outcome.report
+    given = {"status": outcome.status, "nodes": nodes_text(outcome)}  # every row's, run or not
     if report is None:
         return TableRow(
             pair.name,
             pair.base,
             pair.finetune,
             rank,
-            status=outcome.status,
+            **given,
             loss=None,
             energy_retained=None,
             weight_rel_error=None,
@@ -147,7 +148,6 @@ def _row(outcome: PairOutcome, rank: int) -> TableRow:
             gallery_ref=None,
             report_file=None,
             error=outcome.error or ("not run: the batch was interrupted" if outcome.status == "pending" else None),
-            nodes=nodes_text(outcome),
         )
     summary = report.with_rank(rank).summary()
     return TableRow(
@@ -155,7 +155,7 @@ def _row(outcome: PairOutcome, rank: int) -> TableRow:
         pair.base,
         pair.finetune,
         rank,
-        status=outcome.status,
+        **given,
         loss=1.0 - summary.overall.energy_retained,
         energy_retained=summary.overall.energy_retained,
         weight_rel_error=summary.overall.weight_rel_error,
@@ -167,7 +167,6 @@ def _row(outcome: PairOutcome, rank: int) -> TableRow:
         gallery_ref=f"store:{outcome.key}" if outcome.key else None,
         report_file=outcome.report_file,
         error=None,
-        nodes=nodes_text(outcome),
     )
 
 
