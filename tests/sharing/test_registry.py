@@ -801,7 +801,7 @@ def test_dashboard_table_of_providers_sorts_filters_links_and_keeps_nothing_priv
             assert secret not in everything
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
     capsys.readouterr()
-    assert main(["open", REGISTRY, "--providers", "other.example.org"]) == 0
+    assert main(["open", "--providers", REGISTRY, "--host", "other.example.org"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("other.example.org · served/model  [logprobs, 3 requests, ")
     assert (

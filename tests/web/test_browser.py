@@ -202,6 +202,18 @@ def test_example_is_readable_on_desktop_and_phone(
 
 # -- issue 20: results in view, Stop's gallery row, every tab on a phone ------------------------------
 
+
+def start_audit(browser: object, url: str, timeout_ms: int = 30_000) -> object:
+    """A 1400x900 page of ``url`` with org/base and org/tuned typed in and Run audit pressed."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})  # type: ignore[attr-defined]
+    page.set_default_timeout(timeout_ms)
+    page.goto(url)
+    page.get_by_label("Base model").fill("org/base")
+    page.get_by_label("Fine-tuned model").fill("org/tuned")
+    page.get_by_role("button", name="Run audit").click()
+    return page
+
+
 IN_VIEW_JS = """(sel) => { const r = document.querySelector(sel).getBoundingClientRect();
   return {top: r.top, height: window.innerHeight, scrolled: window.scrollY}; }"""
 
@@ -209,15 +221,10 @@ IN_VIEW_JS = """(sel) => { const r = document.querySelector(sel).getBoundingClie
 def test_run_audit_and_a_permalink_bring_the_results_into_view(browser: object, page_url: str) -> None:
     """At 1400x900 the progress line and charts appeared ~1,200 px below the fold, under the open
     gallery; a permalink opened at the top. Both now show the results on the first screen."""
-    page = browser.new_page(viewport={"width": 1400, "height": 900})  # type: ignore[attr-defined]
-    page.set_default_timeout(30_000)
-    page.goto(page_url)
-    page.get_by_label("Base model").fill("org/base")
-    page.get_by_label("Fine-tuned model").fill("org/tuned")
-    page.get_by_role("button", name="Run audit").click()
+    page = start_audit(browser, page_url)
     wait_for_text(page, "#progress", "Done:")
-    page.wait_for_selector("#heatmap .js-plotly-plot")
-    page.wait_for_timeout(500)
+    page.wait_for_selector("#heatmap .js-plotly-plot")  # type: ignore[attr-defined]
+    page.wait_for_timeout(500)  # type: ignore[attr-defined]
     shown = page.evaluate(IN_VIEW_JS, "#progress")
     assert -5 <= shown["top"] < shown["height"] / 2, shown  # the progress line on the first screen
     assert page.locator("#gallery").is_hidden()  # the gallery folded away once the audit ran
@@ -246,12 +253,7 @@ def test_stop_leaves_a_gallery_row_that_reads_what_the_page_shows(
     hub.add_repo("org/tuned", shard_files(tuned, 2, offset=1))
     config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "home", examples_dir=tmp_path / "examples")
     with serve(config) as url, hub.inject(slow_bytes_per_s=20_000):
-        page = browser.new_page(viewport={"width": 1400, "height": 900})  # type: ignore[attr-defined]
-        page.set_default_timeout(60_000)
-        page.goto(url)
-        page.get_by_label("Base model").fill("org/base")
-        page.get_by_label("Fine-tuned model").fill("org/tuned")
-        page.get_by_role("button", name="Run audit").click()
+        page = start_audit(browser, url, 60_000)
         wait_for_text(page, "#progress", "matrices ·", 60_000)
         page.get_by_role("button", name="Stop").click()
         wait_for_text(page, "#progress", "Stopped.")
