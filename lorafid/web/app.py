@@ -49,6 +49,13 @@ from lorafid.web.tabs.provider import ProviderTab
 from lorafid.web.tabs.results import ResultsTab
 from lorafid.web.uploads import RefuseUploads
 
+# A rank typed above the slider's maximum (the audit's largest full rank) is sent as that maximum:
+# Gradio refuses a value above a slider's maximum before any handler runs ("Error" on the page,
+# a traceback in the log), and the words for it ("Full rank (32) keeps everything") are ours.
+CLAMP_RANK_JS = (
+    "(...args) => { const max = Number(document.querySelector('#rank input[type=range]')?.max); "
+    "return args.map((v, i) => i === RANK && Number.isFinite(max) && v > max ? max : v); }"
+)
 SCROLL_TO_RESULTS_JS = "() => document.querySelector('#heatmap')?.scrollIntoView({block: 'start'})"
 SCROLL_TO_PROGRESS_JS = "() => document.querySelector('#progress')?.scrollIntoView({block: 'start'})"
 # A permalink that opened a result scrolls to it; a bare page stays at the top.
@@ -167,13 +174,21 @@ class Dashboard(AuditTab, AdapterTab, BehaviourTab, ProviderTab, ResultsTab):
             self.rerender,
             [self.ref, self.rank, self.metric],
             view,
+            js=CLAMP_RANK_JS.replace("RANK", "1"),
             api_name="rerank",
             trigger_mode="always_last",
             show_progress="hidden",
             queue=False,
         )
         self.provider_rank.input(int, self.provider_rank, self.rank, api_visibility="private", queue=False)
-        self.rank.change(provider_choice, self.rank, self.provider_rank, api_visibility="private", queue=False)
+        self.rank.change(
+            provider_choice,
+            self.rank,
+            self.provider_rank,
+            js=CLAMP_RANK_JS.replace("RANK", "0"),
+            api_visibility="private",
+            queue=False,
+        )
         self.gallery.click(
             self.open_entry,
             [self.gallery, self.refs, self.rank, self.metric],

@@ -116,6 +116,14 @@ def test_run_move_rank_download_and_permalink(browser: object, page_url: str, tm
     assert opened.get_by_label("Fine-tuned model").input_value() == "org/tuned"
     assert opened.locator("#rank input[type=number]").input_value() == "4"
 
+    # A rank typed above the slider's maximum reads as full rank: no "Error" from Gradio's own check.
+    box = opened.locator("#rank input[type=number]")
+    box.fill("64")
+    box.press("Enter")
+    wait_for_text(opened, "#summary", "Full rank (32) keeps everything")
+    opened.wait_for_timeout(1000)  # an error toast would have come with the answer
+    assert opened.locator(".toast-body").count() == 0, opened.locator(".toast-body").all_inner_texts()
+
 
 def test_bundled_example_opens_from_the_gallery(browser: object, hub: HubServer, tmp_path: Path) -> None:
     config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "home")  # the bundled examples
