@@ -7,6 +7,7 @@ there is no registry, nothing is published and the tab is not shown.
 """
 
 import atexit
+from collections.abc import Sequence
 from typing import Any
 
 import gradio as gr
@@ -104,20 +105,9 @@ class ResultsTab:
             "change kept at typical provider ranks, the rank needed for 90%, links to both repos at the audited "
             "commits and to the full result. Click a column header to sort."
         )
-        with gr.Row():
-            self.results_base = gr.Dropdown(["All base models"], value="All base models", label="Base model", scale=3)
-            refresh = gr.Button("Refresh", scale=1)
-        self.results_note = gr.Markdown("", elem_id="results-note")
-        self.results = gr.Dataframe(
-            headers=list(TABLE_HEADERS),
-            datatype=list(TABLE_TYPES),
-            interactive=False,
-            wrap=True,
-            column_widths=list(TABLE_WIDTHS),
-            elem_id="results-table",
+        self.results_base, refresh, self.results_note, self.results, self.results_cards = filtered_table(
+            "results", "Base model", "All base models", TABLE_HEADERS, TABLE_TYPES, TABLE_WIDTHS
         )
-        # A phone gets one card per row (CSS shows these, hides the table): 12 columns do not fit 390 px.
-        self.results_cards = gr.HTML(elem_id="results-cards", elem_classes="phone-cards")
         outputs = [self.results, self.results_base, self.results_note, self.results_cards]
         gr.on(
             [demo.load, refresh.click, self.results_base.input],
@@ -134,19 +124,9 @@ class ResultsTab:
             "both repos at the checked commits and links to the full check. Click a column header to sort; link one "
             "provider with `?provider=<host>`.",
         )
-        with gr.Row():
-            self.providers_host = gr.Dropdown(["All providers"], value="All providers", label="Provider", scale=3)
-            refresh_providers = gr.Button("Refresh", scale=1)
-        self.providers_note = gr.Markdown("", elem_id="providers-note")
-        self.providers = gr.Dataframe(
-            headers=list(PROVIDER_HEADERS),
-            datatype=list(PROVIDER_TYPES),
-            interactive=False,
-            wrap=True,
-            column_widths=list(PROVIDER_WIDTHS),
-            elem_id="providers-table",
+        self.providers_host, refresh_providers, self.providers_note, self.providers, self.providers_cards = (
+            filtered_table("providers", "Provider", "All providers", PROVIDER_HEADERS, PROVIDER_TYPES, PROVIDER_WIDTHS)
         )
-        self.providers_cards = gr.HTML(elem_id="providers-cards", elem_classes="phone-cards")
         provider_query = gr.Textbox(visible=False)
         provider_outputs = [self.providers, self.providers_host, self.providers_note, self.providers_cards]
         demo.load(
@@ -230,3 +210,30 @@ class ResultsTab:
             self.providers_note: note,
             self.providers_cards: cards_html(list(PROVIDER_HEADERS), list(PROVIDER_TYPES), rows),
         }
+
+
+def filtered_table(
+    name: str,
+    label: str,
+    everything: str,
+    headers: Sequence[str],
+    types: Sequence[Any],
+    widths: Sequence[Any],
+) -> tuple[gr.Dropdown, gr.Button, gr.Markdown, gr.Dataframe, gr.HTML]:
+    """A published table's widgets: its filter (``everything`` first), Refresh, a note, the table
+    (``#{name}-table``, sortable by its headers) and its phone cards (``#{name}-cards``: CSS shows
+    these and hides the table under 640 px, where a dozen columns do not fit)."""
+    with gr.Row():
+        choice = gr.Dropdown([everything], value=everything, label=label, scale=3)
+        refresh = gr.Button("Refresh", scale=1)
+    note = gr.Markdown("", elem_id=f"{name}-note")
+    table = gr.Dataframe(
+        headers=list(headers),
+        datatype=list(types),
+        interactive=False,
+        wrap=True,
+        column_widths=list(widths),
+        elem_id=f"{name}-table",
+    )
+    cards = gr.HTML(elem_id=f"{name}-cards", elem_classes="phone-cards")
+    return choice, refresh, note, table, cards
