@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,7 @@ from lorafid.batch.secret import SecretHolder
 from lorafid.batch.tasks import PairResult, PairTask, audit_task, part_task
 from lorafid.compute import ComputeHook
 from lorafid.errors import LorafidError
+from lorafid.progress import Progress, run_to_end
 
 _POLL_S = 0.5  # how often the driver looks at progress while no task finishes
 
@@ -108,14 +109,20 @@ class BatchOptions:
 
 
 @dataclass(frozen=True)
-class BatchProgress:
-    """The driver's view after each event, for one progress bar."""
+class BatchProgress(Progress):
+    """The driver's view after each event (``lorafid.progress``), for one progress bar: stage
+    "pairs", ``done`` of ``total`` pairs finished (complete, failed or taken from the store)."""
 
-    done: int  # pairs finished (complete, failed or taken from the store)
-    total: int
-    failed: int
-    bytes_done: int  # weights streamed by running and finished tasks (as last reported)
-    bytes_total: int  # of the pairs planned so far
+    failed: int = 0
+    bytes_done: int = 0  # weights streamed by running and finished tasks (as last reported)
+    bytes_total: int = 0  # of the pairs planned so far
+
+    @classmethod
+    def of(cls, done: int, total: int, failed: int, bytes_done: int, bytes_total: int) -> BatchProgress:
+        """A step, its ``message`` in words ("3/10 pairs, 1 failed, 2.10 of 5.00 GB")."""
+        message = f"{done}/{total} pairs{f', {failed} failed' if failed else ''}, "
+        message += f"{bytes_done / 1e9:.2f} of {bytes_total / 1e9:.2f} GB"
+        return cls("pairs", done, total, 0.0, message, failed, bytes_done, bytes_total)
 
 
 @dataclass
@@ -127,56 +134,76 @@ class _Plan:
     fresh: set[int] = field(default_factory=set)  # pairs whose stored results came from another Hub
 
 
-def run_batch(
-    pairs: Sequence[CataloguePair],
-    options: BatchOptions | None = None,
-    *,
-    out: Path | None = None,
-    on_progress: Callable[[BatchProgress], None] | None = None,
-) -> BatchResult:
-    """Audit every pair on Ray (starting a local instance if none is connected).
+class Batch:
+    """Audit every pair on Ray (starting a local instance if none is connected), as every long
+    job does (``lorafid.progress``): ``run()`` yields ``BatchProgress``, ``report()`` returns
+    the ``BatchResult``.
 
     Each finished pair is written to ``out/pairs/`` at once; ``out/table.csv`` and
-    ``out/table.json`` at the end, also after Ctrl-C (the result is then ``interrupted``, its
-    unfinished pairs ``pending``, and their computed matrices kept in the store).
+    ``out/table.json`` at the end, also after Ctrl-C or when the caller stops iterating
+    ``run()`` (the result is then ``interrupted``, its unfinished pairs ``pending``, and their
+    computed matrices kept in the store).
     """
-    options = options or BatchOptions()
-    ray = import_ray()
-    connect()
-    store = Store(options.store_home)
-    index = ReuseIndex(store.home)
-    token = options.token or _driver_token()
-    outcomes: dict[int, PairOutcome] = {}
-    todo: list[int] = []
-    driver: _Driver | None = None
-    interrupted = False
-    try:
-        plan = _plan(pairs, options, token)
-        for i, pair in enumerate(pairs):
-            stored = None if options.fresh else _stored_complete(store, index, plan, i, options)
-            if stored is None:
-                todo.append(i)
-                continue
-            key, report = stored
-            outcomes[i] = write_pair(out, i, pair, _first_rank(pair, options), key, report, from_store=True)
-        plan.fresh = {i for i in todo if _from_another_hub(index, plan, i) and not options.fresh}
-        driver = _Driver(ray, pairs, options, store, out, outcomes, on_progress, token=token, plan=plan, index=index)
-        driver.run(todo)
-    except KeyboardInterrupt:
-        interrupted = True
-        if driver is not None:
-            driver.cancel()
-    finally:
-        if driver is not None:
-            driver.close()
-        index.close()
-        store.close()
-    result = BatchResult(
-        tuple(outcomes.get(i, PairOutcome(i, pair, "pending")) for i, pair in enumerate(pairs)), interrupted
-    )
-    if out is not None:
-        write_table(result.table(options.rank), out)
-    return result
+
+    def __init__(self, pairs: Sequence[CataloguePair], options: BatchOptions | None = None, *, out: Path | None = None):
+        self.pairs, self.options, self.out = pairs, options or BatchOptions(), out
+        self._result: BatchResult | None = None
+
+    def run(self) -> Generator[BatchProgress, None, None]:
+        pairs, options, out = self.pairs, self.options, self.out
+        ray = import_ray()
+        connect()
+        store = Store(options.store_home)
+        index = ReuseIndex(store.home)
+        token = options.token or _driver_token()
+        outcomes: dict[int, PairOutcome] = {}
+        todo: list[int] = []
+        driver: _Driver | None = None
+        interrupted = False
+        try:
+            plan = _plan(pairs, options, token)
+            for i, pair in enumerate(pairs):
+                stored = None if options.fresh else _stored_complete(store, index, plan, i, options)
+                if stored is None:
+                    todo.append(i)
+                    continue
+                key, report = stored
+                outcomes[i] = write_pair(out, i, pair, _first_rank(pair, options), key, report, from_store=True)
+            plan.fresh = {i for i in todo if _from_another_hub(index, plan, i) and not options.fresh}
+            driver = _Driver(ray, pairs, options, store, out, outcomes, token=token, plan=plan, index=index)
+            yield from driver.run(todo)
+        except (KeyboardInterrupt, GeneratorExit) as stop:  # Ctrl-C, or the caller stopped iterating
+            interrupted = True
+            if driver is not None:
+                driver.cancel()
+            if isinstance(stop, GeneratorExit):
+                raise
+        finally:
+            if driver is not None:
+                driver.close()
+            index.close()
+            store.close()
+            statuses = (outcomes.get(i, PairOutcome(i, pair, "pending")) for i, pair in enumerate(pairs))
+            self._result = BatchResult(tuple(statuses), interrupted)
+            if out is not None:
+                write_table(self._result.table(options.rank), out)
+
+    def report(self) -> BatchResult:
+        """The batch's result, once ``run()`` has ended (or was stopped).
+
+        Raises:
+            LorafidError: ``run()`` was not started.
+        """
+        if self._result is None:
+            raise LorafidError("The batch has not run: iterate Batch.run() first.")
+        return self._result
+
+
+def run_batch(
+    pairs: Sequence[CataloguePair], options: BatchOptions | None = None, *, out: Path | None = None
+) -> BatchResult:
+    """A whole batch, unwatched (``Batch``'s one-call form)."""
+    return run_to_end(Batch(pairs, options, out=out))
 
 
 def _plan(pairs: Sequence[CataloguePair], options: BatchOptions, token: str | None) -> _Plan:
@@ -203,7 +230,6 @@ class _Driver:
         store: Store,
         out: Path | None,
         outcomes: dict[int, PairOutcome],
-        on_progress: Callable[[BatchProgress], None] | None,
         *,
         token: str | None = None,
         plan: _Plan | None = None,
@@ -211,7 +237,6 @@ class _Driver:
     ) -> None:
         self.ray, self.pairs, self.options, self.store, self.out = ray, pairs, options, store, out
         self.outcomes = outcomes
-        self.on_progress = on_progress
         self.plan = plan or _Plan(hub_endpoint(options.endpoint), {})
         self.index = index
         gpus = options.gpus_per_task
@@ -235,7 +260,7 @@ class _Driver:
         self.finals: dict[Any, int] = {}  # ref of a pair's report -> catalogue index
         self._labels: dict[str, str] = {}  # node ID -> its label in the table
 
-    def run(self, todo: list[int]) -> None:
+    def run(self, todo: list[int]) -> Iterator[BatchProgress]:
         queue: deque[tuple[int, int, int]] = deque()  # (index, part, parts); part == parts: the report task
         for index in todo:
             parts = self.pairs[index].split or self.options.split
@@ -244,7 +269,7 @@ class _Driver:
         part_refs: dict[int, list[Any]] = {}
         if todo and self.options.progress:
             self.board = self._start_board()
-        self._progress()
+        yield self._progress()
         while queue or self.finals:
             while queue and (queue[0][1] == queue[0][2] > 1 or len(self.streaming) < self.options.max_concurrent):
                 index, part, parts = queue.popleft()
@@ -263,7 +288,7 @@ class _Driver:
                 self.streaming.discard(ref)
                 if ref in self.finals:
                     self._collect(ref, self.finals.pop(ref))
-            self._progress()
+            yield self._progress()
 
     def close(self) -> None:
         for actor in (self.board, *self.secret):
@@ -346,9 +371,7 @@ class _Driver:
                 self._labels.update({str(n.get("NodeID")): node_label(n) for n in self.ray.nodes()})
         return self._labels.get(node_id, f"? [{node_id[:8]}]")
 
-    def _progress(self) -> None:
-        if self.on_progress is None:
-            return
+    def _progress(self) -> BatchProgress:
         if self.board is not None:
             # Never wait on the board: the actor takes seconds to start, and the tasks must not.
             try:
@@ -370,7 +393,7 @@ class _Driver:
         done = finished + sum(d for d, _ in running)
         total = finished + sum(t for _, t in running)
         failed = sum(o.status == "failed" for o in self.outcomes.values())
-        self.on_progress(BatchProgress(len(self.outcomes), len(self.pairs), failed, done, total))
+        return BatchProgress.of(len(self.outcomes), len(self.pairs), failed, done, total)
 
 
 # -- results -------------------------------------------------------------------------------

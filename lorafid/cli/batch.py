@@ -77,13 +77,17 @@ def run_batch(args: argparse.Namespace) -> int:
     )
     bar = tqdm(total=len(pairs), unit="pair", desc="batch", disable=args.quiet)
 
-    def show(p: batch.BatchProgress) -> None:
-        bar.update(p.done - bar.n)
-        failed = f", {p.failed} failed" if p.failed else ""
-        bar.set_postfix_str(f"{p.bytes_done / 1e9:.2f}/{p.bytes_total / 1e9:.2f} GB{failed}", refresh=True)
-
+    job = batch.Batch(pairs, options, out=args.out)
+    steps = job.run()
     with bar:
-        result = batch.run_batch(pairs, options, out=args.out, on_progress=show)
+        try:
+            for p in steps:
+                bar.update(p.done - bar.n)
+                failed = f", {p.failed} failed" if p.failed else ""
+                bar.set_postfix_str(f"{p.bytes_done / 1e9:.2f}/{p.bytes_total / 1e9:.2f} GB{failed}", refresh=True)
+        except KeyboardInterrupt:  # between two steps: stopping the job keeps what it finished
+            steps.close()
+    result = job.report()
     rows = result.table(args.rank)
     if not args.quiet:
         print(describe_table(rows))

@@ -29,7 +29,7 @@ from lorafid.audit.report import load_spectra
 from lorafid.audit.store import Store
 from lorafid.batch.catalogue import CataloguePair, load_catalogue, parse_csv, parse_yaml
 from lorafid.batch.cluster import check_reachable, connect, import_ray
-from lorafid.batch.driver import BatchOptions, BatchProgress, _Driver, _keep, run_batch
+from lorafid.batch.driver import Batch, BatchOptions, BatchProgress, _Driver, _keep, run_batch
 from lorafid.cli.commands import main
 from lorafid.errors import CatalogueError, LorafidError, MissingExtraError, RayClusterError
 from tests.hub_server import HubServer
@@ -291,7 +291,7 @@ def test_token_reaches_tasks_through_their_environment_only(
     assert not any(r.has_authorization for r in hub.requests_matching(origin="cdn"))
     # What Ray receives as the task's arguments holds no token, nor its options: tasks ask the
     # driver's holder actor for it.
-    driver = _Driver(ray_local, pairs, options, Store(home), None, {}, None, token=secret)
+    driver = _Driver(ray_local, pairs, options, Store(home), None, {}, token=secret)
     assert secret.encode() not in pickle.dumps(driver._task(0))
     assert "runtime_env" not in driver.task_options and secret not in repr(driver.task_options)
     assert [type(actor).__name__ for actor in driver.secret] == ["ActorHandle"]
@@ -459,9 +459,9 @@ def test_concurrency_cap_runs_one_pair_at_a_time_and_ctrl_c_leaves_pairs_pending
     options = BatchOptions(
         rank=RANK, endpoint=hub.endpoint, store_home=tmp_path / "home", max_concurrent=1, compute=Recorder(log)
     )
-    seen: list[BatchProgress] = []
-
-    result = run_batch(pairs, replace(options, progress=True), on_progress=seen.append)
+    job = Batch(pairs, replace(options, progress=True))
+    seen: list[BatchProgress] = list(job.run())
+    result = job.report()
 
     assert [o.status for o in result.outcomes] == ["complete", "complete"]
     spans = []
@@ -480,18 +480,16 @@ def test_concurrency_cap_runs_one_pair_at_a_time_and_ctrl_c_leaves_pairs_pending
     )
     assert seen[-1].bytes_done == seen[-1].bytes_total == planned
 
-    # Ctrl-C while the first task runs: it is cancelled, both pairs stay pending, the table says so.
-    # The interrupt comes at the driver's second look (after one 0.5 s poll); each matrix now takes
-    # 0.5 s, so the first pair (8 matrices) cannot have finished by then, however fast the machine.
-    calls = iter(range(10**6))
-
-    def interrupt(progress: BatchProgress) -> None:
-        if next(calls) == 1:
-            raise KeyboardInterrupt
-
+    # Ctrl-C while the first task runs (the caller stops the job): it is cancelled, both pairs stay
+    # pending, the table says so. The stop comes at the driver's second look (after one 0.5 s poll);
+    # each matrix now takes 0.5 s, so the first pair (8 matrices) cannot have finished by then.
     out = tmp_path / "out"
     slow = replace(options, fresh=True, progress=False, compute=Recorder(log, pause_s=0.5))
-    stopped = run_batch(pairs, slow, out=out, on_progress=interrupt)
+    job = Batch(pairs, slow, out=out)
+    steps = job.run()
+    next(steps), next(steps)
+    steps.close()
+    stopped = job.report()
     assert stopped.interrupted and [o.status for o in stopped.outcomes] == ["pending", "pending"]
     rows = json.loads((out / "table.json").read_text())["rows"]
     assert [(r["status"], r["error"]) for r in rows] == [("pending", "not run: the batch was interrupted")] * 2
@@ -502,11 +500,11 @@ def test_tasks_ask_for_a_gpu_when_the_cluster_has_one(
 ) -> None:
     pairs = [CataloguePair("org/base", "org/ft")]
     store = Store(tmp_path)
-    assert _Driver(ray_local, pairs, BatchOptions(), store, None, {}, None).task_options["num_gpus"] == 0
+    assert _Driver(ray_local, pairs, BatchOptions(), store, None, {}).task_options["num_gpus"] == 0
     monkeypatch.setattr(ray_local, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
-    assert _Driver(ray_local, pairs, BatchOptions(), store, None, {}, None).task_options["num_gpus"] == 1
+    assert _Driver(ray_local, pairs, BatchOptions(), store, None, {}).task_options["num_gpus"] == 1
     chosen = BatchOptions(gpus_per_task=0, cpus_per_task=4)
-    assert _Driver(ray_local, pairs, chosen, store, None, {}, None).task_options == {
+    assert _Driver(ray_local, pairs, chosen, store, None, {}).task_options == {
         "num_cpus": 4,
         "num_gpus": 0,
         "max_retries": 3,
@@ -568,15 +566,15 @@ def test_losing_the_progress_board_only_stops_the_byte_counts(ray_local: Any, tm
     """The board is an actor: its node may die. The driver then goes on without byte counts."""
     seen: list[BatchProgress] = []
     pairs = [CataloguePair("org/base", "org/ft")]
-    driver = _Driver(ray_local, pairs, BatchOptions(), Store(tmp_path), None, {}, seen.append)
+    driver = _Driver(ray_local, pairs, BatchOptions(), Store(tmp_path), None, {})
     driver.board = driver._start_board()
     assert ray_local.get(driver.board.snapshot.remote()) == {}
     ray_local.kill(driver.board)
     for _ in range(20):  # the first call asks the dead board, a later one finds the answer failed
-        driver._progress()
+        seen.append(driver._progress())
         if driver.board is None:
             break
         time.sleep(0.1)
     assert driver.board is None
-    assert seen[-1] == BatchProgress(0, 1, 0, 0, 0)
+    assert (seen[-1].done, seen[-1].total, seen[-1].failed, seen[-1].bytes_done) == (0, 1, 0, 0)
     driver.close()  # nothing left to stop: no error either
