@@ -10,7 +10,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from lorafid.audit.engine import AuditConfig
 from lorafid.errors import LorafidError
@@ -18,9 +18,6 @@ from lorafid.names import InvalidRanksError, parse_ranks
 from lorafid.providers.quantize import SCHEMES
 
 T = TypeVar("T", int, float)
-
-if TYPE_CHECKING:
-    pass
 
 
 def rank_list(text: str) -> tuple[int, ...]:

@@ -7,15 +7,11 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from lorafid.cli.arguments import add_verbose, check_writable, positive_int, rank_list
 from lorafid.errors import LorafidError
-
-if TYPE_CHECKING:
-    pass
 
 
 def add_behave(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

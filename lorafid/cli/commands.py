@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, cast
+from typing import NoReturn, cast
 
 from lorafid import __version__
 from lorafid.cli.arguments import add_output_options, add_verbose, configure_logging, positive_int, regex
@@ -24,9 +24,6 @@ from lorafid.cli.extract import add_extract, run_extract
 from lorafid.cli.probe import add_probe, run_probe
 from lorafid.cli.registry import add_registry, open_registry, run_verify
 from lorafid.errors import LorafidError
-
-if TYPE_CHECKING:
-    pass
 
 
 class Parser(argparse.ArgumentParser):

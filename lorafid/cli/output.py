@@ -9,7 +9,7 @@ import os
 import re
 import stat
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tqdm import tqdm
 
@@ -17,10 +17,6 @@ from lorafid.audit.engine import AuditProgress
 from lorafid.audit.report import Report, save_spectra, spectra_path
 from lorafid.audit.summary import aggregate_rank_for_energy, percent
 from lorafid.errors import LorafidError
-
-if TYPE_CHECKING:
-    pass
-
 
 REASON_NOUNS: dict[str, tuple[str, str]] = {
     "embedding": ("embedding", "embeddings"),

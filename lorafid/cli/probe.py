@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -17,9 +16,6 @@ from lorafid.providers.probe import ALL_CHANNELS, DEFAULT_QUANTIZED
 from lorafid.providers.quantize import SCHEMES
 from lorafid.providers.text_channel import MAX_SAMPLES, MAX_TOKENS_CAP, TEXT
 from lorafid.retry import RetryPolicy
-
-if TYPE_CHECKING:
-    pass
 
 
 def add_probe(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -290,11 +290,8 @@ def module_lines(report: Report, metric: str = "energy_retained") -> go.Figure:
         xaxis={"title": "layer", "nticks": 8},
         yaxis=yaxis,
         height=460,
-        margin={"l": 50, "r": 20, "t": 60, "b": 40},
-        legend=_LEGEND_BELOW,
-        hovermode="closest",
     )
-    _empty_note(fig, report)
+    _finish_lines(fig, report)
     return fig
 
 
@@ -401,11 +398,8 @@ def loss_curves(report: Report, metric: str = "energy_retained") -> go.Figure:
             **_log_ticks(low, high),
         },
         height=500,
-        margin={"l": 50, "r": 20, "t": 60, "b": 40},
-        legend=_LEGEND_BELOW,
-        hovermode="closest",
     )
-    _empty_note(fig, report)
+    _finish_lines(fig, report)
     return fig
 
 
@@ -532,7 +526,10 @@ def _progress_note(report: Report) -> str:
     return f" ({done}/{done + len(report.pending)} matrices)"
 
 
-def _empty_note(fig: go.Figure, report: Report) -> None:
+def _finish_lines(fig: go.Figure, report: Report) -> None:
+    """What every line chart of an audit shares: margins, the legend below, nearest-point hover,
+    and a note while no matrix is done yet."""
+    fig.update_layout(margin={"l": 50, "r": 20, "t": 60, "b": 40}, legend=_LEGEND_BELOW, hovermode="closest")
     if not report.matrices:
         fig.add_annotation(text="waiting for the first matrix…", showarrow=False, xref="paper", yref="paper")
 
