@@ -253,3 +253,70 @@ def test_exactly_low_rank_float32_eigenvalues_are_flagged() -> None:
         values = torch.linalg.eigvalsh(delta.T @ delta)
     assert int((values < 0).sum()) > 100  # a Gram matrix has none: all rounding
     assert sp.float32_noise_share(values) > 10 * sp.FLOAT32_NOISE_BUDGET
+
+
+def _svd_truncation(delta64: torch.Tensor, rank: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(delta64, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+@pytest.mark.parametrize("kind", ["full", "decaying", "low_rank", "zero"])
+@pytest.mark.parametrize("shape", [(384, 256), (256, 384)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_variant_weights_match_the_float64_svd_truncation(
+    kind: str, shape: tuple[int, int], dtype: torch.dtype
+) -> None:
+    """The served weight W_base + Δ_r within 1e-6 relative of the float64 SVD's, at every rank a
+    variant asks, by the solver each kind should take; Δ_r itself within 2e-6 of ‖Δ‖ (what the
+    float64 refinement is for: unrefined float32 directions of the decaying Δ are ~1e-5 off)."""
+    base, finetune = make_pair(kind, shape, dtype)
+    delta64 = finetune.double() - base.double()
+    spectrum, decomposition = sp.decompose(base, finetune, max_rank=64)
+    expected_solver = {"full": "float32-refined", "decaying": "float32-refined", "low_rank": "float64"}
+    if kind == "zero":
+        assert spectrum.unchanged and decomposition.max_rank == 0
+    else:
+        assert decomposition.solver == expected_solver[kind] and decomposition.max_rank == 64
+    ranks = [1, 4, 8, 16, 40, 64, 256, 1000]
+    if kind == "low_rank" and dtype == torch.bfloat16:
+        # Beyond its rank 8, this Δ is bf16 rounding noise with a flat spectrum: which noise
+        # directions come first is arbitrary at the 1e-6 level in any solver (the float64 SVD too).
+        ranks = [1, 4, 8, 256, 1000]
+    scale = float(delta64.norm()) or 1.0
+    for rank in ranks:
+        reference_low_rank = _svd_truncation(delta64, rank)
+        reference = base.double() + reference_low_rank
+        served = (base.float() + decomposition.truncated(rank)).double()
+        assert float((served - reference).norm() / reference.norm()) < 1e-6, rank
+        low_rank = decomposition.truncated(rank).double()
+        assert float((low_rank - reference_low_rank).norm()) / scale < 2e-6, rank
+
+
+def test_at_or_above_full_rank_the_truncation_is_the_delta_itself() -> None:
+    base, finetune = make_pair("full", (48, 32), torch.bfloat16)
+    _, decomposition = sp.decompose(base, finetune, max_rank=4)
+    assert decomposition.full_rank == 32
+    exact = finetune.float() - base.float()
+    assert torch.equal(decomposition.truncated(32), exact) and torch.equal(decomposition.truncated(10**9), exact)
+    assert not torch.equal(decomposition.truncated(31), exact)
+
+
+def test_directions_float32_cannot_separate_go_to_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fast-decaying spectrum asked for ranks deep in its tail: eigenvalues closer than float32
+    separates. The mixing limit sends it to float64 and the bar holds; with the limit lifted, the
+    one refinement step is accepted and the served weights miss the bar."""
+    base, finetune = make_pair("decaying", (640, 512), torch.float32)
+    delta64 = finetune.double() - base.double()
+    rank = 160
+
+    def served_error() -> tuple[str, float]:
+        _, decomposition = sp.decompose(base, finetune, max_rank=rank)
+        reference = base.double() + _svd_truncation(delta64, rank)
+        served = (base.float() + decomposition.truncated(rank)).double()
+        return decomposition.solver, float((served - reference).norm() / reference.norm())
+
+    solver, error = served_error()
+    assert solver == "float64" and error < 1e-6
+    monkeypatch.setattr(sp, "REFINE_MIXING_LIMIT", math.inf)
+    solver, error = served_error()
+    assert solver == "float32-refined" and error > 1e-6
