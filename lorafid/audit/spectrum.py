@@ -254,14 +254,12 @@ def decompose(base: torch.Tensor, finetune: torch.Tensor, max_rank: int) -> tupl
     repeated singular values are any basis of their space, as in any SVD).
 
     How (``_top_eigenpairs``): a float32 ``eigh`` (about half the time of float64 on CPU), its
-    eigenvalues checked by the audit's noise guard (``float32_noise_share``), then one float64
-    refinement step of the top ``max_rank`` eigenvectors against all the others
-    (``_refined_top``, after Ogita & Aishima 2018), accepted only where its first-order
-    corrections are small enough for the step to be exact to float64's accuracy. Where they
-    are not (eigenvalues closer than float32 can separate, e.g. a fast-decaying tail), or the
-    noise guard fires (nearly exactly-low-rank Δ), or ``max_rank`` is over a third of k (the
-    refinement would then cost what float64 saves), the float64 ``eigh`` of the same Gram
-    matrix decides. Either way each served weight W_base + Δ_r is within 1e-6 relative of the
+    eigenvalues checked by the audit's noise guard (``float32_noise_share``), then a float64
+    Rayleigh–Ritz step in the span of the top float32 eigenvectors (``_refined_top``), accepted
+    where the residuals bound the served weights' error within a tenth of the bar. Where they
+    do not, or the noise guard fires (nearly exactly-low-rank Δ), or ``max_rank`` is over a
+    third of k (the refinement would then cost what float64 saves), the float64 ``eigh`` of
+    the same Gram matrix decides. Either way each served weight W_base + Δ_r is within 1e-6 relative of the
     float64 SVD's (``tests/audit/test_spectrum.py``). ``max_rank`` ≤ 0 computes no eigenvectors.
 
     Raises: as ``delta_spectrum``.
@@ -270,7 +268,7 @@ def decompose(base: torch.Tensor, finetune: torch.Tensor, max_rank: int) -> tupl
         delta, stats = _delta_and_stats(base, finetune)
         gram = _gram_lower(delta)
         keep = max(0, min(max_rank, gram.shape[0]))
-        eigenvalues, top, solver = _top_eigenpairs(gram, keep)
+        eigenvalues, top, solver = _top_eigenpairs(gram, keep, stats.finetune_norm_sq)
         del gram
     eigen_dtype = "float64" if solver == "float64" else "float32"
     spectrum = _spectrum(base.shape, eigenvalues.cpu().numpy(), stats, eigen_dtype)
@@ -280,26 +278,22 @@ def decompose(base: torch.Tensor, finetune: torch.Tensor, max_rank: int) -> tupl
     return spectrum, Decomposition(delta=delta, vectors=top, side=side, solver=solver)
 
 
-REFINE_MIXING_LIMIT = 1e-2
-"""Largest first-order mixing |c_ij| (between a top eigenvector and any other) one refinement
-step accepts: the step leaves an error of order c², ≤ 1e-4 of c itself, far inside the 1e-6 bar
-on served weights. Above it, the float64 ``eigh`` decides."""
+REFINE_ERROR_BUDGET = 5e-7
+"""Largest estimated error of a served weight W_base + Δ_r, relative to ‖W_ft‖, accepted from the
+refined float32 directions: half the 1e-6 bar (the estimate is a bound, and the float32 rounding
+of the served weight, ~3e-8, takes far less than the other half). Above it, float64 decides."""
 
-# Measured: the off-diagonal entries of Xᵀ·G·X for float32 eigenvectors X are ≤ ~4·u·λ_max
-# (k = 512 to 1024; u = 2**-24), and 4·u·λ_max / (smallest top gap) ran 4-10× above the largest
-# mixing the check then found. Above 3× the limit, go straight to float64: the step would be refused.
-_FLOAT32_EIGH_ERROR = 4.0 * 2.0**-24
-_PRECHECK_MARGIN = 3.0
-# Above this share of k, float32 eigh + the step (≈ 8·k²·r float64 flops) costs what float64 saves:
-# measured on 1 CPU thread at k = 2048: float32 eigh 0.67 s, float64 1.34 s, the step at r = 512 0.45 s.
+# Above this share of k, float32 eigh + the refinement costs about what float64 saves (measured on
+# 1 CPU thread at k = 2048: float32 eigh 0.7 s, float64 1.6 s, the refinement at r = 256 0.3 s).
 _REFINE_SHARE = 1.0 / 3.0
 
 
-def _top_eigenpairs(gram: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+def _top_eigenpairs(gram: torch.Tensor, keep: int, weight_norm_sq: float) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(every eigenvalue, float64; the top ``keep`` eigenvectors, float32, descending; the solver).
 
     ``gram`` holds the Gram matrix in its lower triangle (float32). With ``keep == 0`` only the
-    eigenvalues are computed, exactly as ``delta_spectrum`` does.
+    eigenvalues are computed, exactly as ``delta_spectrum`` does. ``weight_norm_sq`` is ‖W_ft‖²,
+    the scale of the served weights' error budget.
     """
     k = gram.shape[0]
     if keep == 0:
@@ -308,7 +302,7 @@ def _top_eigenpairs(gram: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.
     if keep <= _REFINE_SHARE * k:
         values, vectors = torch.linalg.eigh(gram, UPLO="L")
         if float32_noise_share(values) <= FLOAT32_NOISE_BUDGET:
-            refined = _refined_top(gram, values, vectors, keep)
+            refined = _refined_top(gram, values, vectors, keep, REFINE_ERROR_BUDGET**2 * weight_norm_sq)
             if refined is not None:
                 return values.to(torch.float64), refined, "float32-refined"
         del vectors
@@ -318,46 +312,50 @@ def _top_eigenpairs(gram: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.
     return values, top, "float64"
 
 
-def _refined_top(gram: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor, keep: int) -> torch.Tensor | None:
-    """The top ``keep`` float32 eigenvectors after one float64 refinement step, or None where
-    one step cannot make them as exact as a float64 ``eigh`` would.
+def _refined_top(
+    gram: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor, keep: int, error_budget_sq: float
+) -> torch.Tensor | None:
+    """The top ``keep`` eigenvectors by a float64 Rayleigh–Ritz step in the span of the top
+    float32 ones, or None where the served weights they give could miss the bar.
 
-    With X the float32 eigenvectors (all k, an almost orthonormal basis) and G the Gram matrix
-    in float64: S = XᵀGX and R = I − XᵀX, for the top columns j only. The exact eigenvector
-    j is X(e_j + c_j) with, to first order, c_ij = (s_ij + λ_j·r_ij) / (λ_j − λ_i) for i ≠ j
-    and c_jj = r_jj / 2 (Ogita & Aishima, "Iterative refinement for symmetric eigenvalue
-    decomposition", 2018). The step is exact up to O(c²); it is refused (None) when any
-    |c_ij| exceeds ``REFINE_MIXING_LIMIT``: two eigenvalues closer than float32 separates.
-    Costs about 8·k²·keep float64 flops.
+    The window: the top w = keep + max(32, keep/4) float32 eigenvectors, made orthonormal in
+    float64. Within it, the float64 ``eigh`` of the projected Gram matrix separates directions
+    however close their eigenvalues (float32 alone mixes eigenvalues closer than ~4·u·λ_max,
+    a fast-decaying tail or a noise bulk). What it cannot remove is a component outside the
+    window; the residual of each Ritz pair (θ_j, v_j), ρ_j = ‖G·v_j − θ_j·v_j‖, bounds it:
+    sin ≤ ρ_j / (θ_j − λ_out), λ_out the largest eigenvalue outside (Davis–Kahan). Such a
+    component of size c moves Δ_r by about c·sqrt(θ_j + λ_out) in Frobenius norm; summed over
+    the kept directions, its square must stay within ``error_budget_sq``.
+    Costs about 2·k²·w float64 flops, a fraction of the float64 ``eigh`` for w ≤ k/2.
     """
-    descending = values.flip(0).to(torch.float64)
-    top_gaps = descending[:keep] - descending[1 : keep + 1]
-    # A top gap the check would refuse anyway (see _FLOAT32_EIGH_ERROR): skip the products.
-    bound = _PRECHECK_MARGIN * REFINE_MIXING_LIMIT
-    if top_gaps.numel() and _FLOAT32_EIGH_ERROR * float(descending[0]) > bound * float(top_gaps.min()):
+    k = gram.shape[0]
+    width = min(k, keep + max(32, keep // 4))
+    basis = vectors[:, k - width :].to(torch.float64)  # eigh sorts ascending: the top w columns
+    try:
+        # Cholesky QR: the float32 eigenvectors are orthonormal to about u·sqrt(k) already.
+        chol = torch.linalg.cholesky(basis.T @ basis)
+    except torch.linalg.LinAlgError:
         return None
-    x = vectors.flip(-1).to(torch.float64)
-    full = gram.to(torch.float64).tril_()
-    full += full.tril(-1).T  # the symmetric matrix from its lower triangle
-    top = x[:, :keep]
-    s = x.T @ (full @ top)  # k × keep: s_ij = x_iᵀ G x_j
-    del full
-    r = -(x.T @ top)
-    diag = torch.arange(keep, device=x.device)
-    r[diag, diag] += 1.0
-    lam_top = s[diag, diag] / (1.0 - r[diag, diag])  # refined Rayleigh quotients of the top vectors
-    lam = descending.clone()
-    lam[:keep] = lam_top
-    numerator = s + lam_top[None, :] * r
-    gap = lam_top[None, :] - lam[:, None]
-    numerator[diag, diag] = 0.0
-    gap[diag, diag] = 1.0
-    mixing = numerator / gap
-    largest = float(mixing.abs().max())
-    if not largest <= REFINE_MIXING_LIMIT:  # also refuses NaN (a tie: 0 / 0)
+    q = torch.linalg.solve_triangular(chol, basis.T, upper=False).T
+    del basis
+    lower = gram.to(torch.float64).tril_()
+    # G·q from G's lower triangle L: G = L + Lᵀ − diag(L).
+    gq = lower @ q + (q.T @ lower).T - lower.diagonal()[:, None] * q
+    del lower
+    theta, rotation = torch.linalg.eigh(q.T @ gq)
+    theta, rotation = theta[width - keep :].flip(0), rotation[:, width - keep :].flip(-1)
+    top = q @ rotation
+    if width == k:
+        return top.to(torch.float32)  # the window is the whole space: nothing outside it
+    residual = (gq @ rotation - top * theta).norm(dim=0)
+    outside = float(values[k - width - 1])  # the largest float32 eigenvalue below the window
+    gap = theta - outside
+    if not bool((gap > 0).all()):
         return None
-    mixing[diag, diag] = r[diag, diag] / 2.0
-    return (top + x @ mixing).to(torch.float32)
+    error_sq = float(((residual / gap).square() * (theta + max(outside, 0.0))).sum())
+    if not error_sq <= error_budget_sq:
+        return None
+    return top.to(torch.float32)
 
 
 class _DeltaStats(NamedTuple):
