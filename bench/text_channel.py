@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from lorafid.progress import run_to_end
+
 RANKS = (4, 8, 16, 32)
 BUDGETS = (1, 2, 4, 8, 16)
 SERVED = ("finetune", "rank-32", "rank-16", "rank-8", "rank-4", "base")
@@ -63,7 +65,7 @@ def part_one(hub: Any, family: Any) -> list[Any]:
                 retry=RetryPolicy(max_tries=1),
             )  # fmt: skip
             try:
-                last = Probe("org/base", "org/finetune", texts, {"name": "bench", "version": "1"}, config).run()
+                last = run_to_end(Probe("org/base", "org/finetune", texts, {"name": "bench", "version": "1"}, config))
             except ProviderError as e:
                 words.append("error")
                 print(f"  {served}, {budget} requests: {e}")
@@ -79,7 +81,7 @@ def part_one(hub: Any, family: Any) -> list[Any]:
 
 def part_two(hub: Any, family: Any, reports: list[Any], repeats: int) -> None:
     from lorafid.behaviour.forward import ForwardConfig
-    from lorafid.providers.probe import candidate_variants
+    from lorafid.providers.logprob_probe import candidate_variants
     from lorafid.providers.text_probe import TextObservation, score_text
     from tests.openai_server import causal_lm
 

@@ -122,3 +122,7 @@ class MissingModelFileError(LorafidError):
 
 class VocabularyMismatchError(LorafidError):
     """Base and fine-tune have different vocabularies, so their next-token distributions cannot be compared."""
+
+
+class ReportFormatError(LorafidError):
+    """A stored, downloaded or published document is not the lorafid document it claims to be."""

@@ -23,6 +23,8 @@ LAYERS: dict[str, int] = {
     "compute": 1,
     "retry": 1,
     "names": 1,
+    "progress": 1,
+    "documents": 1,
     # 2: bytes of weights
     "weights": 2,
     # 3: what the audit computes from them

@@ -49,6 +49,7 @@ from lorafid.adapters.peft_adapter import (
     CONFIG_FILE,
     PEFT_PREFIX,
     WEIGHTS_FILE,
+    AdapterFit,
     AdapterMatrix,
     adapter_fit,
     build_section,
@@ -59,6 +60,7 @@ from lorafid.audit.pairing import MatrixPair, PairingPlan
 from lorafid.audit.report import Report, SourceRecord
 from lorafid.audit.store import Store
 from lorafid.audit.summary import percent
+from lorafid.compute import ComputeHook, kernel_device
 from lorafid.errors import LorafidError
 from lorafid.weights.safetensors_format import TensorInfo, torch_dtype
 from lorafid.weights.source import Source, open_source
@@ -140,7 +142,7 @@ class Extraction:
         self.job = Audit(
             base,
             finetune,
-            replace(config.audit, rank=config.rank, store=self._store, compute_pair=self._compute),
+            replace(config.audit, rank=config.rank, store=self._store, matrix_math=self._matrix_math),
         )
 
     def __enter__(self) -> Extraction:
@@ -232,24 +234,22 @@ class Extraction:
     def _piece(self, name: str) -> Path:
         return self._staging / "factors" / (hashlib.sha256(name.encode()).hexdigest()[:24] + ".safetensors")
 
-    def _compute(self, pair: MatrixPair, base: torch.Tensor, finetune: torch.Tensor) -> sp.DeltaSpectrum:
-        """The audit's per-matrix hook: spectrum and factors from one decomposition; factors staged."""
-        device = self.job.device
+    def _matrix_math(
+        self, pair: MatrixPair, base: torch.Tensor, finetune: torch.Tensor, run: ComputeHook
+    ) -> sp.DeltaSpectrum:
+        """The audit's per-matrix math: spectrum and factors from one decomposition (``extraction_kernel``,
+        run through the audit's compute hook); factors staged here."""
         rank = self.config.rank
-        spectrum, decomposition = sp.decompose(base.to(device), finetune.to(device), rank)
-        if spectrum.unchanged:
-            return spectrum
-        lora_b, lora_a = decomposition.factors(rank)
         dtype = DTYPES[self.config.dtype] if self.config.dtype else torch_dtype(pair.finetune.dtype)
-        lora_b, lora_a = _pad(lora_b, lora_a, rank)
-        lora_b, lora_a = lora_b.to(dtype), lora_a.to(dtype)
-        # Measured on the factors as stored: what the served adapter carries, rounding included.
-        fit = adapter_fit(decomposition.delta, lora_b, lora_a, 1.0)
+        spectrum, factors = run(extraction_kernel, base, finetune, rank, dtype)
+        if factors is None:
+            return spectrum
+        lora_b, lora_a, fit = factors
         matrix = AdapterMatrix.build(pair, rank, 1.0, fit, spectrum)
         piece = self._piece(pair.name)
         partial = piece.with_suffix(".partial")
         save_file(
-            {"lora_A": lora_a.cpu().contiguous(), "lora_B": lora_b.cpu().contiguous()},
+            {"lora_A": lora_a.contiguous(), "lora_B": lora_b.contiguous()},
             str(partial),
             metadata={"name": pair.name, "matrix": json.dumps(asdict(matrix))},
         )
@@ -303,6 +303,22 @@ class Extraction:
             "base_model_name_or_path": base.repo_id or base.path,
             "revision": base.resolved_sha,
         }
+
+
+def extraction_kernel(
+    base: torch.Tensor, finetune: torch.Tensor, rank: int, dtype: torch.dtype, device: str | torch.device | None = None
+) -> tuple[sp.DeltaSpectrum, tuple[torch.Tensor, torch.Tensor, AdapterFit] | None]:
+    """One matrix's extraction (a ``lorafid.compute`` kernel): its spectrum and, unless Δ = 0,
+    the rank-``rank`` factors B, A in ``dtype`` (on the CPU, zero-padded to ``rank``) with their
+    fit to Δ measured on the factors as stored: what the served adapter carries, rounding included."""
+    target = kernel_device(device)
+    spectrum, decomposition = sp.decompose(base.to(target), finetune.to(target), rank)
+    if spectrum.unchanged:
+        return spectrum, None
+    lora_b, lora_a = _pad(*decomposition.factors(rank), rank)
+    lora_b, lora_a = lora_b.to(dtype), lora_a.to(dtype)
+    fit = adapter_fit(decomposition.delta, lora_b, lora_a, 1.0)
+    return spectrum, (lora_b.cpu(), lora_a.cpu(), fit)
 
 
 def _pad(lora_b: torch.Tensor, lora_a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,11 +41,12 @@ from typing import Any
 import torch
 
 from lorafid.audit import spectrum as sp
-from lorafid.audit.engine import Audit, AuditConfig, AuditProgress
+from lorafid.audit.engine import Audit, AuditConfig, AuditProgress, spectrum_kernel
 from lorafid.audit.pairing import MatrixPair, PairingPlan, is_embedding
 from lorafid.audit.report import Report
 from lorafid.audit.store import Store
 from lorafid.audit.summary import percent
+from lorafid.compute import ComputeHook, kernel_device
 from lorafid.errors import AdapterMismatchError, LorafidError, UnsupportedAdapterError
 from lorafid.weights.safetensors_format import TensorInfo
 from lorafid.weights.source import Source, open_source
@@ -567,7 +568,9 @@ class AdapterAudit:
         self.job = Audit(
             base,
             finetune,
-            replace(config, store=self._store, fresh=True, include_embeddings=embeddings, compute_pair=self._compute),
+            replace(
+                config, store=self._store, fresh=True, include_embeddings=embeddings, matrix_math=self._matrix_math
+            ),
         )
 
     def __enter__(self) -> AdapterAudit:
@@ -613,22 +616,41 @@ class AdapterAudit:
         )
         return replace(report, adapter=section.to_dict())
 
-    def _compute(self, pair: MatrixPair, base: torch.Tensor, finetune: torch.Tensor) -> sp.DeltaSpectrum:
-        device = self.job.device
-        base, finetune = base.to(device), finetune.to(device)
-        spectrum = sp.delta_spectrum(base, finetune)
+    def _matrix_math(
+        self, pair: MatrixPair, base: torch.Tensor, finetune: torch.Tensor, run: ComputeHook
+    ) -> sp.DeltaSpectrum:
+        """The audit's per-matrix math: the spectrum, and where the adapter covers the matrix its
+        fit to Δ, both in one kernel run through the audit's compute hook (a GPU on ZeroGPU)."""
         lora = self._covered.get(pair.name)
-        if lora is not None:
-            with torch.no_grad():
-                delta = finetune.to(torch.float32) - base.to(torch.float32)
-            lora_b, lora_a = self.adapter.factors(lora)
-            scale = self.adapter.settings.scale(lora.module)
-            try:
-                fit = adapter_fit(delta, lora_b, lora_a, scale, transposed=lora.transposed)
-            except AdapterMismatchError as e:
-                raise AdapterMismatchError(f"{lora.module}: {e}") from e
-            self._fits[pair.name] = AdapterMatrix.build(pair, lora.rank, scale, fit, spectrum)
+        if lora is None:
+            return run(spectrum_kernel, base, finetune)
+        lora_b, lora_a = self.adapter.factors(lora)
+        scale = self.adapter.settings.scale(lora.module)
+        try:
+            spectrum, fit = run(adapter_fit_kernel, base, finetune, lora_b, lora_a, scale, lora.transposed)
+        except AdapterMismatchError as e:
+            raise AdapterMismatchError(f"{lora.module}: {e}") from e
+        self._fits[pair.name] = AdapterMatrix.build(pair, lora.rank, scale, fit, spectrum)
         return spectrum
+
+
+def adapter_fit_kernel(
+    base: torch.Tensor,
+    finetune: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_a: torch.Tensor,
+    scale: float,
+    transposed: bool,
+    device: str | torch.device | None = None,
+) -> tuple[sp.DeltaSpectrum, AdapterFit]:
+    """One covered matrix of an adapter audit (a ``lorafid.compute`` kernel): Δ's spectrum and
+    the adapter's fit to Δ, from CPU tensors to plain numbers."""
+    target = kernel_device(device)
+    base, finetune = base.to(target), finetune.to(target)
+    spectrum = sp.delta_spectrum(base, finetune)
+    with torch.no_grad():
+        delta = finetune.to(torch.float32) - base.to(torch.float32)
+    return spectrum, adapter_fit(delta, lora_b, lora_a, scale, transposed=transposed)
 
 
 def audit_adapter(

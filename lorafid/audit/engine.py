@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -33,10 +33,24 @@ from lorafid.audit.matrices import MatrixResult, VectorResult
 from lorafid.audit.pairing import MatrixPair, PairingPlan, SkippedTensor, plan_pairs
 from lorafid.audit.report import AuditSettings, Report, SourceRecord, Timings
 from lorafid.audit.store import Store, audit_key
+from lorafid.compute import ComputeHook, kernel_device
 from lorafid.errors import EmptySelectionError, LimitExceededError, LorafidError, NoCommonTensorsError
+from lorafid.progress import Progress
 from lorafid.weights.safetensors_format import TensorInfo, header_cap
 from lorafid.weights.source import Source, open_source
 from lorafid.weights.tensors import read_tensor, tensor_indexes
+
+T = TypeVar("T")
+MatrixMath = Callable[[MatrixPair, torch.Tensor, torch.Tensor, ComputeHook], sp.DeltaSpectrum]
+"""``(pair, base, finetune, run) -> spectrum``: a job's own per-matrix math (``AuditConfig.matrix_math``)."""
+
+
+def spectrum_kernel(
+    base: torch.Tensor, finetune: torch.Tensor, device: str | torch.device | None = None
+) -> sp.DeltaSpectrum:
+    """The audit's kernel (``lorafid.compute``): one matrix's spectrum, CPU tensors in, plain numbers out."""
+    target = kernel_device(device)
+    return sp.delta_spectrum(base.to(target, non_blocking=True), finetune.to(target, non_blocking=True))
 
 
 @dataclass(frozen=True)
@@ -61,29 +75,41 @@ class AuditConfig:
     max_tensor_bytes: int | None = None  # refuse pairs with a tensor larger than this (peak memory ~7x)
     max_tensors: int | None = None  # refuse models whose headers list more tensors than this
     store: Store | None = field(default=None, repr=False)  # None = Store() under LORAFID_HOME
-    # Replaces the per-matrix math: gets the two CPU tensors, returns plain numbers. On a
-    # ZeroGPU Space this is the one function decorated with @spaces.GPU, so the GPU is held
-    # only while a spectrum is computed, never while bytes stream in.
-    compute: Callable[[torch.Tensor, torch.Tensor], sp.DeltaSpectrum] | None = field(default=None, repr=False)
-    # Like ``compute``, but also told which matrix the tensors are (the adapter extraction writes
-    # that matrix's factors here, and the adapter audit compares it with the adapter's). It runs
-    # before the matrix is stored, so whatever it writes exists for every stored matrix.
-    compute_pair: Callable[[MatrixPair, torch.Tensor, torch.Tensor], sp.DeltaSpectrum] | None = field(
-        default=None, repr=False
-    )
+    # Where each matrix's math runs (``lorafid.compute``): None runs it here, on ``device``. A
+    # ZeroGPU Space passes ``zero_gpu_hook()``: the GPU is held only while a kernel runs (CPU
+    # tensors in, plain numbers out), never while bytes stream in.
+    compute: ComputeHook | None = field(default=None, repr=False)
+    # Replaces the per-matrix math (the extraction writes that matrix's factors, the adapter
+    # audit compares the adapter's): called with the pair, both CPU tensors and ``run``, which
+    # runs a kernel through ``compute`` (or here). It runs before the matrix is stored, so
+    # whatever it writes exists for every stored matrix.
+    matrix_math: MatrixMath | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
-class AuditProgress:
-    """One step of a running audit, for progress bars and live charts."""
+class AuditProgress(Progress):
+    """One matrix of a running audit done (``lorafid.progress``), for progress bars and live
+    charts: ``stage`` "matrices", ``done`` of ``total`` matrices (stored ones included)."""
 
-    done: int  # matrices finished (stored ones included)
-    total: int
-    bytes_done: int  # bytes of planned tensors consumed so far (fetched or from the store)
-    bytes_total: int
-    elapsed_s: float
-    latest: MatrixResult | None  # the matrix just finished; None for a flagged or 1-D one
+    bytes_done: int = 0  # bytes of planned tensors consumed so far (fetched or from the store)
+    bytes_total: int = 0
+    latest: MatrixResult | None = None  # the matrix just finished; None for a flagged or 1-D one
     from_store: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        done: int,
+        total: int,
+        bytes_done: int,
+        bytes_total: int,
+        elapsed_s: float,
+        latest: MatrixResult | None,
+        from_store: bool = False,
+    ) -> AuditProgress:
+        """A step, its ``message`` in words ("12/48 matrices, 1.2 of 3.4 GB")."""
+        message = f"{done}/{total} matrices, {bytes_done / 1e9:.2f} of {bytes_total / 1e9:.2f} GB"
+        return cls("matrices", done, total, elapsed_s, message, bytes_done, bytes_total, latest, from_store)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -203,7 +229,9 @@ class Audit:
         bytes_done += sum(p.size_bytes for p in plan.vectors if p.name in self._vectors)
         for pair in plan.matrices:
             if pair.name in self._done:
-                yield AuditProgress(len(self._done), total, bytes_done, bytes_total, 0.0, self._done[pair.name], True)
+                yield AuditProgress.of(
+                    len(self._done), total, bytes_done, bytes_total, 0.0, self._done[pair.name], True
+                )
         todo = [p for p in (*plan.vectors, *plan.matrices) if p.name not in self._done and p.name not in self._vectors]
         try:
             for pair, base, finetune in self._prefetched(todo):
@@ -212,7 +240,7 @@ class Audit:
                 bytes_done += pair.size_bytes
                 if len(pair.shape) == 2:
                     elapsed = time.perf_counter() - self._started
-                    yield AuditProgress(len(self._done), total, bytes_done, bytes_total, elapsed, latest)
+                    yield AuditProgress.of(len(self._done), total, bytes_done, bytes_total, elapsed, latest)
         finally:
             self.store.save_report(self._key, self.report())
 
@@ -244,8 +272,11 @@ class Audit:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _spectrum_on_device(self, base: torch.Tensor, finetune: torch.Tensor) -> sp.DeltaSpectrum:
-        return sp.delta_spectrum(base.to(self.device, non_blocking=True), finetune.to(self.device, non_blocking=True))
+    def run_kernel(self, kernel: Callable[..., T], /, *args: Any) -> T:
+        """Run a kernel through the configured hook, or here on this audit's device."""
+        if self.config.compute is not None:
+            return self.config.compute(kernel, *args)
+        return kernel(*args, device=self.device)
 
     def _compute(self, pair: MatrixPair, base: torch.Tensor, finetune: torch.Tensor) -> MatrixResult | None:
         started = time.perf_counter()
@@ -254,10 +285,10 @@ class Audit:
                 self._vectors[pair.name] = _vector_result(pair, base, finetune)
                 self.store.put_vector(self._key, self._vectors[pair.name])
                 return None
-            if self.config.compute_pair is not None:
-                spectrum = self.config.compute_pair(pair, base, finetune)
+            if self.config.matrix_math is not None:
+                spectrum = self.config.matrix_math(pair, base, finetune, self.run_kernel)
             else:
-                spectrum = (self.config.compute or self._spectrum_on_device)(base, finetune)
+                spectrum = self.run_kernel(spectrum_kernel, base, finetune)
         except sp.NonFiniteWeightsError:
             self._flagged.append(
                 SkippedTensor(

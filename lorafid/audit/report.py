@@ -29,6 +29,7 @@ from lorafid.audit import spectrum as sp
 from lorafid.audit.matrices import RANK_GRID, MatrixResult, VectorResult
 from lorafid.audit.pairing import SkippedTensor
 from lorafid.audit.summary import Summary, summarize
+from lorafid.documents import decode_document
 from lorafid.errors import LorafidError, SpectrumNotLoadedError
 
 SCHEMA = "lorafid.report/1"
@@ -163,19 +164,7 @@ class Report:
         The one place where a damaged or foreign document becomes a message: a missing or
         mistyped field is reported by name, never as a KeyError/TypeError traceback.
         """
-        schema = data.get("schema") if isinstance(data, dict) else None
-        if schema != SCHEMA:
-            raise LorafidError(
-                f"Not a lorafid report (schema {schema!r}, expected {SCHEMA!r}); "
-                "was it written by another tool or a newer lorafid?"
-            )
-        try:
-            return cls._decode(data)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
-            raise LorafidError(
-                f"The report is incomplete or damaged ({what}). Write it again with lorafid audit --out."
-            ) from e
+        return decode_document(data, SCHEMA, "report", "Write it again with lorafid audit --out.", cls._decode)
 
     @classmethod
     def _decode(cls, data: dict[str, Any]) -> Report:

@@ -41,9 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lorafid.audit import spectrum as sp
 from lorafid.audit.engine import AuditConfig
 from lorafid.audit.report import Report
 from lorafid.audit.store import Store
@@ -51,6 +48,7 @@ from lorafid.batch.catalogue import CataloguePair
 from lorafid.batch.progress import ProgressBoard
 from lorafid.batch.results import BatchResult, PairOutcome, write_pair, write_table
 from lorafid.batch.tasks import PairResult, PairTask, audit_task, part_task
+from lorafid.compute import ComputeHook
 from lorafid.errors import LorafidError, MissingExtraError
 
 _POLL_S = 0.5  # how often the driver looks at progress while no task finishes
@@ -75,8 +73,8 @@ class BatchOptions:
     token: str | None = field(default=None, repr=False)
     store_home: Path | None = None  # None: each worker's LORAFID_HOME (on a local Ray: the driver's)
     progress: bool = True  # live byte counts from the tasks (one small actor)
-    # Replaces the per-matrix math in every task, as AuditConfig.compute; must pickle.
-    compute: Callable[[torch.Tensor, torch.Tensor], sp.DeltaSpectrum] | None = field(default=None, repr=False)
+    # Where every task's per-matrix math runs, as AuditConfig.compute (``lorafid.compute``); must pickle.
+    compute: ComputeHook | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         wrong = [

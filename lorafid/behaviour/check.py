@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -40,11 +40,13 @@ import numpy as np
 import torch
 
 from lorafid.behaviour.prompts import PROMPT_SET, Prompt, builtin_prompts
+from lorafid.behaviour.report import BehaviourReport, VariantResult
 from lorafid.behaviour.tokenizer import encode_prompts, load_tokenizer
+from lorafid.compute import ComputeHook
 from lorafid.errors import LorafidError
+from lorafid.progress import Progress, run_to_end
 from lorafid.weights.source import Source
 
-SCHEMA = "lorafid.behaviour/1"
 SERVING_MODES: tuple[str, ...] = ("lora-only", "keep-extras", "both")
 # -- metrics -------------------------------------------------------------------------------
 
@@ -126,8 +128,7 @@ class BehaviourConfig:
     endpoint: str | None = None
     allow_local: bool = True
     max_model_bytes: int | None = None
-    compute: Callable[[Callable[[], None]], None] | None = field(default=None, repr=False)  # see ForwardConfig
-    block_compute: Callable[..., Any] | None = field(default=None, repr=False)  # see ForwardConfig (ZeroGPU)
+    compute: ComputeHook | None = field(default=None, repr=False)  # where blocks run: see ForwardConfig.compute
 
     def variants(self) -> list[Any]:
         """F first, then the base, then the served variants by rank (lora-only before keep-extras)."""
@@ -150,19 +151,9 @@ class BehaviourConfig:
             raise LorafidError("max_tokens must be at least 2 (one token to condition on, one to score).")
 
 
-@dataclass(frozen=True)
-class BehaviourProgress:
-    """One step of a running check."""
-
-    stage: str  # "reading", "scoring", "generating", "done"
-    done: int
-    total: int
-    elapsed_s: float
-    message: str
-
-
 class BehaviourCheck:
-    """One behaviour check of a (base, fine-tune) pair. ``run()`` yields progress; ``report()``
+    """One behaviour check of a (base, fine-tune) pair. ``run()`` yields ``Progress`` (stages
+    "reading", "scoring", "generating", "done"); ``report()``
     returns what is finished at any time (``status`` "partial" until every prompt is scored)."""
 
     def __init__(self, base: str, finetune: str, config: BehaviourConfig | None = None) -> None:
@@ -182,7 +173,6 @@ class BehaviourCheck:
             dtype=cfg.dtype,
             max_model_bytes=cfg.max_model_bytes,
             compute=cfg.compute,
-            block_compute=cfg.block_compute,
         )
         self.prompts = list(cfg.prompts) if cfg.prompts is not None else builtin_prompts()
         if not self.prompts:
@@ -196,7 +186,7 @@ class BehaviourCheck:
         self._stats: dict[str, Any] = {}
         self._created = ""
 
-    def run(self) -> Iterator[BehaviourProgress]:
+    def run(self) -> Iterator[Progress]:
         """Tokenize, stream the forward, score; then the side-by-side continuations if they fit."""
         from lorafid.behaviour.forward import ForwardProgress, LayerStream
 
@@ -222,8 +212,7 @@ class BehaviourCheck:
             for event in stream.events(self._ids, self.variants):
                 elapsed = time.perf_counter() - started
                 if isinstance(event, ForwardProgress):
-                    message = f"stage {event.stage}/{event.stages}: {event.bytes_read / 1e6:.1f} MB read"
-                    yield BehaviourProgress("reading", event.stage, event.stages, elapsed, message)
+                    yield Progress("reading", event.done, event.total, elapsed, event.message)
                     continue
                 index, logprobs = event
                 reference = logprobs["finetune"]
@@ -232,9 +221,7 @@ class BehaviourCheck:
                     for v in self.variants
                     if v.name != "finetune"
                 }
-                yield BehaviourProgress(
-                    "scoring", len(self._scores), len(self.prompts), elapsed, f"prompt {index + 1} scored"
-                )
+                yield Progress("scoring", len(self._scores), len(self.prompts), elapsed, f"prompt {index + 1} scored")
             self._stats = {
                 "weight_bytes_read": stream.stats.bytes_read,
                 "peak_weight_bytes": stream.stats.peak_weight_bytes,
@@ -243,10 +230,10 @@ class BehaviourCheck:
                 "compute_s": stream.stats.compute_s,
             }
             if cfg.continuation_tokens > 0:
-                yield BehaviourProgress("generating", 0, len(self.prompts), time.perf_counter() - started, "")
+                yield Progress("generating", 0, len(self.prompts), time.perf_counter() - started, "")
                 self._continuations = self._generate(stream, tokenizer, plan)
         self._stats["elapsed_s"] = time.perf_counter() - started
-        yield BehaviourProgress("done", len(self.prompts), len(self.prompts), self._stats["elapsed_s"], "done")
+        yield Progress("done", len(self.prompts), len(self.prompts), self._stats["elapsed_s"], "done")
 
     def _generate(self, stream: Any, tokenizer: Any, plan: Any) -> list[dict[str, Any]] | None:
         """Greedy continuations of F, the base and each served variant, if all of them fit at once."""
@@ -299,22 +286,22 @@ class BehaviourCheck:
             rows.append(row)
         return rows
 
-    def report(self) -> dict[str, Any]:
-        """The ``lorafid.behaviour/1`` document of what is finished so far."""
+    def report(self) -> BehaviourReport:
+        """The ``lorafid.behaviour/1`` report of what is finished so far."""
         cfg = self.config
         done = sorted(self._scores)
         names = [v.name for v in self.variants if v.name != "finetune"]
-        variants: dict[str, Any] = {}
+        variants: dict[str, VariantResult] = {}
         for v in self.variants:
             if v.name == "finetune" or not done:
                 continue
             summary = Summary.of([self._scores[i][v.name] for i in done])
-            variants[v.name] = {"kind": v.kind, "rank": v.rank, "keep_extras": v.keep_extras, **summary.__dict__}
+            variants[v.name] = VariantResult(v.kind, v.rank, v.keep_extras, **summary.__dict__)
         extras_share = {}
         for rank in sorted(set(cfg.ranks)):
             lora, kept = variants.get(f"rank-{rank}"), variants.get(f"rank-{rank}+extras")
-            if lora and kept and lora["kl_mean"] > 0:
-                extras_share[str(rank)] = max(0.0, (lora["kl_mean"] - kept["kl_mean"]) / lora["kl_mean"])
+            if lora and kept and lora.kl_mean > 0:
+                extras_share[str(rank)] = max(0.0, (lora.kl_mean - kept.kl_mean) / lora.kl_mean)
         rows = []
         for i in done:
             reference = self._scores[i][names[0]].reference_loglik
@@ -328,13 +315,12 @@ class BehaviourCheck:
                     "variants": {name: Summary.of([self._scores[i][name]]).__dict__ for name in names},
                 }
             )
-        return {
-            "schema": SCHEMA,
-            "status": "complete" if len(done) == len(self.prompts) else "partial",
-            "created": self._created,
-            "base": self._sources[0] if self._sources else {"spec": self._specs[0]},
-            "finetune": self._sources[1] if self._sources else {"spec": self._specs[1]},
-            "settings": {
+        return BehaviourReport(
+            status="complete" if len(done) == len(self.prompts) else "partial",
+            created=self._created,
+            base=self._sources[0] if self._sources else {"spec": self._specs[0]},
+            finetune=self._sources[1] if self._sources else {"spec": self._specs[1]},
+            settings={
                 "ranks": sorted(set(cfg.ranks)),
                 "serving": cfg.serving,
                 "chat_template": cfg.chat_template,
@@ -347,13 +333,13 @@ class BehaviourCheck:
                 "reference": "finetune",
                 "kl": "KL(finetune || variant), nats, next-token distribution at every position, float64",
             },
-            "variants": variants,
-            "extras_share": extras_share,
-            "prompts": rows,
-            "continuations": self._continuations,
-            "continuations_note": self._continuation_note,
-            "stats": self._stats,
-        }
+            variants=variants,
+            extras_share=extras_share,
+            prompts=rows,
+            continuations=self._continuations,
+            continuations_note=self._continuation_note,
+            stats=self._stats,
+        )
 
 
 def first_divergence(reference: Sequence[int], other: Sequence[int]) -> int | None:
@@ -367,12 +353,9 @@ def first_divergence(reference: Sequence[int], other: Sequence[int]) -> int | No
     return None if len(reference) == len(other) else min(len(reference), len(other))
 
 
-def behave(base: str, finetune: str, config: BehaviourConfig | None = None) -> dict[str, Any]:
-    """Run a whole behaviour check and return its ``lorafid.behaviour/1`` document (the library's one-call form)."""
-    check = BehaviourCheck(base, finetune, config)
-    for _ in check.run():
-        pass
-    return check.report()
+def behave(base: str, finetune: str, config: BehaviourConfig | None = None) -> BehaviourReport:
+    """Run a whole behaviour check and return its report (the library's one-call form)."""
+    return run_to_end(BehaviourCheck(base, finetune, config))
 
 
 def _source_record(source: Source) -> dict[str, Any]:
@@ -387,34 +370,34 @@ def _source_record(source: Source) -> dict[str, Any]:
     }
 
 
-def describe(report: dict[str, Any]) -> str:
-    """The terminal summary of a ``lorafid.behaviour/1`` document: one line per variant.
+def describe(report: BehaviourReport) -> str:
+    """The terminal summary of a behaviour check: one line per variant.
 
     Example line: ``rank-64           0.0123   0.0456   97.5%   -0.0031   1024``.
     """
-    settings = report["settings"]
+    settings = report.settings
     lines = [
-        f"{report['finetune']['spec']} vs its variants, {settings['prompts']} prompts "
+        f"{report.finetune['spec']} vs its variants, {settings['prompts']} prompts "
         f"({settings['prompt_set']}{', chat template' if settings['chat_template'] else ''}), reference: the fine-tune",
         f"{'variant':<18}{'KL mean':>10}{'KL p95':>10}{'KL max':>10}{'top-1':>9}{'Δ loglik':>10}{'tokens':>8}",
     ]
-    for name, v in report["variants"].items():
+    for name, v in report.variants.items():
         lines.append(
-            f"{name:<18}{v['kl_mean']:>10.4f}{v['kl_p95']:>10.4f}{v['kl_max']:>10.4f}"
-            f"{v['top1_agreement']:>9.1%}{v['loglik_delta']:>10.4f}{v['tokens']:>8}"
+            f"{name:<18}{v.kl_mean:>10.4f}{v.kl_p95:>10.4f}{v.kl_max:>10.4f}"
+            f"{v.top1_agreement:>9.1%}{v.loglik_delta:>10.4f}{v.tokens:>8}"
         )
-    if report["extras_share"]:
-        shares = ", ".join(f"rank {r}: {s:.0%}" for r, s in report["extras_share"].items())
+    if report.extras_share:
+        shares = ", ".join(f"rank {r}: {s:.0%}" for r, s in report.extras_share.items())
         lines.append(f"share of the KL due to embeddings/lm_head/norms/biases left at the base: {shares}")
-    rows = report.get("continuations") or []
+    rows = report.continuations or []
     if rows:
         diverged = {name: [r["variants"][name]["first_divergence"] for r in rows] for name in rows[0]["variants"]}
         lines.append(
             "greedy continuations identical to the fine-tune's: "
             + ", ".join(f"{n} {sum(d is None for d in ds)}/{len(ds)}" for n, ds in diverged.items())
         )
-    elif report.get("continuations_note"):
-        lines.append(f"continuations {report['continuations_note']}")
-    if report["status"] != "complete":
-        lines.append(f"partial: {len(report['prompts'])} of {settings['prompts']} prompts scored")
+    elif report.continuations_note:
+        lines.append(f"continuations {report.continuations_note}")
+    if report.status != "complete":
+        lines.append(f"partial: {len(report.prompts)} of {settings['prompts']} prompts scored")
     return "\n".join(lines)

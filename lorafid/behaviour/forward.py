@@ -39,7 +39,6 @@ Example::
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +50,7 @@ import torch
 from lorafid.audit import spectrum as sp
 from lorafid.audit.engine import resolve_device
 from lorafid.audit.pairing import is_embedding, match_names
+from lorafid.compute import ComputeHook, kernel_device
 from lorafid.errors import (
     LimitExceededError,
     LorafidError,
@@ -59,6 +59,7 @@ from lorafid.errors import (
     UnsupportedArchitectureError,
     VocabularyMismatchError,
 )
+from lorafid.progress import Progress
 from lorafid.weights.safetensors_format import TensorInfo
 from lorafid.weights.source import Source, open_source
 from lorafid.weights.tensors import read_tensor, tensor_indexes
@@ -71,9 +72,6 @@ MAX_CONFIG_BYTES = 2**20  # a config.json is a few kB
 _READERS = 8  # tensors of one block read in parallel (each a range request on the Hub)
 
 WeightHook = Callable[[str, torch.Tensor], torch.Tensor]
-BlockCompute = Callable[[Any, int, dict[str, torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]
-"""(transformers config, layer index, one variant's block weights, hidden states) -> new hidden states."""
-ZERO_GPU_BLOCK_DURATION_S = 60  # a GPU lease per (block, variant): an 8B block over 64 short prompts takes ~1 s
 
 
 @dataclass(frozen=True)
@@ -115,13 +113,11 @@ BASE = Variant("base", "base")
 
 
 @dataclass(frozen=True)
-class ForwardProgress:
-    """One stage of a streamed forward done, for progress bars."""
+class ForwardProgress(Progress):
+    """One stage of a streamed forward done (``lorafid.progress``): ``stage`` "reading", ``done``
+    of ``total`` stages (1 = embeddings, 2..N+1 = blocks, N+2 = head)."""
 
-    stage: int  # 1 = embeddings, 2..N+1 = blocks, N+2 = head
-    stages: int
-    bytes_read: int  # weight bytes read so far, both models
-    elapsed_s: float
+    bytes_read: int = 0  # weight bytes read so far, both models
 
 
 @dataclass(frozen=True)
@@ -137,16 +133,10 @@ class ForwardConfig:
     allow_local: bool = True  # the public app turns this off
     dtype: torch.dtype = torch.float32  # compute dtype of weights and activations
     max_model_bytes: int | None = None  # refuse pairs whose weights (both models) exceed this
-    progress: Callable[[ForwardProgress], None] | None = field(default=None, repr=False)
-    # Wraps each stage's compute (weights already read), e.g. to hold a device lock only while a
-    # block runs, never during I/O. The stage works in place on this process's tensors, so the
-    # wrapper must call it here: a ZeroGPU worker process (@spaces.GPU) would lose its results;
-    # for that, see block_compute.
-    compute: Callable[[Callable[[], None]], None] | None = field(default=None, repr=False)
-    # Runs one variant through one block as a pure function (``block_forward``'s signature: CPU
-    # tensors in, new CPU tensors out), e.g. in a ZeroGPU worker (``zero_gpu_block_compute``).
-    # None: the block runs here, on ``device``.
-    block_compute: BlockCompute | None = field(default=None, repr=False)
+    # Where each block runs (``lorafid.compute``): None runs it here, in place, on ``device``.
+    # With a hook, each variant's block is ``block_on_device`` (a pure kernel: its block weights
+    # and hidden states in, new hidden states out), e.g. in a ZeroGPU worker (``zero_gpu_hook``).
+    compute: ComputeHook | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -306,9 +296,9 @@ class LayerStream:
                 prefix: str = prefix,
             ) -> None:
                 for variant, weights in self._block_weights(variants, raw, prefix):
-                    if self.config.block_compute is not None:  # pure: its results replace ours
-                        hidden[variant.name] = self.config.block_compute(
-                            plan.config, layer, weights, hidden[variant.name]
+                    if self.config.compute is not None:  # a pure kernel: its results replace ours
+                        hidden[variant.name] = self.config.compute(
+                            block_on_device, plan.config, layer, weights, hidden[variant.name]
                         )
                         continue
                     for i in range(len(texts)):
@@ -397,18 +387,14 @@ class LayerStream:
     def _compute(self, fn: Callable[[], None]) -> None:
         started = time.perf_counter()
         with torch.no_grad(), sp.exact_matmul():
-            if self.config.compute is None:
-                fn()
-            else:
-                self.config.compute(fn)
+            fn()
         self.stats.compute_s += time.perf_counter() - started
 
     def _report(self, stage: int, stages: int, started: float) -> ForwardProgress:
         self.stats.elapsed_s = time.perf_counter() - started
-        progress = ForwardProgress(stage, stages, self.stats.bytes_read, self.stats.elapsed_s)
-        if self.config.progress is not None:
-            self.config.progress(progress)
-        return progress
+        read = self.stats.bytes_read
+        message = f"stage {stage}/{stages}: {read / 1e6:.1f} MB read"
+        return ForwardProgress("reading", stage, stages, self.stats.elapsed_s, message, read)
 
     def _hold(self, purpose: str, tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> None:
         """Record that these tensors are materialised now (for ``stats.peak_weight_bytes``)."""
@@ -573,33 +559,19 @@ def block_forward(
     return out
 
 
-def zero_gpu_block_compute(env: Mapping[str, str] | None = None) -> BlockCompute | None:
-    """On a ZeroGPU Space, ``block_forward`` as the one ``@spaces.GPU`` function; else None.
-
-    ZeroGPU lends a GPU only inside decorated calls, run in a worker process: arguments and
-    results are pickled, so in-place changes would be lost. ``block_forward`` is pure, so the
-    decorated call gets one variant's block weights and the hidden states (CPU tensors), runs
-    the block on the GPU and returns new CPU hidden states. Reading, the Δ decompositions,
-    the embeddings and the head stay in the Space's own process (on its CPU). Detected by
-    ``SPACES_ZERO_GPU``, as the audit's ``dashboard.zero_gpu_compute``.
-    """
-    env = os.environ if env is None else env
-    if "SPACES_ZERO_GPU" not in env:
-        return None
-    import spaces  # only on Spaces; never a requirement elsewhere
-
-    decorated: BlockCompute = spaces.GPU(duration=ZERO_GPU_BLOCK_DURATION_S)(block_on_device)
-    return decorated
-
-
 def block_on_device(
-    config: Any, layer: int, weights: dict[str, torch.Tensor], hidden: list[torch.Tensor]
+    config: Any,
+    layer: int,
+    weights: dict[str, torch.Tensor],
+    hidden: list[torch.Tensor],
+    device: str | torch.device | None = None,
 ) -> list[torch.Tensor]:
-    """``block_forward`` on the first CUDA device when there is one, CPU tensors in and out.
+    """``block_forward`` as a ``lorafid.compute`` kernel: CPU tensors in and out, run on
+    ``device`` (None: the first CUDA device where there is one, else the CPU).
 
     Module-level (picklable by name) so a worker process can run it.
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = kernel_device(device)
     on_device = {name: t.to(device) for name, t in weights.items()}
     result = block_forward(config, layer, on_device, [h.to(device) for h in hidden])
     return [h.cpu() for h in result]

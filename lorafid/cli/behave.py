@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -117,13 +118,16 @@ def run_behave(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True
     report = check.report()
-    if interrupted and config.continuation_tokens and report.get("continuations") is None:
+    if interrupted and config.continuation_tokens and report.continuations is None:
         # Every prompt was scored, but the side-by-side continuations were cut short: not complete.
-        report["status"] = "partial"
-        report["continuations_note"] = "not generated: interrupted (Ctrl-C) before they were finished"
+        report = replace(
+            report,
+            status="partial",
+            continuations_note="not generated: interrupted (Ctrl-C) before they were finished",
+        )
     if args.out is not None:
         try:
-            args.out.write_text(json.dumps(report, indent=1) + "\n")
+            args.out.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
         except OSError as e:
             raise LorafidError(f"Cannot write {args.out}: {e.strerror}.") from e
     if not args.quiet or interrupted:

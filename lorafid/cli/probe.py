@@ -134,14 +134,13 @@ def run_probe(args: argparse.Namespace) -> int:
     print(f"lorafid: {job.plan().describe()}", file=sys.stderr)  # before the first request
     bars: dict[str, tqdm] = {}
 
-    def progress(stage: str, done: int, total: int) -> None:
-        if stage not in bars:
-            label = "provider" if stage == "provider" else "local candidates"
-            bars[stage] = tqdm(total=total, desc=label, unit="prompt", disable=args.quiet)
-        bars[stage].update(done - bars[stage].n)
-
     try:
-        report = job.run(progress)
+        for step in job.run():
+            if step.stage not in bars:
+                label = "provider" if step.stage == "provider" else "local candidates"
+                bars[step.stage] = tqdm(total=step.total, desc=label, unit="prompt", disable=args.quiet)
+            bars[step.stage].update(step.done - bars[step.stage].n)
+        report = job.report()
     finally:
         for bar in bars.values():
             bar.close()

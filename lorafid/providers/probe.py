@@ -8,66 +8,71 @@ at the fine-tune's values), the base, and the fine-tune rounded to 8 bits (``fin
 quantization reference: rounding alone must not pass for an extraction).
 
 Steps: ``Probe.plan`` resolves both repos to commits, loads the fine-tune's tokenizer and
-counts requests and tokens (announced before anything is sent); ``collect`` reads the provider
-(``lorafid.providers.openai_api``: the best channel the server offers, detected on the first prompt and
-recorded) and checks that its tokens are the fine-tune tokenizer's; ``score_candidates`` runs
-the local candidates over the same token sequences; ``score_prompt`` and ``local_distances``
-reduce both to per-prompt sums, which ``lorafid.providers.evidence`` turns into distances, bootstrap
-intervals and a verdict no stronger than they are. ``ProbeReport`` is the ``lorafid.probe/1``
-JSON: no API key, and of the endpoint only its host.
+counts requests and tokens (announced before anything is sent); ``Probe.run`` yields progress
+(``lorafid.progress``) while ``logprob_channel.collect`` reads the provider (the best channel the
+server offers, detected on the first prompt and recorded, its tokens checked against the
+fine-tune tokenizer's) and ``logprob_probe`` runs the local candidates over the same token
+sequences and reduces both sides to per-prompt sums, which ``evidence`` turns into distances,
+bootstrap intervals and a verdict no stronger than they are; where the provider gives no
+log-probabilities, the sampled text goes through ``text_channel``, ``text_probe`` and
+``text_evidence`` instead. ``Probe.report`` returns the ``ProbeReport`` (``probe_report``): no
+API key, and of the endpoint only its host.
 
+This module only orchestrates: the plan, the budget, the choice of channel, the report.
 Not here: HTTP (``openai_api``), SSRF rules (``netguard``), the forward pass (``forward``), the
-statistics (``evidence``).
+statistics (``evidence``, ``text_evidence``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
-import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+import itertools
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import numpy as np
-import torch
-
-from lorafid import __version__
-from lorafid.errors import ChannelUnsupportedError, LimitExceededError, LorafidError, ProviderError, TokenMismatchError
+from lorafid.compute import ComputeHook
+from lorafid.errors import LimitExceededError, LorafidError, ProviderError
+from lorafid.progress import Progress, in_background
 from lorafid.providers.evidence import (
-    BASE,
     BASE_QUANTIZED,
     BOOTSTRAP_RESAMPLES,
-    FINETUNE,
     MIN_PROMPTS_FOR_VERDICT,
     NOISE_FLOOR_NATS,
-    CandidateResult,
     PromptScore,
-    Verdict,
     candidate_names,
-    coarse_kl,
     is_original,
-    parse_candidate,
-    quantized_name,
     summarise,
+)
+from lorafid.providers.logprob_channel import (
+    DEFAULT_NEW_TOKENS,
+    DEFAULT_TOP_K,
+    Collection,
+    TokenMap,
+    collect,
+    raise_unless_usable,
+)
+from lorafid.providers.logprob_probe import (
+    Gathered,
+    candidate_variants,
+    local_distances,
+    score_candidates,
+    score_prompt,
 )
 from lorafid.providers.netguard import NetPolicy
 from lorafid.providers.openai_api import (
     CHANNELS,
-    CHAT,
     ECHO,
     PROMPT_LOGPROBS,
     OpenAIClient,
-    Position,
-    ProviderAnswer,
     RateLimiter,
     RequestBudget,
 )
-from lorafid.providers.quantize import SCHEMES, scheme
+from lorafid.providers.probe_report import ProbeReport, prompt_rows
+from lorafid.providers.quantize import SCHEMES
 from lorafid.providers.text_channel import (
     GREEDY,
     MAX_SAMPLES,
@@ -77,14 +82,11 @@ from lorafid.providers.text_channel import (
     collect_text,
     plan_text,
 )
-from lorafid.providers.text_evidence import TextCandidate, fit_z, judge_greedy, judge_text
+from lorafid.providers.text_evidence import fit_z, judge_greedy, judge_text
 from lorafid.providers.text_probe import concatenated, observe, score_text
 from lorafid.retry import RetryPolicy
 
-SCHEMA = "lorafid.probe/1"
 DEFAULT_RANKS: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
-DEFAULT_TOP_K = 20  # vLLM's default --max-logprobs and OpenAI's chat limit
-DEFAULT_NEW_TOKENS = 32  # chat channel: greedy continuation length scored locally
 DEFAULT_QUANTIZED: tuple[str, ...] = ("int4-g128",)  # besides the 8-bit reference, always a candidate
 DEFAULT_TEXT_REQUESTS = 5  # the text channel's budget when --max-requests is not given
 PACKED_PROMPTS = 8  # prompts per echo / prompt_logprobs request under a request budget
@@ -131,543 +133,6 @@ def plan_probe(
     n = len(token_counts)
     requests = n + channels - 1
     return ProbePlan(n, int(sum(token_counts)), max_new_tokens, requests, requests + max_retries)
-
-
-# -- reading the provider ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Observation:
-    """One prompt as the provider scored it, aligned to the fine-tune tokenizer's ids.
-
-    ``ids`` is the whole sequence the local models read (prompt, or chat context plus the
-    provider's continuation); ``scored`` are the indexes in ``ids`` of the tokens the
-    provider gave distributions for, with ``positions`` the provider's numbers for them.
-    """
-
-    prompt_index: int
-    ids: tuple[int, ...]
-    scored: tuple[int, ...]
-    positions: tuple[Position, ...]
-    alternative_ids: tuple[tuple[int | None, ...], ...]  # ids of each position's alternatives
-
-
-@dataclass
-class Collection:
-    """What ``collect`` got: the channel, per-prompt observations, what failed (partial runs)."""
-
-    channel: str | None = None
-    channels_tried: list[dict[str, str]] = field(default_factory=list)
-    observations: dict[int, Observation] = field(default_factory=dict)
-    failed: dict[int, str] = field(default_factory=dict)
-    error: str | None = None  # why the run stopped early, if it did
-    unsent: list[int] = field(default_factory=list)  # prompts a request budget left unread (not failures)
-
-    @property
-    def complete(self) -> bool:
-        return self.error is None and not self.failed
-
-
-class TokenMap:
-    """The fine-tune tokenizer's id for a provider's token text, and each id's accepted texts.
-
-    Providers write tokens as text: the decoded piece (vLLM, OpenAI), sometimes the raw vocab
-    entry ("Ġhello", "▁hello"), or ``token_id:N``. A text that several ids share maps to None.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        self.eos_id: int | None = tokenizer.eos_token_id
-        size = len(tokenizer)
-        raw = tokenizer.convert_ids_to_tokens(list(range(size)))
-        decoded = tokenizer.batch_decode([[i] for i in range(size)])
-        self.forms: list[set[str]] = []
-        by_text: dict[str, set[int]] = {}
-        for i in range(size):
-            r = raw[i] if isinstance(raw[i], str) else ""
-            forms = {decoded[i], r, r.replace("▁", " ").replace("Ġ", " ").replace("Ċ", "\n")} - {""}
-            self.forms.append(forms)
-        # Decoded pieces first: a raw form only counts where no decoded piece claims the text.
-        for i in range(size):
-            by_text.setdefault(decoded[i], set()).add(i)
-        decoded_texts = set(by_text)
-        for i, forms in enumerate(self.forms):
-            for text in forms - decoded_texts:
-                by_text.setdefault(text, set()).add(i)
-        self._ids = {text: next(iter(ids)) if len(ids) == 1 else None for text, ids in by_text.items()}
-
-    def id_of(self, token: str, token_id: int | None) -> int | None:
-        if token_id is not None:
-            return token_id if 0 <= token_id < len(self.forms) else None
-        return self._ids.get(token)
-
-    def encode_plain(self, text: str) -> list[int]:
-        """``text``'s ids without special tokens (a continuation, not a prompt)."""
-        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def accepts(self, token: str, token_id: int | None, expected: int) -> bool:
-        """Whether the provider's token at a position is the tokenizer's ``expected`` id."""
-        if token_id is not None:
-            return token_id == expected
-        # A piece that is part of a multi-byte character decodes to U+FFFD on both sides; llama.cpp's
-        # server writes such pieces, and any piece longer than 32 bytes, as "" (its text is lost, not wrong).
-        return token in self.forms[expected] or "\ufffd" in token or token == ""
-
-
-def alternative_ids(position: Position, tokens: TokenMap) -> tuple[int | None, ...]:
-    """The ids of a position's alternatives; None for a text with no id, or an id listed twice."""
-    seen: set[int] = set()
-    out: list[int | None] = []
-    for alternative in position.top:
-        token_id = tokens.id_of(alternative.token, alternative.token_id)
-        out.append(token_id if token_id is not None and token_id not in seen else None)
-        if token_id is not None:
-            seen.add(token_id)
-    return tuple(out)
-
-
-def align_prompt(index: int, answer: ProviderAnswer, ids: Sequence[int], tokens: TokenMap) -> Observation:
-    """The provider's scored prompt, checked token by token against ``ids``.
-
-    Three shapes are read as what they are: an echo that starts after the BOS token although
-    the provider evaluated with it (llama.cpp: ``usage.prompt_tokens`` counts it), where the
-    candidates are scored with the BOS too; a provider that added no BOS at all (its first
-    token has no log-probability either way), scored without it; and the generated token an
-    echo with ``max_tokens: 1`` appends, which is dropped. Any other difference is a
-    ``TokenMismatchError``.
-    """
-    positions = answer.positions
-    offset = 0  # the index in ids of positions[0]
-    if (
-        positions
-        and len(ids) > 1
-        and not tokens.accepts(positions[0].token, positions[0].token_id, ids[0])
-        and tokens.accepts(positions[0].token, positions[0].token_id, ids[1])
-    ):
-        if answer.prompt_tokens == len(ids):
-            offset = 1  # the BOS was evaluated, only not echoed
-        else:
-            ids = ids[1:]  # the provider added no BOS; every other token must still be the same
-    positions = positions[: len(ids) - offset]  # the generated token after the prompt, if any
-    if len(positions) != len(ids) - offset:
-        raise TokenMismatchError(
-            f"Prompt {index}: the provider has {len(positions)} tokens where the fine-tune's tokenizer has "
-            f"{len(ids)}; the endpoint does not serve this tokenizer (a different model or a changed vocabulary)."
-        )
-    for t, (position, expected) in enumerate(zip(positions, ids[offset:], strict=True)):
-        if not tokens.accepts(position.token, position.token_id, expected):
-            raise TokenMismatchError(
-                f"Prompt {index}, token {t + offset}: the provider has {position.token!r} where the fine-tune's "
-                f"tokenizer has {sorted(tokens.forms[expected])[0]!r}; the endpoint does not serve this tokenizer."
-            )
-    scored = tuple(t for t, p in enumerate(positions) if p.logprob is not None and p.top)
-    return Observation(
-        index,
-        tuple(ids),
-        tuple(t + offset for t in scored),
-        tuple(positions[t] for t in scored),
-        tuple(alternative_ids(positions[t], tokens) for t in scored),
-    )
-
-
-def align_chat(index: int, answer: ProviderAnswer, context: Sequence[int], tokens: TokenMap) -> Observation:
-    """The provider's greedy continuation after the chat ``context`` ids, mapped to ids.
-
-    Token texts that name no single id (a piece of a multi-byte character shows as U+FFFD;
-    an end-of-sequence token as "") are recovered from the continuation's text, tokenized
-    again, when that gives as many tokens, agrees with every token that did map, and each
-    recovered id could be shown as the text the provider showed.
-    """
-    continuation = [tokens.id_of(p.token, p.token_id) for p in answer.positions]
-    if continuation and continuation[-1] is None and answer.positions[-1].token == "":
-        continuation[-1] = tokens.eos_id  # a stop token its server decodes to nothing
-    if None in continuation:
-        again: list[int | None] = [*tokens.encode_plain(answer.text)]
-        if continuation[-1] == tokens.eos_id and len(again) == len(continuation) - 1:
-            again.append(tokens.eos_id)
-        if len(again) == len(continuation) and all(
-            a == b if a is not None else b is not None and (p.token == "" or tokens.accepts(p.token, None, b))
-            for a, b, p in zip(continuation, again, answer.positions, strict=True)
-        ):
-            continuation = again
-    missing = next((j for j, token_id in enumerate(continuation) if token_id is None), None)
-    if missing is not None:
-        raise TokenMismatchError(
-            f"Prompt {index}, generated token {missing}: {answer.positions[missing].token!r} is not one token of "
-            "the fine-tune's tokenizer; the endpoint does not serve this tokenizer."
-        )
-    ids = (*context, *(int(i) for i in continuation if i is not None))
-    scored = tuple(len(context) + j for j, p in enumerate(answer.positions) if p.top)
-    kept = tuple(p for p in answer.positions if p.top)
-    return Observation(index, ids, scored, kept, tuple(alternative_ids(p, tokens) for p in kept))
-
-
-def collect(
-    client: OpenAIClient,
-    model: str,
-    texts: Sequence[str],
-    encode: Callable[[str], list[int]],
-    chat_context: Callable[[str], list[int]] | None,
-    tokens: TokenMap,
-    *,
-    top_k: int = DEFAULT_TOP_K,
-    max_new_tokens: int = DEFAULT_NEW_TOKENS,
-    concurrency: int = 4,
-    channels: Sequence[str] = CHANNELS,
-    on_answer: Callable[[int], None] | None = None,
-    pack: int = 1,
-    budgeted: bool = False,
-) -> Collection:
-    """Read every text from the provider; the channel is the first that works on text 0.
-
-    Never raises for a failure after the channel is known: the collection keeps what was
-    read and says what stopped it (``error``), so a partial probe is still a probe.
-    ``TokenMismatchError`` on the first prompt does raise.
-
-    ``pack`` > 1: on ``echo`` and ``prompt_logprobs`` the other prompts go ``pack`` to a request
-    (a ``prompt`` array), back to one per request if the endpoint refuses the first array.
-    ``budgeted``: the request budget is the user's own cap, so prompts it leaves unread are
-    ``unsent``, not a failure that makes the probe partial.
-    """
-    result = Collection()
-
-    def read(index: int, channel: str) -> Observation:
-        answer = client.read(channel, model, texts[index], top_k=top_k, max_new_tokens=max_new_tokens)
-        if channel == CHAT:
-            if chat_context is None:
-                raise ChannelUnsupportedError("the fine-tune's tokenizer has no chat template to score chat answers")
-            return align_chat(index, answer, chat_context(texts[index]), tokens)
-        return align_prompt(index, answer, encode(texts[index]), tokens)
-
-    if not texts:
-        return result
-    for channel in channels:
-        try:
-            result.observations[0] = read(0, channel)
-        except ChannelUnsupportedError as e:
-            result.channels_tried.append({"channel": channel, "outcome": f"refused: {e}"})
-            continue
-        result.channels_tried.append({"channel": channel, "outcome": "used"})
-        result.channel = channel
-        break
-    else:
-        tried = "; ".join(f"{t['channel']}: {t['outcome']}" for t in result.channels_tried)
-        result.error = f"The endpoint offers no way to read log-probabilities of a text ({tried})."
-        return result  # the caller falls back to the text channel, or raises
-    if on_answer:
-        on_answer(0)
-    lock, stop = threading.Lock(), threading.Event()
-    channel = result.channel
-
-    def spent(index: int, e: LimitExceededError) -> None:
-        stop.set()
-        if budgeted:
-            result.unsent.append(index)
-        else:
-            result.failed[index] = str(e)
-            result.error = str(e)
-
-    def one(index: int) -> None:
-        if stop.is_set():
-            if budgeted:
-                with lock:
-                    result.unsent.append(index)
-            return
-        try:
-            observation = read(index, channel)
-        except (ProviderError, LimitExceededError, TokenMismatchError) as e:
-            # A token mismatch past the first prompt (where the tokenizer was checked) spoils
-            # that prompt only: the others already read are kept.
-            with lock:
-                if isinstance(e, LimitExceededError):
-                    spent(index, e)
-                else:
-                    result.failed[index] = str(e)
-            return
-        with lock:
-            result.observations[index] = observation
-        if on_answer:
-            on_answer(index)
-
-    rest = list(range(1, len(texts)))
-    if pack > 1 and channel in (ECHO, PROMPT_LOGPROBS) and len(rest) > 1:
-        rest = _read_packed(client, model, texts, encode, tokens, channel, rest, pack, top_k, result, on_answer, spent)
-
-    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        try:
-            list(pool.map(one, rest))
-        except TokenMismatchError:
-            stop.set()
-            raise
-        except KeyboardInterrupt:
-            stop.set()
-            result.error = "interrupted"
-    return result
-
-
-def _read_packed(
-    client: OpenAIClient,
-    model: str,
-    texts: Sequence[str],
-    encode: Callable[[str], list[int]],
-    tokens: TokenMap,
-    channel: str,
-    indexes: list[int],
-    pack: int,
-    top_k: int,
-    result: Collection,
-    on_answer: Callable[[int], None] | None,
-    spent: Callable[[int, LimitExceededError], None],
-) -> list[int]:
-    """Read ``indexes`` ``pack`` prompts to a request; returns those left to read one at a time
-    (all of them when the endpoint refuses the first array, which is recorded)."""
-    for start in range(0, len(indexes), pack):
-        group = indexes[start : start + pack]
-        try:
-            answers = client.read_many(channel, model, [texts[i] for i in group], top_k=top_k)
-        except ChannelUnsupportedError as e:
-            if start == 0:
-                result.channels_tried.append({"channel": channel, "outcome": f"prompt arrays refused: {e}"})
-                return indexes
-            for i in group:
-                result.failed[i] = str(e)
-            continue
-        except LimitExceededError as e:
-            for i in indexes[start:]:
-                spent(i, e)
-            return []
-        for i, answer in zip(group, answers, strict=True):
-            try:
-                result.observations[i] = align_prompt(i, answer, encode(texts[i]), tokens)
-            except TokenMismatchError as e:
-                result.failed[i] = str(e)
-                continue
-            if on_answer:
-                on_answer(i)
-    return []
-
-
-# -- local candidates --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Gathered:
-    """One candidate's numbers at one prompt's scored tokens (everything the distances need).
-
-    ``alt_logprobs[t, j]`` is the candidate's log-probability of the provider's j-th
-    alternative at scored token t (NaN where that alternative has no id), ``chosen[t]`` of the
-    provider's own token, ``argmax[t]`` the candidate's most likely token.
-    """
-
-    alt_logprobs: np.ndarray
-    chosen: np.ndarray
-    argmax: np.ndarray
-
-
-def gather(observation: Observation, logprobs: torch.Tensor) -> Gathered:
-    """Pick a candidate's numbers from its (len(ids), vocab) next-token log-probabilities.
-
-    Row t of ``logprobs`` predicts token t + 1, so scored token t reads row t − 1.
-    """
-    rows = logprobs.index_select(0, torch.tensor([t - 1 for t in observation.scored], dtype=torch.long))
-    width = max((len(a) for a in observation.alternative_ids), default=0)
-    listed = [[i for i in ids] + [None] * (width - len(ids)) for ids in observation.alternative_ids]
-    index = torch.tensor([[i if i is not None else 0 for i in row] for row in listed], dtype=torch.long)
-    alt = rows.gather(1, index.reshape(len(listed), width)).double().numpy()
-    alt[np.array([[i is None for i in row] for row in listed], dtype=bool).reshape(alt.shape)] = np.nan
-    own = torch.tensor([observation.ids[t] for t in observation.scored], dtype=torch.long)
-    chosen = rows.gather(1, own[:, None])[:, 0].double().numpy()
-    return Gathered(alt, chosen, rows.argmax(dim=1).numpy())
-
-
-def candidate_variants(ranks: Sequence[int], quantized: Sequence[str] = ()) -> list[Any]:
-    """The behaviour engine's variants for ``candidate_names(ranks, quantized)``."""
-    from lorafid.behaviour.forward import Variant  # transformers only when a probe runs
-
-    hooks = {quantized_name(q): scheme(q) for q in ("int8", *quantized) if not q.startswith(BASE_QUANTIZED)}
-    variants = []
-    for name in candidate_names(ranks, quantized):
-        rank, keep = parse_candidate(name)
-        if name == FINETUNE:
-            variants.append(Variant(name=name, kind="finetune"))
-        elif name in hooks:
-            variants.append(Variant(name=name, kind="finetune", weight_hook=hooks[name]))
-        elif name == BASE:
-            variants.append(Variant(name=name, kind="base"))
-        elif "@" in name:  # the extraction served on a quantized base
-            base_scheme = scheme(name.partition("@")[2])
-            variants.append(Variant(name=name, kind="served", rank=rank, base_hook=base_scheme))
-        else:
-            variants.append(Variant(name=name, kind="served", rank=rank, keep_extras=keep))
-    return variants
-
-
-def score_candidates(
-    base: str,
-    finetune: str,
-    observations: Sequence[Observation],
-    ranks: Sequence[int],
-    config: Any = None,
-    quantized: Sequence[str] = (),
-) -> Iterator[tuple[Observation, dict[str, Gathered]]]:
-    """Run every candidate over the observed token sequences, one prompt at a time."""
-    from lorafid.behaviour.forward import stream_logprobs
-
-    token_ids = [list(o.ids) for o in observations]
-    variants = candidate_variants(ranks, quantized)
-    for text_index, by_name in stream_logprobs(base, finetune, token_ids, variants, config):
-        observation = observations[text_index]
-        yield observation, {name: gather(observation, lp) for name, lp in by_name.items()}
-
-
-# -- distances, intervals, verdict -------------------------------------------------------------
-
-
-def provider_matrix(observation: Observation, width: int) -> np.ndarray:
-    """(T, width) provider log-probabilities of each position's alternatives; NaN where the
-    alternative has no id in the fine-tune's vocabulary (it joins "the rest") or is absent."""
-    out = np.full((len(observation.positions), width), np.nan)
-    for t, (position, ids) in enumerate(zip(observation.positions, observation.alternative_ids, strict=True)):
-        for j, (alternative, token_id) in enumerate(zip(position.top, ids, strict=True)):
-            if token_id is not None:
-                out[t, j] = alternative.logprob
-    return out
-
-
-def score_prompt(observation: Observation, gathered: dict[str, Gathered]) -> PromptScore:
-    """Every candidate's summed distance to the provider over one prompt's scored tokens."""
-    width = max((len(ids) for ids in observation.alternative_ids), default=0)
-    p_alt = provider_matrix(observation, width)
-    # The provider's most likely token at each position (its alternatives are its top k).
-    provider_top1 = [
-        ids[max(range(len(p.top)), key=lambda j: p.top[j].logprob)] if p.top else None
-        for p, ids in zip(observation.positions, observation.alternative_ids, strict=True)
-    ]
-    provider_chosen = np.array([p.logprob for p in observation.positions], dtype=np.float64)
-    kl, top1, chosen = {}, {}, {}
-    for name, g in gathered.items():
-        kl[name] = float(coarse_kl(p_alt, g.alt_logprobs).sum())
-        top1[name] = sum(1 for a, b in zip(provider_top1, g.argmax, strict=True) if a is not None and a == int(b))
-        chosen[name] = float(np.abs(provider_chosen - g.chosen).sum())
-    return PromptScore(observation.prompt_index, len(observation.positions), kl, top1, chosen)
-
-
-def local_distances(
-    observations: Sequence[Observation], gathered: Sequence[dict[str, Gathered]]
-) -> dict[str, dict[str, float]]:
-    """Summed coarse KL from every candidate to every other, on the provider's partition.
-
-    Alternatives without an id are left out exactly as in the comparison with the provider,
-    so both describe the same coarse-grained distributions.
-    """
-    names = list(gathered[0]) if gathered else []
-    out = {a: dict.fromkeys(names, 0.0) for a in names}
-    for observation, by_name in zip(observations, gathered, strict=True):
-        width = max((len(ids) for ids in observation.alternative_ids), default=0)
-        unlisted = np.isnan(provider_matrix(observation, width))
-        for a in names:
-            pa = np.where(unlisted, np.nan, by_name[a].alt_logprobs)
-            for b in names:
-                if a != b:
-                    out[a][b] += float(coarse_kl(pa, by_name[b].alt_logprobs).sum())
-    return out
-
-
-# -- the report --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProbeReport:
-    """The versioned result (``lorafid.probe/1``): no key, no endpoint path or query."""
-
-    status: str  # "complete" or "partial"
-    endpoint_host: str
-    model: str
-    method: str | None  # the channel used
-    channels_tried: list[dict[str, str]]
-    base: dict[str, str | None]
-    finetune: dict[str, str | None]
-    prompt_set: dict[str, Any]
-    settings: dict[str, Any]
-    requests: dict[str, int]
-    candidates: dict[str, CandidateResult] | dict[str, TextCandidate]
-    verdict: Verdict | None
-    prompts: list[dict[str, Any]]
-    failed_prompts: dict[int, str]
-    error: str | None = None
-    # The text channel: the sampler sent, what the endpoint accepted, and the evidence's totals.
-    text: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"schema": SCHEMA, "tool_version": __version__}
-        out.update(asdict(self))
-        out["candidates"] = {n: _rounded(asdict(c)) for n, c in self.candidates.items()}
-        if self.text is None:
-            del out["text"]
-        out["verdict"] = asdict(self.verdict) if self.verdict else None
-        out["failed_prompts"] = {str(k): v for k, v in self.failed_prompts.items()}
-        return out
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
-
-    def table(self) -> str:
-        """The candidates as a terminal table, closest first."""
-        text = [c for c in self.candidates.values() if isinstance(c, TextCandidate)]
-        if text:
-            return _text_table(text)
-        lines = [f"{'candidate':<26}{'KL nats/token':>14}{'95% interval':>24}{'top-1':>8}{'|Δlogp|':>9}"]
-        logprob = [c for c in self.candidates.values() if isinstance(c, CandidateResult)]
-        for c in sorted(logprob, key=lambda c: c.distance):
-            interval = f"[{c.interval[0]:.3g}, {c.interval[1]:.3g}]"
-            mark = "" if not c.ruled_out else "  ruled out"
-            lines.append(
-                f"{c.name:<26}{c.distance:>14.4g}{interval:>24}{c.top1_agreement:>8.1%}{c.chosen_logprob_error:>9.3g}{mark}"
-            )
-        return "\n".join(lines)
-
-
-def _text_table(candidates: Sequence[TextCandidate]) -> str:
-    lines = [f"{'candidate':<26}{'log p/token':>12}{'gap':>11}{'95% interval':>24}{'fit z':>8}{'argmax':>8}"]
-    for c in sorted(candidates, key=lambda c: c.gap):
-        interval = f"[{c.interval[0]:.3g}, {c.interval[1]:.3g}]"
-        mark = "  ruled out" if c.ruled_out else ""
-        lines.append(
-            f"{c.name:<26}{c.mean_logprob:>12.4f}{c.gap:>11.3g}{interval:>24}{c.fit_z:>8.1f}{c.argmax_agreement:>8.1%}{mark}"
-        )
-    return "\n".join(lines)
-
-
-def _rounded(values: dict[str, Any]) -> dict[str, Any]:
-    """Floats (and pairs of them, the intervals) to 8 decimals; distances and intervals alike."""
-
-    def one(v: Any) -> Any:
-        if isinstance(v, float) and math.isfinite(v):
-            return round(v, 8)
-        if isinstance(v, tuple | list) and all(isinstance(x, float) for x in v):
-            return [one(x) for x in v]
-        return v
-
-    return {k: one(v) for k, v in values.items()}
-
-
-def prompt_rows(scores: Iterable[PromptScore], texts: Sequence[str]) -> list[dict[str, Any]]:
-    """Per-prompt evidence: the text's start, tokens scored, each candidate's mean distance."""
-    return [
-        {
-            "index": s.prompt_index,
-            "text": texts[s.prompt_index][:120],
-            "tokens": s.tokens,
-            "distance": {n: round(v / max(s.tokens, 1), 8) for n, v in s.kl_sum.items()},
-        }
-        for s in scores
-    ]
-
-
-def raise_unless_usable(collection: Collection) -> None:
-    """A probe that got no prompt at all has nothing to compare."""
-    if not collection.observations:
-        raise ProviderError(f"The provider answered no prompt ({collection.error or 'every request failed'}).")
 
 
 # -- prompts -----------------------------------------------------------------------------------
@@ -727,8 +192,8 @@ class ProbeConfig:
     allow_local: bool = True
     device: str = "auto"
     max_model_bytes: int | None = None  # refuse pairs whose weights (both models) exceed this
-    # Wraps each block's compute of the local forward (a ZeroGPU Space's @spaces.GPU function).
-    compute: Callable[[Callable[[], None]], None] | None = field(default=None, compare=False, repr=False)
+    # Where the local forward's blocks run (``lorafid.compute``; a ZeroGPU Space's hook).
+    compute: ComputeHook | None = field(default=None, compare=False, repr=False)
     transport: Any = field(default=None, compare=False, repr=False)  # replaces HTTP (tests)
 
 
@@ -740,8 +205,9 @@ class Probe:
         probe = Probe("org/base", "org/finetune", texts, {"name": "builtin", "version": "1"},
                       ProbeConfig("https://api.example.com/v1", "org/finetune", api_key=key))
         print(probe.plan().describe())     # before any request
-        report = probe.run()
-        print(report.verdict.sentence)
+        for step in probe.run():           # Progress: "provider", then "local"
+            print(step.stage, step.done, step.total)
+        print(probe.report().verdict.sentence)
     """
 
     def __init__(
@@ -770,6 +236,7 @@ class Probe:
         self._context: int | None = None  # the fine-tune's max_position_embeddings
         self._tokenizer: Any = None
         self._plan: ProbePlan | None = None
+        self._report: ProbeReport | None = None
 
     def plan(self) -> ProbePlan:
         """Resolve both repos, load the fine-tune's tokenizer, count requests and tokens."""
@@ -862,21 +329,38 @@ class Probe:
         limit = self.config.max_requests
         return limit is not None and limit >= 1 + 1 + (MIN_PROMPTS_FOR_VERDICT - 1)
 
-    def run(self, on_progress: Callable[[str, int, int], None] | None = None) -> ProbeReport:
-        """Send the planned requests, score the candidates, compare; a partial run keeps its prompts.
-
-        ``on_progress(stage, done, total)`` with stage "provider" or "local".
+    def run(self) -> Iterator[Progress]:
+        """Send the planned requests, score the candidates, compare, step by step (``lorafid.progress``):
+        stage "provider" (answers received), then "local" (prompts or continuations scored).
+        ``report()`` returns the result; a run interrupted while scoring keeps its scored prompts.
         """
+        self._report = None
+        started = time.perf_counter()
         plan = self.plan()
         c = self.config
         tokens = TokenMap(self._tokenizer)
-        answered = [0]
         texts = self._logprob_texts()
 
-        def provider_step(_: int) -> None:
-            answered[0] += 1
-            if on_progress:
-                on_progress("provider", answered[0], len(texts))
+        def step(stage: str, done: int, total: int, what: str) -> Progress:
+            return Progress(stage, done, total, time.perf_counter() - started, f"{done}/{total} {what}")
+
+        def read_logprobs(client: OpenAIClient, emit: Callable[[Progress], None]) -> Collection:
+            answered = itertools.count(1)  # answers arrive on the request threads
+            return collect(
+                client,
+                c.model,
+                texts,
+                self._encode,
+                self._chat_context(),
+                tokens,
+                top_k=c.top_k,
+                max_new_tokens=c.max_new_tokens,
+                concurrency=c.concurrency,
+                channels=self._logprob_channels(),
+                on_answer=lambda _: emit(step("provider", next(answered), len(texts), "prompts answered")),
+                pack=PACKED_PROMPTS if self._packs() else 1,
+                budgeted=c.max_requests is not None,
+            )
 
         # The log-probability channels' own cap; a fallback to text extends it by the text's share.
         budget = RequestBudget(plan.max_requests if plan.text_only or c.max_requests else plan.requests + c.max_retries)
@@ -892,21 +376,7 @@ class Probe:
         with client:
             collection = Collection()
             if not plan.text_only:
-                collection = collect(
-                    client,
-                    c.model,
-                    texts,
-                    self._encode,
-                    self._chat_context(),
-                    tokens,
-                    top_k=c.top_k,
-                    max_new_tokens=c.max_new_tokens,
-                    concurrency=c.concurrency,
-                    channels=self._logprob_channels(),
-                    on_answer=provider_step,
-                    pack=PACKED_PROMPTS if self._packs() else 1,
-                    budgeted=c.max_requests is not None,
-                )
+                collection = yield from in_background(lambda emit: read_logprobs(client, emit))
                 if collection.channel is None and plan.text is None:
                     raise ProviderError(collection.error or "The endpoint offers no way to read log-probabilities.")
             if collection.channel is None:
@@ -916,10 +386,10 @@ class Probe:
                 text_plan = replace(plan.text, requests=min(plan.text.requests, budget.max_requests - budget.used))
                 if text_plan.requests < 1:
                     raise ProviderError(f"{collection.error} The request budget is spent; raise --max-requests.")
-                if on_progress:
-                    on_progress("provider", 0, text_plan.requests)
+                yield step("provider", 0, text_plan.requests, "requests for sampled text")
                 read = collect_text(client, c.model, self.texts, text_plan, seed=c.seed, greedy=c.channel == GREEDY)
-                return self._text_report(plan, text_plan, read, collection, budget, tokens, on_progress)
+                self._report = yield from self._text_report(plan, text_plan, read, collection, budget, tokens, step)
+                return
         raise_unless_usable(collection)
         observations = [collection.observations[i] for i in sorted(collection.observations)]
         scores: list[PromptScore] = []
@@ -931,8 +401,7 @@ class Probe:
             ):
                 gathered.append(by_name)
                 scores.append(score_prompt(observation, by_name))
-                if on_progress:
-                    on_progress("local", len(scores), len(observations))
+                yield step("local", len(scores), len(observations), "prompts scored")
         except KeyboardInterrupt:
             error = "interrupted while scoring the candidates"
             if not scores:
@@ -940,7 +409,7 @@ class Probe:
         scored = [o for o in observations if any(s.prompt_index == o.prompt_index for s in scores)]
         candidates, verdict = summarise(scores, local_distances(scored, gathered), c.ranks)
         complete = collection.complete and error is None and len(scores) == len(texts) - len(collection.unsent)
-        return ProbeReport(
+        self._report = ProbeReport(
             status="complete" if complete else "partial",
             endpoint_host=urlsplit(c.endpoint).hostname or "",
             model=c.model,
@@ -970,6 +439,16 @@ class Probe:
             error=error,
         )
 
+    def report(self) -> ProbeReport:
+        """The finished check's report.
+
+        Raises:
+            LorafidError: ``run()`` has not run to its end.
+        """
+        if self._report is None:
+            raise LorafidError("The provider check has not finished: iterate Probe.run() to its end first.")
+        return self._report
+
     def _common_settings(self) -> dict[str, Any]:
         c = self.config
         return {
@@ -990,8 +469,8 @@ class Probe:
         collection: Collection,
         budget: RequestBudget,
         tokens: TokenMap,
-        on_progress: Callable[[str, int, int], None] | None,
-    ) -> ProbeReport:
+        step: Callable[[str, int, int, str], Progress],
+    ) -> Generator[Progress, None, ProbeReport]:
         """Score the provider's continuations under every candidate and judge them."""
         c = self.config
         max_length = self._context
@@ -1006,8 +485,7 @@ class Probe:
         try:
             for _, by_name in score_text(self.base, self.finetune, observations, variants, self._forward_config()):
                 per_continuation.append(by_name)
-                if on_progress:
-                    on_progress("local", len(per_continuation), len(observations))
+                yield step("local", len(per_continuation), len(observations), "continuations scored")
         except KeyboardInterrupt:
             error = "interrupted while scoring the candidates"
             if not per_continuation:

@@ -2,5 +2,5 @@
 
 The rest are Gradio-free parts with one job each: ``config`` (deployment settings),
 ``gallery`` (audits to open, who may open them), ``links`` (permalinks), ``text`` (words,
-escaping), ``pacing``, ``limits``, ``downloads``, ``zerogpu`` and ``plots`` (figures).
+escaping), ``pacing``, ``limits``, ``downloads`` and ``plots`` (figures).
 """

@@ -19,12 +19,11 @@ The Provider check tab (``lorafid.providers.probe``) calls only https endpoints 
 reads only public repos unless ``LORAFID_PROBE_ANY_ENDPOINT=1`` (a private deployment); each
 visitor may make it send ``LORAFID_PROBE_REQUESTS_PER_HOUR`` requests an hour (default 300).
 
-ZeroGPU: on such a Space only the per-matrix spectrum is decorated with ``@spaces.GPU``
-(``lorafid.web.zerogpu.zero_gpu_compute``, passed as ``AuditConfig.compute``): it gets CPU tensors and
-returns plain numbers, and the streaming of weights stays outside it. The behaviour check's
-per-block compute is decorated the same way (``forward.zero_gpu_block_compute``, passed as
-``BehaviourConfig.block_compute``): one variant's block weights and the hidden states in, new
-hidden states out, as CPU tensors.
+ZeroGPU: on such a Space one function is decorated with ``@spaces.GPU``, the compute hook
+(``lorafid.compute.zero_gpu_hook``), and every check gets it as its ``compute``: a matrix's
+spectrum (audits), its factors and fit (the adapter audit), one variant's block (behaviour and
+provider checks) run in it, CPU tensors in and plain numbers or CPU tensors out; the streaming of
+weights stays outside it.
 """
 
 import os
@@ -33,6 +32,7 @@ from typing import Any
 import gradio as gr
 
 from lorafid.audit.store import Store
+from lorafid.compute import zero_gpu_hook
 from lorafid.errors import LorafidError
 from lorafid.providers.netguard import ProbeServerSettings, VisitorBudget
 from lorafid.web.config import AppConfig
@@ -44,7 +44,6 @@ from lorafid.web.tabs.audit import AuditTab, provider_choice
 from lorafid.web.tabs.behaviour import BehaviourTab
 from lorafid.web.tabs.provider import ProviderTab
 from lorafid.web.tabs.results import ResultsTab
-from lorafid.web.zerogpu import zero_gpu_compute
 
 SCROLL_TO_RESULTS_JS = "() => document.querySelector('#heatmap')?.scrollIntoView({block: 'start'})"
 SCROLL_TO_PROGRESS_JS = "() => document.querySelector('#progress')?.scrollIntoView({block: 'start'})"
@@ -79,10 +78,7 @@ class Dashboard(AuditTab, AdapterTab, BehaviourTab, ProviderTab, ResultsTab):
     def __init__(self, config: AppConfig) -> None:
         self.config = config
         self.store = Store(config.store_home)
-        self.compute = zero_gpu_compute()  # None off ZeroGPU: the audit picks its own device
-        from lorafid.behaviour.forward import zero_gpu_block_compute  # torch only; transformers loads on first check
-
-        self.block_compute = zero_gpu_block_compute()  # None off ZeroGPU: behaviour blocks run here
+        self.compute = zero_gpu_hook()  # None off ZeroGPU: every check picks its own device
         self.registry, self.publisher = self._registry()
         self.catalog = Catalog(
             self.store,

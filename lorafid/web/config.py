@@ -8,15 +8,13 @@ Gradio; a bad setting is a ``LorafidError`` naming the variable, raised by ``fro
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from lorafid.audit.engine import AuditConfig
-from lorafid.audit.spectrum import DeltaSpectrum
 from lorafid.audit.store import Store
+from lorafid.compute import ComputeHook
 from lorafid.errors import LorafidError
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"
@@ -98,7 +96,7 @@ def audit_config(
     finetune_revision: str,
     token: str | bool | None,
     store: Store,
-    compute: Callable[[torch.Tensor, torch.Tensor], DeltaSpectrum] | None,
+    compute: ComputeHook | None,
 ) -> AuditConfig:
     """The one way the dashboard configures an audit (the weight audit and the adapter audit):
     this deployment's limits, the app's own store, and its compute hook (ZeroGPU)."""

@@ -12,6 +12,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -380,3 +381,28 @@ def test_layout_follows_the_weight_when_the_config_says_otherwise(tmp_path: Path
     section = section_of(audit_adapter(*paths, AuditConfig(rank=2)))
     assert section is not None and [m.shape for m in section.matrices] == [(32, 128)]
     assert section.matrices[0].energy_kept is not None and section.matrices[0].energy_kept > 1 - 1e-9
+
+
+def test_the_adapter_audit_runs_its_math_through_the_compute_hook(tmp_path: Path, trained: dict) -> None:
+    """On ZeroGPU the adapter audit's math must reach the GPU hook: every matrix is one kernel call
+    through ``AuditConfig.compute`` (arguments and results pickled, as a worker process gets them),
+    covered ones the adapter-fit kernel, and the section is the one computed in-process."""
+    import pickle
+
+    from lorafid.adapters.peft_adapter import adapter_fit_kernel
+    from lorafid.audit.engine import spectrum_kernel
+
+    paths = _local(tmp_path, trained["base"], trained["finetune"], trained["adapter"])
+    kernels: list[str] = []
+
+    def across_processes(kernel: Any, *args: Any) -> Any:
+        kernels.append(kernel.__name__)
+        return pickle.loads(pickle.dumps(kernel(*pickle.loads(pickle.dumps(args)))))
+
+    hooked = audit_adapter(*paths, AuditConfig(rank=8, compute=across_processes))
+    local = audit_adapter(*paths, AuditConfig(rank=8, device="cpu"))
+    section = section_of(hooked)
+    assert section is not None and section == section_of(local)
+    assert kernels.count(adapter_fit_kernel.__name__) == len(section.matrices) > 0
+    assert len(kernels) == len(hooked.matrices)  # every matrix, covered or not, through the hook
+    assert set(kernels) <= {adapter_fit_kernel.__name__, spectrum_kernel.__name__}

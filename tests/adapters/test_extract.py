@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub.constants
 import pytest
@@ -328,3 +329,30 @@ def test_push_to_the_loopback_hub_then_audit_the_published_adapter(
     assert section is not None and section.kind == "published" and len(section.matrices) == 14
     for m in section.matrices:
         assert m.energy_kept == pytest.approx(m.best_energy_kept, abs=1e-6), m.name
+
+
+def test_extraction_math_runs_through_the_compute_hook(llama: dict, tmp_path: Path) -> None:
+    """The extraction's factors come from one kernel per changed matrix run through the compute
+    hook (arguments and results pickled, as a ZeroGPU worker gets them): the same adapter bytes."""
+    import pickle
+
+    from lorafid.adapters.extract import extraction_kernel
+
+    calls: list[str] = []
+
+    def across_processes(kernel: Any, *args: Any) -> Any:
+        calls.append(kernel.__name__)
+        return pickle.loads(pickle.dumps(kernel(*pickle.loads(pickle.dumps(args)))))
+
+    hooked = ExtractConfig(rank=4, dtype="float32", audit=AuditConfig(compute=across_processes))
+    local = ExtractConfig(rank=4, dtype="float32", audit=AuditConfig(device="cpu"))
+    a = extract(str(llama["base"]), str(llama["finetune"]), tmp_path / "hooked", hooked).out
+    b = extract(str(llama["base"]), str(llama["finetune"]), tmp_path / "local", local).out
+    assert calls and set(calls) == {extraction_kernel.__name__}
+    with (
+        safe_open(str(a / "adapter_model.safetensors"), "pt") as x,
+        safe_open(str(b / "adapter_model.safetensors"), "pt") as y,
+    ):
+        assert sorted(x.keys()) == sorted(y.keys())
+        for key in x.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            assert torch.equal(x.get_tensor(key), y.get_tensor(key)), key

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -178,13 +179,13 @@ def test_spectrum_reference_helper_is_independent() -> None:
 
 
 def test_compute_hook_gets_cpu_tensors_and_gives_the_same_numbers(tmp_path: Path, store: Store) -> None:
-    """The ZeroGPU path: a replacement spectrum function sees each pair, on the CPU, once."""
+    """The ZeroGPU path: the compute hook runs each pair's kernel, given CPU tensors, once."""
     base_dir, finetune_dir, _, _ = local_pair(tmp_path)
     seen: list[tuple[str, tuple[int, ...]]] = []
 
-    def compute(base: torch.Tensor, finetune: torch.Tensor) -> sp.DeltaSpectrum:
+    def compute(kernel: Any, base: torch.Tensor, finetune: torch.Tensor) -> sp.DeltaSpectrum:
         seen.append((base.device.type, tuple(base.shape)))
-        return sp.delta_spectrum(base, finetune)
+        return kernel(base, finetune)
 
     hooked = audit(base_dir, finetune_dir, AuditConfig(rank=4, device="cpu", store=store, compute=compute))
     plain = audit(base_dir, finetune_dir, AuditConfig(rank=4, device="cpu", store=Store(tmp_path / "plain")))

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from lorafid.behaviour.check import (
-    SCHEMA,
     BehaviourCheck,
     BehaviourConfig,
     Summary,
@@ -28,6 +27,7 @@ from lorafid.behaviour.check import (
     score_tokens,
 )
 from lorafid.behaviour.prompts import Prompt, builtin_prompts, read_prompts
+from lorafid.behaviour.report import SCHEMA, BehaviourReport
 from lorafid.behaviour.tokenizer import encode_prompts, load_tokenizer
 from lorafid.errors import LorafidError, MissingModelFileError
 from tests.behaviour.test_forward import reference_weights, whole_model_logprobs
@@ -51,7 +51,7 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def full_report(dirs: dict[str, Path]) -> dict[str, Any]:
     config = BehaviourConfig(ranks=(3, 48), prompts=PROMPTS, continuation_tokens=6)
-    return behave(str(dirs["base"]), str(dirs["full"]), config)
+    return behave(str(dirs["base"]), str(dirs["full"]), config).to_dict()
 
 
 # -- metrics by hand -------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def test_full_rank_with_extras_is_lossless_and_lower_ranks_are_not(full_report: 
 
 def test_rank8_lora_is_lossless_at_rank_8_and_above(dirs: dict[str, Path]) -> None:
     config = BehaviourConfig(ranks=(4, 8, 16), serving="lora-only", prompts=PROMPTS, continuation_tokens=0)
-    variants = behave(str(dirs["base"]), str(dirs["lora"]), config)["variants"]
+    variants = behave(str(dirs["base"]), str(dirs["lora"]), config).to_dict()["variants"]
     assert set(variants) == {"base", "rank-4", "rank-8", "rank-16"}
     for rank in (8, 16):
         assert variants[f"rank-{rank}"]["kl_max"] < FLOOR
@@ -166,7 +166,7 @@ def test_side_by_side_continuations(full_report: dict[str, Any], dirs: dict[str,
     del family
 
     small = BehaviourConfig(ranks=(3,), prompts=PROMPTS[:1], continuation_tokens=4, max_generate_bytes=1000)
-    report = behave(str(dirs["base"]), str(dirs["full"]), small)
+    report = behave(str(dirs["base"]), str(dirs["full"]), small).to_dict()
     assert report["continuations"] is None and "max_generate_bytes" in report["continuations_note"]
 
 
@@ -179,7 +179,7 @@ def test_interrupted_check_keeps_finished_prompts(dirs: dict[str, Path]) -> None
         if step.stage == "scoring":
             break
     steps.close()
-    report = check.report()
+    report = check.report().to_dict()
     assert report["status"] == "partial"
     assert [row["id"] for row in report["prompts"]] == ["knight"]
     assert report["variants"]["rank-3"]["tokens"] == report["prompts"][0]["tokens"]
@@ -358,42 +358,52 @@ def test_without_transformers_the_check_says_which_extra_to_install(
     assert "pip install lorafid[behaviour]" in capsys.readouterr().err
 
 
-def test_zero_gpu_block_compute_gives_the_same_check(
+def test_a_compute_hook_gives_the_same_check(
     dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """BehaviourConfig.block_compute reaches the forward: each block call's arguments and results
-    pickled (as a ZeroGPU worker gets them) give the metrics of the in-process check; the
-    dashboard passes the ZeroGPU-decorated block to its checks."""
+    """BehaviourConfig.compute reaches the forward: each block kernel's arguments and results
+    pickled (as a ZeroGPU worker gets them) give the metrics of the in-process check."""
     import pickle
-    import sys
-    import types
 
     from lorafid.behaviour.forward import block_on_device
 
     calls: list[int] = []
 
-    def across_processes(*args: Any) -> Any:
+    def across_processes(kernel: Any, *args: Any) -> Any:
+        assert kernel is block_on_device
         calls.append(args[1])
-        return pickle.loads(pickle.dumps(block_on_device(*pickle.loads(pickle.dumps(args)))))
+        return pickle.loads(pickle.dumps(kernel(*pickle.loads(pickle.dumps(args)))))
 
     config = BehaviourConfig(ranks=(4, 8), serving="lora-only", prompts=PROMPTS[:2], continuation_tokens=0)
-    local = behave(str(dirs["base"]), str(dirs["lora"]), config)["variants"]
+    local = behave(str(dirs["base"]), str(dirs["lora"]), config).to_dict()["variants"]
     remote_config = BehaviourConfig(
-        ranks=(4, 8), serving="lora-only", prompts=PROMPTS[:2], continuation_tokens=0, block_compute=across_processes
+        ranks=(4, 8), serving="lora-only", prompts=PROMPTS[:2], continuation_tokens=0, compute=across_processes
     )
-    remote = behave(str(dirs["base"]), str(dirs["lora"]), remote_config)["variants"]
+    remote = behave(str(dirs["base"]), str(dirs["lora"]), remote_config).to_dict()["variants"]
     assert len(calls) == 2 * 4  # 2 blocks × (fine-tune, base, rank-4, rank-8)
     for name, metrics in local.items():
         for key in ("kl_mean", "kl_max", "top1_agreement", "loglik_delta"):
             assert remote[name][key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), (name, key)
 
-    from lorafid.web import app
-    from lorafid.web.config import AppConfig
 
-    fake = types.ModuleType("spaces")
-    fake.GPU = lambda duration: lambda function: ("decorated", function, duration)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "spaces", fake)
-    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
-    monkeypatch.setenv("LORAFID_HOME", str(tmp_path))
-    dashboard = app.Dashboard(AppConfig(store_home=tmp_path, examples_dir=tmp_path, device="cpu"))
-    assert dashboard.block_compute == ("decorated", block_on_device, 60)
+def test_a_behaviour_document_round_trips_and_damage_is_one_clear_error(full_report: dict[str, Any]) -> None:
+    """``BehaviourReport.from_dict`` is the one boundary for stored and downloaded documents: the
+    JSON layout reads back to the same document, and a foreign or damaged one is a
+    ReportFormatError naming what is wrong (never a KeyError or TypeError)."""
+    import json
+
+    from lorafid.errors import ReportFormatError
+
+    again = BehaviourReport.from_dict(json.loads(json.dumps(full_report)))
+    assert again.to_dict() == json.loads(json.dumps(full_report))
+    assert again.variants["rank-3"].kl_mean == full_report["variants"]["rank-3"]["kl_mean"]
+    with pytest.raises(ReportFormatError, match="Not a lorafid behaviour check"):
+        BehaviourReport.from_dict({**full_report, "schema": "lorafid.probe/1"})
+    with pytest.raises(ReportFormatError, match="missing field 'kl_mean'"):
+        broken = json.loads(json.dumps(full_report))
+        del broken["variants"]["rank-3"]["kl_mean"]
+        BehaviourReport.from_dict(broken)
+    with pytest.raises(ReportFormatError, match="missing field 'stats'"):
+        BehaviourReport.from_dict({k: v for k, v in full_report.items() if k != "stats"})
+    with pytest.raises(ReportFormatError):
+        BehaviourReport.from_dict([])

@@ -220,16 +220,17 @@ def test_tied_embedding_kept_through_the_blocks_is_counted(tmp_path: Path) -> No
 def test_zero_gpu_block_runs_across_a_process_boundary(
     llama_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On ZeroGPU only the per-block compute is decorated; in a real worker process (arguments
+    """On ZeroGPU the compute hook runs each block kernel; in a real worker process (arguments
     and results pickled, as ZeroGPU does) the log-probabilities equal the in-process forward's."""
     import multiprocessing
     import sys
     import types
     from concurrent.futures import ProcessPoolExecutor
 
-    from lorafid.behaviour.forward import block_on_device, zero_gpu_block_compute
+    from lorafid.behaviour.forward import block_on_device
+    from lorafid.compute import run_kernel, zero_gpu_hook
 
-    assert zero_gpu_block_compute({}) is None  # off ZeroGPU every block runs in this process
+    assert zero_gpu_hook({}) is None  # off ZeroGPU every block runs in this process
     decorated: list[tuple[str, int]] = []
     calls: list[int] = []
     worker = ProcessPoolExecutor(
@@ -240,9 +241,10 @@ def test_zero_gpu_block_runs_across_a_process_boundary(
         def wrap(function: Any) -> Any:
             decorated.append((function.__name__, duration))
 
-            def in_worker(*args: Any) -> Any:
+            def in_worker(kernel: Any, *args: Any) -> Any:
+                assert kernel is block_on_device
                 calls.append(args[1])
-                return worker.submit(function, *args).result()  # pickled there and back
+                return worker.submit(function, kernel, *args).result()  # pickled there and back
 
             return in_worker
 
@@ -251,23 +253,23 @@ def test_zero_gpu_block_runs_across_a_process_boundary(
     fake = types.ModuleType("spaces")
     fake.GPU = gpu  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "spaces", fake)
-    block_compute = zero_gpu_block_compute({"SPACES_ZERO_GPU": "1"})
-    assert block_compute is not None and decorated == [(block_on_device.__name__, 60)]
+    hook = zero_gpu_hook({"SPACES_ZERO_GPU": "1"})
+    assert hook is not None and decorated == [(run_kernel.__name__, 120)]
 
     specs = (str(llama_dirs["base"]), str(llama_dirs["full"]))
     variants = [FINETUNE, BASE, served(2)]
     with worker:
-        remote = dict(stream_logprobs(*specs, TEXTS, variants, ForwardConfig(block_compute=block_compute)))
+        remote = dict(stream_logprobs(*specs, TEXTS, variants, ForwardConfig(compute=hook)))
     local = dict(stream_logprobs(*specs, TEXTS, variants))
     assert sorted(calls) == sorted([0, 1] * len(variants))  # 2 blocks × 3 variants, each one call
     for index, by_variant in local.items():
         for name, logprobs in by_variant.items():
             assert torch.equal(remote[index][name], logprobs), (index, name)
     # The returned hidden states are the ones used: a block that hands back its input differs.
-    skipped = dict(stream_logprobs(*specs, TEXTS[:1], [FINETUNE], ForwardConfig(block_compute=identity_block)))
+    skipped = dict(stream_logprobs(*specs, TEXTS[:1], [FINETUNE], ForwardConfig(compute=identity_block)))
     assert not torch.allclose(skipped[0]["finetune"], local[0]["finetune"], atol=1e-3)
 
 
-def identity_block(config: Any, layer: int, weights: dict[str, torch.Tensor], hidden: list[torch.Tensor]) -> Any:
-    """A block that changes nothing: shows ``block_compute``'s results replace the in-process ones."""
+def identity_block(kernel: Any, config: Any, layer: int, weights: Any, hidden: list[torch.Tensor]) -> Any:
+    """A hook whose block changes nothing: shows the hook's results replace the in-process ones."""
     return [h.clone() for h in hidden]

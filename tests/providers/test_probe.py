@@ -23,6 +23,7 @@ from lorafid.errors import (
     TokenMismatchError,
     UnsafeEndpointError,
 )
+from lorafid.progress import run_to_end
 from lorafid.providers.evidence import BASE, FINETUNE, FINETUNE_8BIT, PromptScore, candidate_names, coarse_kl, summarise
 from lorafid.providers.netguard import GuardedTransport, NetPolicy, VisitorBudget, is_public_address
 from lorafid.providers.openai_api import (
@@ -416,8 +417,8 @@ def test_visitor_budget() -> None:
 
 
 def test_token_check_tolerates_a_missing_bos_and_refuses_other_tokens(tiny_tokenizer: Any) -> None:
+    from lorafid.providers.logprob_channel import TokenMap, align_prompt
     from lorafid.providers.openai_api import Alternative, Position, ProviderAnswer
-    from lorafid.providers.probe import TokenMap, align_prompt
 
     tokenizer = tiny_tokenizer
     tokens = TokenMap(tokenizer)
@@ -436,8 +437,8 @@ def test_token_check_tolerates_a_missing_bos_and_refuses_other_tokens(tiny_token
 
 
 def test_chat_tokens_that_name_no_id_are_recovered_from_the_text(tiny_tokenizer: Any) -> None:
+    from lorafid.providers.logprob_channel import TokenMap, align_chat
     from lorafid.providers.openai_api import Alternative, Position, ProviderAnswer
-    from lorafid.providers.probe import TokenMap, align_chat
 
     tokens = TokenMap(tiny_tokenizer)
     words = ["the", "knight", "drew"]
@@ -510,7 +511,7 @@ def test_probe_names_the_served_mode(
     server = serve(mode)
     probe = _probe(hub, pair, server)
     plan = probe.plan()
-    report = probe.run()
+    report = run_to_end(probe)
     assert report.verdict.closest == closest and report.verdict.matches
     assert report.verdict.sentence.startswith(opening), report.verdict.sentence
     assert report.verdict.rank_range == rank_range
@@ -520,14 +521,14 @@ def test_probe_names_the_served_mode(
 
 
 def test_a_rank_between_the_grid_ranks_lands_in_the_interval(hub: Any, pair: tuple[str, str], serve: Any) -> None:
-    report = _probe(hub, pair, serve("rank-12")).run()
+    report = run_to_end(_probe(hub, pair, serve("rank-12")))
     lower, upper = report.verdict.rank_range
     assert report.verdict.closest in ("rank-8", "rank-16") and lower < 12 < upper
 
 
 def test_another_model_matches_none(hub: Any, pair: tuple[str, str], serve: Any, family: Any) -> None:
     # A different fine-tune of the same base (a merged rank-8 LoRA trained on the same texts).
-    report = _probe(hub, pair, serve(tensors=family.lora.tensors)).run()
+    report = run_to_end(_probe(hub, pair, serve(tensors=family.lora.tensors)))
     assert not report.verdict.matches and report.verdict.sentence.startswith("Matches none of these")
 
 
@@ -535,7 +536,7 @@ def test_echo_refused_falls_back_to_chat(hub: Any, pair: tuple[str, str], serve:
     server = serve("rank-8", reject_echo=True, vllm_extensions=False)
     probe = _probe(hub, pair, server, max_new_tokens=12)
     plan = probe.plan()
-    report = probe.run()
+    report = run_to_end(probe)
     assert report.method == CHAT
     assert [t["channel"] for t in report.channels_tried] == [ECHO, PROMPT_LOGPROBS, CHAT]
     assert report.channels_tried[0]["outcome"].startswith("refused: HTTP 400")
@@ -546,19 +547,19 @@ def test_echo_refused_falls_back_to_chat(hub: Any, pair: tuple[str, str], serve:
 
 def test_vllm_prompt_logprobs_when_echo_is_refused(hub: Any, pair: tuple[str, str], serve: Any) -> None:
     server = serve("base", reject_echo=True)
-    report = _probe(hub, pair, server).run()
+    report = run_to_end(_probe(hub, pair, server))
     assert report.method == PROMPT_LOGPROBS and report.verdict.closest == BASE
     assert server.requests[1].body["prompt_logprobs"] == 5 and server.requests[1].body["return_token_ids"]
 
 
 def test_other_tokens_are_a_clear_error(hub: Any, pair: tuple[str, str], serve: Any) -> None:
     with pytest.raises(TokenMismatchError, match="does not serve this tokenizer"):
-        _probe(hub, pair, serve("finetune", token_shift=1)).run()
+        run_to_end(_probe(hub, pair, serve("finetune", token_shift=1)))
 
 
 def test_a_provider_failing_midway_leaves_a_partial_report(hub: Any, pair: tuple[str, str], serve: Any) -> None:
     server = serve("rank-8", fail_after=5)
-    report = _probe(hub, pair, server, concurrency=1, max_retries=3).run()
+    report = run_to_end(_probe(hub, pair, server, concurrency=1, max_retries=3))
     assert report.status == "partial" and len(report.prompts) == 5
     assert report.requests["sent"] <= report.requests["max"] and report.failed_prompts
     assert report.verdict.closest == "rank-8"  # the five prompts it got still tell
@@ -570,7 +571,7 @@ def test_the_key_goes_only_into_the_header(
     server = serve("finetune")
     texts = _texts(server, 5)
     with caplog.at_level("DEBUG"):
-        report = _probe(hub, pair, server, texts, api_key="sk-do-not-store-42").run()
+        report = run_to_end(_probe(hub, pair, server, texts, api_key="sk-do-not-store-42"))
     assert all(r.authorization == "Bearer sk-do-not-store-42" for r in server.requests)
     text = report.to_json()
     assert "sk-do-not-store-42" not in text and "sk-do-not-store-42" not in caplog.text
@@ -758,7 +759,7 @@ def test_a_request_budget_packs_the_logprob_channel_where_prompt_arrays_work(
     probe = _probe(hub, pair, server, texts, max_requests=6, max_retries=0)
     plan = probe.plan()
     assert plan.max_requests == 6 and "8 prompts per request" in plan.describe()
-    report = probe.run()
+    report = run_to_end(probe)
     assert report.requests["sent"] == len(server.requests) <= 6
     assert report.status == "complete" and report.verdict.closest == "rank-8"
     scored = len(report.prompts)
@@ -777,8 +778,53 @@ def test_an_extraction_served_on_a_quantized_base_is_its_own_candidate(
 ) -> None:
     """A LoRA provider whose base is fp8 computes fp8(W_base) + B·A: named as the rank-8 extraction on an
     fp8 base, never as the original, and closer than the plain rank-8 candidate."""
-    report = _probe(hub, pair, serve("rank-8@fp8"), quantized=("base:fp8",)).run()
+    report = run_to_end(_probe(hub, pair, serve("rank-8@fp8"), quantized=("base:fp8",)))
     assert report.verdict.closest == "rank-8@fp8", report.verdict.sentence
     assert report.candidates["rank-8@fp8"].distance < 1e-6 < report.candidates["rank-8"].distance
     assert report.verdict.sentence.startswith("Closest to a rank-8 extraction")
     assert report.candidates["rank-8@fp8"].rank == 8
+
+
+def test_a_probe_document_round_trips_and_damage_is_one_clear_error(
+    hub: Any, pair: tuple[str, str], serve: Any
+) -> None:
+    """``ProbeReport.from_dict`` is the one boundary for stored, downloaded and published checks:
+    the JSON reads back to the same document; a foreign or damaged one is a ReportFormatError
+    naming the field (never a KeyError or TypeError)."""
+    import json
+
+    from lorafid.errors import ReportFormatError
+    from lorafid.providers.probe_report import ProbeReport
+
+    loaded = json.loads(run_to_end(_probe(hub, pair, serve("rank-12"))).to_json())
+    again = ProbeReport.from_dict(loaded)
+    assert json.loads(again.to_json()) == loaded and again.verdict is not None and again.verdict.rank_range is not None
+    with pytest.raises(ReportFormatError, match="Not a lorafid provider check"):
+        ProbeReport.from_dict({**loaded, "schema": "lorafid.report/1"})
+    broken = json.loads(json.dumps(loaded))
+    del broken["candidates"]["rank-8"]["distance"]
+    with pytest.raises(ReportFormatError, match=r"missing field 'candidates\.rank-8\.distance'"):
+        ProbeReport.from_dict(broken)
+    with pytest.raises(ReportFormatError, match="missing field 'verdict'"):
+        ProbeReport.from_dict({k: v for k, v in loaded.items() if k != "verdict"})
+
+
+def test_a_probe_reports_progress_as_every_job_does(hub: Any, pair: tuple[str, str], serve: Any) -> None:
+    """``Probe.run()`` yields ``lorafid.progress.Progress``: every provider answer (from the
+    request threads), then every prompt scored locally; ``report()`` only once it has finished."""
+    from lorafid.errors import LorafidError
+    from lorafid.progress import Progress
+
+    probe = _probe(hub, pair, serve("rank-12"))
+    steps = probe.run()
+    first = next(steps)
+    assert isinstance(first, Progress) and first.stage == "provider" and first.done == 1
+    with pytest.raises(LorafidError, match="has not finished"):
+        probe.report()
+    rest = [first, *steps]
+    stages = [s.stage for s in rest]
+    assert stages == sorted(stages, key=["provider", "local"].index)  # every answer before any scoring
+    provider = [s for s in rest if s.stage == "provider"]
+    local = [s for s in rest if s.stage == "local"]
+    assert [s.done for s in provider] == list(range(1, len(provider) + 1)) and provider[-1].total == len(provider)
+    assert local and local[-1].done == local[-1].total == len(probe.report().prompts)

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lorafid.errors import ChannelUnsupportedError, ProviderError
+from lorafid.progress import run_to_end
 from lorafid.providers.evidence import BASE, FINETUNE, FINETUNE_8BIT
 from lorafid.providers.text_channel import (
     NEUTRAL_SAMPLER,
@@ -278,7 +279,7 @@ def test_a_provider_without_logprobs_is_named_within_five_requests(
     probe = _probe(hub, pair, server)
     plan = probe.plan()
     assert plan.max_requests == 5 and plan.text is not None and "Text channel" in plan.describe()
-    report = probe.run()
+    report = run_to_end(probe)
     assert report.method == TEXT and report.status == "complete"
     assert report.verdict.matches and report.verdict.sentence.startswith(opening), report.verdict.sentence
     if closest is not None:
@@ -296,7 +297,7 @@ def test_a_provider_without_logprobs_is_named_within_five_requests(
 
 
 def test_another_model_matches_none_from_text(hub: Any, pair: tuple[str, str], serve: Any, family: Any) -> None:
-    report = _probe(hub, pair, serve(tensors=family.lora.tensors, no_logprobs=True)).run()
+    report = run_to_end(_probe(hub, pair, serve(tensors=family.lora.tensors, no_logprobs=True)))
     assert not report.verdict.matches and report.verdict.sentence.startswith("Matches none of these")
 
 
@@ -305,7 +306,7 @@ def test_a_provider_that_overrides_the_sampler_is_caught(
     hub: Any, pair: tuple[str, str], serve: Any, override: dict[str, Any]
 ) -> None:
     server = serve("rank-8", no_logprobs=True, sampler_override=override)
-    report = _probe(hub, pair, server, channel=TEXT, max_requests=2, max_tokens=60).run()
+    report = run_to_end(_probe(hub, pair, server, channel=TEXT, max_requests=2, max_tokens=60))
     assert report.text["finding"] == "sampler-changed", report.verdict.sentence
     assert not report.verdict.matches and "changed the sampling settings" in report.verdict.sentence
 
@@ -314,7 +315,7 @@ def test_the_forced_text_channel_sends_no_logprob_request_and_adapts_to_a_plain_
     hub: Any, pair: tuple[str, str], serve: Any
 ) -> None:
     server = serve("rank-8", prompt_arrays=False, accept_n=False)
-    report = _probe(hub, pair, server, channel=TEXT, max_tokens=110).run()
+    report = run_to_end(_probe(hub, pair, server, channel=TEXT, max_tokens=110))
     bodies = [r.body for r in server.requests]
     assert not any("echo" in b or "logprobs" in b or "prompt_logprobs" in b for b in bodies)
     assert isinstance(bodies[0]["prompt"], list) and bodies[0]["n"] == 2  # asked once
@@ -446,7 +447,7 @@ def test_greedy_text_names_the_served_candidate_by_its_argmax_path(hub: Any, pai
     from lorafid.providers.text_channel import GREEDY, GREEDY_SAMPLER
 
     server = serve("rank-8", no_logprobs=True)
-    report = _probe(hub, pair, server, channel=GREEDY, max_requests=2).run()
+    report = run_to_end(_probe(hub, pair, server, channel=GREEDY, max_requests=2))
     assert report.method == GREEDY and report.verdict.matches, report.verdict.sentence
     assert report.verdict.closest == "rank-8" and report.candidates["rank-8"].argmax_agreement == 1.0
     assert report.verdict.sentence.startswith("Serves a rank-8 extraction")
@@ -460,6 +461,20 @@ def test_greedy_text_from_a_provider_that_samples_anyway_names_nothing(
     from lorafid.providers.text_channel import GREEDY
 
     server = serve("rank-8", no_logprobs=True, sampler_override={"temperature": 1.0})
-    report = _probe(hub, pair, server, channel=GREEDY, max_requests=2).run()
+    report = run_to_end(_probe(hub, pair, server, channel=GREEDY, max_requests=2))
     assert report.text["finding"] == "sampler-changed" and not report.verdict.matches
     assert "no candidate's greedy path" in report.verdict.sentence
+
+
+def test_a_text_check_document_round_trips(hub: Any, pair: tuple[str, str], serve: Any) -> None:
+    """A check read from sampled text reads back through ``ProbeReport.from_dict`` as its own
+    candidates (log-likelihood gaps and fit, not KL distances)."""
+    import json
+
+    from lorafid.providers.probe_report import ProbeReport
+    from lorafid.providers.text_evidence import TextCandidate
+
+    loaded = json.loads(run_to_end(_probe(hub, pair, serve(no_logprobs=True), channel=TEXT, max_requests=2)).to_json())
+    again = ProbeReport.from_dict(loaded)
+    assert json.loads(again.to_json()) == loaded
+    assert all(isinstance(c, TextCandidate) for c in again.candidates.values())

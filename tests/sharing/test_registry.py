@@ -30,7 +30,7 @@ from lorafid.audit.report import Report
 from lorafid.audit.store import Store
 from lorafid.errors import RegistryError, ResultSchemaError, VerificationError
 from lorafid.providers.evidence import CandidateResult, Verdict
-from lorafid.providers.probe import ProbeReport
+from lorafid.providers.probe_report import ProbeReport
 from lorafid.sharing.hub_dataset import Registry
 from lorafid.sharing.policy import probe_refusal, publish_refusal
 from lorafid.sharing.records import PRECISION, TABLE_RANKS, RegistryEntry, entry_for, result_files, result_path

@@ -360,17 +360,19 @@ def test_no_sign_in_button_without_oauth(tmp_path: Path, monkeypatch: pytest.Mon
     assert not app.build_app(AppConfig.from_env()).expects_oauth
 
 
-def test_zero_gpu_decorates_only_the_spectrum(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On ZeroGPU, @spaces.GPU wraps the per-matrix math: CPU tensors in, plain numbers out."""
+def test_zero_gpu_decorates_only_the_compute_hook(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """On ZeroGPU, @spaces.GPU wraps the one compute hook (a kernel: CPU tensors in, plain numbers
+    out), and the dashboard gives that hook to every check."""
     import sys
     import types
 
     import torch
 
+    from lorafid.audit.engine import spectrum_kernel
     from lorafid.audit.spectrum import DeltaSpectrum
-    from lorafid.web.zerogpu import zero_gpu_compute
+    from lorafid.compute import run_kernel, zero_gpu_hook
 
-    assert zero_gpu_compute({}) is None  # off ZeroGPU the audit chooses its device itself
+    assert zero_gpu_hook({}) is None  # off ZeroGPU every check chooses its device itself
     decorated: list[tuple[str, int]] = []
     fake = types.ModuleType("spaces")
 
@@ -383,10 +385,15 @@ def test_zero_gpu_decorates_only_the_spectrum(monkeypatch: pytest.MonkeyPatch) -
 
     fake.GPU = gpu  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "spaces", fake)
-    compute = zero_gpu_compute({"SPACES_ZERO_GPU": "true"})
-    assert compute is not None and decorated == [("spectrum_on_gpu", 120)]
-    result = compute(torch.zeros(4, 4), torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0])))
+    compute = zero_gpu_hook({"SPACES_ZERO_GPU": "true"})
+    assert compute is run_kernel and decorated == [("run_kernel", 120)]
+    result = compute(spectrum_kernel, torch.zeros(4, 4), torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0])))
     assert isinstance(result, DeltaSpectrum) and result.energy == pytest.approx(30.0)
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    monkeypatch.setenv("LORAFID_HOME", str(tmp_path))
+    app = importlib.import_module("lorafid.web.app")
+    dashboard = app.Dashboard(AppConfig(store_home=tmp_path, examples_dir=tmp_path, device="cpu"))
+    assert dashboard.compute is run_kernel  # the decorated hook, handed to every tab's checks
 
 
 def test_one_users_failing_audit_never_affects_another(hub: HubServer, tmp_path: Path) -> None:

@@ -160,14 +160,17 @@ def test_run_and_rerank_links_name_the_metric_shown(app: Served) -> None:
 
 def test_progress_line_has_bytes_rate_and_eta() -> None:
     meter = ProgressMeter()
-    step = AuditProgress(2, 8, 100_000_000, 400_000_000, 10.0, None)
+    step = AuditProgress.of(2, 8, 100_000_000, 400_000_000, 10.0, None)
     assert meter.line(step) == "2/8 matrices · 100 of 400 MB · 10 MB/s · about 30 s left · 10.0 s"
-    slow = AuditProgress(1, 8, 1_000_000, 400_000_000, 10.0, None)
+    slow = AuditProgress.of(1, 8, 1_000_000, 400_000_000, 10.0, None)
     assert "about 1 h 06 min left" in ProgressMeter().line(slow)  # 399 MB at 0.1 MB/s
-    small, big = AuditProgress(1, 8, 2_000, 40_000, 1.0, None), AuditProgress(1, 8, 12 * 10**8, 140 * 10**9, 1.0, None)
+    small, big = (
+        AuditProgress.of(1, 8, 2_000, 40_000, 1.0, None),
+        AuditProgress.of(1, 8, 12 * 10**8, 140 * 10**9, 1.0, None),
+    )
     assert " · 2 of 40 kB · " in ProgressMeter().line(small)  # not "0 of 0 MB" for a small model
     assert " · 1.2 of 140.0 GB · " in ProgressMeter().line(big)
-    done = AuditProgress(8, 8, 400_000_000, 400_000_000, 40.0, None)
+    done = AuditProgress.of(8, 8, 400_000_000, 400_000_000, 40.0, None)
     assert "left" not in ProgressMeter().line(done)
     assert (
         ProgressMeter.bar(step) == '<progress value="100000000" max="400000000" aria-label="audit progress"></progress>'

@@ -9,11 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
-import torch
 
 from lorafid.adapters.peft_adapter import audit_adapter, section_of
-from lorafid.audit.spectrum import DeltaSpectrum
 from lorafid.audit.store import Store
+from lorafid.compute import ComputeHook
 from lorafid.errors import LorafidError
 from lorafid.web import plots
 from lorafid.web.config import AppConfig, audit_config
@@ -33,7 +32,7 @@ class AdapterTab:
 
     config: AppConfig
     store: Store
-    compute: Callable[[torch.Tensor, torch.Tensor], DeltaSpectrum] | None
+    compute: ComputeHook | None
     visitors: VisitorSlots
     behind_proxy: bool
     base: gr.Textbox

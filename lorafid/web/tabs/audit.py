@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import torch
 from huggingface_hub import constants as hf_constants
 
 from lorafid.audit.engine import Audit, AuditConfig
 from lorafid.audit.report import PROVIDER_RANKS, Report, SourceRecord
-from lorafid.audit.spectrum import DeltaSpectrum
 from lorafid.audit.store import Store
+from lorafid.compute import ComputeHook
 from lorafid.errors import GatedRepoError, LorafidError, RepoNotFoundError
 from lorafid.names import is_commit_sha
 from lorafid.web import plots
@@ -95,7 +94,7 @@ class AuditTab:
     downloads: Path
     visitors: VisitorSlots
     behind_proxy: bool
-    compute: Callable[[torch.Tensor, torch.Tensor], DeltaSpectrum] | None
+    compute: ComputeHook | None
     _token: Callable[[str, gr.OAuthToken | None], str | bool | None]  # the Dashboard's
     _adapter_section: Callable[[], None]  # AdapterTab's
     _publish: Callable[[str, Report], str]  # ResultsTab's

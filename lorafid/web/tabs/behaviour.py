@@ -7,7 +7,7 @@ energy kept when that pair's audit is stored. Measures nothing itself.
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,9 @@ import gradio as gr
 import pandas as pd
 
 from lorafid.audit.store import Store
-from lorafid.errors import LorafidError
+from lorafid.behaviour.report import BehaviourReport
+from lorafid.compute import ComputeHook
+from lorafid.errors import LorafidError, ReportFormatError
 from lorafid.names import parse_ranks
 from lorafid.web.config import MAX_RANK, AppConfig
 from lorafid.web.downloads import write_download
@@ -38,7 +40,7 @@ BEHAVIOUR_GENERATE_BYTES = 4 * 2**30  # side-by-side continuations only when the
 class BehaviourTab:
     """The behaviour tab of the Dashboard.
 
-    Uses the Dashboard's ``config``, ``store``, ``downloads``, ``block_compute``, ``visitors``
+    Uses the Dashboard's ``config``, ``store``, ``downloads``, ``compute``, ``visitors``
     (one slot per running check) and ``behind_proxy``, and the weight audit's ``base`` and
     ``finetune`` fields (``AuditTab``), which it follows.
     """
@@ -46,7 +48,7 @@ class BehaviourTab:
     config: AppConfig
     store: Store
     downloads: Path
-    block_compute: Callable[..., Any] | None
+    compute: ComputeHook | None
     visitors: VisitorSlots
     behind_proxy: bool
     base: gr.Textbox
@@ -125,7 +127,7 @@ class BehaviourTab:
             continuation_tokens=16,
             max_generate_bytes=BEHAVIOUR_GENERATE_BYTES,
             device=self.config.device,
-            block_compute=self.block_compute,
+            compute=self.compute,
             token=None if self.config.allow_local or self.config.server_token else False,
             endpoint=self.config.endpoint,
             allow_local=self.config.allow_local,
@@ -142,11 +144,12 @@ class BehaviourTab:
                 if time.monotonic() - shown > TEXT_INTERVAL_S or step.stage == "done":
                     shown = time.monotonic()
                     yield {self.behave_status: md_text(f"{step.stage}: {step.done}/{step.total}. {step.message}")}
-            document = check.report()
+            report = check.report()
+        document = report.to_dict()
         key = self.store.put_document("behaviour", document)
         path = write_download(self.downloads, f"lorafid-behaviour-{key}.json", json.dumps(document, indent=1) + "\n")
         link = page_url(request.headers, str(request.url)) + f"?behaviour={key}"
-        yield self._behaviour_view(document) | {
+        yield self._behaviour_view(report) | {
             self.behave_file: str(path),
             self.behave_link: f"[Permalink]({link})",
         }
@@ -159,15 +162,21 @@ class BehaviourTab:
         document = self.store.load_document("behaviour", key)
         if document is None:
             return {self.behave_status: "That behaviour check is not stored on this server."}
-        return self._behaviour_view(document) | {
+        try:
+            report = BehaviourReport.from_dict(document)  # the one boundary for stored documents
+        except ReportFormatError as e:
+            return {self.behave_status: md_text(str(e), MAX_MESSAGE_CHARS)}
+        return self._behaviour_view(report) | {
             self.tabs: gr.Tabs(selected="behaviour"),  # a behaviour link opens on its own tab
-            self.behave_base: str((document.get("base") or {}).get("spec") or ""),
-            self.behave_finetune: str((document.get("finetune") or {}).get("spec") or ""),
+            self.behave_base: str(report.base.get("spec") or ""),
+            self.behave_finetune: str(report.finetune.get("spec") or ""),
         }
 
-    def _behaviour_view(self, document: dict[str, Any]) -> dict[Any, Any]:
-        """Status line, chart and the three tables of a ``lorafid.behaviour/1`` document."""
+    def _behaviour_view(self, report: BehaviourReport) -> dict[Any, Any]:
+        """Status line, chart and the three tables of a behaviour check."""
         from lorafid.behaviour.check import describe
+
+        document = report.to_dict()  # the tables and chart read the JSON layout, as downloaded
 
         variants = document.get("variants") or {}
         table = pd.DataFrame(
@@ -199,7 +208,7 @@ class BehaviourTab:
             ],
             columns=["prompt", "fine-tune", *names],
         )
-        summary = describe(document).splitlines()
+        summary = describe(report).splitlines()
         status = summary[0] + ("  \n" + summary[-1] if len(summary) > 2 and "share" in summary[-1] else "")
         return {
             self.behave_status: md_text(status, MAX_MESSAGE_CHARS),

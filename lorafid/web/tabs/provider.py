@@ -14,17 +14,19 @@ import gradio as gr
 import pandas as pd
 
 from lorafid.audit.store import Store
-from lorafid.errors import LorafidError
+from lorafid.compute import ComputeHook
+from lorafid.errors import LorafidError, ReportFormatError
 from lorafid.names import parse_ranks
 from lorafid.providers.netguard import ProbeServerSettings, VisitorBudget
 from lorafid.providers.probe import DEFAULT_QUANTIZED
+from lorafid.providers.probe_report import ProbeReport
 from lorafid.providers.quantize import SCHEMES
 from lorafid.web import plots
 from lorafid.web.config import MAX_RANK, AppConfig
 from lorafid.web.downloads import write_download
 from lorafid.web.limits import VisitorSlots, visitor_id
 from lorafid.web.links import page_url, stored_key
-from lorafid.web.tabs.common import MAX_INPUT_CHARS, user_errors
+from lorafid.web.tabs.common import MAX_INPUT_CHARS, MAX_MESSAGE_CHARS, user_errors
 from lorafid.web.text import md_text
 
 PROBE_INTRO = """**Does an API serve this fine-tune, or a rank-r LoRA extracted from it?** The provider's
@@ -60,6 +62,7 @@ class ProviderTab:
     probe_budget: VisitorBudget
     visitors: VisitorSlots
     tabs: gr.Tabs
+    compute: ComputeHook | None
     _publish_probe: Callable[[dict[str, Any]], str]  # ResultsTab's
 
     def _provider_check_tab(self, demo: gr.Blocks) -> None:
@@ -176,6 +179,7 @@ class ProviderTab:
             allow_local=self.config.allow_local,
             device=self.config.device,
             max_model_bytes=self.config.max_model_bytes,
+            compute=self.compute,  # the local candidates' blocks on ZeroGPU's GPU, as the other checks
             channel=None if channel in (None, "auto") else channel,
             max_requests=int(budget) if budget is not None else None,
             quantized=schemes,
@@ -192,7 +196,10 @@ class ProviderTab:
         with self.visitors.hold(visitor, "check the provider"):
             self.probe_budget.take(visitor, plan.max_requests)
             yield {self.probe_status: md_text(plan.describe()), self.probe_verdict: "", self.probe_link: ""}
-            report = probe.run()
+            for step in probe.run():  # a few dozen steps at most: each answer, then each prompt scored
+                where = "the provider" if step.stage == "provider" else "local candidates"
+                yield {self.probe_status: md_text(f"{plan.describe()}\n\n{where}: {step.message}")}
+            report = probe.report()
         document = report.to_dict()
         key = self.store.put_document("probe", document)
         path = write_download(self.downloads, f"lorafid-probe-{key}.json", report.to_json() + "\n")
@@ -212,9 +219,13 @@ class ProviderTab:
         key = stored_key(query, "probe")
         if not key:
             return {self.probe_status: gr.update()}  # an empty dict reads as one value: "needed 11, returned 1"
-        document = self.store.load_document("probe", key)
-        if document is None:
+        stored = self.store.load_document("probe", key)
+        if stored is None:
             return {self.probe_status: "That provider check is not stored on this server."}
+        try:
+            document = ProbeReport.from_dict(stored).to_dict()  # the one boundary for stored documents
+        except ReportFormatError as e:
+            return {self.probe_status: md_text(str(e), MAX_MESSAGE_CHARS)}
         text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
         path = write_download(self.downloads, f"lorafid-probe-{key}.json", text)
         settings = document.get("settings") or {}
