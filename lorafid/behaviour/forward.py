@@ -149,6 +149,7 @@ class ForwardStats:
     peak_weight_bytes: int = 0  # most tensor bytes held at once (read, derived and variant weights)
     elapsed_s: float = 0.0
     compute_s: float = 0.0
+    variants_run: int = 0  # variants whose blocks ran; a twin of another (``LayerStream.twins``) is not run again
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,40 @@ class LayerStream:
             raise LorafidError("The models are not opened yet; call plan() first.")
         return self._sources
 
+    def full_rank(self) -> int:
+        """The model's full rank: the largest k = min(m, n) of the block matrices a LoRA carries.
+
+        A served rank at or above it keeps every matrix whole (``Decomposition.truncated``)."""
+        plan = self.plan()
+        return max(
+            (min(info.shape) for name, info in plan.finetune_tensors.items() if _carried_info(name, info)), default=0
+        )
+
+    def twins(self, variants: Sequence[Variant]) -> dict[str, str]:
+        """{variant name: the name of an earlier variant with the very same weights} for variants
+        not worth running twice: a served rank at or above the model's full rank is W_base + Δ =
+        W_ft in every block, so with the fine-tune's extras it IS the fine-tune, and with the
+        base's it equals every other such rank. Variants with a weight or base hook are never twins.
+
+        Example: full rank 48, variants finetune, rank-64+extras, rank-64, rank-512 ->
+        {"rank-64+extras": "finetune", "rank-512": "rank-64"}.
+        """
+        full = self.full_rank()
+        first: dict[tuple[str, ...], str] = {}
+        twins: dict[str, str] = {}
+        for variant in variants:
+            key: tuple[str, ...] = (variant.name,)
+            if variant.weight_hook is None and variant.base_hook is None:
+                if variant.kind == "finetune":
+                    key = ("finetune",)
+                elif variant.kind == "served" and variant.rank is not None and variant.rank >= full:
+                    key = ("finetune",) if variant.keep_extras else ("whole blocks, base extras",)
+            if key in first:
+                twins[variant.name] = first[key]
+            else:
+                first[key] = variant.name
+        return twins
+
     def logprobs(
         self, token_ids: Sequence[Sequence[int]], variants: Sequence[Variant]
     ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -246,11 +281,17 @@ class LayerStream:
     def events(
         self, token_ids: Sequence[Sequence[int]], variants: Sequence[Variant]
     ) -> Iterator[ForwardProgress | tuple[int, dict[str, torch.Tensor]]]:
-        """As ``logprobs``, with a ``ForwardProgress`` after each stage (for live progress)."""
+        """As ``logprobs``, with a ``ForwardProgress`` after each stage (for live progress).
+
+        A variant that is another's twin (``twins``) is not run: its results are the other's."""
         plan = self.plan()
         texts = _check_inputs(token_ids, variants, plan.config.vocab_size)
+        twins = self.twins(variants)
+        variants = [v for v in variants if v.name not in twins]
         started = time.perf_counter()
-        self.stats = ForwardStats(tokens=sum(len(ids) for ids in texts), layers=plan.config.num_hidden_layers)
+        self.stats = ForwardStats(
+            tokens=sum(len(ids) for ids in texts), layers=plan.config.num_hidden_layers, variants_run=len(variants)
+        )
         skeleton = _skeleton(plan.config)
         layers = plan.config.num_hidden_layers
         stages = layers + 2
@@ -354,6 +395,8 @@ class LayerStream:
                     hidden[variant.name][i] = h[:, :0]  # this text is done: drop its activations
 
             self._compute(run_head)
+            for twin, same in twins.items():
+                out[twin] = out[same]
             self.stats.elapsed_s = time.perf_counter() - started
             yield i, out
 
@@ -456,32 +499,58 @@ class LayerStream:
             shared[side, name] = self._final(variant, name, raw[side][name])
         return shared[side, name]
 
+    def _served_matrix(
+        self,
+        variant: Variant,
+        name: str,
+        raw: dict[str, dict[str, torch.Tensor]],
+        decompositions: dict[str, sp.Decomposition],
+    ) -> torch.Tensor:
+        """W_base + Δ_r of one carried matrix; at or above its full rank, the fine-tune's own tensor
+        (W_base + Δ = W_ft: nothing to build), unless the base is quantized first (``base_hook``)."""
+        assert variant.rank is not None
+        finetune = raw["finetune"][name]
+        if variant.rank >= min(finetune.shape) and variant.base_hook is None:
+            return finetune
+        base_weight = raw["base"][name].to(self.device, torch.float32)
+        if name in decompositions:
+            low_rank = decompositions[name].truncated(variant.rank)
+        else:  # every asked rank is at or above this matrix's full rank: Δ itself
+            low_rank = finetune.to(self.device, torch.float32) - base_weight
+        if variant.base_hook is not None:
+            base_weight = variant.base_hook(name, base_weight)
+        return base_weight + low_rank
+
     def _block_weights(
         self, variants: Sequence[Variant], raw: dict[str, dict[str, torch.Tensor]], prefix: str
     ) -> Iterator[tuple[Variant, dict[str, torch.Tensor]]]:
         """Each variant with its block weights (names relative to the block), one variant alive at a time."""
         ranks = sorted({v.rank for v in variants if v.kind == "served" and v.rank is not None})
         decompositions: dict[str, sp.Decomposition] = {}
+        carried: set[str] = set()
         if ranks:
             for name, base in raw["base"].items():
                 finetune = raw["finetune"].get(name)
-                if finetune is not None and _carried(name, base, finetune):
+                if finetune is None or not _carried(name, base, finetune):
+                    continue
+                carried.add(name)
+                # Ranks at or above this matrix's full rank serve it whole: no directions needed.
+                below = [r for r in ranks if r < min(base.shape)]
+                if below:
                     _, decompositions[name] = sp.decompose(
-                        base.to(self.device, torch.float32), finetune.to(self.device, torch.float32), max(ranks)
+                        base.to(self.device, torch.float32), finetune.to(self.device, torch.float32), max(below)
                     )
             self._hold("decompositions", [t for d in decompositions.values() for t in (d.delta, d.vectors)])
         for variant in variants:
             if variant.kind == "served":
+                assert variant.rank is not None
                 side = "finetune" if variant.keep_extras else "base"
                 weights: dict[str, torch.Tensor] = {}
                 for name, tensor in raw[side].items():
-                    if name in decompositions:
-                        assert variant.rank is not None
-                        low_rank = decompositions[name].truncated(variant.rank)
-                        base_weight = raw["base"][name].to(self.device, torch.float32)
-                        if variant.base_hook is not None:
-                            base_weight = variant.base_hook(name, base_weight)
-                        weights[name] = self._final(variant, name, base_weight + low_rank)
+                    if name in carried:
+                        weights[name] = self._final(
+                            variant, name, self._served_matrix(variant, name, raw, decompositions)
+                        )
                     elif side == "base" and variant.base_hook is not None:
                         weights[name] = self._final(variant, name, variant.base_hook(name, tensor.to(self.device)))
                     else:
@@ -768,6 +837,11 @@ def _check_pair(
 
 def _head_is_embedding(plan: ModelPlan) -> bool:
     return "lm_head.weight" not in plan.finetune_tensors
+
+
+def _carried_info(name: str, info: TensorInfo) -> bool:
+    """``_carried`` from a tensor's header record: a 2-D block matrix, not an embedding."""
+    return name.startswith("model.layers.") and len(info.shape) == 2 and not is_embedding(name)
 
 
 def _carried(name: str, base: torch.Tensor, finetune: torch.Tensor) -> bool:
