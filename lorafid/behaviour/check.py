@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -212,7 +212,7 @@ class BehaviourCheck:
             for event in stream.events(self._ids, self.variants):
                 elapsed = time.perf_counter() - started
                 if isinstance(event, ForwardProgress):
-                    yield Progress("reading", event.done, event.total, elapsed, event.message)
+                    yield Progress(event.stage, event.done, event.total, elapsed, event.message)
                     continue
                 index, logprobs = event
                 reference = logprobs["finetune"]
@@ -231,12 +231,16 @@ class BehaviourCheck:
             }
             if cfg.continuation_tokens > 0:
                 yield Progress("generating", 0, len(self.prompts), time.perf_counter() - started, "")
-                self._continuations = self._generate(stream, tokenizer, plan)
+                self._continuations = yield from self._generate(stream, tokenizer, plan, started)
         self._stats["elapsed_s"] = time.perf_counter() - started
         yield Progress("done", len(self.prompts), len(self.prompts), self._stats["elapsed_s"], "done")
 
-    def _generate(self, stream: Any, tokenizer: Any, plan: Any) -> list[dict[str, Any]] | None:
-        """Greedy continuations of F, the base and each served variant, if all of them fit at once."""
+    def _generate(
+        self, stream: Any, tokenizer: Any, plan: Any, started: float
+    ) -> Generator[Progress, None, list[dict[str, Any]] | None]:
+        """Greedy continuations of F, the base and each served variant, if all of them fit at once;
+        a ``Progress`` ("generating", prompts × variants done) after each prompt of each variant.
+        A variant that is another's twin (``LayerStream.twins``) gets the other's continuations."""
         from lorafid.behaviour.forward import build_model
 
         generators = list(self.variants)
@@ -252,7 +256,10 @@ class BehaviourCheck:
         texts: dict[str, list[list[int]]] = {}
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        for variant, state in stream.state_dicts(generators):
+        twins = stream.twins(generators)
+        generators = [v for v in generators if v.name not in twins]
+        total = len(generators) * len(self._ids)
+        for done_variants, (variant, state) in enumerate(stream.state_dicts(generators)):
             model = build_model(plan.config, state, stream.device)
             outputs = []
             with torch.no_grad():
@@ -267,8 +274,13 @@ class BehaviourCheck:
                         eos_token_id=eos,
                     )
                     outputs.append(out[0, len(ids) :].tolist())
+                    done = done_variants * len(self._ids) + len(outputs)
+                    message = f"{variant.name} · prompt {len(outputs)}/{len(self._ids)}"
+                    yield Progress("generating", done, total, time.perf_counter() - started, message)
             texts[variant.name] = outputs
             del model, state
+        for twin, same in twins.items():
+            texts[twin] = texts[same]
         rows = []
         for index in range(len(self._ids)):
             reference = texts["finetune"][index]

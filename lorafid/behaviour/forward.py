@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,8 +114,9 @@ BASE = Variant("base", "base")
 
 @dataclass(frozen=True)
 class ForwardProgress(Progress):
-    """One stage of a streamed forward done (``lorafid.progress``): ``stage`` "reading", ``done``
-    of ``total`` stages (1 = embeddings, 2..N+1 = blocks, N+2 = head)."""
+    """A step of a streamed forward (``lorafid.progress``): ``stage`` "reading" with ``done`` of
+    ``total`` stages (1 = embeddings, N+2 = head), or "forward" with ``done`` of ``total``
+    (block, variant, text) runs, after each text of each variant through each block."""
 
     bytes_read: int = 0  # weight bytes read so far, both models
 
@@ -314,6 +315,7 @@ class LayerStream:
         del raw
         yield self._report(1, stages, started)
 
+        units = layers * len(variants) * len(texts)  # (block, variant, text) runs, for per-prompt progress
         rotary = _rotary(skeleton, plan.config, device, dtype)
         positions = [torch.arange(len(t), device=device).unsqueeze(0) for t in texts]
         with torch.no_grad():
@@ -329,20 +331,26 @@ class LayerStream:
             if tied_embedding is not None:  # held through the blocks, for the head: counted too
                 self._hold("tied embedding", [t for tensors in tied_embedding.values() for t in tensors.values()])
             block = skeleton.model.layers[layer]
+            building = self._block_weights(variants, raw, prefix)
+            for done_variants in range(len(variants)):
+                variant, weights = self._next_weights(building)
+                if self.config.compute is not None:  # a pure kernel: its results replace ours
+                    hidden[variant.name] = self.config.compute(
+                        block_on_device, plan.config, layer, weights, hidden[variant.name]
+                    )
+                    del weights
+                    unit = (layer * len(variants) + done_variants + 1) * len(texts)
+                    yield self._progress(unit, units, started, f"block {layer + 1}/{layers} · {variant.name}")
+                    continue
+                for i in range(len(texts)):
 
-            def run_block(
-                raw: dict[str, dict[str, torch.Tensor]] = raw,
-                block: Any = block,
-                layer: int = layer,
-                prefix: str = prefix,
-            ) -> None:
-                for variant, weights in self._block_weights(variants, raw, prefix):
-                    if self.config.compute is not None:  # a pure kernel: its results replace ours
-                        hidden[variant.name] = self.config.compute(
-                            block_on_device, plan.config, layer, weights, hidden[variant.name]
-                        )
-                        continue
-                    for i in range(len(texts)):
+                    def run_text(
+                        i: int = i,
+                        variant: Variant = variant,
+                        weights: Any = weights,
+                        block: Any = block,
+                        layer: int = layer,
+                    ) -> None:
                         out = torch.func.functional_call(
                             block,
                             weights,
@@ -355,10 +363,14 @@ class LayerStream:
                         )
                         hidden[variant.name][i] = out[0] if isinstance(out, tuple) else out
 
-            self._compute(run_block)
+                    self._compute(run_text)
+                    unit = (layer * len(variants) + done_variants) * len(texts) + i + 1
+                    where = f"block {layer + 1}/{layers} · {variant.name} · prompt {i + 1}/{len(texts)}"
+                    yield self._progress(unit, units, started, where)
+                del weights
+            building.close()
             del raw
             self._held.clear()
-            yield self._report(layer + 2, stages, started)
 
         # Stage N+2: final norm and head, text by text, all variants at once.
         head = "model.embed_tokens.weight" if _head_is_embedding(plan) else "lm_head.weight"
@@ -432,6 +444,24 @@ class LayerStream:
         with torch.no_grad(), sp.exact_matmul():
             fn()
         self.stats.compute_s += time.perf_counter() - started
+
+    def _next_weights(
+        self, building: Generator[tuple[Variant, dict[str, torch.Tensor]], None, None]
+    ) -> tuple[Variant, dict[str, torch.Tensor]]:
+        """The next variant's block weights from ``_block_weights``, their building timed as compute."""
+        started = time.perf_counter()
+        with torch.no_grad(), sp.exact_matmul():
+            item = next(building)
+        self.stats.compute_s += time.perf_counter() - started
+        return item
+
+    def _progress(self, unit: int, units: int, started: float, where: str) -> ForwardProgress:
+        """Progress through the blocks: ``unit`` of ``units`` (block, variant, text) runs done."""
+        self.stats.elapsed_s = time.perf_counter() - started
+        read = self.stats.bytes_read
+        return ForwardProgress(
+            "forward", unit, units, self.stats.elapsed_s, f"{where} · {read / 1e6:.1f} MB read", read
+        )
 
     def _report(self, stage: int, stages: int, started: float) -> ForwardProgress:
         self.stats.elapsed_s = time.perf_counter() - started
@@ -523,7 +553,7 @@ class LayerStream:
 
     def _block_weights(
         self, variants: Sequence[Variant], raw: dict[str, dict[str, torch.Tensor]], prefix: str
-    ) -> Iterator[tuple[Variant, dict[str, torch.Tensor]]]:
+    ) -> Generator[tuple[Variant, dict[str, torch.Tensor]], None, None]:
         """Each variant with its block weights (names relative to the block), one variant alive at a time."""
         ranks = sorted({v.rank for v in variants if v.kind == "served" and v.rank is not None})
         decompositions: dict[str, sp.Decomposition] = {}

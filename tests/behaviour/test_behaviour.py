@@ -407,3 +407,24 @@ def test_a_behaviour_document_round_trips_and_damage_is_one_clear_error(full_rep
         BehaviourReport.from_dict({k: v for k, v in full_report.items() if k != "stats"})
     with pytest.raises(ReportFormatError):
         BehaviourReport.from_dict([])
+
+
+def test_progress_advances_per_prompt_through_the_blocks_and_the_continuations(dirs: dict[str, Path]) -> None:
+    """Blocks: one step per (block, variant, prompt), done counting 1..total with the prompt named;
+    continuations: one per (variant, prompt). The full-rank variant with extras is the fine-tune's
+    twin and neither runs nor generates again, yet has its results."""
+    config = BehaviourConfig(ranks=(3, 48), serving="both", prompts=PROMPTS[:3], continuation_tokens=2)
+    check = BehaviourCheck(str(dirs["base"]), str(dirs["full"]), config)
+    steps = list(check.run())
+    report = check.report()
+    layers, run_variants = 2, 5  # finetune, base, rank-3, rank-3+extras, rank-48 (rank-48+extras: the twin)
+    forward = [s for s in steps if s.stage == "forward"]
+    assert [s.done for s in forward] == list(range(1, layers * run_variants * 3 + 1))
+    assert {s.total for s in forward} == {layers * run_variants * 3}
+    assert "block 1/2 · finetune · prompt 1/3" in forward[0].message
+    generating = [s for s in steps if s.stage == "generating" and s.done > 0]
+    assert [s.done for s in generating] == list(range(1, run_variants * 3 + 1))
+    assert report.variants["rank-48+extras"].kl_max == 0.0
+    assert report.continuations is not None
+    for row in report.continuations:
+        assert row["variants"]["rank-48+extras"]["first_divergence"] is None
