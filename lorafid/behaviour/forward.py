@@ -709,6 +709,24 @@ def require_transformers() -> None:
         ) from e
 
 
+def full_rank_of(config: Mapping[str, Any]) -> int | None:
+    """The model's full rank (``LayerStream.full_rank``) from a Llama-family ``config.json``
+    without reading a weight: the largest min(m, n) of q/k/v/o and the MLP matrices; None when
+    the config lacks the sizes.
+
+    Example: hidden 4096, 32 heads of 128, 8 KV heads, MLP 14336 -> 4096.
+    """
+    try:
+        hidden = int(config["hidden_size"])
+        heads = int(config["num_attention_heads"])
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        mlp = int(config["intermediate_size"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return max(min(hidden, heads * head_dim), min(hidden, kv_heads * head_dim), min(hidden, mlp))
+
+
 def read_config_json(source: Source) -> dict[str, Any] | None:
     """The source's ``config.json`` as a dict, or None when it has none."""
     raw = source.read_small_file("config.json", MAX_CONFIG_BYTES)

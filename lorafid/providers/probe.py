@@ -43,7 +43,10 @@ from lorafid.providers.evidence import (
     MIN_PROMPTS_FOR_VERDICT,
     NOISE_FLOOR_NATS,
     PromptScore,
+    Verdict,
     candidate_names,
+    grid_notes,
+    grid_within,
     is_original,
     summarise,
 )
@@ -234,6 +237,7 @@ class Probe:
         )
         self._sources: tuple[Any, Any] | None = None
         self._context: int | None = None  # the fine-tune's max_position_embeddings
+        self._full_rank: int | None = None  # the fine-tune's full rank, from its config.json
         self._tokenizer: Any = None
         self._plan: ProbePlan | None = None
         self._report: ProbeReport | None = None
@@ -397,7 +401,7 @@ class Probe:
         error = collection.error
         try:
             for observation, by_name in score_candidates(
-                self.base, self.finetune, observations, c.ranks, self._forward_config(), c.quantized
+                self.base, self.finetune, observations, self._grid()[0], self._forward_config(), c.quantized
             ):
                 gathered.append(by_name)
                 scores.append(score_prompt(observation, by_name))
@@ -407,7 +411,8 @@ class Probe:
             if not scores:
                 raise
         scored = [o for o in observations if any(s.prompt_index == o.prompt_index for s in scores)]
-        candidates, verdict = summarise(scores, local_distances(scored, gathered), c.ranks)
+        candidates, verdict = summarise(scores, local_distances(scored, gathered), self._grid()[0])
+        verdict = self._with_grid_notes(verdict)
         complete = collection.complete and error is None and len(scores) == len(texts) - len(collection.unsent)
         self._report = ProbeReport(
             status="complete" if complete else "partial",
@@ -449,10 +454,22 @@ class Probe:
             raise LorafidError("The provider check has not finished: iterate Probe.run() to its end first.")
         return self._report
 
+    def _grid(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(the candidate ranks run, the asked ranks left out: at or above the full rank)."""
+        return grid_within(self.config.ranks, self._full_rank)
+
+    def _with_grid_notes(self, verdict: Verdict) -> Verdict:
+        grid, beyond = self._grid()
+        notes = grid_notes(verdict.closest, grid, beyond, self._full_rank)
+        return replace(verdict, sentence=verdict.sentence + notes) if notes else verdict
+
     def _common_settings(self) -> dict[str, Any]:
         c = self.config
+        grid, _ = self._grid()
         return {
             "ranks": list(c.ranks),
+            "ranks_run": list(grid),  # those below the model's full rank (the others are the fine-tune)
+            "full_rank": self._full_rank,
             "quantized": list(c.quantized),
             "channel": c.channel or "auto",
             "max_requests": c.max_requests,
@@ -481,7 +498,7 @@ class Probe:
             raise ProviderError("Every continuation the provider sent was empty; nothing to score.")
         per_continuation: list[dict[str, Any]] = []
         error = read.error
-        variants = candidate_variants(c.ranks, c.quantized)
+        variants = candidate_variants(self._grid()[0], c.quantized)
         try:
             for _, by_name in score_text(self.base, self.finetune, observations, variants, self._forward_config()):
                 per_continuation.append(by_name)
@@ -491,7 +508,7 @@ class Probe:
             if not per_continuation:
                 raise
         scored = observations[: len(per_continuation)]
-        family = [n for n in candidate_names(c.ranks, c.quantized) if is_original(n)]
+        family = [n for n in candidate_names(self._grid()[0], c.quantized) if is_original(n)]
         # The provider's own token count (a lone continuation's usage) tells whether re-tokenizing
         # its text gave back the tokens it sampled; servers differ on counting the final EOS.
         aligned = [
@@ -504,6 +521,7 @@ class Probe:
         candidates, verdict, evidence = judge(
             concatenated(per_continuation), [o.tokens for o in scored], original_family=family, aligned=aligned
         )
+        verdict = self._with_grid_notes(verdict)
         method = GREEDY if c.channel == GREEDY else TEXT
         tried = [*collection.channels_tried, {"channel": method, "outcome": "used"}]
         return ProbeReport(
@@ -561,7 +579,7 @@ class Probe:
         )
 
     def _resolve(self, spec: str) -> Any:
-        from lorafid.behaviour.forward import read_config_json
+        from lorafid.behaviour.forward import full_rank_of, read_config_json
         from lorafid.weights.source import open_source
 
         with open_source(
@@ -572,6 +590,7 @@ class Probe:
                 config = read_config_json(source) or {}
                 length = config.get("max_position_embeddings")
                 self._context = length if isinstance(length, int) and not isinstance(length, bool) else None
+                self._full_rank = full_rank_of(config)
             return source.info
 
     def _described(self, which: int) -> dict[str, str | None]:
