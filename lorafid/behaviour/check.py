@@ -209,6 +209,8 @@ class BehaviourCheck:
                     f"{plan.config.vocab_size}; the tokenizer files do not belong to these weights."
                 )
             self._sources = [_source_record(s) for s in stream.sources]
+            # Generation will want every weight again: keep what the forward reads (each model read once).
+            stream.keep_reads = cfg.continuation_tokens > 0 and self._generation_bytes(stream) <= cfg.max_generate_bytes
             for event in stream.events(self._ids, self.variants):
                 elapsed = time.perf_counter() - started
                 if isinstance(event, ForwardProgress):
@@ -244,9 +246,7 @@ class BehaviourCheck:
         from lorafid.behaviour.forward import build_model
 
         generators = list(self.variants)
-        element = torch.tensor([], dtype=self.config.dtype).element_size()
-        whole = sum(math.prod(t.shape) for t in plan.finetune_tensors.values()) * element  # one model, compute dtype
-        needed = (len(generators) + 2) * whole
+        needed = self._generation_bytes(stream)
         if needed > self.config.max_generate_bytes:
             self._continuation_note = (
                 f"not generated: {len(generators)} whole models need {needed / 2**30:.1f} GiB, above "
@@ -297,6 +297,14 @@ class BehaviourCheck:
                     }
             rows.append(row)
         return rows
+
+    def _generation_bytes(self, stream: Any) -> int:
+        """What generating needs at once: every variant's whole model in the compute dtype, plus
+        both models as read (kept from the forward), counted as two more whole models."""
+        plan = stream.plan()
+        element = torch.tensor([], dtype=self.config.dtype).element_size()
+        whole = sum(math.prod(t.shape) for t in plan.finetune_tensors.values()) * element  # one model, compute dtype
+        return (len(self.variants) - len(stream.twins(self.variants)) + 2) * whole
 
     def report(self) -> BehaviourReport:
         """The ``lorafid.behaviour/1`` report of what is finished so far."""

@@ -176,6 +176,10 @@ class LayerStream:
         self._plan: ModelPlan | None = None
         self._held: dict[str, int] = {}  # what is materialised now, by purpose: bytes
         self._readers: ThreadPoolExecutor | None = None
+        # Set before a forward whose weights ``state_dicts`` will want next (generation when the
+        # models fit): every tensor read is kept, so that each model is read once in all.
+        self.keep_reads = False
+        self._kept: dict[str, dict[str, torch.Tensor]] = {"base": {}, "finetune": {}}
 
     def __enter__(self) -> LayerStream:
         return self
@@ -434,6 +438,8 @@ class LayerStream:
                 for variant, weights in self._block_weights(variants, raw, prefix):
                     states[variant.name].update({prefix + n: t for n, t in weights.items()})
                 del raw
+        self.keep_reads = False
+        self._kept = {"base": {}, "finetune": {}}  # every variant is built: the reads are done with
         for variant in variants:
             yield variant, states.pop(variant.name)
 
@@ -483,18 +489,28 @@ class LayerStream:
         need_finetune = any(v.kind != "base" for v in variants)
         pin = self.device.type == "cuda"
         jobs: list[tuple[str, str, Source, TensorInfo]] = []
-        for name in sorted(names):
-            if need_base and name in plan.base_tensors:
-                jobs.append(("base", name, base_source, plan.base_tensors[name]))
-            if need_finetune and name in plan.finetune_tensors:
-                jobs.append(("finetune", name, finetune_source, plan.finetune_tensors[name]))
         out: dict[str, dict[str, torch.Tensor]] = {"base": {}, "finetune": {}}
+        for name in sorted(names):
+            for side, needed, index, source in (
+                ("base", need_base, plan.base_tensors, base_source),
+                ("finetune", need_finetune, plan.finetune_tensors, finetune_source),
+            ):
+                if not needed or name not in index:
+                    continue
+                if name in self._kept[side]:  # read by an earlier pass (``keep_reads``)
+                    out[side][name] = self._kept[side][name]
+                else:
+                    jobs.append((side, name, source, index[name]))
         tensors = list(self._pool().map(lambda job: read_tensor(job[2], job[3], pin), jobs))
         for (side, name, _, _), tensor in zip(jobs, tensors, strict=True):
             out[side][name] = tensor
+            if self.keep_reads:
+                self._kept[side][name] = tensor
         self.stats.bytes_read += sum(job[3].size_bytes for job in jobs)
         self._held.clear()
-        self._hold("read", tensors)
+        self._hold("read", [t for side in out.values() for t in side.values()])
+        if self.keep_reads:
+            self._hold("kept for generation", [t for side in self._kept.values() for t in side.values()])
         return out
 
     def _pool(self) -> ThreadPoolExecutor:

@@ -428,3 +428,25 @@ def test_progress_advances_per_prompt_through_the_blocks_and_the_continuations(d
     assert report.continuations is not None
     for row in report.continuations:
         assert row["variants"]["rank-48+extras"]["first_divergence"] is None
+
+
+def test_each_model_is_read_once_with_continuations(hub: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the loopback Hub: the forward's reads are kept for the continuations, so the weight
+    bytes served stay within 1.15x the two models' (2x and more when generation read them again).
+    The header probe (100 kB per file, half of this tiny model's 200 kB) is cut to 4 kB, its share
+    of a real model's file."""
+    import lorafid.weights.source
+
+    monkeypatch.setattr(lorafid.weights.source, "HEADER_PROBE_BYTES", 4096)
+    family = model_family("llama", 2)
+    publish(hub, "org/base", family.base)
+    publish(hub, "org/tuned", family.full)
+    weights = [c for m in (family.base, family.full) for n, c in m.files.items() if n.endswith(".safetensors")]
+    config = BehaviourConfig(
+        ranks=(3, 48), prompts=PROMPTS[:2], continuation_tokens=2, endpoint=hub.endpoint, allow_local=False, token=False
+    )
+    hub.clear_requests()
+    report = behave("org/base", "org/tuned", config)
+    assert report.continuations is not None and report.status == "complete"
+    served = hub.bytes_served(weights)
+    assert served <= 1.15 * sum(len(c) for c in weights), served / sum(len(c) for c in weights)
