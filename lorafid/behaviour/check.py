@@ -193,16 +193,11 @@ class BehaviourCheck:
         cfg = self.config
         started = time.perf_counter()
         self._created = datetime.now(UTC).isoformat(timespec="seconds")
-        tokenizer = load_tokenizer(
-            self._specs[1],
-            revision=cfg.finetune_revision,
-            token=cfg.token,
-            endpoint=cfg.endpoint,
-            allow_local=cfg.allow_local,
-        )
-        self._ids = encode_prompts(tokenizer, self.prompts, chat=cfg.chat_template, max_tokens=cfg.max_tokens)
         with LayerStream(*self._specs, self._forward_config) as stream:
             plan = stream.plan()
+            # The fine-tune opened once: its tokenizer comes from the forward's source.
+            tokenizer = load_tokenizer(self._specs[1], source=stream.sources[1])
+            self._ids = encode_prompts(tokenizer, self.prompts, chat=cfg.chat_template, max_tokens=cfg.max_tokens)
             if len(tokenizer) > plan.config.vocab_size:
                 raise LorafidError(
                     f"The fine-tune's tokenizer has {len(tokenizer)} tokens but its model only "

@@ -450,3 +450,6 @@ def test_each_model_is_read_once_with_continuations(hub: Any, monkeypatch: pytes
     assert report.continuations is not None and report.status == "complete"
     served = hub.bytes_served(weights)
     assert served <= 1.15 * sum(len(c) for c in weights), served / sum(len(c) for c in weights)
+    # Opened once: one revision lookup per model (the tokenizer is read from the forward's source).
+    for repo in ("org/base", "org/tuned"):
+        assert len(hub.requests_matching(method="GET", path_contains=f"/api/models/{repo}")) == 1, repo
