@@ -286,6 +286,12 @@ of the served weight, ~3e-8, takes far less than the other half). Above it, floa
 # Above this share of k, float32 eigh + the refinement costs about what float64 saves (measured on
 # 1 CPU thread at k = 2048: float32 eigh 0.7 s, float64 1.6 s, the refinement at r = 256 0.3 s).
 _REFINE_SHARE = 1.0 / 3.0
+# Directions beyond the kept ones in the Rayleigh–Ritz window: the wider it is, the larger the gap
+# to what lies outside it and the smaller the residual bound. A fine-tune's Δ is mostly a noise
+# bulk (its rounding and training noise) under a few strong directions: with 32 more, a rank-64
+# window in the bulk failed the budget for 1024-wide bf16 matrices; with 256 more it passed with
+# served weights 2e-7 from the float64 SVD's (measured on the pairs of ``bench.candidates``).
+_WINDOW_MARGIN = 256
 
 
 def _top_eigenpairs(gram: torch.Tensor, keep: int, weight_norm_sq: float) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -299,7 +305,7 @@ def _top_eigenpairs(gram: torch.Tensor, keep: int, weight_norm_sq: float) -> tup
     if keep == 0:
         values, eigen_dtype = _checked_eigenvalues(gram)
         return values, gram.new_zeros(k, 0), eigen_dtype
-    if keep <= _REFINE_SHARE * k:
+    if keep <= _REFINE_SHARE * k and keep + max(_WINDOW_MARGIN, keep) < k:
         values, vectors = torch.linalg.eigh(gram, UPLO="L")
         if float32_noise_share(values) <= FLOAT32_NOISE_BUDGET:
             refined = _refined_top(gram, values, vectors, keep, REFINE_ERROR_BUDGET**2 * weight_norm_sq)
@@ -318,7 +324,7 @@ def _refined_top(
     """The top ``keep`` eigenvectors by a float64 Rayleigh–Ritz step in the span of the top
     float32 ones, or None where the served weights they give could miss the bar.
 
-    The window: the top w = keep + max(32, keep/4) float32 eigenvectors, made orthonormal in
+    The window: the top w = keep + max(256, keep) float32 eigenvectors, made orthonormal in
     float64. Within it, the float64 ``eigh`` of the projected Gram matrix separates directions
     however close their eigenvalues (float32 alone mixes eigenvalues closer than ~4·u·λ_max,
     a fast-decaying tail or a noise bulk). What it cannot remove is a component outside the
@@ -329,7 +335,7 @@ def _refined_top(
     Costs about 2·k²·w float64 flops, a fraction of the float64 ``eigh`` for w ≤ k/2.
     """
     k = gram.shape[0]
-    width = min(k, keep + max(32, keep // 4))
+    width = keep + max(_WINDOW_MARGIN, keep)  # < k (``_top_eigenpairs``)
     basis = vectors[:, k - width :].to(torch.float64)  # eigh sorts ascending: the top w columns
     try:
         # Cholesky QR: the float32 eigenvectors are orthonormal to about u·sqrt(k) already.
@@ -345,8 +351,6 @@ def _refined_top(
     theta, rotation = torch.linalg.eigh(q.T @ gq)
     theta, rotation = theta[width - keep :].flip(0), rotation[:, width - keep :].flip(-1)
     top = q @ rotation
-    if width == k:
-        return top.to(torch.float32)  # the window is the whole space: nothing outside it
     residual = (gq @ rotation - top * theta).norm(dim=0)
     outside = float(values[k - width - 1])  # the largest float32 eigenvalue below the window
     gap = theta - outside
