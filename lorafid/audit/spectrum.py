@@ -256,11 +256,12 @@ def decompose(base: torch.Tensor, finetune: torch.Tensor, max_rank: int) -> tupl
     How (``_top_eigenpairs``): a float32 ``eigh`` (about half the time of float64 on CPU), its
     eigenvalues checked by the audit's noise guard (``float32_noise_share``), then a float64
     Rayleigh–Ritz step in the span of the top float32 eigenvectors (``_refined_top``), accepted
-    where the residuals bound the served weights' error within a tenth of the bar. Where they
-    do not, or the noise guard fires (nearly exactly-low-rank Δ), or ``max_rank`` is over a
-    third of k (the refinement would then cost what float64 saves), the float64 ``eigh`` of
-    the same Gram matrix decides. Either way each served weight W_base + Δ_r is within 1e-6 relative of the
-    float64 SVD's (``tests/audit/test_spectrum.py``). ``max_rank`` ≤ 0 computes no eigenvectors.
+    where the residuals bound the served weights' error within half the bar. Where they do
+    not, or the noise guard fires (nearly exactly-low-rank Δ), or the window is over 0.4·k
+    (the refinement would then cost what float64 saves: ``max_rank`` above about k/5), the
+    float64 ``eigh`` of the same Gram matrix decides. Either way each served weight
+    W_base + Δ_r is within 1e-6 relative of the float64 SVD's (``tests/audit/test_spectrum.py``).
+    ``max_rank`` ≤ 0 computes no eigenvectors.
 
     Raises: as ``delta_spectrum``.
     """
@@ -283,15 +284,20 @@ REFINE_ERROR_BUDGET = 5e-7
 refined float32 directions: half the 1e-6 bar (the estimate is a bound, and the float32 rounding
 of the served weight, ~3e-8, takes far less than the other half). Above it, float64 decides."""
 
-# Above this share of k, float32 eigh + the refinement costs about what float64 saves (measured on
-# 1 CPU thread at k = 2048: float32 eigh 0.7 s, float64 1.6 s, the refinement at r = 256 0.3 s).
-_REFINE_SHARE = 1.0 / 3.0
-# Directions beyond the kept ones in the Rayleigh–Ritz window: the wider it is, the larger the gap
-# to what lies outside it and the smaller the residual bound. A fine-tune's Δ is mostly a noise
-# bulk (its rounding and training noise) under a few strong directions: with 32 more, a rank-64
-# window in the bulk failed the budget for 1024-wide bf16 matrices; with 256 more it passed with
-# served weights 2e-7 from the float64 SVD's (measured on the pairs of ``bench.candidates``).
+# The float32 path is taken where its Rayleigh–Ritz window is at most this share of k: the step costs
+# about 2·k²·w float64 flops, and at k = 1024 a window of k/2 cost what the float64 eigh saves
+# (measured, ``bench.decompose``: rank 256 of a 4096×1024 Δ, 0.88× with a 512-wide window).
+_WINDOW_SHARE = 0.4
+# Directions beyond the kept ones in the window: the wider it is, the larger the gap to what lies
+# outside it and the smaller the residual bound. A fine-tune's Δ is mostly a noise bulk under a few
+# strong directions: with 32 more, a rank-64 window in the bulk failed the budget for 1024-wide bf16
+# matrices; with 256 more it passed, served weights 2e-7 from the float64 SVD's (``bench.candidates``).
 _WINDOW_MARGIN = 256
+
+
+def _window(keep: int, k: int) -> int:
+    """Width of the Rayleigh–Ritz window for the top ``keep`` of k directions (see ``_WINDOW_MARGIN``)."""
+    return keep + max(keep, min(_WINDOW_MARGIN, k // 4))
 
 
 def _top_eigenpairs(gram: torch.Tensor, keep: int, weight_norm_sq: float) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -305,7 +311,7 @@ def _top_eigenpairs(gram: torch.Tensor, keep: int, weight_norm_sq: float) -> tup
     if keep == 0:
         values, eigen_dtype = _checked_eigenvalues(gram)
         return values, gram.new_zeros(k, 0), eigen_dtype
-    if keep <= _REFINE_SHARE * k and keep + max(_WINDOW_MARGIN, keep) < k:
+    if _window(keep, k) <= _WINDOW_SHARE * k:
         values, vectors = torch.linalg.eigh(gram, UPLO="L")
         if float32_noise_share(values) <= FLOAT32_NOISE_BUDGET:
             refined = _refined_top(gram, values, vectors, keep, REFINE_ERROR_BUDGET**2 * weight_norm_sq)
@@ -324,7 +330,7 @@ def _refined_top(
     """The top ``keep`` eigenvectors by a float64 Rayleigh–Ritz step in the span of the top
     float32 ones, or None where the served weights they give could miss the bar.
 
-    The window: the top w = keep + max(256, keep) float32 eigenvectors, made orthonormal in
+    The window: the top w = ``_window(keep, k)`` float32 eigenvectors, made orthonormal in
     float64. Within it, the float64 ``eigh`` of the projected Gram matrix separates directions
     however close their eigenvalues (float32 alone mixes eigenvalues closer than ~4·u·λ_max,
     a fast-decaying tail or a noise bulk). What it cannot remove is a component outside the
@@ -332,10 +338,10 @@ def _refined_top(
     sin ≤ ρ_j / (θ_j − λ_out), λ_out the largest eigenvalue outside (Davis–Kahan). Such a
     component of size c moves Δ_r by about c·sqrt(θ_j + λ_out) in Frobenius norm; summed over
     the kept directions, its square must stay within ``error_budget_sq``.
-    Costs about 2·k²·w float64 flops, a fraction of the float64 ``eigh`` for w ≤ k/2.
+    Costs about 2·k²·w float64 flops, a fraction of the float64 ``eigh`` for w ≤ 0.4·k.
     """
     k = gram.shape[0]
-    width = keep + max(_WINDOW_MARGIN, keep)  # < k (``_top_eigenpairs``)
+    width = _window(keep, k)  # well below k (``_top_eigenpairs``)
     basis = vectors[:, k - width :].to(torch.float64)  # eigh sorts ascending: the top w columns
     try:
         # Cholesky QR: the float32 eigenvectors are orthonormal to about u·sqrt(k) already.
