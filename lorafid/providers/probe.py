@@ -245,17 +245,8 @@ class Probe:
     def plan(self) -> ProbePlan:
         """Resolve both repos, load the fine-tune's tokenizer, count requests and tokens."""
         if self._plan is None:
-            from lorafid.behaviour.tokenizer import load_tokenizer
-
             c = self.config
             self._sources = (self._resolve(self.base), self._resolve(self.finetune))
-            self._tokenizer = load_tokenizer(
-                self.finetune,
-                revision=self._sources[1].resolved_sha,
-                token=c.hub_token,
-                endpoint=c.hub_endpoint,
-                allow_local=c.allow_local,
-            )
             channels = self._logprob_channels()
             every = [len(self._encode(t)) for t in self.texts]  # prompt tokens, by the fine-tune's tokenizer
             if not channels:
@@ -580,6 +571,7 @@ class Probe:
 
     def _resolve(self, spec: str) -> Any:
         from lorafid.behaviour.forward import full_rank_of, read_config_json
+        from lorafid.behaviour.tokenizer import load_tokenizer
         from lorafid.weights.source import open_source
 
         with open_source(
@@ -591,6 +583,8 @@ class Probe:
                 length = config.get("max_position_embeddings")
                 self._context = length if isinstance(length, int) and not isinstance(length, bool) else None
                 self._full_rank = full_rank_of(config)
+                # Its tokenizer from the same opened source, at the same commit: not opened again.
+                self._tokenizer = load_tokenizer(spec, source=source)
             return source.info
 
     def _described(self, which: int) -> dict[str, str | None]:

@@ -851,8 +851,11 @@ def test_a_rank_below_the_grid_is_flagged_and_ranks_beyond_full_rank_are_not_run
 ) -> None:
     """A server of rank 8 checked with ranks 16-128 on a model of full rank 48: the closest is rank 16
     at the grid's edge, which the verdict says, with ranks to try; 64 and 128 are the fine-tune
-    itself, neither candidates nor run."""
+    itself, neither candidates nor run. The fine-tune is opened twice (the plan, with its config
+    and tokenizer; the forward), not three times."""
+    hub.clear_requests()
     report = run_to_end(_probe(hub, pair, serve("rank-8"), ranks=(16, 32, 64, 128)))
+    assert len(hub.requests_matching(method="GET", path_contains=f"/api/models/{pair[1]}")) == 2
     assert report.verdict.closest == "rank-16"
     assert "lowest rank checked (16)" in report.verdict.sentence and "--ranks 4,8,16" in report.verdict.sentence
     assert "Ranks 64, 128 are at or above the model's full rank (48)" in report.verdict.sentence
