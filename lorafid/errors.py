@@ -9,15 +9,38 @@ from __future__ import annotations
 
 
 class LorafidError(Exception):
-    """Base class: a failure with a message meant for the user, not a traceback."""
+    """Base class: a failure with a message meant for the user, not a traceback.
+
+    Some classes also carry structured fields (which repo, what kind of failure) so a page can
+    say what to do in its own words (its fields and buttons, not the CLI's flags) without
+    reading the message. The fields survive pickling (a Ray worker's error reaches the driver).
+    """
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), self.args, self.__dict__)
 
 
 class RepoNotFoundError(LorafidError):
-    """The Hub repo does not exist, or is private and the token cannot see it."""
+    """The Hub repo does not exist, or is private and the token cannot see it.
+
+    Fields: ``repo`` and ``endpoint`` (the Hub asked); ``token_rejected``: the Hub refused the
+    token itself (401), rather than not finding the repo.
+    """
+
+    def __init__(self, message: str = "", *, repo: str = "", endpoint: str = "", token_rejected: bool = False):
+        super().__init__(message)
+        self.repo, self.endpoint, self.token_rejected = repo, endpoint, token_rejected
 
 
 class GatedRepoError(LorafidError):
-    """The repo is gated: the user must accept its licence on the Hub and pass a token."""
+    """The repo is gated: the user must accept its licence on the Hub and pass a token.
+
+    Fields: ``repo``; ``page``: where its licence is accepted.
+    """
+
+    def __init__(self, message: str = "", *, repo: str = "", page: str = ""):
+        super().__init__(message)
+        self.repo, self.page = repo, page
 
 
 class RevisionNotFoundError(LorafidError):
@@ -61,7 +84,15 @@ class LimitExceededError(LorafidError):
 
 
 class InvalidSourceError(LorafidError):
-    """A source string is neither a valid Hub repo ID nor an allowed local path."""
+    """A source string is neither a valid Hub repo ID nor an allowed local path.
+
+    Field: ``problem``, what is wrong with it, without the message's advice on the forms a
+    source may take (a page that reads Hub repos only gives its own).
+    """
+
+    def __init__(self, message: str = "", *, problem: str = ""):
+        super().__init__(message)
+        self.problem = problem
 
 
 class UnsafeEndpointError(LorafidError):
@@ -82,6 +113,10 @@ class TokenMismatchError(LorafidError):
 
 class CatalogueError(LorafidError):
     """A batch catalogue (CSV or YAML list of pairs) is malformed: the message names the row and field."""
+
+
+class RayClusterError(LorafidError):
+    """The Ray cluster of a batch cannot be joined: nobody answers, or it refuses our token (or our lack of one)."""
 
 
 class MissingExtraError(LorafidError):
@@ -126,3 +161,11 @@ class VocabularyMismatchError(LorafidError):
 
 class ReportFormatError(LorafidError):
     """A stored, downloaded or published document is not the lorafid document it claims to be."""
+
+
+class ChatTemplateError(LorafidError):
+    """A repo's chat template is too long, runs too long or too large, or fails: it is not rendered."""
+
+
+class TokenizerError(LorafidError):
+    """A repo's tokenizer is too large to load on this server, or fails inside its own code (a Rust panic)."""

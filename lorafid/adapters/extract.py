@@ -134,6 +134,12 @@ class Extraction:
             raise LorafidError(f"Unknown --dtype {config.dtype!r}; use one of {', '.join(DTYPES)}.")
         self.config = config
         self.out = Path(out)
+        if self.out.exists() and not self.out.is_dir():
+            raise LorafidError(
+                f"--out {self.out} is a file, not a folder: name a new folder for the adapter "
+                "(or the folder of an interrupted extraction, to resume it)."
+            )
+        self._created_out = not self.out.exists()  # removed again if the rank is refused
         self._staging = self.out / STAGING_DIR
         self._prepare_staging()
         self._store = Store(self._staging)
@@ -161,10 +167,26 @@ class Extraction:
             self._finetune_source.close()
 
     def plan(self) -> PairingPlan:
-        return self.job.plan()
+        """The matrices to extract, from the headers alone.
+
+        Raises:
+            LorafidError: the rank is above the largest matrix's full rank (every factor would
+                be zero-padded to it: a rank of 10^9 asked for 192 GB); nothing was read but headers.
+        """
+        plan = self.job.plan()
+        largest = max((min(p.shape) for p in plan.matrices if len(p.shape) == 2), default=0)
+        if largest and self.config.rank > largest:
+            self.close()
+            self._discard_unused_folders()
+            raise LorafidError(
+                f"--rank {self.config.rank:,} is above the largest matrix's full rank ({largest:,}): rank "
+                f"{largest:,} already carries the whole change. Use --rank {largest:,} or less."
+            )
+        return plan
 
     def run(self) -> Iterator[AuditProgress]:
         """Decompose every matrix not already staged, writing its factors as it goes."""
+        self.plan()  # the rank is checked before any weight is read
         yield from self.job.run()
 
     def finish(self) -> ExtractResult:
@@ -196,12 +218,14 @@ class Extraction:
         extra = self._modules_to_save(report.finetune)
         target_modules = _target_modules([p for p, _ in pieces], self.plan())
         _write_adapter_weights(self.out / WEIGHTS_FILE, pieces, extra, self._read_finetune)
+        # Written files say where the models came from, never a path of this machine.
+        report = replace(report, base=portable(report.base), finetune=portable(report.finetune))
         adapter_config = self._adapter_config(report.base, target_modules)
         (self.out / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2) + "\n")
         notes = tuple(vllm_warnings(self.config.rank, self.config.modules_to_save))
         section = build_section(
             kind="extracted",
-            source={"spec": str(self.out), "kind": "local", "path": None},
+            source={"spec": self.out.name, "kind": "local", "path": None},
             settings=adapter_config,
             report=report,
             fitted=fitted,
@@ -228,8 +252,19 @@ class Extraction:
         path = self._staging / "manifest.json"
         if self.config.audit.fresh or (path.exists() and json.loads(path.read_text()) != manifest):
             shutil.rmtree(self._staging, ignore_errors=True)
-        (self._staging / "factors").mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(manifest))
+        try:
+            (self._staging / "factors").mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(manifest))
+        except OSError as e:  # a file where a folder should be, no permission, a full disk
+            raise LorafidError(f"Cannot write the adapter under {self.out}: {e.strerror}. Name another --out.") from e
+
+    def _discard_unused_folders(self) -> None:
+        """After a refusal: remove the staging folder when it holds no factors (a resumable
+        extraction's are kept), and ``out`` when this run created it and it is empty again."""
+        if not any((self._staging / "factors").iterdir()):
+            shutil.rmtree(self._staging, ignore_errors=True)
+        if self._created_out and not any(self.out.iterdir()):
+            self.out.rmdir()
 
     def _piece(self, name: str) -> Path:
         return self._staging / "factors" / (hashlib.sha256(name.encode()).hexdigest()[:24] + ".safetensors")
@@ -300,7 +335,7 @@ class Extraction:
             "alpha_pattern": {},
             "init_lora_weights": True,
             "inference_mode": True,
-            "base_model_name_or_path": base.repo_id or base.path,
+            "base_model_name_or_path": base.repo_id or base.spec,  # a local base: its folder's name (``portable``)
             "revision": base.resolved_sha,
         }
 
@@ -319,6 +354,14 @@ def extraction_kernel(
     lora_b, lora_a = lora_b.to(dtype), lora_a.to(dtype)
     fit = adapter_fit(decomposition.delta, lora_b, lora_a, 1.0)
     return spectrum, (lora_b.cpu(), lora_a.cpu(), fit)
+
+
+def portable(record: SourceRecord) -> SourceRecord:
+    """A source record fit for files that leave this machine: a local source keeps its folder's
+    or file's name only (no absolute path); a Hub record is unchanged."""
+    if record.kind == "hub":
+        return record
+    return replace(record, spec=Path(record.path or record.spec).name, path=None)
 
 
 def _pad(lora_b: torch.Tensor, lora_a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,13 +528,25 @@ def push_to_hub(
 ) -> str:
     """Upload the adapter folder to a Hub model repo (created if missing); returns the commit URL.
 
-    The token is used for these requests only, never written anywhere.
+    ``private``: create the repo private, and refuse to upload into an existing public one (an
+    adapter of a gated or private fine-tune carries its weights' change). The token is used for
+    these requests only, never written anywhere.
     """
     from huggingface_hub import HfApi
     from huggingface_hub import errors as hf_errors
 
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
     try:
+        if private:
+            try:
+                public = not api.model_info(repo_id).private
+            except hf_errors.RepositoryNotFoundError:
+                public = False  # created private below
+            if public:
+                raise LorafidError(
+                    f"{repo_id} exists and is public; this adapter is to be private. Push to a new repo name, make "
+                    f"{repo_id} private first, or pass --public."
+                )
         api.create_repo(repo_id, exist_ok=True, private=private)
         commit = api.upload_folder(
             folder_path=str(out),

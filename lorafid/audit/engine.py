@@ -174,21 +174,15 @@ class Audit:
             return self._plan
         cfg = self.config
         _check_patterns(cfg)  # before any request: a typo in a pattern costs nothing
-        base = open_source(
-            self._specs[0],
-            revision=cfg.base_revision,
-            token=cfg.token,
-            endpoint=cfg.endpoint,
-            allow_local=cfg.allow_local,
-        )
-        try:
-            finetune = open_source(
-                self._specs[1],
-                revision=cfg.finetune_revision,
-                token=cfg.token,
-                endpoint=cfg.endpoint,
-                allow_local=cfg.allow_local,
+
+        def opened(spec: str, revision: str | None) -> Source:
+            return open_source(
+                spec, revision=revision, token=cfg.token, endpoint=cfg.endpoint, allow_local=cfg.allow_local
             )
+
+        base = opened(self._specs[0], cfg.base_revision)
+        try:
+            finetune = opened(self._specs[1], cfg.finetune_revision)
         except BaseException:
             base.close()  # nobody else holds it yet: its HTTP connections would leak
             raise

@@ -1,18 +1,26 @@
 """Catalogue audits on Ray: one task per pair, each streaming from the Hub itself.
 
-The driver (``run_batch``) reads no weights. It skips pairs the store already holds
-complete, submits one Ray task per pair (or, for a pair split by layer, one task per chunk
-of layers and a merge task), shows progress, writes each report to ``out`` as it arrives,
-and ends with a table sorted by loss (``table.csv``, ``table.json``; ``results_table``).
+The driver (``run_batch``) reads no weights. It asks the Hub which commit each repo points
+at now (one metadata request per repo) and takes from the store the pairs audited before at
+that endpoint, at those commits, with the same tensor selection (``reuse``). It submits one
+Ray task per other pair (or, for a pair split by layer, one task per chunk of layers and a
+merge task), shows progress, writes each report to ``out`` as it arrives, and ends with a
+table sorted by loss (``table.csv``, ``table.json``; ``results_table``) that names the
+node(s) each pair ran on.
 
 A task runs the same ``Audit`` as ``lorafid audit``: it opens both repos, streams the
 tensors, and writes every matrix to the store under the worker's ``LORAFID_HOME`` as soon
-as it exists. So a task that Ray retries after losing its worker resumes at matrix level,
-and a batch run again resumes partial pairs the same way. Only the report and its spectra
-(8 bytes per singular value) travel back to the driver.
+as it exists. So a task that Ray retries after losing its worker or its node resumes at
+matrix level, and a batch run again resumes partial pairs the same way. Only the report and
+its spectra (8 bytes per singular value) travel back to the driver.
 
-Secrets: the Hub token reaches tasks as ``HF_TOKEN`` in the tasks' runtime environment,
-never as a task argument (Ray keeps arguments in task specs, logs and the dashboard). The
+Driver-side state stays on the driver: outcomes, the queue and the table live in this
+process; its two small actors (the progress board, the token's holder) are placed on the
+driver's own node, and losing the board only stops the byte counts.
+
+Secrets: the Hub token is handed to a small actor on the driver's node (``secret``) and
+each task asks it for the token: never a task argument, never in a runtime environment
+(Ray writes those to its logs), never in the object store (Ray may spill it to disk). The
 endpoint, not a secret, is an argument, so every node reads the same Hub.
 
 Failures: a pair that fails (missing or gated repo, corrupt file, a worker lost more than
@@ -25,16 +33,15 @@ Example::
     result = run_batch(load_catalogue(Path("catalogue.csv")), BatchOptions(rank=64), out=Path("audits"))
     for row in result.table(): print(row.label, row.loss)
 
-Not here: what runs on the workers (``batch_tasks``), the table and files (``batch_results``),
-reading catalogues (``catalogue``), the audit itself (``audit``). Ray is imported only when a
-batch runs: ``import lorafid`` never needs it.
+Not here: joining Ray (``cluster``), what runs on the workers (``tasks``), the table and
+files (``results``), which stored results may be reused (``reuse``), reading catalogues
+(``catalogue``), the audit itself (``audit``). Ray is imported only when a batch runs:
+``import lorafid`` never needs it.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import socket
+import contextlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,11 +52,14 @@ from lorafid.audit.engine import AuditConfig
 from lorafid.audit.report import Report
 from lorafid.audit.store import Store
 from lorafid.batch.catalogue import CataloguePair
+from lorafid.batch.cluster import connect, import_ray, node_label
 from lorafid.batch.progress import ProgressBoard
 from lorafid.batch.results import BatchResult, PairOutcome, write_pair, write_table
+from lorafid.batch.reuse import HubSide, ReuseIndex, hub_endpoint, resolve_commits, selection
+from lorafid.batch.secret import SecretHolder
 from lorafid.batch.tasks import PairResult, PairTask, audit_task, part_task
 from lorafid.compute import ComputeHook
-from lorafid.errors import LorafidError, MissingExtraError
+from lorafid.errors import LorafidError
 
 _POLL_S = 0.5  # how often the driver looks at progress while no task finishes
 
@@ -69,10 +79,10 @@ class BatchOptions:
     max_concurrent: int = 8  # streaming tasks in flight: keeps a catalogue under the Hub's rate limits
     max_retries: int = 3  # Ray retries of a task whose worker died (OOM, a lost node)
     endpoint: str | None = None  # None: the driver's HF_ENDPOINT, else huggingface.co
-    # None: the driver's HF_TOKEN or stored login. Sent to tasks only as HF_TOKEN in their runtime env.
+    # None: the driver's HF_TOKEN or stored login. Tasks ask a small actor on the driver's node for it.
     token: str | None = field(default=None, repr=False)
     store_home: Path | None = None  # None: each worker's LORAFID_HOME (on a local Ray: the driver's)
-    progress: bool = True  # live byte counts from the tasks (one small actor)
+    progress: bool = True  # live byte counts from the tasks (one small actor on the driver's node)
     # Where every task's per-matrix math runs, as AuditConfig.compute (``lorafid.compute``); must pickle.
     compute: ComputeHook | None = field(default=None, repr=False)
 
@@ -92,6 +102,10 @@ class BatchOptions:
         if wrong:
             raise LorafidError("Batch options: " + "; ".join(wrong) + ".")
 
+    @property
+    def selection(self) -> str:
+        return selection(self.include_embeddings, self.include, self.exclude)
+
 
 @dataclass(frozen=True)
 class BatchProgress:
@@ -104,57 +118,13 @@ class BatchProgress:
     bytes_total: int  # of the pairs planned so far
 
 
-# -- Ray -----------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """What the driver knows before submitting: each pair's commits now, and who must start afresh."""
 
-
-def import_ray() -> Any:
-    """The ``ray`` module, or a one-line error that says how to install it."""
-    try:
-        import ray
-    except ImportError as e:
-        raise MissingExtraError("lorafid batch runs on Ray, which is not installed: pip install lorafid[batch]") from e
-    return ray
-
-
-def connect(address: str | None = "local", *, num_cpus: int | None = None) -> None:
-    """Start or join Ray unless this process is connected already.
-
-    ``"local"`` / None: a private Ray instance on this machine (``num_cpus``: its size, default
-    all cores). ``"auto"``: the cluster that ``ray start`` runs on this machine, or
-    ``RAY_ADDRESS``. Anything else: a cluster address (``host:6379`` or ``ray://host:10001``).
-    """
-    ray = import_ray()
-    if ray.is_initialized():
-        return
-    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
-    try:
-        if address in (None, "local"):
-            # Reports and spectra are small (a 70B pair: ~40 MB): a small object store is plenty.
-            ray.init(
-                address="local", num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 2**20, **quiet
-            )
-        else:
-            _check_reachable(address)
-            ray.init(address=address, **quiet)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise LorafidError(
-            f"Could not connect to Ray at {address!r} ({e}). Start a cluster with `ray start --head` and pass "
-            "the address it prints, or use --ray local."
-        ) from e
-
-
-def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
-    """Fail fast on a cluster address nobody answers at: Ray itself would retry without end.
-
-    Example: "10.0.0.5:6379" and "ray://10.0.0.5:10001" are probed; "auto" is left to Ray.
-    """
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        return  # "auto", or a form Ray resolves itself
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        raise ConnectionError(f"nothing answers at {host}:{port}: {e.strerror or e}") from e
+    endpoint: str
+    sides: dict[int, tuple[HubSide, HubSide]]  # pair index -> both sides, for pairs of two Hub repos
+    fresh: set[int] = field(default_factory=set)  # pairs whose stored results came from another Hub
 
 
 def run_batch(
@@ -174,24 +144,32 @@ def run_batch(
     ray = import_ray()
     connect()
     store = Store(options.store_home)
+    index = ReuseIndex(store.home)
+    token = options.token or _driver_token()
     outcomes: dict[int, PairOutcome] = {}
     todo: list[int] = []
-    for index, pair in enumerate(pairs):
-        stored = None if options.fresh else _stored_complete(store, pair, options)
-        if stored is None:
-            todo.append(index)
-            continue
-        key, report = stored
-        outcomes[index] = write_pair(out, index, pair, _first_rank(pair, options), key, report, from_store=True)
-    driver = _Driver(ray, pairs, options, store, out, outcomes, on_progress)
+    driver: _Driver | None = None
     interrupted = False
     try:
+        plan = _plan(pairs, options, token)
+        for i, pair in enumerate(pairs):
+            stored = None if options.fresh else _stored_complete(store, index, plan, i, options)
+            if stored is None:
+                todo.append(i)
+                continue
+            key, report = stored
+            outcomes[i] = write_pair(out, i, pair, _first_rank(pair, options), key, report, from_store=True)
+        plan.fresh = {i for i in todo if _from_another_hub(index, plan, i) and not options.fresh}
+        driver = _Driver(ray, pairs, options, store, out, outcomes, on_progress, token=token, plan=plan, index=index)
         driver.run(todo)
     except KeyboardInterrupt:
         interrupted = True
-        driver.cancel()
+        if driver is not None:
+            driver.cancel()
     finally:
-        driver.close()
+        if driver is not None:
+            driver.close()
+        index.close()
         store.close()
     result = BatchResult(
         tuple(outcomes.get(i, PairOutcome(i, pair, "pending")) for i, pair in enumerate(pairs)), interrupted
@@ -199,6 +177,19 @@ def run_batch(
     if out is not None:
         write_table(result.table(options.rank), out)
     return result
+
+
+def _plan(pairs: Sequence[CataloguePair], options: BatchOptions, token: str | None) -> _Plan:
+    """Resolve every Hub repo of the catalogue to its commit now (one request per repo and revision)."""
+    endpoint = hub_endpoint(options.endpoint)
+    specs = [(p.base, p.base_revision) for p in pairs] + [(p.finetune, p.finetune_revision) for p in pairs]
+    commits = resolve_commits(specs, endpoint=endpoint, token=token)
+    sides = {}
+    for i, pair in enumerate(pairs):
+        base, finetune = commits[(pair.base, pair.base_revision)], commits[(pair.finetune, pair.finetune_revision)]
+        if base is not None and finetune is not None:
+            sides[i] = (base, finetune)
+    return _Plan(endpoint, sides)
 
 
 class _Driver:
@@ -213,10 +204,16 @@ class _Driver:
         out: Path | None,
         outcomes: dict[int, PairOutcome],
         on_progress: Callable[[BatchProgress], None] | None,
+        *,
+        token: str | None = None,
+        plan: _Plan | None = None,
+        index: ReuseIndex | None = None,
     ) -> None:
         self.ray, self.pairs, self.options, self.store, self.out = ray, pairs, options, store, out
         self.outcomes = outcomes
         self.on_progress = on_progress
+        self.plan = plan or _Plan(hub_endpoint(options.endpoint), {})
+        self.index = index
         gpus = options.gpus_per_task
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
@@ -225,9 +222,9 @@ class _Driver:
             "num_gpus": gpus,
             "max_retries": options.max_retries,
         }
-        token = options.token or _driver_token()
-        if token:  # the environment, not the arguments: Ray shows arguments in task specs and logs
-            self.task_options["runtime_env"] = {"env_vars": {"HF_TOKEN": token}}
+        # Not an argument, not a runtime environment (Ray logs those), not the object store
+        # (Ray may spill it to disk): a small actor on this node hands it out (``secret``).
+        self.secret: list[Any] = [self._hold(token)] if token else []
         self.audit_remote = ray.remote(audit_task).options(**self.task_options)
         self.part_remote = ray.remote(part_task).options(**self.task_options)
         self.board: Any = None  # the progress actor, started with the first task
@@ -236,6 +233,7 @@ class _Driver:
         self._finished_bytes: dict[int, int] = {}  # pair index -> its weights, from its result
         self.streaming: set[Any] = set()  # refs that count against max_concurrent
         self.finals: dict[Any, int] = {}  # ref of a pair's report -> catalogue index
+        self._labels: dict[str, str] = {}  # node ID -> its label in the table
 
     def run(self, todo: list[int]) -> None:
         queue: deque[tuple[int, int, int]] = deque()  # (index, part, parts); part == parts: the report task
@@ -245,18 +243,18 @@ class _Driver:
             queue.append((index, parts, parts))
         part_refs: dict[int, list[Any]] = {}
         if todo and self.options.progress:
-            self.board = self.ray.remote(num_cpus=0)(ProgressBoard).remote()
+            self.board = self._start_board()
         self._progress()
         while queue or self.finals:
             while queue and (queue[0][1] == queue[0][2] > 1 or len(self.streaming) < self.options.max_concurrent):
                 index, part, parts = queue.popleft()
                 task = self._task(index)
                 if part < parts:
-                    ref = self.part_remote.remote(task, self.board, part, parts)
+                    ref = self.part_remote.remote(task, self.board, self.secret, part, parts)
                     part_refs.setdefault(index, []).append(ref)
                     self.streaming.add(ref)
                     continue
-                ref = self.audit_remote.remote(task, self.board, *part_refs.pop(index, []))
+                ref = self.audit_remote.remote(task, self.board, self.secret, *part_refs.pop(index, []))
                 self.finals[ref] = index
                 if parts == 1:
                     self.streaming.add(ref)
@@ -268,12 +266,32 @@ class _Driver:
             self._progress()
 
     def close(self) -> None:
-        if self.board is not None:
-            self.ray.kill(self.board)
+        for actor in (self.board, *self.secret):
+            if actor is not None:
+                with contextlib.suppress(Exception):  # already gone with its node: nothing to stop
+                    self.ray.kill(actor)
 
     def cancel(self) -> None:
         for ref in self.streaming | self.finals.keys():
             self.ray.cancel(ref)
+
+    def _start_board(self) -> Any:
+        """The progress actor, on this driver's node: a lost worker node cannot take it along."""
+        return self._here(ProgressBoard)
+
+    def _hold(self, token: str) -> Any:
+        """The token's holder, on this driver's node, given the token (one call, waited for)."""
+        holder = self._here(SecretHolder)
+        self.ray.get(holder.set.remote(token))
+        return holder
+
+    def _here(self, actor: type) -> Any:
+        """An actor of class ``actor`` on this driver's node, taking no CPU."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = self.ray.get_runtime_context().get_node_id()
+        strategy = NodeAffinitySchedulingStrategy(node_id=here, soft=False)
+        return self.ray.remote(num_cpus=0, scheduling_strategy=strategy)(actor).remote()
 
     def _task(self, index: int) -> PairTask:
         pair, options = self.pairs[index], self.options
@@ -284,8 +302,8 @@ class _Driver:
             exclude=options.exclude,
             base_revision=pair.base_revision,
             finetune_revision=pair.finetune_revision,
-            endpoint=options.endpoint or os.environ.get("HF_ENDPOINT") or None,
-            fresh=options.fresh,
+            endpoint=self.plan.endpoint,
+            fresh=options.fresh or index in self.plan.fresh,
             compute=options.compute,
         )
         home = str(options.store_home) if options.store_home is not None else None
@@ -300,21 +318,47 @@ class _Driver:
             return
         self._finished_bytes[index] = result.size_bytes
         report = Report.from_json(result.report_json).with_spectra(result.spectra)
-        _keep(self.store, result.key, report)
-        self.outcomes[index] = write_pair(
+        _keep(self.store, result.key, report, replace=index in self.plan.fresh)
+        outcome = write_pair(
             self.out, index, pair, _first_rank(pair, self.options), result.key, report, from_store=False
         )
+        self.outcomes[index] = outcome.on_nodes(tuple(self._label(n) for n in result.nodes if n))
+        self._remember(result.key, report)
+
+    def _remember(self, key: str, report: Report) -> None:
+        """Index a complete Hub pair by the endpoint and the commits its report says were read."""
+        base, finetune = report.base, report.finetune
+        if self.index is None or report.status != "complete" or base.kind != "hub" or finetune.kind != "hub":
+            return
+        if base.repo_id and base.resolved_sha and finetune.repo_id and finetune.resolved_sha:
+            self.index.record(
+                self.plan.endpoint,
+                HubSide(base.repo_id, base.resolved_sha),
+                HubSide(finetune.repo_id, finetune.resolved_sha),
+                self.options.selection,
+                key,
+            )
+
+    def _label(self, node_id: str) -> str:
+        """A node's label: its address and ID; refreshed from Ray when a new node shows up."""
+        if node_id not in self._labels:
+            with contextlib.suppress(Exception):  # the GCS is busy or gone: the ID alone still says where
+                self._labels.update({str(n.get("NodeID")): node_label(n) for n in self.ray.nodes()})
+        return self._labels.get(node_id, f"? [{node_id[:8]}]")
 
     def _progress(self) -> None:
         if self.on_progress is None:
             return
         if self.board is not None:
             # Never wait on the board: the actor takes seconds to start, and the tasks must not.
-            if self._asked is None:
-                self._asked = self.board.snapshot.remote()
-            elif self.ray.wait([self._asked], timeout=0)[0]:
-                self._running = self.ray.get(self._asked)
-                self._asked = self.board.snapshot.remote()
+            try:
+                if self._asked is None:
+                    self._asked = self.board.snapshot.remote()
+                elif self.ray.wait([self._asked], timeout=0)[0]:
+                    self._running = self.ray.get(self._asked)
+                    self._asked = self.board.snapshot.remote()
+            except self.ray.exceptions.RayError:
+                self.board = None  # lost (its node died): results still come; only byte counts stop
         # A split pair's report task covers the whole pair: once it reports, its chunks no longer count.
         whole = {index for index, part in self._running if part == -1}
         running = [
@@ -332,31 +376,49 @@ class _Driver:
 # -- results -------------------------------------------------------------------------------
 
 
-def _stored_complete(store: Store, pair: CataloguePair, options: BatchOptions) -> tuple[str, Report] | None:
-    """(key, report) when the store holds this pair complete with these settings: no request needed.
+def _stored_complete(
+    store: Store, index: ReuseIndex, plan: _Plan, i: int, options: BatchOptions
+) -> tuple[str, Report] | None:
+    """(key, report) when this pair was audited complete at this endpoint, at the commits its
+    repos point at now, with this tensor selection: no byte of weights needed.
 
-    A pair is matched by its specs and revisions as written; a branch that has moved since
-    is not noticed (pin the revision, or pass fresh).
+    Only pairs of two Hub repos are taken from the store (local files are re-planned by
+    their task, which resumes by the audit's own key).
     """
-    key = store.find(pair.base, pair.finetune, pair.base_revision, pair.finetune_revision)
+    sides = plan.sides.get(i)
+    if sides is None or index.origin(*sides) != plan.endpoint:
+        return None  # not audited by a batch from this Hub, or another Hub's audit came since
+    key = index.find(plan.endpoint, *sides, options.selection)
     report = store.load_report(key) if key else None
     if key is None or report is None or report.status != "complete":
         return None
-    settings = report.settings
-    if (settings.include_embeddings, settings.include, settings.exclude) != (
-        options.include_embeddings,
-        options.include,
-        options.exclude,
-    ):
+    if (report.base.resolved_sha, report.finetune.resolved_sha) != (sides[0].sha, sides[1].sha):
         return None
     return key, report
 
 
-def _keep(store: Store, key: str, report: Report) -> None:
-    """Copy a report into the driver's store unless it is there already (a task on another node)."""
+def _from_another_hub(index: ReuseIndex, plan: _Plan, i: int) -> bool:
+    """True when a batch last audited these two commits from another endpoint: whatever the
+    store holds under the audit's key (which pins commits and file layout, not the Hub) may
+    be that Hub's bytes, so the pair starts from scratch. Records this endpoint as theirs now."""
+    sides = plan.sides.get(i)
+    if sides is None:
+        return False
+    origin = index.origin(*sides)
+    index.set_origin(*sides, plan.endpoint)
+    return origin is not None and origin != plan.endpoint
+
+
+def _keep(store: Store, key: str, report: Report, *, replace: bool = False) -> None:
+    """Copy a report into the driver's store unless it is there already (a task on another node).
+
+    ``replace``: overwrite what is stored under ``key`` (it came from another Hub).
+    """
     stored = store.load_report(key)
-    if stored is not None and stored.status == "complete":
+    if stored is not None and stored.status == "complete" and not replace:
         return
+    if replace:
+        store.forget(key)
     for matrix in report.matrices:
         store.put_matrix(key, matrix)
     for vector in report.vectors:

@@ -14,7 +14,7 @@ import csv
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from lorafid.audit.report import Report, save_spectra
 from lorafid.batch.catalogue import CataloguePair
 from lorafid.errors import LorafidError
 
-TABLE_SCHEMA = "lorafid.batch/1"
+TABLE_SCHEMA = "lorafid.batch/2"  # 2: the nodes column
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,10 @@ class PairOutcome:
     error: str | None = None
     from_store: bool = False  # complete before this run: nothing was fetched
     report_file: str | None = None  # relative to ``out``
+    nodes: tuple[str, ...] = ()  # the Ray nodes that computed it ("10.0.0.5 [1a2b3c4d]"); () from the store
+
+    def on_nodes(self, nodes: tuple[str, ...]) -> PairOutcome:
+        return replace(self, nodes=nodes)
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,21 @@ class TableRow:
     gallery_ref: str | None  # "store:<key>", what the dashboard's gallery opens
     report_file: str | None
     error: str | None
+    nodes: str = ""  # where it ran: Ray nodes separated by "; ", "store" when taken from the store
+
+
+def nodes_text(outcome: PairOutcome) -> str:
+    """The table's ``nodes`` cell: "10.0.0.5 [1a2b3c4d]; 10.0.0.6 [9f8e7d6c]", "store", or ""."""
+    return "store" if outcome.from_store else "; ".join(outcome.nodes)
+
+
+def by_node(outcomes: Sequence[PairOutcome]) -> dict[str, list[str]]:
+    """Node -> names of the pairs it computed (a split pair under each of its nodes), catalogue order."""
+    out: dict[str, list[str]] = {}
+    for outcome in outcomes:
+        for node in outcome.nodes:
+            out.setdefault(node, []).append(outcome.pair.name)
+    return out
 
 
 @dataclass(frozen=True)
@@ -110,13 +129,14 @@ def results_table(outcomes: Sequence[PairOutcome], default_rank: int = 64) -> li
 
 def _row(outcome: PairOutcome, rank: int) -> TableRow:
     pair, report = outcome.pair, outcome.report
+    given = {"status": outcome.status, "nodes": nodes_text(outcome)}  # every row's, run or not
     if report is None:
         return TableRow(
             pair.name,
             pair.base,
             pair.finetune,
             rank,
-            status=outcome.status,
+            **given,
             loss=None,
             energy_retained=None,
             weight_rel_error=None,
@@ -135,7 +155,7 @@ def _row(outcome: PairOutcome, rank: int) -> TableRow:
         pair.base,
         pair.finetune,
         rank,
-        status=outcome.status,
+        **given,
         loss=1.0 - summary.overall.energy_retained,
         energy_retained=summary.overall.energy_retained,
         weight_rel_error=summary.overall.weight_rel_error,

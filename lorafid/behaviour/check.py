@@ -128,6 +128,9 @@ class BehaviourConfig:
     endpoint: str | None = None
     allow_local: bool = True
     max_model_bytes: int | None = None
+    max_tensor_bytes: int | None = None  # see ForwardConfig: a server's limits, checked from the headers
+    max_tensors: int | None = None
+    deadline: float | None = None  # time.monotonic() after which the check stops (LimitExceededError)
     compute: ComputeHook | None = field(default=None, repr=False)  # where blocks run: see ForwardConfig.compute
 
     def variants(self) -> list[Any]:
@@ -172,6 +175,9 @@ class BehaviourCheck:
             allow_local=cfg.allow_local,
             dtype=cfg.dtype,
             max_model_bytes=cfg.max_model_bytes,
+            max_tensor_bytes=cfg.max_tensor_bytes,
+            max_tensors=cfg.max_tensors,
+            deadline=cfg.deadline,
             compute=cfg.compute,
         )
         self.prompts = list(cfg.prompts) if cfg.prompts is not None else builtin_prompts()

@@ -50,6 +50,7 @@ import torch
 from lorafid.audit import spectrum as sp
 from lorafid.audit.engine import resolve_device
 from lorafid.audit.pairing import is_embedding, match_names
+from lorafid.behaviour import model_limits
 from lorafid.compute import ComputeHook, kernel_device
 from lorafid.errors import (
     LimitExceededError,
@@ -60,7 +61,7 @@ from lorafid.errors import (
     VocabularyMismatchError,
 )
 from lorafid.progress import Progress
-from lorafid.weights.safetensors_format import TensorInfo
+from lorafid.weights.safetensors_format import TensorInfo, header_cap
 from lorafid.weights.source import Source, open_source
 from lorafid.weights.tensors import read_tensor, tensor_indexes
 
@@ -134,6 +135,9 @@ class ForwardConfig:
     allow_local: bool = True  # the public app turns this off
     dtype: torch.dtype = torch.float32  # compute dtype of weights and activations
     max_model_bytes: int | None = None  # refuse pairs whose weights (both models) exceed this
+    max_tensor_bytes: int | None = None  # refuse a tensor larger than this (a server's LORAFID_MAX_TENSOR_GB)
+    max_tensors: int | None = None  # refuse models listing more tensors (also caps header length)
+    deadline: float | None = None  # time.monotonic() after which the forward stops with LimitExceededError
     # Where each block runs (``lorafid.compute``): None runs it here, in place, on ``device``.
     # With a hook, each variant's block is ``block_on_device`` (a pure kernel: its block weights
     # and hidden states in, new hidden states out), e.g. in a ZeroGPU worker (``zero_gpu_hook``).
@@ -217,22 +221,25 @@ class LayerStream:
             for spec, rev in zip(self._specs, (cfg.base_revision, cfg.finetune_revision), strict=True)
         )
         base_source, finetune_source = self.sources_unchecked()
-        model_config = load_config(finetune_source)
+        model_config = load_config(finetune_source)  # its size fields are bounded there
         base_config = read_config_json(base_source)
-        base_raw, finetune_raw = tensor_indexes(base_source, finetune_source)
+        cap = header_cap(cfg.max_tensors) if cfg.max_tensors else None  # a flood of tiny tensors: refused unread
+        base_raw, finetune_raw = tensor_indexes(base_source, finetune_source, max_header_bytes=cap)
+        # Every limit from the headers' byte counts, before the skeleton is built or a tensor read.
+        size = model_limits.check_headers(
+            self._specs,
+            (base_raw, finetune_raw),
+            model_config.num_hidden_layers,
+            max_tensors=cfg.max_tensors,
+            max_tensor_bytes=cfg.max_tensor_bytes,
+            max_model_bytes=cfg.max_model_bytes,
+        )
         names = _parameter_names(model_config)
         finetune_tensors = _map_names(names, finetune_raw, model_config, where=finetune_source.describe())
         base_tensors = _map_names(names, base_raw, model_config, where=base_source.describe(), head_may_be_tied=True)
         if "lm_head.weight" in finetune_tensors and "lm_head.weight" not in base_tensors:
             base_tensors["lm_head.weight"] = base_tensors["model.embed_tokens.weight"]  # a base with a tied head
         _check_pair(model_config, base_config, base_tensors, finetune_tensors, self._specs)
-        size = sum(t.size_bytes for t in base_raw.values()) + sum(t.size_bytes for t in finetune_raw.values())
-        if cfg.max_model_bytes is not None and size > cfg.max_model_bytes:
-            raise LimitExceededError(
-                f"This behaviour check would read {size / 1e9:.1f} GB, above this server's limit of "
-                f"{cfg.max_model_bytes / 1e9:.1f} GB. Run it with the CLI on your own machine: "
-                f"lorafid behave {self._specs[0]} {self._specs[1]}"
-            )
         self._plan = ModelPlan(model_config, base_tensors, finetune_tensors, size)
         return self._plan
 
@@ -471,6 +478,11 @@ class LayerStream:
 
     def _report(self, stage: int, stages: int, started: float) -> ForwardProgress:
         self.stats.elapsed_s = time.perf_counter() - started
+        if self.config.deadline is not None and time.monotonic() > self.config.deadline:
+            raise LimitExceededError(
+                f"Stopped after {self.stats.elapsed_s / 60:.1f} minutes at stage {stage} of {stages}: this server's "
+                "time limit per check (LORAFID_MAX_AUDIT_MINUTES). Run it with the CLI on your own machine."
+            )
         read = self.stats.bytes_read
         message = f"stage {stage}/{stages}: {read / 1e6:.1f} MB read"
         return ForwardProgress("reading", stage, stages, self.stats.elapsed_s, message, read)
@@ -631,6 +643,14 @@ def stream_logprobs(
         yield from stream.logprobs(token_ids, variants)
 
 
+def check_models(base: str, finetune: str, config: ForwardConfig) -> None:
+    """Open both models and run every check a forward makes before reading weights (config and
+    header limits, architecture, names, vocabularies), then close them: e.g. before a probe
+    sends its first request to a provider."""
+    with LayerStream(base, finetune, config) as stream:
+        stream.plan()
+
+
 def block_forward(
     config: Any, layer: int, weights: dict[str, torch.Tensor], hidden: list[torch.Tensor]
 ) -> list[torch.Tensor]:
@@ -778,6 +798,7 @@ def load_config(source: Source) -> Any:
             f"{source.describe()} is a {model_type or 'model of unknown type'!s} model; the behaviour check runs "
             f"the Llama family only ({', '.join(SUPPORTED_MODEL_TYPES)}). The weight audit works for any model."
         )
+    model_limits.check_config(data, source.describe("config.json"))  # before transformers reads a field
     fields = {k: v for k, v in data.items() if k != "model_type"}
     config = AutoConfig.for_model(model_type, **fields)
     # The math is ours to fix: SDPA without padding is exact attention and runs on every device.

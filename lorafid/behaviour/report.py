@@ -56,6 +56,7 @@ class BehaviourReport:
     continuations: list[dict[str, Any]] | None  # side-by-side greedy continuations, when they fit
     continuations_note: str
     stats: dict[str, Any]  # bytes read, peak weight bytes, tokens per variant, seconds
+    ranks_note: str | None = None  # ranks asked above the largest matrix's full rank, run at it
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document, keys in a stable order."""
@@ -63,6 +64,8 @@ class BehaviourReport:
         for f in fields(self):
             out[f.name] = getattr(self, f.name)
         out["variants"] = {name: asdict(v) for name, v in self.variants.items()}
+        if self.ranks_note is None:
+            del out["ranks_note"]  # written only when a rank was brought down
         return out
 
     @classmethod

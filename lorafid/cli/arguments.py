@@ -8,13 +8,16 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from lorafid.audit.engine import AuditConfig
 from lorafid.errors import LorafidError
 from lorafid.names import InvalidRanksError, parse_ranks
 from lorafid.providers.quantize import SCHEMES
+
+T = TypeVar("T", int, float)
 
 if TYPE_CHECKING:
     pass
@@ -38,22 +41,22 @@ def quantizations(text: str) -> tuple[str, ...]:
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be more than 0")
-    return value
+    """An option's number above 0 (``--rate 0.5``)."""
+    return _positive(text, float, "a number", "more than 0")
 
 
 def positive_int(text: str) -> int:
+    """An option's whole number from 1 (``--concurrency 4``)."""
+    return _positive(text, int, "an integer", "at least 1")
+
+
+def _positive(text: str, kind: Callable[[str], T], what: str, bound: str) -> T:
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be {bound}")
     return value
 
 

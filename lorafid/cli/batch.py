@@ -5,15 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from lorafid.cli.arguments import positive_int
 from lorafid.cli.output import describe_table
-
-if TYPE_CHECKING:
-    pass
 
 
 def add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -43,7 +39,8 @@ def add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     batch.add_argument("--max-retries", type=int, default=3, help="retries of a task whose worker died (default: 3)")
     batch.add_argument("--num-cpus", type=positive_int, help="size of a local Ray instance (default: all cores)")
     batch.add_argument(
-        "--token", help="Hub token (default: HF_TOKEN or the stored login); reaches tasks via their environment"
+        "--token",
+        help="Hub token (default: HF_TOKEN or the stored login); tasks ask the driver's node for it, not Ray's logs",
     )
     batch.add_argument("--include-embeddings", action="store_true", help="also audit embeddings and lm_head")
     batch.add_argument("--include", metavar="REGEX", help="audit only tensors whose name matches")
@@ -57,9 +54,11 @@ def run_batch(args: argparse.Namespace) -> int:
     from lorafid.audit.store import default_home
     from lorafid.batch import driver as batch
     from lorafid.batch.catalogue import load_catalogue
+    from lorafid.batch.cluster import connect
+    from lorafid.batch.results import by_node
 
     pairs = load_catalogue(args.catalogue)
-    batch.connect(args.ray, num_cpus=args.num_cpus)
+    connect(args.ray, num_cpus=args.num_cpus)
     options = batch.BatchOptions(
         rank=args.rank,
         split=args.split,
@@ -88,6 +87,11 @@ def run_batch(args: argparse.Namespace) -> int:
     rows = result.table(args.rank)
     if not args.quiet:
         print(describe_table(rows))
+        for node, ran in by_node(result.outcomes).items():
+            print(f"ran on {node}: {', '.join(ran)}")
+        reused = [o.pair.name for o in result.outcomes if o.from_store]
+        if reused:
+            print(f"from the store (same Hub, same commits): {', '.join(reused)}")
         print(f"table: {args.out / 'table.csv'} and table.json; reports in {args.out / 'pairs'}")
     if result.interrupted:
         print(

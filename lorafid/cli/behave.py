@@ -94,8 +94,11 @@ def run_behave(args: argparse.Namespace) -> int:
 
     check_writable(args.out)
     use_threads(args.threads)
+    ranks, note = clamped_ranks(tuple(args.ranks), args)
+    if note:
+        print(f"lorafid behave: note: {note}", file=sys.stderr)
     config = BehaviourConfig(
-        ranks=tuple(args.ranks),
+        ranks=ranks,
         serving=args.serving,
         prompts=read_prompts(args.prompts) if args.prompts else None,
         chat_template=args.chat_template,
@@ -118,6 +121,8 @@ def run_behave(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True
     report = check.report()
+    if note:
+        report = replace(report, ranks_note=note)
     if interrupted and config.continuation_tokens and report.continuations is None:
         # Every prompt was scored, but the side-by-side continuations were cut short: not complete.
         report = replace(
@@ -136,3 +141,36 @@ def run_behave(args: argparse.Namespace) -> int:
         print("lorafid: interrupted; the prompts scored so far are in the report.", file=sys.stderr)
         return 130
     return 0
+
+
+def clamped_ranks(ranks: tuple[int, ...], args: argparse.Namespace) -> tuple[tuple[int, ...], str | None]:
+    """The ranks to serve, those above the largest matrix's full rank brought down to it, and a
+    note saying so (None when every rank is below). Reads both models' headers only.
+
+    Example: (16, 1000000000) on a model whose matrices are at most 32 wide -> ((16, 32), "rank
+    1,000,000,000 is above ... run as rank 32").
+    """
+    import tempfile
+
+    from lorafid.audit.engine import Audit, AuditConfig
+    from lorafid.audit.store import Store
+
+    with tempfile.TemporaryDirectory() as home:  # the plan leaves nothing in the user's store
+        store = Store(home)
+        config = AuditConfig(
+            token=args.token, base_revision=args.base_revision, finetune_revision=args.finetune_revision, store=store
+        )
+        try:
+            with Audit(args.base, args.finetune, config) as job:
+                largest = max((min(p.shape) for p in job.plan().matrices if len(p.shape) == 2), default=0)
+        finally:
+            store.close()
+    above = sorted(r for r in ranks if largest and r > largest)
+    if not above:
+        return ranks, None
+    said = ", ".join(f"{r:,}" for r in above)
+    note = (
+        f"rank {said} is above the largest matrix's full rank ({largest:,}): run as rank {largest:,}, "
+        "which already carries the whole change"
+    )
+    return tuple(sorted({min(r, largest) for r in ranks})), note

@@ -5,13 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from lorafid.audit.report import Report
 from lorafid.cli.arguments import audit_config, positive_int
 from lorafid.cli.output import describe, follow_bytes, print_adapter
-
-if TYPE_CHECKING:
-    pass
 
 
 def add_extract(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,7 +30,17 @@ def add_extract(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="copy these modules whole from the fine-tune (e.g. embed_tokens lm_head norm); vLLM refuses them",
     )
     extract.add_argument("--push-to-hub", metavar="REPO", help="upload the folder to this Hub model repo")
-    extract.add_argument("--private", action="store_true", help="create the --push-to-hub repo as private")
+    visibility = extract.add_mutually_exclusive_group()
+    visibility.add_argument(
+        "--private",
+        action="store_true",
+        help="create the --push-to-hub repo private (the default when a source is not public)",
+    )
+    visibility.add_argument(
+        "--public",
+        action="store_true",
+        help="create the --push-to-hub repo public even when a source is gated or private",
+    )
     extract.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     extract.add_argument("--token", help="Hub token (default: HF_TOKEN or the stored login); never stored")
     extract.add_argument("--base-revision", help="revision of BASE (branch, tag or commit)")
@@ -69,7 +76,30 @@ def run_extract(args: argparse.Namespace) -> int:
         print(describe(result.report))
         print_adapter(result.report)
     if args.push_to_hub:
-        url = push_to_hub(result.out, args.push_to_hub, token=args.token, private=args.private)
+        private = args.private or (not args.public and _keep_private(result.report, args.push_to_hub))
+        url = push_to_hub(result.out, args.push_to_hub, token=args.token, private=private)
         if not args.quiet:
             print(f"pushed to {url}")
     return 0
+
+
+def _keep_private(report: Report, repo_id: str) -> bool:
+    """Whether the adapter repo must be private: a source is local, gated or private (asked with
+    calls that send no token; a source that cannot be confirmed public counts as not public).
+    Says why on stderr."""
+    from lorafid.sharing.policy import not_public
+
+    for record in (report.base, report.finetune):
+        if record.kind != "hub" or not record.repo_id or not record.resolved_sha:
+            reason = f"{record.spec} is a local checkpoint"
+        else:
+            reason = (not_public([(record.repo_id, record.resolved_sha)], None, "adapters") or "").partition(": only")[
+                0
+            ]
+        if reason:
+            print(
+                f"lorafid: {reason}: creating {repo_id} as a private repo (pass --public to make it public).",
+                file=sys.stderr,
+            )
+            return True
+    return False

@@ -46,13 +46,13 @@ def add_registry(commands: argparse._SubParsersAction[argparse.ArgumentParser], 
     opened.add_argument("--token", help="Hub token, for a private registry (default: HF_TOKEN or the stored login)")
     add_output_options(opened)
     opened.add_argument("--quiet", action="store_true", help="no summary")
+    # A flag and a separate filter: "--providers [HOST]" swallowed a DATASET written after it.
     opened.add_argument(
         "--providers",
-        nargs="?",
-        const="",
-        metavar="HOST",
-        help="list the published provider checks instead: the latest per provider host and model (one host: HOST)",
+        action="store_true",
+        help="list the published provider checks instead: the latest per provider host and model",
     )
+    opened.add_argument("--host", default="", help="with --providers: only this provider host (as listed)")
 
 
 def registry_id(given: str | None, option: str) -> str:
@@ -82,8 +82,8 @@ def open_registry(args: argparse.Namespace) -> int:
     from lorafid.sharing.hub_dataset import Registry
 
     registry = Registry(args.dataset, token=args.token)
-    if args.providers is not None:
-        return list_providers(registry, args.providers)
+    if args.providers or args.host:
+        return list_providers(registry, args.host)
     if args.ref is None:
         entries = registry.entries()
         refs = unique_prefixes([e.name for e in entries])

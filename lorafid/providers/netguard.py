@@ -180,54 +180,97 @@ class ProbeServerSettings:
     ``LORAFID_PROBE_ANY_ENDPOINT=1``: a private deployment; the public rules are off (any
     scheme, any address, the environment's proxies). ``LORAFID_PROBE_REQUESTS_PER_HOUR``:
     requests one visitor may make the server send in an hour (default 300: ten default probes).
+    ``LORAFID_PROBE_SERVER_REQUESTS_PER_HOUR``: requests the whole server sends in an hour,
+    all visitors together (default 3,000: ten visitors at their full allowance), so many
+    addresses cannot make it a firehose at one provider.
     """
 
     any_endpoint: bool = False
     requests_per_hour: int = 300
+    server_requests_per_hour: int = 3_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ProbeServerSettings:
-        raw = env.get("LORAFID_PROBE_REQUESTS_PER_HOUR", "").strip()
-        try:
-            per_hour = int(raw) if raw else cls.requests_per_hour
-        except ValueError:
-            per_hour = 0
-        if per_hour < 1:
-            raise LimitExceededError(
-                f"LORAFID_PROBE_REQUESTS_PER_HOUR={raw!r} is not a positive whole number; set it to e.g. 300."
-            )
         any_endpoint = env.get("LORAFID_PROBE_ANY_ENDPOINT", "").strip().lower() in ("1", "true", "yes", "on")
-        return cls(any_endpoint=any_endpoint, requests_per_hour=per_hour)
+        return cls(
+            any_endpoint=any_endpoint,
+            requests_per_hour=_whole(env, "LORAFID_PROBE_REQUESTS_PER_HOUR", cls.requests_per_hour, "300"),
+            server_requests_per_hour=_whole(
+                env, "LORAFID_PROBE_SERVER_REQUESTS_PER_HOUR", cls.server_requests_per_hour, "3000"
+            ),
+        )
 
     def policy(self) -> NetPolicy:
         return NetPolicy.open() if self.any_endpoint else NetPolicy.public()
 
+    def budget(self) -> VisitorBudget:
+        """The per-visitor and server-wide request allowance these settings give."""
+        return VisitorBudget(self.requests_per_hour, server_max_requests=self.server_requests_per_hour)
+
+
+def _whole(env: Mapping[str, str], name: str, default: int, example: str) -> int:
+    raw = env.get(name, "").strip()
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise LimitExceededError(f"{name}={raw!r} is not a positive whole number; set it to e.g. {example}.")
+    return value
+
 
 class VisitorBudget:
-    """At most ``max_requests`` outbound requests per visitor in any ``window_s`` (thread-safe).
+    """At most ``max_requests`` outbound requests per visitor, and ``server_max_requests`` for
+    all visitors together, in any ``window_s`` (thread-safe).
 
     Example: VisitorBudget(100, 3600).take("visitor-a", 40) twice leaves 20 for that visitor
     this hour; a third take of 40 raises ``LimitExceededError`` and takes nothing.
+    ``give_back`` returns what a reservation did not need (a check reserves its most before
+    it knows its plan).
     """
 
-    def __init__(self, max_requests: int, window_s: float = 3600.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        max_requests: int,
+        window_s: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        server_max_requests: int | None = None,
+    ):
         self.max_requests, self.window_s, self._clock = max_requests, window_s, clock
-        self._spent: dict[str, list[tuple[float, int]]] = {}
+        self.server_max_requests = server_max_requests
+        self._spent: dict[str, list[list[float]]] = {}  # visitor -> [time, requests] reservations
         self._lock = threading.Lock()
 
     def take(self, visitor: str, requests: int) -> None:
         """Reserve ``requests`` for ``visitor`` or raise without reserving anything."""
         now = self._clock()
         with self._lock:
-            recent = [(t, n) for t, n in self._spent.get(visitor, []) if now - t < self.window_s]
-            used = sum(n for _, n in recent)
+            for who in list(self._spent):  # forget what left the window (every visitor: the total counts them)
+                self._spent[who] = [r for r in self._spent[who] if now - r[0] < self.window_s]
+                if not self._spent[who]:
+                    del self._spent[who]
+            used = sum(n for _, n in self._spent.get(visitor, []))
             if used + requests > self.max_requests:
                 raise LimitExceededError(
-                    f"This probe needs up to {requests} requests and you have {self.max_requests - used} of "
+                    f"This probe needs up to {requests} requests and you have {self.max_requests - used:g} of "
                     f"{self.max_requests} left this hour on this server; use fewer prompts, wait, or run "
                     "lorafid probe from the command line."
                 )
-            self._spent[visitor] = [*recent, (now, requests)]
+            total = sum(n for reservations in self._spent.values() for _, n in reservations)
+            if self.server_max_requests is not None and total + requests > self.server_max_requests:
+                raise LimitExceededError(
+                    f"This server has sent its {self.server_max_requests} provider requests for this hour (all "
+                    "visitors together); try again later, or run lorafid probe from the command line."
+                )
+            self._spent.setdefault(visitor, []).append([now, requests])
+
+    def give_back(self, visitor: str, requests: int) -> None:
+        """Return ``requests`` of the visitor's latest reservation (never more than it holds)."""
+        with self._lock:
+            reservations = self._spent.get(visitor, [])
+            if reservations:
+                reservations[-1][1] = max(0, reservations[-1][1] - requests)
 
 
 def _is_ip_literal(host: str) -> bool:

@@ -25,6 +25,10 @@ Redirects are followed only for 307/308 (they keep the POST), at most 3, each ta
 by the ``NetPolicy``; the key is dropped when a redirect leaves the endpoint's origin.
 
 The API key goes only into the ``Authorization`` header: never into messages, logs, reprs.
+Nor does a provider's own error text go anywhere (it may echo the key or the URL's path, and
+messages end up in stored and published checks): an error says the status code and a fixed
+description (``describe_status``). The text is only read to tell a model the endpoint does not
+serve (said with the name the user gave) from a request it refuses.
 
 Not here: which texts to send, tokenizers, any comparison (``lorafid.providers.probe``).
 """
@@ -245,15 +249,18 @@ class OpenAIClient:
 
         def give_up(tries: int, last: Transient) -> ProviderError:
             return ProviderError(
-                f"{_host(url)} kept failing ({last}) after {tries} tries; try again later, or lower "
-                "--concurrency / --rate."
+                f"{_host(url)} kept failing ({last}) after {tries} tries; try again later (the command line's "
+                "--concurrency and --rate lower the pace)."
             )
 
         return with_retries(
-            lambda: self._post_following(url, body), retry or self.retry, what=f"{_host(url)} {path}", give_up=give_up
+            lambda: self._post_following(url, body, str(body.get("model", ""))),
+            retry or self.retry,
+            what=f"{_host(url)} {path}",
+            give_up=give_up,
         )
 
-    def _post_following(self, url: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    def _post_following(self, url: str, body: Mapping[str, Any], model: str = "") -> dict[str, Any]:
         origin = _origin(url)
         for _ in range(MAX_REDIRECTS + 1):
             self.budget.take()
@@ -272,8 +279,14 @@ class OpenAIClient:
             except (httpx2.TransportError, _TooLarge) as e:
                 if isinstance(e, _TooLarge):
                     raise ProviderError(f"{_host(url)} answered more than {MAX_RESPONSE_BYTES} bytes.") from None
+                if isinstance(e, httpx2.ConnectError):  # nothing listens there: retrying will not help
+                    unknown = any(w in str(e) for w in ("Name or service", "nodename", "getaddrinfo", "resolve"))
+                    why = "no such host" if unknown else "connection refused"
+                    raise ProviderError(
+                        f"{_shown(url)}: {why}: check the URL (host and port) and that the server runs."
+                    ) from None
                 raise Transient(type(e).__name__) from None
-            return _decode(status, raw, url, response.headers.get("retry-after"))
+            return _decode(status, raw, url, response.headers.get("retry-after"), model)
         raise ProviderError(f"{_host(url)} redirected more than {MAX_REDIRECTS} times.")
 
 
@@ -377,20 +390,52 @@ def _read_capped(response: httpx2.Response) -> bytes:
     return b"".join(chunks)
 
 
-def _decode(status: int, raw: bytes, url: str, retry_after: str | None) -> dict[str, Any]:
+STATUS_WORDS: dict[int, str] = {
+    400: "bad request: the endpoint does not accept this request",
+    404: "not found: the endpoint has no such path or model",
+    405: "method not allowed",
+    408: "request timeout",
+    409: "conflict",
+    413: "request too large",
+    415: "unsupported media type",
+    422: "unprocessable request: the endpoint does not accept these parameters",
+    500: "server error: the endpoint does not support this request",
+    501: "not implemented",
+}
+"""The fixed words said of a status; a provider's own error text is never kept (it may echo secrets)."""
+# A provider saying the model is unknown (vLLM: "The model `x` does not exist.", OpenAI:
+# "model_not_found"): read to choose the words, never repeated.
+_UNKNOWN_MODEL = re.compile(
+    r"model_not_found|(unknown|no such|invalid|unsupported) model|model\b[^.]{0,120}\b"
+    r"(does not exist|doesn't exist|not found|not exist|is not available|is not served|is not supported)",
+    re.I,
+)
+
+
+def describe_status(status: int) -> str:
+    """``HTTP 404 (not found: ...)``: the status and fixed words, never the provider's text."""
+    return f"HTTP {status} ({STATUS_WORDS.get(status, 'client error' if status < 500 else 'server error')})"
+
+
+def _decode(status: int, raw: bytes, url: str, retry_after: str | None, model: str = "") -> dict[str, Any]:
     if status in _RETRY_STATUS:
         message = _server_message(raw)
         # A server error that names something unsupported will say the same on every try
         # (llama.cpp: "logprobs is not supported for models created with logits_all=False").
         if status == 500 and _PERMANENT_500.search(message):
-            raise ChannelUnsupportedError(f"HTTP 500: {message}")
-        raise Transient(f"HTTP {status}: {message}" if message else f"HTTP {status}", retry_after_s(retry_after))
+            raise ChannelUnsupportedError(describe_status(500))
+        raise Transient(f"HTTP {status}", retry_after_s(retry_after))
     if status in (401, 403):
         raise ProviderError(
             f"{_host(url)} refused the API key (HTTP {status}); check --api-key-env names a variable holding it."
         )
+    if status in (400, 404, 422) and model and _UNKNOWN_MODEL.search(_server_message(raw)):
+        raise ProviderError(
+            f"The endpoint does not serve model {model[:100]!r} (HTTP {status}): check the model name it lists "
+            "(GET /v1/models)."
+        )
     if status >= 400:
-        raise ChannelUnsupportedError(f"HTTP {status}: {_server_message(raw)}")
+        raise ChannelUnsupportedError(describe_status(status))
     if status != 200:
         raise ProviderError(f"{_host(url)} answered HTTP {status}, expected 200.")
     try:
@@ -403,14 +448,17 @@ def _decode(status: int, raw: bytes, url: str, retry_after: str | None) -> dict[
 
 
 def _server_message(raw: bytes) -> str:
-    """The error text a server sent (OpenAI: {"error": {"message"}}; vLLM: {"message"}), shortened."""
+    """The error text a server sent (OpenAI: {"error": {"message"}}; vLLM: {"message"}), shortened,
+    with its ``code`` / ``type``: for classifying only, never to be shown or stored."""
     try:
         payload = json.loads(raw)
         error = payload.get("error", payload) if isinstance(payload, dict) else payload
         text = error.get("message", error) if isinstance(error, dict) else error
+        if isinstance(error, dict):
+            text = f"{text} {error.get('code', '')} {error.get('type', '')}"
     except ValueError:
         text = raw.decode("utf-8", "replace")
-    return str(text)[:200]
+    return str(text)[:400]
 
 
 def _first_choice(payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -429,7 +477,7 @@ def _id_of(token: str) -> int | None:
 
 def _float(value: object) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ChannelUnsupportedError(f"a log-probability is {value!r}, not a number")
+        raise ChannelUnsupportedError("a log-probability in the answer is not a number")  # its text is not kept
     return float(value)
 
 
@@ -440,3 +488,10 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 def _host(url: str) -> str:
     return urlsplit(url).hostname or "the endpoint"
+
+
+def _shown(url: str) -> str:
+    """scheme://host:port of a URL, for messages: never its path, query or user info."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}"

@@ -195,6 +195,9 @@ class ProbeConfig:
     allow_local: bool = True
     device: str = "auto"
     max_model_bytes: int | None = None  # refuse pairs whose weights (both models) exceed this
+    max_tensor_bytes: int | None = None  # a server's limits, checked from the headers in plan()
+    max_tensors: int | None = None
+    deadline: float | None = None  # time.monotonic() after which the local forward stops
     # Where the local forward's blocks run (``lorafid.compute``; a ZeroGPU Space's hook).
     compute: ComputeHook | None = field(default=None, compare=False, repr=False)
     transport: Any = field(default=None, compare=False, repr=False)  # replaces HTTP (tests)
@@ -243,10 +246,23 @@ class Probe:
         self._report: ProbeReport | None = None
 
     def plan(self) -> ProbePlan:
-        """Resolve both repos, load the fine-tune's tokenizer, count requests and tokens."""
+        """Resolve both repos, check them against the config and header limits (as the forward's
+        ``LayerStream.plan``), load the fine-tune's tokenizer, count requests and tokens: nothing is
+        sent to the provider."""
         if self._plan is None:
+            from lorafid.behaviour.forward import LayerStream
+            from lorafid.behaviour.tokenizer import load_tokenizer
+
             c = self.config
-            self._sources = (self._resolve(self.base), self._resolve(self.finetune))
+            # Both models opened once for all the plan needs, before any request: every check a
+            # forward makes (limits, architecture, names, vocabularies), the resolved commits the
+            # forward then pins, the fine-tune's config and its tokenizer (at that commit).
+            with LayerStream(self.base, self.finetune, self._forward_config()) as stream:
+                stream.plan()
+                base_source, finetune_source = stream.sources
+                self._sources = (base_source.info, finetune_source.info)
+                self._read_config(finetune_source)
+                self._tokenizer = load_tokenizer(self.finetune, source=finetune_source)
             channels = self._logprob_channels()
             every = [len(self._encode(t)) for t in self.texts]  # prompt tokens, by the fine-tune's tokenizer
             if not channels:
@@ -569,23 +585,15 @@ class Probe:
             },
         )
 
-    def _resolve(self, spec: str) -> Any:
+    def _read_config(self, source: Any) -> None:
+        """The fine-tune's context length (it bounds a scored sequence: prompt and sampled
+        continuation) and full rank (ranks at or above it are the fine-tune), from its config.json."""
         from lorafid.behaviour.forward import full_rank_of, read_config_json
-        from lorafid.behaviour.tokenizer import load_tokenizer
-        from lorafid.weights.source import open_source
 
-        with open_source(
-            spec, token=self.config.hub_token, endpoint=self.config.hub_endpoint, allow_local=self.config.allow_local
-        ) as source:
-            if spec == self.finetune:
-                # The context length bounds a scored sequence (prompt and sampled continuation).
-                config = read_config_json(source) or {}
-                length = config.get("max_position_embeddings")
-                self._context = length if isinstance(length, int) and not isinstance(length, bool) else None
-                self._full_rank = full_rank_of(config)
-                # Its tokenizer from the same opened source, at the same commit: not opened again.
-                self._tokenizer = load_tokenizer(spec, source=source)
-            return source.info
+        config = read_config_json(source) or {}
+        length = config.get("max_position_embeddings")
+        self._context = length if isinstance(length, int) and not isinstance(length, bool) else None
+        self._full_rank = full_rank_of(config)
 
     def _described(self, which: int) -> dict[str, str | None]:
         assert self._sources is not None
@@ -598,31 +606,32 @@ class Probe:
         }
 
     def _encode(self, text: str) -> list[int]:
-        return list(self._tokenizer(text)["input_ids"])
+        from lorafid.behaviour.tokenizer import encode_text
+
+        return encode_text(self._tokenizer, text)  # a Rust panic in the tokenizer: a clear error
 
     def _chat_context(self) -> Callable[[str], list[int]] | None:
+        from lorafid.behaviour.tokenizer import ChatEncoder
+
         if not getattr(self._tokenizer, "chat_template", None):
             return None
-
-        def context(text: str) -> list[int]:
-            encoded = self._tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-            )
-            return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-
-        return context
+        return ChatEncoder(self._tokenizer, self.texts)  # rendered once, under time and size limits
 
     def _forward_config(self) -> Any:
+        """The forward's settings; once the plan has resolved both commits, pinned to them."""
         from lorafid.behaviour.forward import ForwardConfig
 
-        assert self._sources is not None
+        pinned = self._sources
         return ForwardConfig(
             device=self.config.device,
             token=self.config.hub_token,
             endpoint=self.config.hub_endpoint,
-            base_revision=self._sources[0].resolved_sha,
-            finetune_revision=self._sources[1].resolved_sha,
+            base_revision=pinned[0].resolved_sha if pinned else None,
+            finetune_revision=pinned[1].resolved_sha if pinned else None,
             allow_local=self.config.allow_local,
             max_model_bytes=self.config.max_model_bytes,
+            max_tensor_bytes=self.config.max_tensor_bytes,
+            max_tensors=self.config.max_tensors,
+            deadline=self.config.deadline,
             compute=self.config.compute,
         )

@@ -1,11 +1,13 @@
 """What may be published: only complete results of two Hub repos that are public (an audit:
 public when audited, as the app recorded it, or now, asked with calls that send no token; a
-provider check: public now). Each rule returns the reason in words, or None.
+provider check: public now, and a model name of one plain line: ``MODEL_NAME``). Each rule
+returns the reason in words, or None.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,12 +57,32 @@ def probe_refusal(document: Mapping[str, Any], *, endpoint: str | None = None) -
     verdict, of two Hub repos that are public now (checked with calls that send no token)."""
     if document.get("status") != "complete" or not document.get("verdict"):
         return "only complete provider checks with a verdict are published."
+    refused = model_name_refusal(document.get("model"))
+    if refused:
+        return refused
     try:
         summary = probe_summary(document)
     except RegistryError as e:
         return str(e).removeprefix("This provider check cannot be published: ")
     return not_public(
         [(summary["base"], summary["base_sha"]), (summary["finetune"], summary["finetune_sha"])], endpoint, "checks"
+    )
+
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,127}")
+"""A model name that may be published under the server's token: one line, at most 128 characters
+of letters, digits and ``. _ : / @ + = -``, starting with a letter or digit ("org/Model-7B",
+"accounts/x/models/y", "llama3:8b", "anthropic.model-v2:1"). A visitor types it; published as
+typed it could hold newlines or markup imitating another provider's verdict line."""
+
+
+def model_name_refusal(name: object) -> str | None:
+    """Why this model name may not be published, or None (``MODEL_NAME``)."""
+    if isinstance(name, str) and MODEL_NAME.fullmatch(name):
+        return None
+    return (
+        "the model name is not one plain line of at most 128 letters, digits and . _ : / @ + = - "
+        "(only such names are published)."
     )
 
 

@@ -107,9 +107,8 @@ PROVIDER_HEADERS: tuple[str, ...] = (
     "Channel",
     "Requests",
     "Checked",
-    "Fine-tune",
-    "Base",
-    "Full check",
+    "Fine-tune on base",
+    "Links",
 )
 PROVIDER_TYPES: tuple[Literal["str", "number", "markdown"], ...] = (
     "str",  # host and model are the prober's text: never rendered as Markdown
@@ -118,10 +117,12 @@ PROVIDER_TYPES: tuple[Literal["str", "number", "markdown"], ...] = (
     "str",
     "number",
     "str",
-    "markdown",
-    "markdown",
+    "markdown",  # validated repo IDs and SHAs only (probe_well_formed)
     "markdown",
 )
+# Shares of the table's width: the verdict gets the most, a date or a count the least.
+PROVIDER_WIDTHS: tuple[str, ...] = ("13%", "14%", "27%", "9%", "7%", "8%", "14%", "8%")
+TABLE_WIDTHS: tuple[str, ...] = ("14%", "12%", "5%", "5%", "5%", "5%", "5%", "7%", "8%", "6%", "20%", "8%")
 
 
 def channel_name(method: str) -> str:
@@ -157,9 +158,9 @@ def provider_rows(
                 channel_name(str(p.get("method") or "")),
                 p.get("requests") if isinstance(p.get("requests"), int) and p.get("requests") else None,
                 str(p.get("created", ""))[:10],
-                f"[{p['finetune']}]({hub_url}/{p['finetune']}/tree/{p['finetune_sha']}) @{p['finetune_sha'][:7]}",
-                f"[{p['base']}]({hub_url}/{p['base']}/tree/{p['base_sha']}) @{p['base_sha'][:7]}",
-                f"{check}[audit](?{link})",
+                f"[{p['finetune']}]({hub_url}/{p['finetune']}/tree/{p['finetune_sha']}) @{p['finetune_sha'][:7]} "
+                f"on [{p['base']}]({hub_url}/{p['base']}/tree/{p['base_sha']}) @{p['base_sha'][:7]}",
+                f"{check}[audit](?{link}) · [provider](?{urlencode({'provider': where})})",
             ]
         )
     return rows

@@ -17,7 +17,9 @@ browser keeps no run history (it would hold the token). Other switches: ``LORAFI
 Face" appears only where OAuth is configured (``OAUTH_CLIENT_ID``, set by ``hf_oauth``).
 The Provider check tab (``lorafid.providers.probe``) calls only https endpoints on public addresses and
 reads only public repos unless ``LORAFID_PROBE_ANY_ENDPOINT=1`` (a private deployment); each
-visitor may make it send ``LORAFID_PROBE_REQUESTS_PER_HOUR`` requests an hour (default 300).
+visitor may make it send ``LORAFID_PROBE_REQUESTS_PER_HOUR`` requests an hour (default 300), all
+visitors together ``LORAFID_PROBE_SERVER_REQUESTS_PER_HOUR`` (default 3,000). The app takes no
+uploads (``lorafid.web.uploads``).
 
 ZeroGPU: on such a Space one function is decorated with ``@spaces.GPU``, the compute hook
 (``lorafid.compute.zero_gpu_hook``), and every check gets it as its ``compute``: a matrix's
@@ -30,21 +32,30 @@ import os
 from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from lorafid.audit.store import Store
 from lorafid.compute import zero_gpu_hook
 from lorafid.errors import LorafidError
-from lorafid.providers.netguard import ProbeServerSettings, VisitorBudget
+from lorafid.providers.netguard import ProbeServerSettings
 from lorafid.web.config import AppConfig
 from lorafid.web.downloads import download_dir
 from lorafid.web.gallery import Catalog, ReportCache
-from lorafid.web.limits import VisitorSlots
+from lorafid.web.limits import VisitorRate, VisitorSlots
 from lorafid.web.tabs.adapter import AdapterTab
 from lorafid.web.tabs.audit import AuditTab, provider_choice
 from lorafid.web.tabs.behaviour import BehaviourTab
 from lorafid.web.tabs.provider import ProviderTab
 from lorafid.web.tabs.results import ResultsTab
+from lorafid.web.uploads import RefuseUploads
 
+# A rank typed above the slider's maximum (the audit's largest full rank) is sent as that maximum:
+# Gradio refuses a value above a slider's maximum before any handler runs ("Error" on the page,
+# a traceback in the log), and the words for it ("Full rank (32) keeps everything") are ours.
+CLAMP_RANK_JS = (
+    "(...args) => { const max = Number(document.querySelector('#rank input[type=range]')?.max); "
+    "return args.map((v, i) => i === RANK && Number.isFinite(max) && v > max ? max : v); }"
+)
 SCROLL_TO_RESULTS_JS = "() => document.querySelector('#heatmap')?.scrollIntoView({block: 'start'})"
 SCROLL_TO_PROGRESS_JS = "() => document.querySelector('#progress')?.scrollIntoView({block: 'start'})"
 # A permalink that opened a result scrolls to it; a bare page stays at the top.
@@ -57,12 +68,23 @@ CSS = """
 #summary table { width: 100%; }
 #summary td { word-break: normal; overflow-wrap: normal; hyphens: none; }  /* "88.28%" never splits */
 #progress progress { width: 100%; height: 0.8em; accent-color: var(--color-accent); }
+/* Published results: headers and cells break between words, never inside one ("Matr/ices"). */
+:is(#results-table, #providers-table) :is(th, td, th *, td *) {
+  word-break: normal !important; overflow-wrap: normal !important; hyphens: none;
+}
+.phone-cards { display: none; }
+.phone-cards .card { padding: 0.5em 0; border-bottom: 1px solid var(--border-color-primary); }
+.phone-cards .card { overflow-wrap: anywhere; }  /* a 60-character model name wraps inside 390 px */
+.phone-cards .card-title { font-weight: 600; }
 @media (max-width: 640px) {
   /* A phone gets one card per audit instead of a table wider than the screen. */
   #gallery thead { display: none; }
   #gallery table, #gallery tbody, #gallery tr, #gallery td { display: block; width: 100%; max-width: none !important; }
   #gallery tr { padding: 0.4em 0; border-bottom: 1px solid var(--border-color-primary); }
   #gallery td { padding: 0.15em 0.6em; }
+  /* Published results: one card per row; a table of 8 to 12 columns does not fit 390 px. */
+  #results-table, #providers-table { display: none !important; }
+  .phone-cards { display: block; }
 }
 """
 
@@ -92,7 +114,8 @@ class Dashboard(AuditTab, AdapterTab, BehaviourTab, ProviderTab, ResultsTab):
         self.visitors = VisitorSlots(config.max_audits_per_visitor)
         self.behind_proxy = bool(os.environ.get("SPACE_ID"))  # a Space: its proxy appends x-forwarded-for
         self.probe_settings = ProbeServerSettings.from_env(os.environ)
-        self.probe_budget = VisitorBudget(self.probe_settings.requests_per_hour)
+        self.probe_budget = self.probe_settings.budget()  # per visitor, and for the whole server
+        self.link_rate = VisitorRate()  # permalinks opened per visitor a minute (each asks the Hub)
 
     def build(self) -> gr.Blocks:
         # delete_cache: Gradio's served copies of downloads go after 15 minutes (checked every 5).
@@ -151,13 +174,21 @@ class Dashboard(AuditTab, AdapterTab, BehaviourTab, ProviderTab, ResultsTab):
             self.rerender,
             [self.ref, self.rank, self.metric],
             view,
+            js=CLAMP_RANK_JS.replace("RANK", "1"),
             api_name="rerank",
             trigger_mode="always_last",
             show_progress="hidden",
             queue=False,
         )
         self.provider_rank.input(int, self.provider_rank, self.rank, api_visibility="private", queue=False)
-        self.rank.change(provider_choice, self.rank, self.provider_rank, api_visibility="private", queue=False)
+        self.rank.change(
+            provider_choice,
+            self.rank,
+            self.provider_rank,
+            js=CLAMP_RANK_JS.replace("RANK", "0"),
+            api_visibility="private",
+            queue=False,
+        )
         self.gallery.click(
             self.open_entry,
             [self.gallery, self.refs, self.rank, self.metric],
@@ -206,4 +237,5 @@ def launch_options() -> dict[str, Any]:
         "theme": gr.themes.Soft(),
         "css": CSS,
         "max_file_size": "1kb",  # the app takes no files: anonymous uploads are refused, not stored
+        "app_kwargs": {"middleware": [Middleware(RefuseUploads)]},  # ... and the upload route answers 403
     }

@@ -8,6 +8,7 @@ Gradio; a bad setting is a ``LorafidError`` naming the variable, raised by ``fro
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,22 @@ def _positive_setting(env: Mapping[str, str], name: str, kind: type[int] | type[
         example = "40" if kind is float else "2"
         raise LorafidError(f"{name}={text!r} is not a positive {kind.__name__}; unset it or set e.g. {name}={example}.")
     return value
+
+
+def check_token(signed_in: str | None, *, private: bool) -> str | bool | None:
+    """The Hub token a behaviour or provider check runs with: the visitor's own sign-in; else,
+    on a private deployment only, the server's own login (None: huggingface_hub's lookup);
+    else none at all (False). Never the server's login for an anonymous visitor of a public
+    server, even with ``LORAFID_USE_SERVER_TOKEN=1``: a check's stored document has no
+    weights to re-check against, and its repos would be read with the server's rights."""
+    if signed_in:
+        return signed_in
+    return None if private else False
+
+
+def check_deadline(app: AppConfig) -> float | None:
+    """``time.monotonic()`` at which a check started now passes ``LORAFID_MAX_AUDIT_MINUTES``."""
+    return time.monotonic() + app.max_audit_minutes * 60 if app.max_audit_minutes else None
 
 
 def audit_config(

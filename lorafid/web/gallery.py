@@ -5,8 +5,10 @@
 results; opening one, and finding the audit a permalink names. Access rules: an audit of
 two repos public when audited is shared; any other opens only for a visitor whose own
 token reads both repos now (``visible``, ``can_read``: one metadata call and one file
-lookup per side, no weights). ``ReportCache`` keeps the last few opened reports for all
-sessions. Free of Gradio.
+lookup per side, no weights). The same rule holds for every stored document of another
+check (a behaviour or provider check: ``record_document``, ``document_visible``). Answers
+asked without a token are kept a minute (``Recent``). ``ReportCache`` keeps the last few
+opened reports for all sessions. Free of Gradio.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lorafid.audit.report import Report, SourceRecord, load_spectra, spectra_path
 from lorafid.audit.store import Store, StoredAudit
 from lorafid.errors import GatedRepoError, LorafidError, RegistryError, RepoNotFoundError, ResultSchemaError
 from lorafid.sharing.hub_dataset import Registry
 from lorafid.web.config import EXAMPLES_DIR
+from lorafid.web.recent import Recent
 from lorafid.web.text import cut
 from lorafid.weights.source import open_source
 
@@ -174,10 +178,14 @@ class Catalog:
         kind, _, key = ref.partition(":")
         if kind in ("example", "registry") or self.share_all:  # registry: published only when public
             return True
+        return self._readable(key, (report.base, report.finetune), token)
+
+    def _readable(self, key: str, records: tuple[SourceRecord, SourceRecord], token: str | bool | None) -> bool:
+        """Each side public as recorded under ``key``, or readable with ``token`` now."""
         public = self.store.visibility(key)
         return all(
             is_public or can_read(record, token, self.endpoint)
-            for is_public, record in zip(public, (report.base, report.finetune), strict=True)
+            for is_public, record in zip(public, records, strict=True)
         )
 
     # -- the registry: after the local store, before "run it" ---------------------------------
@@ -233,9 +241,22 @@ class Catalog:
         ``anonymous``: the audit itself sent no token, so every Hub side it read is public;
         otherwise each side is checked once with no token.
         """
-        sides = (report.base, report.finetune)
-        public = [r.kind == "hub" and (anonymous or can_read(r, False, self.endpoint)) for r in sides]
+        self._record_public(key, (report.base, report.finetune), anonymous=anonymous)
+
+    def _record_public(self, key: str, records: tuple[SourceRecord, SourceRecord], *, anonymous: bool) -> None:
+        public = [r.kind == "hub" and (anonymous or can_read(r, False, self.endpoint)) for r in records]
         self.store.set_visibility(key, *public)
+
+    # -- stored documents of other checks (behaviour, provider): the audit's rule ---------------
+
+    def record_document(self, kind: str, key: str, document: dict[str, Any], *, anonymous: bool) -> None:
+        """After storing a check's document: note whether each repo is public (as ``record_visibility``)."""
+        self._record_public(f"{kind}:{key}", document_records(document), anonymous=anonymous)
+
+    def document_visible(self, kind: str, key: str, document: dict[str, Any], token: str | bool | None) -> bool:
+        """May the visitor holding ``token`` see this stored check? The audit's rule: both repos
+        public when checked, or readable with the visitor's own token now."""
+        return self.share_all or self._readable(f"{kind}:{key}", document_records(document), token)
 
 
 def can_read(record: SourceRecord, token: str | bool | None, endpoint: str | None) -> bool:
@@ -246,13 +267,45 @@ def can_read(record: SourceRecord, token: str | bool | None, endpoint: str | Non
     """
     if record.kind != "hub" or not record.repo_id or not record.resolved_sha:
         return False
-    try:
-        open_source(
-            record.repo_id, revision=record.resolved_sha, token=token, endpoint=endpoint, allow_local=False
-        ).close()
-    except (GatedRepoError, RepoNotFoundError):
-        return False
-    return True
+    repo_id, sha = record.repo_id, record.resolved_sha
+
+    def ask() -> bool:
+        try:
+            open_source(repo_id, revision=sha, token=token, endpoint=endpoint, allow_local=False).close()
+        except (GatedRepoError, RepoNotFoundError):
+            return False
+        return True
+
+    # Without a token the answer is everyone's: kept a minute. A visitor's own token is asked each time.
+    return _READABLE.get((repo_id, sha, endpoint), ask) if token is False else ask()
+
+
+_READABLE: Recent[bool] = Recent(60.0)
+
+
+def document_records(document: dict[str, Any]) -> tuple[SourceRecord, SourceRecord]:
+    """(base, fine-tune) of a stored check's document as source records (for ``can_read``).
+
+    A behaviour check keeps ``kind``/``repo_id``/``resolved_sha``; a provider check
+    ``repo_id``/``sha`` (always Hub repos on a public server).
+    """
+
+    def record(side: Any) -> SourceRecord:
+        side = side if isinstance(side, dict) else {}
+        sha = side.get("resolved_sha") or side.get("sha")
+        repo = side.get("repo_id")
+        kind = side.get("kind") or ("hub" if repo and sha else "local")
+        return SourceRecord(
+            spec=str(side.get("spec") or ""),
+            kind=str(kind),
+            repo_id=str(repo) if repo else None,
+            requested_revision=None,
+            resolved_sha=str(sha) if sha else None,
+            path=None,
+            files=(),
+        )
+
+    return record(document.get("base")), record(document.get("finetune"))
 
 
 def _label(audit: StoredAudit, ambiguous: bool) -> str:

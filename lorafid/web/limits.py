@@ -1,9 +1,10 @@
 """What one visitor may hold on a shared server, and giving memory back after an audit.
 
-``visitor_id`` says who is asking (behind a Space's proxy, the hop it appended);
-``VisitorSlots`` caps the audits each visitor runs at once; ``release_memory`` returns a
-finished or stopped audit's heap to the OS. In-process only: the counts are per server
-process, not shared between replicas.
+``visitor_id`` says who is asking (behind a Space's proxy, the hop it appended; ``visitor_of``
+from a request); ``VisitorSlots`` caps the audits and checks each visitor runs at once;
+``VisitorRate`` caps how often one visitor may do something cheap that still costs Hub calls
+(opening permalinks); ``release_memory`` returns a finished or stopped audit's heap to the OS.
+In-process only: the counts are per server process, not shared between replicas.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import contextlib
 import ctypes
 import gc
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from lorafid.errors import LimitExceededError
 
@@ -78,3 +81,41 @@ def visitor_id(headers: Mapping[str, str], client_host: str | None, behind_proxy
     if behind_proxy and forwarded:
         return forwarded.split(",")[-1].strip()
     return client_host or "unknown"
+
+
+def visitor_of(request: Any, behind_proxy: bool) -> str:
+    """``visitor_id`` of a Gradio request (its headers and client); "unknown" without one."""
+    if request is None:
+        return "unknown"
+    client = getattr(request, "client", None)
+    return visitor_id(dict(getattr(request, "headers", None) or {}), client.host if client else None, behind_proxy)
+
+
+TOO_MANY_LINKS = "You opened many links in the last minute on this server; wait a minute and reload the page."
+
+
+class VisitorRate:
+    """At most ``per_window`` events per visitor in any ``window_s`` (sliding, thread-safe).
+
+    For events that skip the queue yet call the Hub (a permalink: which commit, who may read
+    it): 60 loads of one link made 181 Hub calls in 9 s. ``allow`` counts the event when it
+    returns True; past the cap it returns False and counts nothing.
+    """
+
+    def __init__(self, per_window: int = 20, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.per_window, self.window_s, self._clock = per_window, window_s, clock
+        self._events: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, visitor: str) -> bool:
+        now = self._clock()
+        with self._lock:
+            for who in list(self._events):  # forget old events of every visitor: the map stays small
+                self._events[who] = [t for t in self._events[who] if now - t < self.window_s]
+                if not self._events[who]:
+                    del self._events[who]
+            recent = self._events.setdefault(visitor, [])
+            if len(recent) >= self.per_window:
+                return False
+            recent.append(now)
+            return True

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode
 
 from lorafid.audit.report import Report, SourceRecord
+from lorafid.web.recent import Recent
 from lorafid.weights.source import open_source
 
 
@@ -114,10 +115,21 @@ def page_url(headers: Mapping[str, str], fallback: str) -> str:
 
 
 def resolve_commit(repo: str, revision: str | None, token: str | bool | None, endpoint: str | None) -> str:
-    """The commit SHA a branch or tag (None: the default branch) of a Hub repo points at now."""
-    source = open_source(repo, revision=revision or None, token=token, endpoint=endpoint, allow_local=False)
-    source.close()
-    return source.info.resolved_sha or ""
+    """The commit SHA a branch or tag (None: the default branch) of a Hub repo points at now.
+
+    Asked without a visitor's own token (False, or None: the server's), the answer is kept a
+    minute for everyone (``Recent``): a branch that moves shows its new commit within 60 s.
+    """
+
+    def ask() -> str:
+        source = open_source(repo, revision=revision or None, token=token, endpoint=endpoint, allow_local=False)
+        source.close()
+        return source.info.resolved_sha or ""
+
+    return ask() if isinstance(token, str) else _COMMITS.get((repo, revision or None, token, endpoint), ask)
+
+
+_COMMITS: Recent[str] = Recent(60.0)
 
 
 def stored_key(query: str, name: str) -> str:

@@ -115,3 +115,47 @@ def code_span(text: str, limit: int = MAX_ECHO_CHARS) -> str:
 def html_text(text: str, limit: int | None = None) -> str:
     """Untrusted text for HTML contexts (pop-ups): tags and entities shown, not interpreted."""
     return html.escape(str(text) if limit is None else cut(text, limit), quote=False)
+
+
+_MD_LINK = re.compile(r"\[([^\]]*)\]\(((?:https?://|\?)[^)\s]*)\)")
+
+
+def cards_html(headers: list[str], types: list[str], rows: list[list[object]]) -> str:
+    """A table's rows as one card each, for a phone: the first cell as the card's title, then
+    "header: value" lines (empty cells left out).
+
+    Every cell is escaped first; in "markdown" cells only ``[text](https://…)`` and
+    ``[text](?query)`` links (the ones ``lorafid.sharing.table`` writes, from validated repo IDs
+    and SHAs) become ``<a>`` again, so a prober's host or model stays text.
+    """
+
+    def cell(value: object, kind: str) -> str:
+        text = html.escape("" if value is None else str(value)).replace("\n", "<br>")
+        if kind != "markdown":
+            return text
+        return _MD_LINK.sub(_link, text)
+
+    cards = []
+    for row in rows:
+        title = cell(row[0], types[0])
+        lines = [
+            f"<div><b>{html.escape(h)}</b>: {cell(v, t)}</div>"
+            for h, t, v in zip(headers[1:], types[1:], row[1:], strict=True)
+            if v not in (None, "")
+        ]
+        cards.append(f'<div class="card"><div class="card-title">{title}</div>{"".join(lines)}</div>')
+    return "".join(cards)
+
+
+def _link(match: re.Match[str]) -> str:
+    """An escaped Markdown link as an anchor: the Hub in a new tab, this page's own links here."""
+    external = ' target="_blank" rel="noopener"' if match.group(2).startswith("http") else ""
+    return f'<a href="{match.group(2)}"{external}>{match.group(1)}</a>'
+
+
+def rounded(value: object, digits: int = 3) -> object:
+    """A number as a table shows it: ``digits`` significant figures (0.0722, 3.66e-08); the rest
+    (counts, text, None) as is. Tables print what the CLI prints, not 0.07215251209154244."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    return value

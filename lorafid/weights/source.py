@@ -197,7 +197,8 @@ def parse_source_spec(spec: str, *, revision: str | None = None, allow_local: bo
     )
     if looks_local:
         if not allow_local:
-            raise InvalidSourceError(f"{spec!r} is a local path; this deployment reads Hub repos only. {_SPEC_HELP}")
+            problem = f"{spec!r} is a local path; this deployment reads Hub repos only."
+            raise InvalidSourceError(f"{problem} {_SPEC_HELP}", problem=problem)
         if revision is not None:
             raise InvalidSourceError(f"{spec!r} is a local path; a revision applies to Hub repos only.")
         path = os.path.abspath(os.path.expanduser(text))
@@ -206,15 +207,18 @@ def parse_source_spec(spec: str, *, revision: str | None = None, allow_local: bo
     if "@" in text and revision is not None and revision != at_revision:
         raise InvalidSourceError(f"{spec!r} names revision {at_revision!r} but {revision!r} was also given.")
     if "://" in repo_id or repo_id.startswith(("huggingface.co/", "hf.co/")):
-        raise InvalidSourceError(f"{spec!r} is a URL; pass the repo ID (org/name) instead. {_SPEC_HELP}")
+        problem = f"{spec!r} is a URL; pass the repo ID (org/name) instead."
+        raise InvalidSourceError(f"{problem} {_SPEC_HELP}", problem=problem)
     if not is_repo_id(repo_id):
-        raise InvalidSourceError(f"{spec!r} is not a valid Hub repo ID or an existing path. {_SPEC_HELP}")
+        problem = f"{spec!r} is not a valid Hub repo ID or an existing path."
+        raise InvalidSourceError(f"{problem} {_SPEC_HELP}", problem=problem)
     rev = at_revision if "@" in text else revision
     if rev is not None and (not rev or len(rev) > 255 or _BAD_REVISION_RE.search(rev)):
-        raise InvalidSourceError(
+        problem = (
             f"Revision {rev!r} of {repo_id} is not a valid branch, tag or commit (no spaces, '..', control or "
-            f"~^:?*[\\ characters). {_SPEC_HELP}"
+            "~^:?*[\\ characters)."
         )
+        raise InvalidSourceError(f"{problem} {_SPEC_HELP}", problem=problem)
     return SourceInfo(spec, "hub", repo_id, rev, None, None)
 
 
@@ -406,12 +410,16 @@ class HubSource(Source):
         if isinstance(e, hf_errors.GatedRepoError) or status == 403:
             return GatedRepoError(
                 f"{repo} is a gated repo: accept the licence at {page} (signed in to the Hub), then pass a token "
-                "with --token or HF_TOKEN, or sign in (hf auth login, or the app's Sign in button)."
+                "with --token or HF_TOKEN, or sign in (hf auth login, or the app's Sign in button).",
+                repo=repo,
+                page=page,
             )
         if isinstance(e, hf_errors.RepositoryNotFoundError):
             return RepoNotFoundError(
                 f"Repo {repo} was not found on {self._endpoint}. Check the spelling (org/name); a private "
-                "repo also needs a token that can read it (--token or HF_TOKEN)."
+                "repo also needs a token that can read it (--token or HF_TOKEN).",
+                repo=repo,
+                endpoint=self._endpoint,
             )
         if isinstance(e, hf_errors.RevisionNotFoundError):
             return RevisionNotFoundError(
@@ -421,7 +429,10 @@ class HubSource(Source):
         if status == 401:
             return RepoNotFoundError(
                 f"The Hub rejected the token for {repo} (401): it is invalid or expired. Create a new one at "
-                f"{self._endpoint}/settings/tokens and pass it with --token or HF_TOKEN."
+                f"{self._endpoint}/settings/tokens and pass it with --token or HF_TOKEN.",
+                repo=repo,
+                endpoint=self._endpoint,
+                token_rejected=True,
             )
         what = f"file {file} of {repo}" if file else repo
         if isinstance(e, hf_errors.EntryNotFoundError):
@@ -504,17 +515,18 @@ class LocalSource(Source):
 
     def _read_small_file(self, name: str, max_bytes: int) -> bytes:
         path = os.path.join(self._root, name)
-        size = os.path.getsize(path)
-        if size > max_bytes:
-            raise FetchError(f"{path} is {size} bytes; more than the {max_bytes} expected of it.")
-        with open(path, "rb") as fh:
-            return fh.read()
+        return _read_capped(path, max_bytes, FetchError(f"{path} is more than the {max_bytes} bytes expected of it."))
 
 
 def _read_small(path: str) -> bytes:
-    size = os.path.getsize(path)
-    if size > MAX_INDEX_BYTES:
-        raise SafetensorsHeaderError(f"{path} is {size} bytes; an index is expected to be under {MAX_INDEX_BYTES}.")
+    too_large = SafetensorsHeaderError(f"{path} is larger than an index is expected to be ({MAX_INDEX_BYTES} bytes).")
+    return _read_capped(path, MAX_INDEX_BYTES, too_large)
+
+
+def _read_capped(path: str, max_bytes: int, too_large: Exception) -> bytes:
+    """A local file read whole, refused from its size (``too_large``) before any byte is read."""
+    if os.path.getsize(path) > max_bytes:
+        raise too_large
     with open(path, "rb") as fh:
         return fh.read()
 

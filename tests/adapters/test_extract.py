@@ -102,16 +102,17 @@ def test_peft_merge_equals_base_plus_exact_truncation(llama: dict, tmp_path: Pat
 
 
 def test_default_dtype_padding_and_vllm_rank_warning(tmp_path: Path) -> None:
-    """bf16 fine-tune: bf16 factors; rank 40 above k = 16 or 32: zero padding, exact anyway."""
+    """bf16 fine-tune: bf16 factors; rank 24 above k_proj's k = 16 (not above the largest k, 32,
+    which extract refuses): zero padding, exact anyway."""
     base, finetune = model_pair(layers=1, dtype=torch.bfloat16)
     base_dir = write_dir(shard_files(base, 1), tmp_path / "base")
     finetune_dir = write_dir(shard_files(finetune, 2), tmp_path / "finetune")
-    with pytest.warns(UserWarning, match="--max-lora-rank 64"):
-        result = extract(str(base_dir), str(finetune_dir), tmp_path / "out", ExtractConfig(rank=40))
+    with pytest.warns(UserWarning, match="--max-lora-rank 32"):
+        result = extract(str(base_dir), str(finetune_dir), tmp_path / "out", ExtractConfig(rank=24))
     tensors = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     a = tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"]
     b = tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"]
-    assert a.dtype == torch.bfloat16 and a.shape == (40, 32) and b.shape == (16, 40)
+    assert a.dtype == torch.bfloat16 and a.shape == (24, 32) and b.shape == (16, 24)
     assert torch.count_nonzero(a[16:]) == 0 and torch.count_nonzero(b[:, 16:]) == 0
     name = "model.layers.0.self_attn.k_proj.weight"
     delta = finetune[name].double() - base[name].double()
@@ -250,6 +251,13 @@ def test_push_to_hub_uploads_the_folder(tmp_path: Path, monkeypatch: pytest.Monk
     class RecordingApi:
         def __init__(self, endpoint: str | None = None, token: str | None = None) -> None:
             calls.append(("init", {"endpoint": endpoint, "token": token}))
+
+        def model_info(self, repo_id: str) -> object:  # asked before a private push: the repo is new
+            import httpx
+            from huggingface_hub.errors import RepositoryNotFoundError
+
+            response = httpx.Response(404, request=httpx.Request("GET", f"http://hub/api/models/{repo_id}"))
+            raise RepositoryNotFoundError(f"{repo_id} not found", response=response)
 
         def create_repo(self, repo_id: str, **kwargs: object) -> None:
             calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))

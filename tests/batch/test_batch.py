@@ -28,9 +28,10 @@ from lorafid.audit.engine import Audit, AuditConfig
 from lorafid.audit.report import load_spectra
 from lorafid.audit.store import Store
 from lorafid.batch.catalogue import CataloguePair, load_catalogue, parse_csv, parse_yaml
-from lorafid.batch.driver import BatchOptions, BatchProgress, _check_reachable, _Driver, _keep, import_ray, run_batch
+from lorafid.batch.cluster import check_reachable, connect, import_ray
+from lorafid.batch.driver import BatchOptions, BatchProgress, _Driver, _keep, run_batch
 from lorafid.cli.commands import main
-from lorafid.errors import CatalogueError, LorafidError, MissingExtraError
+from lorafid.errors import CatalogueError, LorafidError, MissingExtraError, RayClusterError
 from tests.hub_server import HubServer
 from tests.models import model_pair, shard_files, write_dir
 
@@ -39,14 +40,16 @@ RANK = 8
 # -- catalogues (no Ray) -------------------------------------------------------------------
 
 
-def test_a_cluster_address_nobody_answers_at_fails_fast() -> None:
+def test_a_cluster_address_nobody_answers_at_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
-        with pytest.raises(ConnectionError, match=f"nothing answers at 127.0.0.1:{port}"):
-            _check_reachable(address, timeout_s=2)
-    _check_reachable("auto")  # left to Ray: RAY_ADDRESS or the cluster `ray start` runs here
+    monkeypatch.setattr(import_ray(), "is_initialized", lambda: False)  # connect() must try
+    monkeypatch.setenv("RAY_ADDRESS", f"ray://127.0.0.1:{port}")
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", "auto"):
+        with pytest.raises(RayClusterError, match=f"^Nothing answers at 127.0.0.1:{port} .*use --ray local.$"):
+            connect(address)
+    check_reachable("auto")  # left to Ray: RAY_ADDRESS or the cluster `ray start` runs here
 
 
 def test_a_report_from_another_node_is_copied_into_the_driver_store(tmp_path: Path) -> None:
@@ -230,7 +233,7 @@ def test_batch_equals_the_cli_records_failures_and_skips_finished_pairs(
     # The table: one row per pair and rank, worst loss first, failures last in catalogue order.
     table = json.loads((out / "table.json").read_text())
     rows = table["rows"]
-    assert table["schema"] == "lorafid.batch/1"
+    assert table["schema"] == "lorafid.batch/2"
     assert [(r["label"], r["rank"]) for r in rows if r["status"] == "failed"] == [
         ("org/missing", RANK),
         ("org/corrupt", RANK),
@@ -254,15 +257,19 @@ def test_batch_equals_the_cli_records_failures_and_skips_finished_pairs(
     stored = {a.key: a.status for a in Store(home).list_audits()}
     assert {r["gallery_ref"].removeprefix("store:") for r in done} <= {k for k, s in stored.items() if s == "complete"}
 
-    # Run again: finished pairs come from the store without a single request; failed ones are retried.
+    # Run again: finished pairs come from the store after one metadata request per repo (their
+    # commits now); failed ones are retried.
     hub.clear_requests()
     again = run_batch(pairs, options, out=out)
     assert [o.status for o in again.outcomes] == statuses
     assert [o.from_store for o in again.outcomes] == [True, False, True, False, True, False]
-    paths = [r.path for r in hub.requests]
-    assert paths and not [p for p in paths if "ft-" in p], paths
+    finished_repos = ("org/ft-a", "org/ft-b", "org/ft-c")
+    for repo in finished_repos:
+        assert [r.path for r in hub.requests if repo in r.path] == [f"/api/models/{repo}"]
     assert tensor_reads(hub) == []  # the failed pairs fail again while planning
-    assert json.loads((out / "table.json").read_text())["rows"] == rows
+    again_rows = json.loads((out / "table.json").read_text())["rows"]
+    assert [r["nodes"] for r in again_rows if r["status"] == "complete"] == ["store"] * len(done)
+    assert [{**r, "nodes": ""} for r in again_rows] == [{**r, "nodes": ""} for r in rows]
 
 
 def test_token_reaches_tasks_through_their_environment_only(
@@ -282,10 +289,14 @@ def test_token_reaches_tasks_through_their_environment_only(
     assert [o.status for o in result.outcomes] == ["complete"], result.outcomes[0].error
     assert any(r.has_authorization for r in hub.requests_matching(origin="hub", path_contains="org/gated"))
     assert not any(r.has_authorization for r in hub.requests_matching(origin="cdn"))
-    # What Ray receives as the task's arguments holds no token; the token is in its runtime env.
-    driver = _Driver(ray_local, pairs, options, Store(home), None, {}, None)
+    # What Ray receives as the task's arguments holds no token, nor its options: tasks ask the
+    # driver's holder actor for it.
+    driver = _Driver(ray_local, pairs, options, Store(home), None, {}, None, token=secret)
     assert secret.encode() not in pickle.dumps(driver._task(0))
-    assert driver.task_options["runtime_env"]["env_vars"]["HF_TOKEN"] == secret
+    assert "runtime_env" not in driver.task_options and secret not in repr(driver.task_options)
+    assert [type(actor).__name__ for actor in driver.secret] == ["ActorHandle"]
+    assert ray_local.get(driver.secret[0].get.remote()) == secret and secret not in repr(driver.secret)
+    driver.close()
     assert secret not in repr(options)
     for path in [*out.rglob("*"), *home.rglob("*")]:
         if path.is_file():
@@ -500,3 +511,72 @@ def test_tasks_ask_for_a_gpu_when_the_cluster_has_one(
         "num_gpus": 0,
         "max_retries": 3,
     }
+
+
+def test_stored_results_are_keyed_by_the_hub_endpoint_and_the_commits_read(
+    ray_local: Any, hub: HubServer, tmp_path: Path
+) -> None:
+    """Two Hubs serve other weights under the same repo IDs; a branch moves; one pair is unchanged."""
+    pair = [CataloguePair("org/base", "org/ft")]
+    weights = {seed: model_pair(layers=1, seed=seed) for seed in (31, 32, 33, 34, 35)}
+    options = BatchOptions(rank=RANK, store_home=tmp_path / "home", progress=False)
+
+    def audit(server: HubServer) -> tuple[bool, float, int]:
+        """(taken from the store, loss, tensor range reads) of one batch run against ``server``."""
+        server.clear_requests()
+        outcome = run_batch(pair, replace(options, endpoint=server.endpoint)).outcomes[0]
+        assert outcome.status == "complete" and outcome.report is not None, outcome.error
+        loss = 1.0 - outcome.report.summary().overall.energy_retained
+        metadata = [r.path for r in server.requests if r.origin == "hub" and r.path.startswith("/api/models/")]
+        assert sorted(set(metadata)) == ["/api/models/org/base", "/api/models/org/ft"]
+        return outcome.from_store, loss, len(tensor_reads(server))
+
+    def reference(seed: int) -> float:
+        return reference_loss(*weights[seed], RANK)
+
+    with HubServer() as other:
+        for server, seed in ((hub, 31), (other, 32)):
+            server.add_repo("org/base", shard_files(weights[seed][0], 1))
+            server.add_repo("org/ft", shard_files(weights[seed][1], 1))
+
+        reused, loss, reads = audit(hub)
+        assert not reused and reads > 0 and loss == pytest.approx(reference(31), abs=1e-6)
+        reused, loss, reads = audit(hub)  # unchanged: one metadata call per repo, no weights
+        assert reused and reads == 0 and loss == pytest.approx(reference(31), abs=1e-6)
+        reused, loss, reads = audit(other)  # same repo IDs, another Hub, other weights
+        assert not reused and reads > 0 and loss == pytest.approx(reference(32), abs=1e-6)
+        assert audit(hub)[0] and audit(other)[0]  # each Hub's result is kept apart
+
+        # The fine-tune's branch moves: audited afresh, at the new commit.
+        hub.add_repo("org/ft", shard_files(weights[33][1], 1))
+        hub.add_repo("org/base", shard_files(weights[33][0], 1))
+        reused, loss, reads = audit(hub)
+        assert not reused and reads > 0 and loss == pytest.approx(reference(33), abs=1e-6)
+
+        # Two Hubs serving other bytes under the very same commit SHAs: the audit's own key (commits
+        # and file layout) cannot tell them apart, the endpoint does; each is recomputed from scratch.
+        for server, seed in ((hub, 34), (other, 35)):
+            server.add_repo("org/base", shard_files(weights[seed][0], 1), sha="b" * 40)
+            server.add_repo("org/ft", shard_files(weights[seed][1], 1), sha="f" * 40)
+        for server, seed in ((hub, 34), (other, 35), (hub, 34)):
+            reused, loss, reads = audit(server)
+            assert not reused and reads > 0 and loss == pytest.approx(reference(seed), abs=1e-6), server.endpoint
+        assert audit(hub)[0]
+
+
+def test_losing_the_progress_board_only_stops_the_byte_counts(ray_local: Any, tmp_path: Path) -> None:
+    """The board is an actor: its node may die. The driver then goes on without byte counts."""
+    seen: list[BatchProgress] = []
+    pairs = [CataloguePair("org/base", "org/ft")]
+    driver = _Driver(ray_local, pairs, BatchOptions(), Store(tmp_path), None, {}, seen.append)
+    driver.board = driver._start_board()
+    assert ray_local.get(driver.board.snapshot.remote()) == {}
+    ray_local.kill(driver.board)
+    for _ in range(20):  # the first call asks the dead board, a later one finds the answer failed
+        driver._progress()
+        if driver.board is None:
+            break
+        time.sleep(0.1)
+    assert driver.board is None
+    assert seen[-1] == BatchProgress(0, 1, 0, 0, 0)
+    driver.close()  # nothing left to stop: no error either

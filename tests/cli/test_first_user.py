@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -86,3 +87,109 @@ def test_behave_interrupted_while_generating_writes_partial(
     assert report["continuations"] is None and "interrupted" in report["continuations_note"]
     assert len(report["prompts"]) == 2  # every prompt scored is kept
     capsys.readouterr()
+
+
+# -- item 17: a rank above full rank, an --out that is a file ---------------------------------------
+
+
+def test_extract_refuses_a_rank_above_full_rank_before_reading_weights(
+    pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lorafid.audit import engine
+
+    monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "home"))
+    base, tuned = pair
+    reads: list[object] = []
+    original = engine.read_tensor
+    monkeypatch.setattr(engine, "read_tensor", lambda *a, **k: reads.append(a) or original(*a, **k))
+    out = tmp_path / "adapter"
+    argv = ["extract", str(base), str(tuned), "--out", str(out), "--device", "cpu", "--quiet"]
+    assert main([*argv, "--rank", "1000000000"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "--rank 1,000,000,000 is above the largest matrix's full rank (32)" in err and "--rank 32 or less" in err
+    assert reads == [] and not out.exists()  # no weight read, no folder left behind
+    assert main([*argv, "--rank", "33"]) == 1  # the bound is the full rank itself
+    assert main([*argv, "--rank", "32"]) == 0 and (out / "adapter_model.safetensors").is_file()
+    assert reads  # the same patch sees the weights an extraction reads
+
+
+def test_extract_out_naming_a_file_is_one_line(
+    pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "home"))
+    base, tuned = pair
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    assert main(["extract", str(base), str(tuned), "--rank", "4", "--out", str(taken), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"lorafid: error: --out {taken} is a file, not a folder: name a new folder for the adapter " + (
+        "(or the folder of an interrupted extraction, to resume it).\n"
+    )
+    assert taken.read_text() == "mine"
+
+
+def test_behave_runs_a_rank_above_full_rank_at_full_rank_with_a_note(
+    llama: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "behaviour.json"
+    argv = ["behave", str(llama["base"]), str(llama["full"]), "--ranks", "4,1000000000", "--max-tokens", "4"]
+    argv += ["--continuation-tokens", "0", "--device", "cpu", "--quiet", "--out", str(out)]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the knight drew his sword\n", encoding="utf-8")
+    assert main([*argv, "--prompts", str(prompts)]) == 0
+    err = capsys.readouterr().err
+    assert "note: rank 1,000,000,000 is above the largest matrix's full rank (48): run as rank 48" in err
+    report = json.loads(out.read_text())
+    assert report["settings"]["ranks"] == [4, 48] and "rank-48" in report["variants"]
+    assert "rank-1000000000" not in report["variants"] and "full rank (48)" in report["ranks_note"]
+
+
+# -- items 18 and 19: the registry listing; a bad option value ---------------------------------------
+
+
+class _Listing:
+    """A registry of two results whose names agree for 40 characters (a stand-in for the Hub dataset)."""
+
+    url = "https://hub/datasets/org/results"
+    unreadable_rows = 0
+
+    def __init__(self, *_: object, **__: object) -> None:
+        energy = {"64": 0.84, "128": 0.91, "256": 0.97, "512": 1.0}
+        self._entries = [
+            SimpleNamespace(
+                name="a" * 40 + tail, finetune="org/t", base="org/b", created="2026-12-01", energy_at=energy
+            )
+            for tail in ("-first", "-second")
+        ]
+
+    def entries(self) -> list[SimpleNamespace]:
+        return self._entries
+
+
+def test_open_lists_unique_refs_and_ranks_in_numeric_order(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lorafid.sharing import hub_dataset
+
+    monkeypatch.setattr(hub_dataset, "Registry", _Listing)
+    assert main(["open", "org/results"]) == 0
+    first, second, total = capsys.readouterr().out.splitlines()
+    assert first.split()[0] == "a" * 40 + "-f" and second.split()[0] == "a" * 40 + "-s"  # each names one result
+    assert "kept at 64:84% 128:91% 256:97% 512:100%" in first
+    assert total == "2 result(s) in https://hub/datasets/org/results"
+
+
+def test_a_bad_option_value_is_one_line_naming_the_option(
+    pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, tuned = pair
+    with pytest.raises(SystemExit) as exited:
+        main(["audit", str(base), str(tuned), "--include", "mlp\\.("])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorafid audit: --include 'mlp\\.(' is not a valid regular expression (")
+    assert err.count("\n") == 1 and "usage:" not in err
+    with pytest.raises(SystemExit):
+        main(["audit", str(base)])  # a missing argument keeps the usage: then it is what helps
+    assert "usage:" in capsys.readouterr().err

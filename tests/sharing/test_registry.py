@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import huggingface_hub.constants
@@ -709,3 +710,101 @@ def test_a_text_channel_check_is_published_with_its_gaps(hub: HubServer, store: 
     summary = probe_summary(document)
     assert summary["method"] == "completions-text"
     assert summary["distances"]["base"] == {"distance": 0.9, "interval": [0.45, 0.9 * 1.5]}
+
+
+# -- the public table of providers --------------------------------------------------------------------
+
+
+def summary_of(host: str, model: str, created: str, sentence: str, **extra: Any) -> dict[str, Any]:
+    """A published provider check as ``Registry.probes()`` returns it."""
+    return {
+        "endpoint_host": host,
+        "model": model,
+        "created": created,
+        "method": "completions",
+        "requests": 40,
+        "base": BASE,
+        "finetune": TUNED,
+        "base_sha": "b" * 40,
+        "finetune_sha": "f" * 40,
+        "verdict": {"sentence": sentence, "matches": True},
+        "path": f"probes/{BASE}/{TUNED}/x.json",
+    } | extra
+
+
+def test_provider_rows_are_the_latest_check_per_host_and_model() -> None:
+    from lorafid.sharing.table import PROVIDER_HEADERS, PROVIDER_TYPES, PROVIDER_WIDTHS, provider_rows
+
+    reg = SimpleNamespace(url="https://hub/datasets/lorafid/results")
+    probes = [
+        summary_of("b.example", "m", "2026-12-02T10:00:00", "newer"),
+        summary_of("b.example", "m", "2026-12-01T10:00:00", "older"),
+        summary_of("a.example", "m", "2026-12-01T09:00:00", "by text", method="completions-greedy", requests=0),
+        summary_of("b.example", "other", "2026-12-01T08:00:00", "another model"),
+    ]
+    rows = provider_rows(probes, hub_url="https://hub", registry=reg)  # type: ignore[arg-type]
+    assert len(PROVIDER_HEADERS) == len(PROVIDER_TYPES) == len(PROVIDER_WIDTHS) == len(rows[0])
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("a.example", "m", "by text"),
+        ("b.example", "m", "newer"),  # the older check of the same host and model is replaced
+        ("b.example", "other", "another model"),
+    ]
+    column = dict(zip(PROVIDER_HEADERS, rows[1], strict=True))
+    assert (column["Channel"], column["Requests"], column["Checked"]) == ("logprobs", 40, "2026-12-02")
+    assert rows[0][3] == "text (greedy)" and rows[0][4] is None  # a count not kept is not shown as 0
+    assert column["Fine-tune on base"] == (
+        f"[{TUNED}](https://hub/{TUNED}/tree/{'f' * 40}) @fffffff "
+        f"on [{BASE}](https://hub/{BASE}/tree/{'b' * 40}) @bbbbbbb"
+    )
+    assert column["Links"].startswith(f"[JSON]({reg.url}/blob/main/probes/{BASE}/{TUNED}/x.json) · [audit](?base=")
+    assert column["Links"].endswith("[provider](?provider=b.example)")
+    only = provider_rows(probes, hub_url="https://hub", registry=reg, host="a.example")  # type: ignore[arg-type]
+    assert [r[0] for r in only] == ["a.example"]
+
+
+def test_dashboard_table_of_providers_sorts_filters_links_and_keeps_nothing_private(
+    app_env: HubServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    store: Store,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import gradio as gr
+
+    from lorafid.cli.commands import main
+    from lorafid.sharing.table import PROVIDER_HEADERS
+
+    hub = app_env
+    audited = run_audit(hub, store)
+    writer = RegistryWriter(registry(hub, tmp_path), tmp_path / "outbox", interval_s=3600)
+    for host in ("api.example.com", "other.example.org"):
+        document = probe_document(audited) | {"endpoint_host": host, "api_key": "sk-secret-key"}
+        document["endpoint"] = f"https://{host}/v1/secret-path?key=sk-q"
+        writer.submit_probe(document)
+    writer.flush()
+    monkeypatch.delenv("LORAFID_REGISTRY_TOKEN")
+    with dashboard(config_for(hub, tmp_path / "reader")) as (client, board):
+        frame, hosts, note, cards = client.predict("All providers", api_name="/providers_table")
+        assert frame["headers"] == list(PROVIDER_HEADERS)
+        assert [r[0] for r in frame["data"]] == ["api.example.com", "other.example.org"]
+        assert hosts["value"] == "All providers" and "2 provider check(s)" in note
+        assert cards.count('class="card"') == 2 and "api.example.com" in cards
+        linked = client.predict("?provider=other.example.org", api_name="/providers_link")
+        assert [r[0] for r in linked[0]["data"]] == ["other.example.org"] and linked[1]["value"] == "other.example.org"
+        tab = board.providers_link("?provider=other.example.org")[board.tabs]
+        assert tab.selected == "published-results"  # the link opens this tab
+        assert board.providers_link("")[board.tabs] == gr.update()  # a plain page stays on its first tab
+        unknown = client.predict("?provider=nobody.example", api_name="/providers_link")
+        assert len(unknown[0]["data"]) == 2 and "No published check of nobody" in unknown[2]
+        everything = str(frame) + cards
+        for secret in ("sk-secret", "sk-q", "/v1", "secret-path", "https://api.example.com"):
+            assert secret not in everything
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    capsys.readouterr()
+    assert main(["open", "--providers", REGISTRY, "--host", "other.example.org"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("other.example.org · served/model  [logprobs, 3 requests, ")
+    assert (
+        out[1] == f"  {TUNED}@{audited.finetune.resolved_sha[:7]} vs {BASE}@{audited.base.resolved_sha[:7]}: {SENTENCE}"
+    )
+    assert out[-1].startswith("1 provider check(s) of other.example.org in ")

@@ -116,6 +116,14 @@ def test_run_move_rank_download_and_permalink(browser: object, page_url: str, tm
     assert opened.get_by_label("Fine-tuned model").input_value() == "org/tuned"
     assert opened.locator("#rank input[type=number]").input_value() == "4"
 
+    # A rank typed above the slider's maximum reads as full rank: no "Error" from Gradio's own check.
+    box = opened.locator("#rank input[type=number]")
+    box.fill("64")
+    box.press("Enter")
+    wait_for_text(opened, "#summary", "Full rank (32) keeps everything")
+    opened.wait_for_timeout(1000)  # an error toast would have come with the answer
+    assert opened.locator(".toast-body").count() == 0, opened.locator(".toast-body").all_inner_texts()
+
 
 def test_bundled_example_opens_from_the_gallery(browser: object, hub: HubServer, tmp_path: Path) -> None:
     config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "home")  # the bundled examples
@@ -198,3 +206,158 @@ def test_example_is_readable_on_desktop_and_phone(
     assert layout["numbersWhole"], layout  # no number split across lines ("88.28 / %")
     assert layout["legendsBelow"] and layout["ticksApart"], layout
     assert -5 <= layout["heatmapTop"] <= height / 2, layout  # the charts came into view
+
+
+# -- issue 20: results in view, Stop's gallery row, every tab on a phone ------------------------------
+
+
+def start_audit(browser: object, url: str, timeout_ms: int = 30_000) -> object:
+    """A 1400x900 page of ``url`` with org/base and org/tuned typed in and Run audit pressed."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})  # type: ignore[attr-defined]
+    page.set_default_timeout(timeout_ms)
+    page.goto(url)
+    page.get_by_label("Base model").fill("org/base")
+    page.get_by_label("Fine-tuned model").fill("org/tuned")
+    page.get_by_role("button", name="Run audit").click()
+    return page
+
+
+IN_VIEW_JS = """(sel) => { const r = document.querySelector(sel).getBoundingClientRect();
+  return {top: r.top, height: window.innerHeight, scrolled: window.scrollY}; }"""
+
+
+def test_run_audit_and_a_permalink_bring_the_results_into_view(browser: object, page_url: str) -> None:
+    """At 1400x900 the progress line and charts appeared ~1,200 px below the fold, under the open
+    gallery; a permalink opened at the top. Both now show the results on the first screen."""
+    page = start_audit(browser, page_url)
+    wait_for_text(page, "#progress", "Done:")
+    page.wait_for_selector("#heatmap .js-plotly-plot")  # type: ignore[attr-defined]
+    page.wait_for_timeout(500)  # type: ignore[attr-defined]
+    shown = page.evaluate(IN_VIEW_JS, "#progress")
+    assert -5 <= shown["top"] < shown["height"] / 2, shown  # the progress line on the first screen
+    assert page.locator("#gallery").is_hidden()  # the gallery folded away once the audit ran
+    link = page.locator("#permalink textarea, #permalink input").first.input_value()
+
+    opened = browser.new_page(viewport={"width": 1400, "height": 900})  # type: ignore[attr-defined]
+    opened.set_default_timeout(30_000)
+    opened.goto(link)
+    wait_for_text(opened, "#summary", "keeps")
+    opened.wait_for_timeout(800)
+    landed = opened.evaluate(IN_VIEW_JS, "#progress")
+    assert landed["scrolled"] > 0 and -5 <= landed["top"] < landed["height"] / 2, landed
+    bare = browser.new_page(viewport={"width": 1400, "height": 900})  # type: ignore[attr-defined]
+    bare.goto(page_url)
+    bare.wait_for_selector("#gallery tbody tr")
+    bare.wait_for_timeout(800)
+    assert bare.evaluate("() => window.scrollY") == 0  # a plain visit stays at the top
+
+
+def test_stop_leaves_a_gallery_row_that_reads_what_the_page_shows(
+    browser: object, hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "home"))
+    base, tuned = model_pair(layers=4, dtype=torch.bfloat16)
+    hub.add_repo("org/base", shard_files(base, 2))
+    hub.add_repo("org/tuned", shard_files(tuned, 2, offset=1))
+    config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "home", examples_dir=tmp_path / "examples")
+    with serve(config) as url, hub.inject(slow_bytes_per_s=20_000):
+        page = start_audit(browser, url, 60_000)
+        wait_for_text(page, "#progress", "matrices ·", 60_000)
+        page.get_by_role("button", name="Stop").click()
+        wait_for_text(page, "#progress", "Stopped.")
+        shown = page.locator("#summary strong").first.inner_text()
+        page.locator("#gallery-box button").first.click()  # unfold the gallery
+        row = page.locator("#gallery tbody tr").first.locator("td").nth(2).inner_text()
+    assert "keeps" in shown and row.strip() == shown.strip(), (row, shown)
+
+
+def test_every_tab_is_a_labelled_button_on_a_phone(browser: object, page_url: str) -> None:
+    page = browser.new_page(viewport={"width": 390, "height": 844})  # type: ignore[attr-defined]
+    page.set_default_timeout(30_000)
+    page.goto(page_url)
+    page.wait_for_selector("#tabs [role=tab]")
+    page.wait_for_timeout(500)
+    tabs = page.evaluate(
+        """() => [...document.querySelectorAll('#tabs [role=tab]')].map((b) => { const r = b.getBoundingClientRect();
+          return {text: b.innerText.trim(), left: r.left, right: r.right, visible: r.width > 0 && r.height > 0}; })"""
+    )
+    assert [t["text"] for t in tabs] == ["Weight audit", "Provider check", "Behaviour"], tabs
+    assert all(t["visible"] and t["left"] >= 0 and t["right"] <= 390 for t in tabs), tabs
+    assert page.locator("#tabs button:has-text('⋯')").count() == 0  # no menu hides a tab
+    page.get_by_role("tab", name="Behaviour").click()
+    page.get_by_role("button", name="Run behaviour check").wait_for()
+
+
+@pytest.fixture
+def results_url(hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A dashboard reading a registry with two published audits and three provider checks."""
+    import huggingface_hub
+
+    from lorafid.sharing.writer import RegistryWriter
+    from tests.sharing import test_registry as published
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    base, tuned = model_pair(layers=2, dtype=torch.bfloat16)
+    hub.add_repo(published.BASE, shard_files(base, 2))
+    hub.add_repo(published.TUNED, shard_files(tuned, 3, offset=1))
+    hub.write_tokens = {published.WRITER}
+    store = Store(tmp_path / "audits")
+    audited = published.run_audit(hub, store)
+    writer = RegistryWriter(published.registry(hub, tmp_path), tmp_path / "outbox", interval_s=3600)
+    writer.submit(audited)
+    for host, model in (("api.example.com", "meta-llama/Llama-3.1-8B-Instruct-with-a-long-name"), ("b.example", "m")):
+        writer.submit_probe(published.probe_document(audited) | {"endpoint_host": host, "model": model})
+    writer.flush()
+    store.close()
+    monkeypatch.setenv("LORAFID_REGISTRY", published.REGISTRY)
+    config = AppConfig(endpoint=hub.endpoint, store_home=tmp_path / "home", examples_dir=tmp_path / "examples")
+    with serve(config) as url:
+        yield url
+
+
+HEADERS_JS = """() => [...document.querySelectorAll('#results-table th, #providers-table th')].flatMap((th) => {
+  const walker = document.createTreeWalker(th, NodeFilter.SHOW_TEXT); const out = [];
+  for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+    for (const m of n.textContent.matchAll(/\\S+/g)) { const r = document.createRange();
+      r.setStart(n, m.index); r.setEnd(n, m.index + m[0].length);
+      const rects = [...r.getClientRects()].filter((b) => b.width > 0);
+      if (rects.length) out.push({word: m[0], lines: new Set(rects.map((b) => Math.round(b.top))).size}); } }
+  return out; })"""
+
+
+@pytest.mark.parametrize("viewport", list(VIEWPORTS))
+def test_published_results_are_readable_on_desktop_and_phone(browser: object, results_url: str, viewport: str) -> None:
+    """Issue 20, item 15 and the table of providers: headers break between words on a desktop;
+    a phone gets one card per row (the tables hidden), nothing wider than the screen."""
+    width, height = VIEWPORTS[viewport]
+    page = browser.new_page(viewport={"width": width, "height": height})  # type: ignore[attr-defined]
+    page.set_default_timeout(30_000)
+    page.goto(results_url)
+    page.get_by_role("tab", name="Published results").click()
+    wait_for_text(page, "#providers-note", "2 provider check(s)")
+    page.wait_for_timeout(800)
+    overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 1
+    if viewport == "desktop":
+        assert page.locator("#providers-table").is_visible() and page.locator("#providers-cards").is_hidden()
+        words = page.evaluate(HEADERS_JS)
+        assert {"Matrices", "Provider", "Requests"} <= {w["word"] for w in words}, words
+        assert all(w["lines"] == 1 for w in words), [w for w in words if w["lines"] > 1]  # no "Matr / ices"
+    else:
+        assert page.locator("#providers-table").is_hidden() and page.locator("#results-table").is_hidden()
+        cards = page.locator("#providers-cards .card")
+        assert cards.count() == 2 and "Verdict" in cards.first.inner_text()
+        boxes = [cards.nth(i).bounding_box() for i in range(2)]
+        assert all(b and b["x"] >= 0 and b["x"] + b["width"] <= width + 1 for b in boxes), boxes
+        assert page.locator("#results-cards .card").count() == 1
+
+
+def test_a_provider_link_opens_its_rows_in_view(browser: object, results_url: str) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 900})  # type: ignore[attr-defined]
+    page.set_default_timeout(30_000)
+    page.goto(results_url + "?provider=b.example")
+    wait_for_text(page, "#providers-note", "1 provider check(s)")
+    page.wait_for_timeout(1000)
+    assert page.get_by_role("tab", name="Published results").get_attribute("aria-selected") == "true"
+    top = page.evaluate("() => document.querySelector('#providers').getBoundingClientRect().top")
+    assert 0 <= top < 450, top  # the providers' table on the first screen, under the audits

@@ -234,7 +234,9 @@ def test_sign_in_is_mentioned_only_where_the_button_exists(tmp_path: Path, monke
 
     error = GatedRepoError(
         "org/x is a gated repo: accept the licence at https://hub/org/x (signed in to the Hub), then pass a token "
-        "with --token or HF_TOKEN, or sign in (hf auth login, or the app's Sign in button)."
+        "with --token or HF_TOKEN, or sign in (hf auth login, or the app's Sign in button).",
+        repo="org/x",
+        page="https://hub/org/x",
     )
     words = {}
     for oauth in (False, True):

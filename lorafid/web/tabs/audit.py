@@ -21,17 +21,18 @@ from lorafid.audit.engine import Audit, AuditConfig
 from lorafid.audit.report import PROVIDER_RANKS, Report, SourceRecord
 from lorafid.audit.store import Store
 from lorafid.compute import ComputeHook
-from lorafid.errors import GatedRepoError, LorafidError, RepoNotFoundError
+from lorafid.errors import LorafidError
 from lorafid.names import is_commit_sha
 from lorafid.web import plots
 from lorafid.web.config import DEFAULT_RANK, MAX_RANK, AppConfig, audit_config
 from lorafid.web.downloads import write_report_json
 from lorafid.web.gallery import Catalog, GalleryEntry, ReportCache
-from lorafid.web.limits import VisitorSlots, release_memory, visitor_id
+from lorafid.web.limits import TOO_MANY_LINKS, VisitorRate, VisitorSlots, release_memory, visitor_id, visitor_of
 from lorafid.web.links import example_link, page_url, parse_link, parse_query, report_link, resolve_commit
 from lorafid.web.pacing import ProgressMeter, Throttle
 from lorafid.web.tabs.common import MAX_INPUT_CHARS, MAX_MESSAGE_CHARS, TEXT_INTERVAL_S, user_errors
 from lorafid.web.text import code_span, html_text, md_text, summary_markdown
+from lorafid.web.wording import in_app_words
 
 INTRO = """# lorafid
 **How much of a fine-tuned model survives when it is served as a rank-r LoRA** extracted from
@@ -93,6 +94,7 @@ class AuditTab:
     reports: ReportCache
     downloads: Path
     visitors: VisitorSlots
+    link_rate: VisitorRate  # permalinks opened per visitor (each asks the Hub)
     behind_proxy: bool
     compute: ComputeHook | None
     _token: Callable[[str, gr.OAuthToken | None], str | bool | None]  # the Dashboard's
@@ -336,8 +338,8 @@ class AuditTab:
     @user_errors
     def open_entry(self, index: int, refs: list[str], rank: float, metric: str, request: gr.Request) -> dict[Any, Any]:
         """Open an audit from the gallery."""
-        if index is None or not 0 <= index < len(refs):
-            return {}
+        if index is None or not 0 <= index < len(refs):  # a row of a gallery older than this page's list
+            return {self.progress: "That row is no longer listed; reload the page to see the gallery as it is now."}
         ref = refs[index]
         report = self.catalog.open(ref)  # at its own rank: the one its gallery row describes
         return {
@@ -378,6 +380,8 @@ class AuditTab:
             self.metric: metric,
             **self._rank_controls(MAX_RANK, wanted, picks=False),  # the slider's bounds until an audit is open
         }
+        if not self.link_rate.allow(visitor_of(request, self.behind_proxy)):
+            return out | {self.progress: TOO_MANY_LINKS}
         token = self._token("", oauth_token)  # their sign-in; no token at all on a public server
         revisions = (link.base_revision, link.finetune_revision)
         found = self.catalog.find_example(link.base, link.finetune, *revisions)
@@ -518,45 +522,9 @@ class AuditTab:
         return "\n\nOn the Hub: " + " · ".join(links) if links else ""
 
     def _in_app_words(self, error: LorafidError, *, typed: bool) -> LorafidError:
-        """The error as this page says it: its fields and buttons, not the command line's flags.
-
-        A wrong token and no token get different words; "Sign in" only where the button
-        exists; a public server's refusal of local paths offers only what it accepts.
-        """
-        text = str(error)
-        sign_in = ", or press Sign in with Hugging Face" if self.config.oauth else ""
-        if isinstance(error, GatedRepoError):
-            head = text.split(" (signed in", 1)[0].split(", then", 1)[0]
-            text = (
-                f"{head} with the Hub account of the token you pasted: that token cannot read it yet."
-                if typed
-                else f"{head} (signed in to the Hub), then paste a token that can read it in the token field{sign_in}."
-            )
-        elif isinstance(error, RepoNotFoundError) and "(401)" in text:
-            text = text.split(" Create a new one", 1)[0] + (
-                " Paste a valid token (Hub settings, Access Tokens), or clear the field for public repos."
-            )
-        elif isinstance(error, RepoNotFoundError):
-            head = text.split(" Check the spelling", 1)[0]
-            text = f"{head} Check the spelling (org/name)" + (
-                "; if it is private, the token you pasted cannot read it."
-                if typed
-                else f"; if it is private, paste a token that can read it in the token field{sign_in}."
-            )
-        if not self.config.allow_local:
-            text = re.sub(
-                r"Expected a Hub repo ID.*?model\.safetensors\)\.",
-                "Enter a Hub repo ID like org/name; a revision goes in its own field.",
-                text,
-            )
-        text = re.sub(r"\s*\((?:--token|HF_TOKEN)[^)]*\)", "", text)
-        text = re.sub(r",? (?:with|pass it with) --token or HF_TOKEN", "", text)
-        if text == str(error):
-            return error
-        try:
-            return type(error)(text)
-        except TypeError:  # a class that takes more than a message
-            return LorafidError(text)
+        """The error in this page's words (``lorafid.web.wording``): its token field, its Sign in
+        button where it has one, Hub repos only where local paths are refused."""
+        return in_app_words(error, typed=typed, oauth=self.config.oauth, allow_local=self.config.allow_local)
 
     def _gallery(self) -> dict[Any, Any]:
         entries = self.catalog.entries()

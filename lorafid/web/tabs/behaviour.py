@@ -19,12 +19,13 @@ from lorafid.behaviour.report import BehaviourReport
 from lorafid.compute import ComputeHook
 from lorafid.errors import LorafidError, ReportFormatError
 from lorafid.names import parse_ranks
-from lorafid.web.config import MAX_RANK, AppConfig
+from lorafid.web.config import MAX_RANK, AppConfig, check_deadline, check_token
 from lorafid.web.downloads import write_download
-from lorafid.web.limits import VisitorSlots, visitor_id
+from lorafid.web.gallery import Catalog
+from lorafid.web.limits import TOO_MANY_LINKS, VisitorRate, VisitorSlots, visitor_of
 from lorafid.web.links import page_url, stored_key
 from lorafid.web.tabs.common import MAX_INPUT_CHARS, MAX_MESSAGE_CHARS, TEXT_INTERVAL_S, user_errors
-from lorafid.web.text import md_text
+from lorafid.web.text import md_text, rounded
 
 BEHAVIOUR_INTRO = """**What does the served extraction do to the model's outputs?** The fine-tune, its base and the
 extraction at each rank run side by side on a built-in set of 36 short prompts, one layer at a
@@ -40,16 +41,19 @@ BEHAVIOUR_GENERATE_BYTES = 4 * 2**30  # side-by-side continuations only when the
 class BehaviourTab:
     """The behaviour tab of the Dashboard.
 
-    Uses the Dashboard's ``config``, ``store``, ``downloads``, ``compute``, ``visitors``
-    (one slot per running check) and ``behind_proxy``, and the weight audit's ``base`` and
+    Uses the Dashboard's ``config``, ``store``, ``catalog`` (who may see a stored check),
+    ``downloads``, ``compute``, ``visitors`` (one slot per running check), ``link_rate``
+    (permalinks opened per visitor) and ``behind_proxy``, and the weight audit's ``base`` and
     ``finetune`` fields (``AuditTab``), which it follows.
     """
 
     config: AppConfig
     store: Store
+    catalog: Catalog
     downloads: Path
     compute: ComputeHook | None
     visitors: VisitorSlots
+    link_rate: VisitorRate
     behind_proxy: bool
     base: gr.Textbox
     finetune: gr.Textbox
@@ -103,7 +107,7 @@ class BehaviourTab:
         demo.load(
             self.open_behaviour_link,
             [behave_query],
-            [*outputs, self.behave_base, self.behave_finetune, self.tabs],
+            [*outputs, self.behave_base, self.behave_finetune, self.behave_ranks, self.tabs],
             js="(query) => [window.location.search]",
             api_visibility="private",
             queue=False,
@@ -111,7 +115,14 @@ class BehaviourTab:
 
     @user_errors
     def run_behaviour(
-        self, base: str, finetune: str, ranks: str, serving: str, chat: bool, request: gr.Request
+        self,
+        base: str,
+        finetune: str,
+        ranks: str,
+        serving: str,
+        chat: bool,
+        request: gr.Request,
+        oauth_token: gr.OAuthToken | None = None,
     ) -> Iterator[dict[Any, Any]]:
         """Stream the check (progress in the status line), then store it and show every view."""
         from lorafid.behaviour.check import BehaviourCheck, BehaviourConfig
@@ -120,6 +131,7 @@ class BehaviourTab:
             if not value.strip() or len(value) > MAX_INPUT_CHARS:
                 raise LorafidError(f"Give the {label} (at most {MAX_INPUT_CHARS} characters).")
         rank_list = parse_ranks(ranks, max_count=8, max_rank=MAX_RANK * 64)
+        token = check_token(oauth_token.token if oauth_token else None, private=self.config.allow_local)
         config = BehaviourConfig(
             ranks=rank_list,
             serving=serving if serving in ("both", "lora-only", "keep-extras") else "both",
@@ -128,15 +140,16 @@ class BehaviourTab:
             max_generate_bytes=BEHAVIOUR_GENERATE_BYTES,
             device=self.config.device,
             compute=self.compute,
-            token=None if self.config.allow_local or self.config.server_token else False,
+            token=token,
             endpoint=self.config.endpoint,
             allow_local=self.config.allow_local,
             max_model_bytes=self.config.max_model_bytes,
+            max_tensor_bytes=self.config.max_tensor_bytes,
+            max_tensors=self.config.max_tensors,
+            deadline=check_deadline(self.config),
         )
         check = BehaviourCheck(base.strip(), finetune.strip(), config)
-        visitor = visitor_id(
-            dict(request.headers or {}), request.client.host if request.client else None, self.behind_proxy
-        )
+        visitor = visitor_of(request, self.behind_proxy)
         # A check reads and runs weights like an audit: it takes one of the visitor's audit slots.
         with self.visitors.hold(visitor, "check the behaviour"):
             shown = 0.0
@@ -147,6 +160,7 @@ class BehaviourTab:
             report = check.report()
         document = report.to_dict()
         key = self.store.put_document("behaviour", document)
+        self.catalog.record_document("behaviour", key, document, anonymous=token is False)
         path = write_download(self.downloads, f"lorafid-behaviour-{key}.json", json.dumps(document, indent=1) + "\n")
         link = page_url(request.headers, str(request.url)) + f"?behaviour={key}"
         yield self._behaviour_view(report) | {
@@ -154,14 +168,25 @@ class BehaviourTab:
             self.behave_link: f"[Permalink]({link})",
         }
 
-    def open_behaviour_link(self, query: str, request: gr.Request) -> dict[Any, Any]:
-        """On page load: ``?behaviour=KEY`` shows a stored behaviour check."""
+    def open_behaviour_link(
+        self, query: str, request: gr.Request, oauth_token: gr.OAuthToken | None = None
+    ) -> dict[Any, Any]:
+        """On page load: ``?behaviour=KEY`` shows a stored behaviour check, to those the audit's
+        rule lets see it (both repos public when checked, or readable with their own sign-in)."""
         key = stored_key(query, "behaviour")
         if not key:
             return {self.behave_status: gr.update()}  # an empty dict reads as one value: "needed 9, returned 1"
+        if not self.link_rate.allow(visitor_of(request, self.behind_proxy)):
+            return {self.behave_status: TOO_MANY_LINKS}
         document = self.store.load_document("behaviour", key)
-        if document is None:
-            return {self.behave_status: "That behaviour check is not stored on this server."}
+        if document is None or not self.catalog.document_visible(
+            "behaviour", key, document, oauth_token.token if oauth_token else False
+        ):
+            # The same words whether it is missing or private: they reveal nothing.
+            return {
+                self.behave_status: "That behaviour check is not stored on this server, or is of a gated or "
+                "private repo: sign in with an account that can read both repos."
+            }
         try:
             report = BehaviourReport.from_dict(document)  # the one boundary for stored documents
         except ReportFormatError as e:
@@ -170,6 +195,8 @@ class BehaviourTab:
             self.tabs: gr.Tabs(selected="behaviour"),  # a behaviour link opens on its own tab
             self.behave_base: str(report.base.get("spec") or ""),
             self.behave_finetune: str(report.finetune.get("spec") or ""),
+            # The ranks it ran, so Run behaviour check repeats this check, not the default ranks.
+            self.behave_ranks: ",".join(str(r) for r in report.settings.get("ranks") or [] if isinstance(r, int)),
         }
 
     def _behaviour_view(self, report: BehaviourReport) -> dict[Any, Any]:
@@ -177,8 +204,7 @@ class BehaviourTab:
         from lorafid.behaviour.check import describe
 
         document = report.to_dict()  # the tables and chart read the JSON layout, as downloaded
-
-        variants = document.get("variants") or {}
+        variants = dict(sorted((document.get("variants") or {}).items(), key=lambda kv: _variant_order(kv[1])))
         table = pd.DataFrame(
             [[name, *(rounded(v[k]) for k in TABLE_FIELDS), v["tokens"]] for name, v in variants.items()],
             columns=["variant", "KL mean", "KL p95", "KL max", "top-1 agreement", "Δ log-likelihood", "tokens"],
@@ -245,7 +271,8 @@ def behaviour_figure(document: dict[str, Any], energy_kept: dict[int, float] | N
     figure = make_subplots(
         rows=1,
         cols=2,
-        subplot_titles=("KL(fine-tune ‖ served), nats per token", "top-1 agreement and energy kept"),
+        # Two short lines each: one long line per panel ran into the other's on a phone.
+        subplot_titles=("KL(fine-tune ‖ served)<br>nats per token", "top-1 agreement<br>and energy kept"),
         horizontal_spacing=0.12,
     )
     positive = [float(v["kl_mean"]) for v in variants.values() if float(v.get("kl_mean") or 0) > 0]
@@ -275,35 +302,42 @@ def behaviour_figure(document: dict[str, Any], energy_kept: dict[int, float] | N
         figure.add_scatter(
             x=ranks, y=[v["top1_agreement"] for _, v in points], name=f"top-1, {label}", line=line, row=1, col=2
         )
-    if "base" in variants:
-        base_kl = max(float(variants["base"]["kl_mean"]), floor)
-        figure.add_hline(
-            y=base_kl,
-            line_dash="dash",
-            annotation_text=f"base: {base_kl:.3g}",
-            annotation_position="bottom right",
-            row=1,
-            col=1,
-        )
     if energy_kept:
         ranks = sorted(energy_kept)
         ran.update(ranks)
         figure.add_scatter(x=ranks, y=[energy_kept[r] for r in ranks], name="energy kept (weight audit)", row=1, col=2)
+    if "base" in variants and ran:
+        # A legend entry, not a label on the plot: a label sat on the panel's title on a phone.
+        base_kl = float(variants["base"]["kl_mean"])
+        figure.add_scatter(
+            x=[min(ran), max(ran)],
+            y=[max(base_kl, floor)] * 2,
+            mode="lines",
+            line={"dash": "dash", "color": "grey"},
+            name=f"KL, base: {base_kl:.3g}",
+            hovertemplate=f"base: KL {base_kl:.3g} nats/token<extra></extra>",
+            row=1,
+            col=1,
+        )
     ticks = sorted(ran)
     figure.update_xaxes(type="log", title_text="rank", tickvals=ticks, ticktext=[str(r) for r in ticks])
     figure.update_yaxes(type="log", exponentformat="power", row=1, col=1)
     figure.update_yaxes(range=[0, 1.02], tickformat=".0%", row=1, col=2)
     figure.update_layout(
         height=420,
-        margin={"t": 50, "b": 40, "l": 60, "r": 20},
+        margin={"t": 70, "b": 40, "l": 60, "r": 20},
         # Under the axes' titles, not over them.
         legend={"orientation": "h", "y": -0.28, "x": 0},
     )
     return figure
 
 
-def rounded(value: Any, digits: int = 3) -> Any:
-    """A number as a table shows it: ``digits`` significant figures (0.0722, 3.66e-08); the rest as is."""
-    if isinstance(value, float):
-        return float(f"{value:.{digits}g}")
-    return value
+def _variant_order(variant: dict[str, Any]) -> tuple[int, int, bool]:
+    """Tables list the base, then ranks in numeric order, lora-only before keep-extras (a stored
+    document's keys are sorted as text: rank-16, rank-256, rank-64)."""
+    rank = variant.get("rank")
+    return (
+        0 if variant.get("kind") == "base" else 1,
+        rank if isinstance(rank, int) else 0,
+        bool(variant.get("keep_extras")),
+    )

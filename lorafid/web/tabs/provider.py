@@ -22,12 +22,13 @@ from lorafid.providers.probe import DEFAULT_QUANTIZED
 from lorafid.providers.probe_report import ProbeReport
 from lorafid.providers.quantize import SCHEMES
 from lorafid.web import plots
-from lorafid.web.config import MAX_RANK, AppConfig
+from lorafid.web.config import MAX_RANK, AppConfig, check_deadline, check_token
 from lorafid.web.downloads import write_download
-from lorafid.web.limits import VisitorSlots, visitor_id
+from lorafid.web.gallery import Catalog
+from lorafid.web.limits import TOO_MANY_LINKS, VisitorRate, VisitorSlots, visitor_of
 from lorafid.web.links import page_url, stored_key
 from lorafid.web.tabs.common import MAX_INPUT_CHARS, MAX_MESSAGE_CHARS, user_errors
-from lorafid.web.text import md_text
+from lorafid.web.text import md_text, rounded
 
 PROBE_INTRO = """**Does an API serve this fine-tune, or a rank-r LoRA extracted from it?** The provider's
 log-probabilities on a fixed prompt set, or, where it gives none, text it samples, are compared
@@ -49,18 +50,21 @@ MAX_BUDGET = 50  # requests one dashboard check may spend, whatever a visitor as
 class ProviderTab:
     """The provider check tab of the Dashboard.
 
-    Uses the Dashboard's ``config``, ``store``, ``downloads``, ``behind_proxy``,
-    ``probe_settings``, ``probe_budget``, ``visitors`` (one slot per running check) and
-    ``tabs`` (a link opens this tab), and ``ResultsTab._publish_probe``.
+    Uses the Dashboard's ``config``, ``store``, ``catalog`` (who may see a stored check),
+    ``downloads``, ``behind_proxy``, ``probe_settings``, ``probe_budget``, ``visitors`` (one
+    slot per running check), ``link_rate`` (permalinks opened per visitor) and ``tabs`` (a
+    link opens this tab), and ``ResultsTab._publish_probe``.
     """
 
     config: AppConfig
     store: Store
+    catalog: Catalog
     downloads: Path
     behind_proxy: bool
     probe_settings: ProbeServerSettings
     probe_budget: VisitorBudget
     visitors: VisitorSlots
+    link_rate: VisitorRate
     tabs: gr.Tabs
     compute: ComputeHook | None
     _publish_probe: Callable[[dict[str, Any]], str]  # ResultsTab's
@@ -151,8 +155,10 @@ class ProviderTab:
         budget: float | None,
         quantized: list[str] | None,
         request: gr.Request,
+        oauth_token: gr.OAuthToken | None = None,
     ) -> Iterator[dict[Any, Any]]:
-        """Plan (announced before any request), check the visitor's budget, probe, store, show."""
+        """Take the visitor's slot and request budget, plan (the models' limits checked, the plan
+        announced before any request to the provider), probe, store, show."""
         from lorafid.providers.probe import Probe, ProbeConfig, probe_prompts
 
         fields = {"endpoint": endpoint, "model name": model, "base model": base, "fine-tuned model": finetune}
@@ -168,33 +174,45 @@ class ProviderTab:
         schemes = tuple(q for q in (quantized or []) if q.removeprefix("base:") in SCHEMES)[: 2 * len(SCHEMES)]
         texts, prompt_set = probe_prompts(None)
         private = self.probe_settings.any_endpoint or self.config.allow_local
+        hub_token = check_token(oauth_token.token if oauth_token else None, private=private)
         config = ProbeConfig(
             endpoint=endpoint.strip(),
             model=model.strip(),
             api_key=api_key.strip() or None,
             ranks=rank_list,
             policy=self.probe_settings.policy(),
-            hub_token=None if private or self.config.server_token else False,
+            hub_token=hub_token,
             hub_endpoint=self.config.endpoint,
             allow_local=self.config.allow_local,
             device=self.config.device,
             max_model_bytes=self.config.max_model_bytes,
+            max_tensor_bytes=self.config.max_tensor_bytes,
+            max_tensors=self.config.max_tensors,
+            deadline=check_deadline(self.config),
             compute=self.compute,  # the local candidates' blocks on ZeroGPU's GPU, as the other checks
             channel=None if channel in (None, "auto") else channel,
             max_requests=int(budget) if budget is not None else None,
             quantized=schemes,
         )
         probe = Probe(base.strip(), finetune.strip(), texts, prompt_set, config)
-        plan = probe.plan()
-        if plan.max_requests > MAX_BUDGET:
-            raise LorafidError(
-                f"This check could send up to {plan.max_requests} requests; this server allows {MAX_BUDGET} per check. "
-                "Give a request budget."
-            )
-        visitor = visitor_id(request.headers, request.client.host if request.client else None, self.behind_proxy)
+        visitor = visitor_of(request, self.behind_proxy)
         # A check reads and runs weights like an audit: it takes one of the visitor's audit slots.
         with self.visitors.hold(visitor, "check the provider"):
-            self.probe_budget.take(visitor, plan.max_requests)
+            # The most this check may send comes off the visitor's (and the server's) budget before
+            # anything is fetched; what the plan does not need goes back once it is known.
+            reserved = int(budget) if budget is not None else MAX_BUDGET
+            self.probe_budget.take(visitor, reserved)
+            try:
+                plan = probe.plan()  # the models' limits, then the tokenizer: no request to the provider yet
+                if plan.max_requests > MAX_BUDGET:
+                    raise LorafidError(
+                        f"This check could send up to {plan.max_requests} requests; this server allows {MAX_BUDGET} "
+                        "per check. Give a request budget."
+                    )
+            except BaseException:
+                self.probe_budget.give_back(visitor, reserved)
+                raise
+            self.probe_budget.give_back(visitor, max(0, reserved - plan.max_requests))
             yield {self.probe_status: md_text(plan.describe()), self.probe_verdict: "", self.probe_link: ""}
             for step in probe.run():  # a few dozen steps at most: each answer, then each prompt scored
                 where = "the provider" if step.stage == "provider" else "local candidates"
@@ -202,6 +220,7 @@ class ProviderTab:
             report = probe.report()
         document = report.to_dict()
         key = self.store.put_document("probe", document)
+        self.catalog.record_document("probe", key, document, anonymous=hub_token is False)
         path = write_download(self.downloads, f"lorafid-probe-{key}.json", report.to_json() + "\n")
         status = f"Read by {report.method}; {report.requests['sent']} requests sent."
         if report.status != "complete":
@@ -214,14 +233,26 @@ class ProviderTab:
             self.probe_link: f"[Permalink]({link})",
         }
 
-    def open_probe_link(self, query: str, request: gr.Request) -> dict[Any, Any]:
-        """On page load: ``?probe=KEY`` shows a stored provider check (it holds no key, no URL path)."""
+    def open_probe_link(
+        self, query: str, request: gr.Request, oauth_token: gr.OAuthToken | None = None
+    ) -> dict[Any, Any]:
+        """On page load: ``?probe=KEY`` shows a stored provider check (it holds no key, no URL path),
+        to those the audit's rule lets see it (both repos public when checked, or readable with
+        their own sign-in)."""
         key = stored_key(query, "probe")
         if not key:
             return {self.probe_status: gr.update()}  # an empty dict reads as one value: "needed 11, returned 1"
+        if not self.link_rate.allow(visitor_of(request, self.behind_proxy)):
+            return {self.probe_status: TOO_MANY_LINKS}
         stored = self.store.load_document("probe", key)
-        if stored is None:
-            return {self.probe_status: "That provider check is not stored on this server."}
+        if stored is None or not self.catalog.document_visible(
+            "probe", key, stored, oauth_token.token if oauth_token else False
+        ):
+            # The same words whether it is missing or private: they reveal nothing.
+            return {
+                self.probe_status: "That provider check is not stored on this server, or is of a gated or private "
+                "repo: sign in with an account that can read both repos."
+            }
         try:
             document = ProbeReport.from_dict(stored).to_dict()  # the one boundary for stored documents
         except ReportFormatError as e:
@@ -261,9 +292,9 @@ class ProviderTab:
             [
                 [
                     c["name"],
-                    float(f"{c[key]:.3g}"),
+                    rounded(c[key]),
                     f"{c['interval'][0]:.3g} to {c['interval'][1]:.3g}",
-                    round(c["fit_z"], 1) if text and not greedy else c[agreement],
+                    round(c["fit_z"], 1) if text and not greedy else rounded(c[agreement]),
                     "ruled out" if c["ruled_out"] else "held",
                 ]
                 for c in candidates
@@ -279,7 +310,7 @@ class ProviderTab:
         else:
             rows = pd.DataFrame(
                 [
-                    [r["index"], r["text"], r["tokens"], *(r["distance"].get(n) for n in names)]
+                    [r["index"], r["text"], r["tokens"], *(rounded(r["distance"].get(n)) for n in names)]
                     for r in document["prompts"]
                 ],
                 columns=["prompt", "text", "tokens", *names],

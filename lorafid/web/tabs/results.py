@@ -7,6 +7,7 @@ there is no registry, nothing is published and the tab is not shown.
 """
 
 import atexit
+from collections.abc import Sequence
 from typing import Any
 
 import gradio as gr
@@ -20,8 +21,10 @@ from lorafid.sharing.policy import probe_refusal, publish_refusal
 from lorafid.sharing.table import (
     PROVIDER_HEADERS,
     PROVIDER_TYPES,
+    PROVIDER_WIDTHS,
     TABLE_HEADERS,
     TABLE_TYPES,
+    TABLE_WIDTHS,
     provider_hosts,
     provider_rows,
     table_rows,
@@ -30,7 +33,13 @@ from lorafid.sharing.writer import RegistrySettings, RegistryWriter
 from lorafid.web.config import AppConfig
 from lorafid.web.links import parse_query
 from lorafid.web.tabs.common import MAX_MESSAGE_CHARS
-from lorafid.web.text import md_text
+from lorafid.web.text import cards_html, md_text
+
+# A ?provider= link opens on the table of providers, not on the audits above it.
+SCROLL_TO_PROVIDERS_JS = (
+    "() => { if (new URLSearchParams(window.location.search).get('provider')) "
+    "setTimeout(() => document.querySelector('#providers')?.scrollIntoView({block: 'start'}), 300); }"
+)  # after the tab switch has drawn the table: scrolling earlier finds nothing to scroll to
 
 
 class ResultsTab:
@@ -96,18 +105,10 @@ class ResultsTab:
             "change kept at typical provider ranks, the rank needed for 90%, links to both repos at the audited "
             "commits and to the full result. Click a column header to sort."
         )
-        with gr.Row():
-            self.results_base = gr.Dropdown(["All base models"], value="All base models", label="Base model", scale=3)
-            refresh = gr.Button("Refresh", scale=1)
-        self.results_note = gr.Markdown("", elem_id="results-note")
-        self.results = gr.Dataframe(
-            headers=list(TABLE_HEADERS),
-            datatype=list(TABLE_TYPES),
-            interactive=False,
-            wrap=True,
-            elem_id="results-table",
+        self.results_base, refresh, self.results_note, self.results, self.results_cards = filtered_table(
+            "results", "Base model", "All base models", TABLE_HEADERS, TABLE_TYPES, TABLE_WIDTHS
         )
-        outputs = [self.results, self.results_base, self.results_note]
+        outputs = [self.results, self.results_base, self.results_note, self.results_cards]
         gr.on(
             [demo.load, refresh.click, self.results_base.input],
             self.results_table,
@@ -117,23 +118,17 @@ class ResultsTab:
             queue=False,
         )
         gr.Markdown(
-            "### Providers\nThe latest published check of each provider host and model: its verdict, the channel "
+            elem_id="providers",
+            value="### Providers\nThe latest published check of each provider host and model: its verdict, the channel "
             "it read (log-probabilities, or sampled text where a provider gives none), the requests it took, "
-            "both repos at the checked commits. Link one provider with `?provider=<host>`."
+            "both repos at the checked commits and links to the full check. Click a column header to sort; link one "
+            "provider with `?provider=<host>`.",
         )
-        with gr.Row():
-            self.providers_host = gr.Dropdown(["All providers"], value="All providers", label="Provider", scale=3)
-            refresh_providers = gr.Button("Refresh", scale=1)
-        self.providers_note = gr.Markdown("", elem_id="providers-note")
-        self.providers = gr.Dataframe(
-            headers=list(PROVIDER_HEADERS),
-            datatype=list(PROVIDER_TYPES),
-            interactive=False,
-            wrap=True,
-            elem_id="providers-table",
+        self.providers_host, refresh_providers, self.providers_note, self.providers, self.providers_cards = (
+            filtered_table("providers", "Provider", "All providers", PROVIDER_HEADERS, PROVIDER_TYPES, PROVIDER_WIDTHS)
         )
         provider_query = gr.Textbox(visible=False)
-        provider_outputs = [self.providers, self.providers_host, self.providers_note]
+        provider_outputs = [self.providers, self.providers_host, self.providers_note, self.providers_cards]
         demo.load(
             self.providers_link,
             [provider_query],
@@ -141,7 +136,7 @@ class ResultsTab:
             js="(query) => [window.location.search]",
             api_name="providers_link",
             queue=False,
-        )
+        ).then(None, js=SCROLL_TO_PROVIDERS_JS, api_visibility="private", queue=False)
         gr.on(
             [refresh_providers.click, self.providers_host.input],
             self.providers_table,
@@ -177,6 +172,7 @@ class ResultsTab:
             self.results: frame,
             self.results_base: gr.Dropdown(choices=bases, value=chosen),
             self.results_note: note,
+            self.results_cards: cards_html(list(TABLE_HEADERS), list(TABLE_TYPES), rows),
         }
 
     def providers_link(self, query: str) -> dict[Any, Any]:
@@ -212,4 +208,32 @@ class ResultsTab:
             self.providers: pd.DataFrame(rows, columns=list(PROVIDER_HEADERS)),
             self.providers_host: gr.Dropdown(choices=hosts, value=chosen),
             self.providers_note: note,
+            self.providers_cards: cards_html(list(PROVIDER_HEADERS), list(PROVIDER_TYPES), rows),
         }
+
+
+def filtered_table(
+    name: str,
+    label: str,
+    everything: str,
+    headers: Sequence[str],
+    types: Sequence[Any],
+    widths: Sequence[Any],
+) -> tuple[gr.Dropdown, gr.Button, gr.Markdown, gr.Dataframe, gr.HTML]:
+    """A published table's widgets: its filter (``everything`` first), Refresh, a note, the table
+    (``#{name}-table``, sortable by its headers) and its phone cards (``#{name}-cards``: CSS shows
+    these and hides the table under 640 px, where a dozen columns do not fit)."""
+    with gr.Row():
+        choice = gr.Dropdown([everything], value=everything, label=label, scale=3)
+        refresh = gr.Button("Refresh", scale=1)
+    note = gr.Markdown("", elem_id=f"{name}-note")
+    table = gr.Dataframe(
+        headers=list(headers),
+        datatype=list(types),
+        interactive=False,
+        wrap=True,
+        column_widths=list(widths),
+        elem_id=f"{name}-table",
+    )
+    cards = gr.HTML(elem_id=f"{name}-cards", elem_classes="phone-cards")
+    return choice, refresh, note, table, cards
