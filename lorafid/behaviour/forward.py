@@ -7,8 +7,11 @@ tensors of both models are read from the same range-read sources as the audit, e
 variant's weights for that block are made from them, the hidden states of every text and
 every variant go through it, and the tensors are dropped before block i + 1 is read. One
 read of each model serves every variant; the Δ of each matrix is decomposed once
-(``spectrum.decompose``) for all asked ranks. Peak memory ≈ the two models' tensors of one
-block (or of the embedding / head, whichever is larger) + one variant's block + activations.
+(``spectrum.decompose``) for all asked ranks below its full rank (at or above it, a served
+matrix is the fine-tune's own), and a variant whose weights equal another's (a rank at or above
+the model's full rank: ``LayerStream.twins``) is not run again. Peak memory ≈ the two models'
+tensors of one block (or of the embedding / head, whichever is larger) + one variant's block +
+activations; with ``keep_reads`` (for generation after the forward) every tensor read is kept.
 
 Variants (``Variant``):
 - ``finetune``: the fine-tune's weights (the reference);
