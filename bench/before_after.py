@@ -22,19 +22,18 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from bench.compare import timed
 from bench.synth import parse_shape
+from bench.timing import timed
 from lorafid.audit import spectrum as current
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_revision(rev: str, module: str = "spectrum") -> ModuleType:
-    """``lorafid/<module>.py`` as it was at ``rev``, as a module named ``<module>_at_<rev>``."""
-    source = subprocess.run(
-        ["git", "show", f"{rev}:lorafid/{module}.py"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
-    name = f"{module}_at_{rev}"
+def load_revision(rev: str, path: str = "lorafid/spectrum.py") -> ModuleType:
+    """The module at ``path`` as it was at ``rev``, named ``<file stem>_at_<rev>``."""
+    shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True)
+    source = shown.stdout
+    name = f"{Path(path).stem}_at_{rev}"
     path = Path(tempfile.mkdtemp()) / f"{name}.py"
     path.write_text(source, encoding="utf-8")
     spec = importlib.util.spec_from_file_location(name, path)

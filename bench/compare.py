@@ -5,10 +5,12 @@
 
 The post's method (its ``compare.py``, in torch): a full SVD with U and V of Δ in float32,
 rebuild Δ_r = R·L at the rank, then ``mean((Δ − Δ_r)²)`` and ``1 − cos(Δ, Δ_r)``. lorafid:
-``spectrum.delta_spectrum`` (float32 Gram, float64 eigenvalues) and ``metrics_at_rank``.
+``spectrum.delta_spectrum`` (float32 Gram, float32 eigenvalues checked) and ``metrics_at_rank``.
 Both start from the same bf16 tensors already on the device and end with numbers on the
-host, so the ratio is compute only. Prints the time ratio per shape and in total, and the
-largest disagreement in cosine distance (the bar is 1e-5).
+host, so the ratio is compute only. The two run interleaved, ``--repeats`` rounds per shape
+(``bench.timing``: a load burst on a shared host then reaches both); prints seconds and the
+speed-up per round as median [min, max], per shape and over all shapes, and the largest
+disagreement in cosine distance (the bar is 1e-5).
 
 One difference from the post's script is deliberate: it subtracted in bf16 before casting
 (``(fft - base).astype(float32)``), which rounds Δ once more; both methods here take Δ in
@@ -20,25 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TypeVar
 
 import torch
 
 from bench.synth import matrix_pair, parse_shape
+from bench.timing import interleaved, ratios, spread
 from lorafid.audit import spectrum as sp
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class ShapeResult:
     shape: tuple[int, int]
-    post_s: float
-    lorafid_s: float
-    speedup: float  # post_s / lorafid_s
+    post_s: list[float]  # one per round
+    lorafid_s: list[float]
+    speedups: list[float]  # post / lorafid within each round
     cosine_distance_post: float
     cosine_distance_lorafid: float
     cosine_abs_diff: float
@@ -67,28 +65,26 @@ def lorafid_method(base: torch.Tensor, finetune: torch.Tensor, rank: int) -> tup
     return metrics.mse, metrics.cosine_distance
 
 
-def timed(function: Callable[[], T], device: torch.device) -> tuple[T, float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    value = function()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return value, time.perf_counter() - started
-
-
-def compare_shape(shape: tuple[int, int], rank: int, device: torch.device, seed: int) -> ShapeResult:
+def compare_shape(shape: tuple[int, int], rank: int, device: torch.device, seed: int, repeats: int) -> ShapeResult:
+    """Both methods on one pair, interleaved ``repeats`` times (``bench.timing``)."""
     base, finetune = (t.to(device) for t in matrix_pair(shape, seed))
     if device.type == "cuda":  # first-call costs (cuSOLVER handles, kernels) are not the method's
         lorafid_method(base[:256, :256], finetune[:256, :256], rank)
         post_method(base[:256, :256], finetune[:256, :256], rank)
-    (post_mse, post_cos), post_s = timed(lambda: post_method(base, finetune, rank), device)
-    (ours_mse, ours_cos), ours_s = timed(lambda: lorafid_method(base, finetune, rank), device)
+    seconds, values = interleaved(
+        {
+            "post": lambda: post_method(base, finetune, rank),
+            "lorafid": lambda: lorafid_method(base, finetune, rank),
+        },
+        repeats,
+        device,
+    )
+    (post_mse, post_cos), (ours_mse, ours_cos) = values["post"], values["lorafid"]
     return ShapeResult(
         shape=shape,
-        post_s=post_s,
-        lorafid_s=ours_s,
-        speedup=post_s / ours_s,
+        post_s=seconds["post"],
+        lorafid_s=seconds["lorafid"],
+        speedups=ratios(seconds["post"], seconds["lorafid"]),
         cosine_distance_post=post_cos,
         cosine_distance_lorafid=ours_cos,
         cosine_abs_diff=abs(post_cos - ours_cos),
@@ -101,24 +97,28 @@ def main() -> None:
     parser.add_argument("--shapes", default="1024x4096,4096x4096,4096x14336", help="comma-separated ROWSxCOLS")
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of both methods, interleaved (default 3)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     device = torch.device(args.device)
     shapes = [parse_shape(s) for s in args.shapes.split(",")]
-    print(f"device {device} · threads {torch.get_num_threads()} · rank {args.rank} · torch {torch.__version__}")
-    print(f"{'shape':>13} {'post (s)':>9} {'lorafid (s)':>12} {'speed-up':>9} {'|Δ cos dist|':>13} {'rel Δ mse':>10}")
+    print(
+        f"device {device} · threads {torch.get_num_threads()} · rank {args.rank} · {args.repeats} interleaved rounds"
+        f" · torch {torch.__version__}; seconds and speed-ups as median [min, max]"
+    )
     results = []
     for i, shape in enumerate(shapes):
-        result = compare_shape(shape, args.rank, device, seed=i)
+        result = compare_shape(shape, args.rank, device, seed=i, repeats=args.repeats)
         results.append(result)
         print(
-            f"{result.shape[0]:>6}x{result.shape[1]:<6} {result.post_s:>9.2f} {result.lorafid_s:>12.2f} "
-            f"{result.speedup:>8.1f}x {result.cosine_abs_diff:>13.1e} {result.mse_rel_diff:>10.1e}"
+            f"{result.shape[0]:>6}x{result.shape[1]:<6} post {spread(result.post_s, ' s')} · lorafid "
+            f"{spread(result.lorafid_s, ' s')} · speed-up {spread(result.speedups, 'x')} · |Δ cos dist| "
+            f"{result.cosine_abs_diff:.1e} · rel Δ mse {result.mse_rel_diff:.1e}"
         )
-    post_total = sum(r.post_s for r in results)
-    ours_total = sum(r.lorafid_s for r in results)
+    totals = ratios([sum(r.post_s[i] for r in results) for i in range(args.repeats)],
+                    [sum(r.lorafid_s[i] for r in results) for i in range(args.repeats)])  # fmt: skip
     worst = max(r.cosine_abs_diff for r in results)
-    print(f"{'total':>13} {post_total:>9.2f} {ours_total:>12.2f} {post_total / ours_total:>8.1f}x")
+    print(f"all shapes: speed-up {spread(totals, 'x')}")
     print(f"largest cosine-distance disagreement: {worst:.1e} ({'within' if worst <= 1e-5 else 'ABOVE'} the 1e-5 bar)")
     if args.json:
         with open(args.json, "w") as f:

@@ -33,8 +33,8 @@ from typing import TypeVar
 
 import torch
 
-from bench.compare import timed
 from bench.synth import matrix_pair, parse_shape
+from bench.timing import timed
 from lorafid.audit import spectrum as sp
 
 T = TypeVar("T")

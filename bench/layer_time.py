@@ -16,8 +16,8 @@ import argparse
 
 import torch
 
-from bench.compare import timed
 from bench.synth import PRESETS, matrix_pair
+from bench.timing import timed
 from lorafid.audit.spectrum import delta_spectrum
 
 LAYERS = {"tiny": 2, "small": 24, "llama8b": 32, "nemo12b": 40, "llama70b": 80}

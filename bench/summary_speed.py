@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=80)
     parser.add_argument("--figures", action="store_true", help="also time plots.figures on the current report")
     args = parser.parse_args()
-    before_module = load_revision(args.rev, "report")
+    before_module = load_revision(args.rev, "lorafid/report.py")
     reports = {"before": build_report(before_module, args.layers), "after": build_report(current, args.layers)}
     print(f"{len(reports['after'].matrices)} matrices ({args.layers} layers × 7, Llama-70B shapes), ranks {RANKS}")
     results = {}

@@ -57,7 +57,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -274,6 +274,25 @@ class HubServer:
             and (method is None or r.method == method)
             and path_contains in unquote(r.path)
         ]
+
+    def bytes_served(self, contents: Iterable[bytes]) -> int:
+        """Body bytes sent of these files' contents (e.g. a model's weight files), over every GET
+        of the CDN (by blob) or of the Hub's resolve URLs (by content), ranges included."""
+        blobs = {hashlib.sha256(c).hexdigest() for c in contents}
+        names = {
+            path
+            for repo in self._repos.values()
+            for files in repo.commits.values()
+            for path, content in files.items()
+            if hashlib.sha256(content).hexdigest() in blobs
+        }
+        total = 0
+        for r in self.requests:
+            path = unquote(r.path)
+            resolved = "/resolve/" in path and any(path.endswith("/" + name) for name in names)
+            if r.method == "GET" and (path.removeprefix("/blobs/") in blobs or resolved):
+                total += r.bytes_sent
+        return total
 
     # -- internals used by the handler -----------------------------------------------------
     def _begin(self) -> None:

@@ -56,3 +56,15 @@ def test_layer_time_reports_every_module_and_the_projection(
     for module in PRESETS["tiny"].modules:
         assert module in out
     assert "10 layers:" in out
+
+
+def test_timing_interleaves_rounds_and_takes_ratios_within_each() -> None:
+    """Each round runs every method once, the order reversed every other round; ratios pair rounds."""
+    from bench.timing import interleaved, ratios, spread
+
+    calls: list[str] = []
+    seconds, values = interleaved({"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 2}, 3)
+    assert calls == ["a", "b", "b", "a", "a", "b"] and values == {"a": 1, "b": 2}
+    assert len(seconds["a"]) == len(seconds["b"]) == 3
+    assert ratios([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
+    assert spread([1.0, 3.0, 2.0], "x") == "2x [1, 3]"

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -199,26 +199,23 @@ class BehaviourCheck:
         cfg = self.config
         started = time.perf_counter()
         self._created = datetime.now(UTC).isoformat(timespec="seconds")
-        tokenizer = load_tokenizer(
-            self._specs[1],
-            revision=cfg.finetune_revision,
-            token=cfg.token,
-            endpoint=cfg.endpoint,
-            allow_local=cfg.allow_local,
-        )
-        self._ids = encode_prompts(tokenizer, self.prompts, chat=cfg.chat_template, max_tokens=cfg.max_tokens)
         with LayerStream(*self._specs, self._forward_config) as stream:
             plan = stream.plan()
+            # The fine-tune opened once: its tokenizer comes from the forward's source.
+            tokenizer = load_tokenizer(self._specs[1], source=stream.sources[1])
+            self._ids = encode_prompts(tokenizer, self.prompts, chat=cfg.chat_template, max_tokens=cfg.max_tokens)
             if len(tokenizer) > plan.config.vocab_size:
                 raise LorafidError(
                     f"The fine-tune's tokenizer has {len(tokenizer)} tokens but its model only "
                     f"{plan.config.vocab_size}; the tokenizer files do not belong to these weights."
                 )
             self._sources = [_source_record(s) for s in stream.sources]
+            # Generation will want every weight again: keep what the forward reads (each model read once).
+            stream.keep_reads = cfg.continuation_tokens > 0 and self._generation_bytes(stream) <= cfg.max_generate_bytes
             for event in stream.events(self._ids, self.variants):
                 elapsed = time.perf_counter() - started
                 if isinstance(event, ForwardProgress):
-                    yield Progress("reading", event.done, event.total, elapsed, event.message)
+                    yield Progress(event.stage, event.done, event.total, elapsed, event.message)
                     continue
                 index, logprobs = event
                 reference = logprobs["finetune"]
@@ -237,18 +234,20 @@ class BehaviourCheck:
             }
             if cfg.continuation_tokens > 0:
                 yield Progress("generating", 0, len(self.prompts), time.perf_counter() - started, "")
-                self._continuations = self._generate(stream, tokenizer, plan)
+                self._continuations = yield from self._generate(stream, tokenizer, plan, started)
         self._stats["elapsed_s"] = time.perf_counter() - started
         yield Progress("done", len(self.prompts), len(self.prompts), self._stats["elapsed_s"], "done")
 
-    def _generate(self, stream: Any, tokenizer: Any, plan: Any) -> list[dict[str, Any]] | None:
-        """Greedy continuations of F, the base and each served variant, if all of them fit at once."""
+    def _generate(
+        self, stream: Any, tokenizer: Any, plan: Any, started: float
+    ) -> Generator[Progress, None, list[dict[str, Any]] | None]:
+        """Greedy continuations of F, the base and each served variant, if all of them fit at once;
+        a ``Progress`` ("generating", prompts × variants done) after each prompt of each variant.
+        A variant that is another's twin (``LayerStream.twins``) gets the other's continuations."""
         from lorafid.behaviour.forward import build_model
 
         generators = list(self.variants)
-        element = torch.tensor([], dtype=self.config.dtype).element_size()
-        whole = sum(math.prod(t.shape) for t in plan.finetune_tensors.values()) * element  # one model, compute dtype
-        needed = (len(generators) + 2) * whole
+        needed = self._generation_bytes(stream)
         if needed > self.config.max_generate_bytes:
             self._continuation_note = (
                 f"not generated: {len(generators)} whole models need {needed / 2**30:.1f} GiB, above "
@@ -258,7 +257,10 @@ class BehaviourCheck:
         texts: dict[str, list[list[int]]] = {}
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        for variant, state in stream.state_dicts(generators):
+        twins = stream.twins(generators)
+        generators = [v for v in generators if v.name not in twins]
+        total = len(generators) * len(self._ids)
+        for done_variants, (variant, state) in enumerate(stream.state_dicts(generators)):
             model = build_model(plan.config, state, stream.device)
             outputs = []
             with torch.no_grad():
@@ -273,8 +275,13 @@ class BehaviourCheck:
                         eos_token_id=eos,
                     )
                     outputs.append(out[0, len(ids) :].tolist())
+                    done = done_variants * len(self._ids) + len(outputs)
+                    message = f"{variant.name} · prompt {len(outputs)}/{len(self._ids)}"
+                    yield Progress("generating", done, total, time.perf_counter() - started, message)
             texts[variant.name] = outputs
             del model, state
+        for twin, same in twins.items():
+            texts[twin] = texts[same]
         rows = []
         for index in range(len(self._ids)):
             reference = texts["finetune"][index]
@@ -291,6 +298,14 @@ class BehaviourCheck:
                     }
             rows.append(row)
         return rows
+
+    def _generation_bytes(self, stream: Any) -> int:
+        """What generating needs at once: every variant's whole model in the compute dtype, plus
+        both models as read (kept from the forward), counted as two more whole models."""
+        plan = stream.plan()
+        element = torch.tensor([], dtype=self.config.dtype).element_size()
+        whole = sum(math.prod(t.shape) for t in plan.finetune_tensors.values()) * element  # one model, compute dtype
+        return (len(self.variants) - len(stream.twins(self.variants)) + 2) * whole
 
     def report(self) -> BehaviourReport:
         """The ``lorafid.behaviour/1`` report of what is finished so far."""

@@ -7,8 +7,11 @@ tensors of both models are read from the same range-read sources as the audit, e
 variant's weights for that block are made from them, the hidden states of every text and
 every variant go through it, and the tensors are dropped before block i + 1 is read. One
 read of each model serves every variant; the Δ of each matrix is decomposed once
-(``spectrum.decompose``) for all asked ranks. Peak memory ≈ the two models' tensors of one
-block (or of the embedding / head, whichever is larger) + one variant's block + activations.
+(``spectrum.decompose``) for all asked ranks below its full rank (at or above it, a served
+matrix is the fine-tune's own), and a variant whose weights equal another's (a rank at or above
+the model's full rank: ``LayerStream.twins``) is not run again. Peak memory ≈ the two models'
+tensors of one block (or of the embedding / head, whichever is larger) + one variant's block +
+activations; with ``keep_reads`` (for generation after the forward) every tensor read is kept.
 
 Variants (``Variant``):
 - ``finetune``: the fine-tune's weights (the reference);
@@ -40,7 +43,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,8 +118,9 @@ BASE = Variant("base", "base")
 
 @dataclass(frozen=True)
 class ForwardProgress(Progress):
-    """One stage of a streamed forward done (``lorafid.progress``): ``stage`` "reading", ``done``
-    of ``total`` stages (1 = embeddings, 2..N+1 = blocks, N+2 = head)."""
+    """A step of a streamed forward (``lorafid.progress``): ``stage`` "reading" with ``done`` of
+    ``total`` stages (1 = embeddings, N+2 = head), or "forward" with ``done`` of ``total``
+    (block, variant, text) runs, after each text of each variant through each block."""
 
     bytes_read: int = 0  # weight bytes read so far, both models
 
@@ -153,6 +157,7 @@ class ForwardStats:
     peak_weight_bytes: int = 0  # most tensor bytes held at once (read, derived and variant weights)
     elapsed_s: float = 0.0
     compute_s: float = 0.0
+    variants_run: int = 0  # variants whose blocks ran; a twin of another (``LayerStream.twins``) is not run again
 
 
 @dataclass(frozen=True)
@@ -178,6 +183,10 @@ class LayerStream:
         self._plan: ModelPlan | None = None
         self._held: dict[str, int] = {}  # what is materialised now, by purpose: bytes
         self._readers: ThreadPoolExecutor | None = None
+        # Set before a forward whose weights ``state_dicts`` will want next (generation when the
+        # models fit): every tensor read is kept, so that each model is read once in all.
+        self.keep_reads = False
+        self._kept: dict[str, dict[str, torch.Tensor]] = {"base": {}, "finetune": {}}
 
     def __enter__(self) -> LayerStream:
         return self
@@ -242,6 +251,40 @@ class LayerStream:
             raise LorafidError("The models are not opened yet; call plan() first.")
         return self._sources
 
+    def full_rank(self) -> int:
+        """The model's full rank: the largest k = min(m, n) of the block matrices a LoRA carries.
+
+        A served rank at or above it keeps every matrix whole (``Decomposition.truncated``)."""
+        plan = self.plan()
+        return max(
+            (min(info.shape) for name, info in plan.finetune_tensors.items() if _carried_info(name, info)), default=0
+        )
+
+    def twins(self, variants: Sequence[Variant]) -> dict[str, str]:
+        """{variant name: the name of an earlier variant with the very same weights} for variants
+        not worth running twice: a served rank at or above the model's full rank is W_base + Δ =
+        W_ft in every block, so with the fine-tune's extras it IS the fine-tune, and with the
+        base's it equals every other such rank. Variants with a weight or base hook are never twins.
+
+        Example: full rank 48, variants finetune, rank-64+extras, rank-64, rank-512 ->
+        {"rank-64+extras": "finetune", "rank-512": "rank-64"}.
+        """
+        full = self.full_rank()
+        first: dict[tuple[str, ...], str] = {}
+        twins: dict[str, str] = {}
+        for variant in variants:
+            key: tuple[str, ...] = (variant.name,)
+            if variant.weight_hook is None and variant.base_hook is None:
+                if variant.kind == "finetune":
+                    key = ("finetune",)
+                elif variant.kind == "served" and variant.rank is not None and variant.rank >= full:
+                    key = ("finetune",) if variant.keep_extras else ("whole blocks, base extras",)
+            if key in first:
+                twins[variant.name] = first[key]
+            else:
+                first[key] = variant.name
+        return twins
+
     def logprobs(
         self, token_ids: Sequence[Sequence[int]], variants: Sequence[Variant]
     ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -253,11 +296,17 @@ class LayerStream:
     def events(
         self, token_ids: Sequence[Sequence[int]], variants: Sequence[Variant]
     ) -> Iterator[ForwardProgress | tuple[int, dict[str, torch.Tensor]]]:
-        """As ``logprobs``, with a ``ForwardProgress`` after each stage (for live progress)."""
+        """As ``logprobs``, with a ``ForwardProgress`` after each stage (for live progress).
+
+        A variant that is another's twin (``twins``) is not run: its results are the other's."""
         plan = self.plan()
         texts = _check_inputs(token_ids, variants, plan.config.vocab_size)
+        twins = self.twins(variants)
+        variants = [v for v in variants if v.name not in twins]
         started = time.perf_counter()
-        self.stats = ForwardStats(tokens=sum(len(ids) for ids in texts), layers=plan.config.num_hidden_layers)
+        self.stats = ForwardStats(
+            tokens=sum(len(ids) for ids in texts), layers=plan.config.num_hidden_layers, variants_run=len(variants)
+        )
         skeleton = _skeleton(plan.config)
         layers = plan.config.num_hidden_layers
         stages = layers + 2
@@ -280,6 +329,7 @@ class LayerStream:
         del raw
         yield self._report(1, stages, started)
 
+        units = layers * len(variants) * len(texts)  # (block, variant, text) runs, for per-prompt progress
         rotary = _rotary(skeleton, plan.config, device, dtype)
         positions = [torch.arange(len(t), device=device).unsqueeze(0) for t in texts]
         with torch.no_grad():
@@ -295,20 +345,26 @@ class LayerStream:
             if tied_embedding is not None:  # held through the blocks, for the head: counted too
                 self._hold("tied embedding", [t for tensors in tied_embedding.values() for t in tensors.values()])
             block = skeleton.model.layers[layer]
+            building = self._block_weights(variants, raw, prefix)
+            for done_variants in range(len(variants)):
+                variant, weights = self._next_weights(building)
+                if self.config.compute is not None:  # a pure kernel: its results replace ours
+                    hidden[variant.name] = self.config.compute(
+                        block_on_device, plan.config, layer, weights, hidden[variant.name]
+                    )
+                    del weights
+                    unit = (layer * len(variants) + done_variants + 1) * len(texts)
+                    yield self._progress(unit, units, started, f"block {layer + 1}/{layers} · {variant.name}")
+                    continue
+                for i in range(len(texts)):
 
-            def run_block(
-                raw: dict[str, dict[str, torch.Tensor]] = raw,
-                block: Any = block,
-                layer: int = layer,
-                prefix: str = prefix,
-            ) -> None:
-                for variant, weights in self._block_weights(variants, raw, prefix):
-                    if self.config.compute is not None:  # a pure kernel: its results replace ours
-                        hidden[variant.name] = self.config.compute(
-                            block_on_device, plan.config, layer, weights, hidden[variant.name]
-                        )
-                        continue
-                    for i in range(len(texts)):
+                    def run_text(
+                        i: int = i,
+                        variant: Variant = variant,
+                        weights: Any = weights,
+                        block: Any = block,
+                        layer: int = layer,
+                    ) -> None:
                         out = torch.func.functional_call(
                             block,
                             weights,
@@ -321,10 +377,14 @@ class LayerStream:
                         )
                         hidden[variant.name][i] = out[0] if isinstance(out, tuple) else out
 
-            self._compute(run_block)
+                    self._compute(run_text)
+                    unit = (layer * len(variants) + done_variants) * len(texts) + i + 1
+                    where = f"block {layer + 1}/{layers} · {variant.name} · prompt {i + 1}/{len(texts)}"
+                    yield self._progress(unit, units, started, where)
+                del weights
+            building.close()
             del raw
             self._held.clear()
-            yield self._report(layer + 2, stages, started)
 
         # Stage N+2: final norm and head, text by text, all variants at once.
         head = "model.embed_tokens.weight" if _head_is_embedding(plan) else "lm_head.weight"
@@ -361,6 +421,8 @@ class LayerStream:
                     hidden[variant.name][i] = h[:, :0]  # this text is done: drop its activations
 
             self._compute(run_head)
+            for twin, same in twins.items():
+                out[twin] = out[same]
             self.stats.elapsed_s = time.perf_counter() - started
             yield i, out
 
@@ -386,6 +448,8 @@ class LayerStream:
                 for variant, weights in self._block_weights(variants, raw, prefix):
                     states[variant.name].update({prefix + n: t for n, t in weights.items()})
                 del raw
+        self.keep_reads = False
+        self._kept = {"base": {}, "finetune": {}}  # every variant is built: the reads are done with
         for variant in variants:
             yield variant, states.pop(variant.name)
 
@@ -396,6 +460,24 @@ class LayerStream:
         with torch.no_grad(), sp.exact_matmul():
             fn()
         self.stats.compute_s += time.perf_counter() - started
+
+    def _next_weights(
+        self, building: Generator[tuple[Variant, dict[str, torch.Tensor]], None, None]
+    ) -> tuple[Variant, dict[str, torch.Tensor]]:
+        """The next variant's block weights from ``_block_weights``, their building timed as compute."""
+        started = time.perf_counter()
+        with torch.no_grad(), sp.exact_matmul():
+            item = next(building)
+        self.stats.compute_s += time.perf_counter() - started
+        return item
+
+    def _progress(self, unit: int, units: int, started: float, where: str) -> ForwardProgress:
+        """Progress through the blocks: ``unit`` of ``units`` (block, variant, text) runs done."""
+        self.stats.elapsed_s = time.perf_counter() - started
+        read = self.stats.bytes_read
+        return ForwardProgress(
+            "forward", unit, units, self.stats.elapsed_s, f"{where} · {read / 1e6:.1f} MB read", read
+        )
 
     def _report(self, stage: int, stages: int, started: float) -> ForwardProgress:
         self.stats.elapsed_s = time.perf_counter() - started
@@ -422,18 +504,28 @@ class LayerStream:
         need_finetune = any(v.kind != "base" for v in variants)
         pin = self.device.type == "cuda"
         jobs: list[tuple[str, str, Source, TensorInfo]] = []
-        for name in sorted(names):
-            if need_base and name in plan.base_tensors:
-                jobs.append(("base", name, base_source, plan.base_tensors[name]))
-            if need_finetune and name in plan.finetune_tensors:
-                jobs.append(("finetune", name, finetune_source, plan.finetune_tensors[name]))
         out: dict[str, dict[str, torch.Tensor]] = {"base": {}, "finetune": {}}
+        for name in sorted(names):
+            for side, needed, index, source in (
+                ("base", need_base, plan.base_tensors, base_source),
+                ("finetune", need_finetune, plan.finetune_tensors, finetune_source),
+            ):
+                if not needed or name not in index:
+                    continue
+                if name in self._kept[side]:  # read by an earlier pass (``keep_reads``)
+                    out[side][name] = self._kept[side][name]
+                else:
+                    jobs.append((side, name, source, index[name]))
         tensors = list(self._pool().map(lambda job: read_tensor(job[2], job[3], pin), jobs))
         for (side, name, _, _), tensor in zip(jobs, tensors, strict=True):
             out[side][name] = tensor
+            if self.keep_reads:
+                self._kept[side][name] = tensor
         self.stats.bytes_read += sum(job[3].size_bytes for job in jobs)
         self._held.clear()
-        self._hold("read", tensors)
+        self._hold("read", [t for side in out.values() for t in side.values()])
+        if self.keep_reads:
+            self._hold("kept for generation", [t for side in self._kept.values() for t in side.values()])
         return out
 
     def _pool(self) -> ThreadPoolExecutor:
@@ -468,32 +560,58 @@ class LayerStream:
             shared[side, name] = self._final(variant, name, raw[side][name])
         return shared[side, name]
 
+    def _served_matrix(
+        self,
+        variant: Variant,
+        name: str,
+        raw: dict[str, dict[str, torch.Tensor]],
+        decompositions: dict[str, sp.Decomposition],
+    ) -> torch.Tensor:
+        """W_base + Δ_r of one carried matrix; at or above its full rank, the fine-tune's own tensor
+        (W_base + Δ = W_ft: nothing to build), unless the base is quantized first (``base_hook``)."""
+        assert variant.rank is not None
+        finetune = raw["finetune"][name]
+        if variant.rank >= min(finetune.shape) and variant.base_hook is None:
+            return finetune
+        base_weight = raw["base"][name].to(self.device, torch.float32)
+        if name in decompositions:
+            low_rank = decompositions[name].truncated(variant.rank)
+        else:  # every asked rank is at or above this matrix's full rank: Δ itself
+            low_rank = finetune.to(self.device, torch.float32) - base_weight
+        if variant.base_hook is not None:
+            base_weight = variant.base_hook(name, base_weight)
+        return base_weight + low_rank
+
     def _block_weights(
         self, variants: Sequence[Variant], raw: dict[str, dict[str, torch.Tensor]], prefix: str
-    ) -> Iterator[tuple[Variant, dict[str, torch.Tensor]]]:
+    ) -> Generator[tuple[Variant, dict[str, torch.Tensor]], None, None]:
         """Each variant with its block weights (names relative to the block), one variant alive at a time."""
         ranks = sorted({v.rank for v in variants if v.kind == "served" and v.rank is not None})
         decompositions: dict[str, sp.Decomposition] = {}
+        carried: set[str] = set()
         if ranks:
             for name, base in raw["base"].items():
                 finetune = raw["finetune"].get(name)
-                if finetune is not None and _carried(name, base, finetune):
+                if finetune is None or not _carried(name, base, finetune):
+                    continue
+                carried.add(name)
+                # Ranks at or above this matrix's full rank serve it whole: no directions needed.
+                below = [r for r in ranks if r < min(base.shape)]
+                if below:
                     _, decompositions[name] = sp.decompose(
-                        base.to(self.device, torch.float32), finetune.to(self.device, torch.float32), max(ranks)
+                        base.to(self.device, torch.float32), finetune.to(self.device, torch.float32), max(below)
                     )
             self._hold("decompositions", [t for d in decompositions.values() for t in (d.delta, d.vectors)])
         for variant in variants:
             if variant.kind == "served":
+                assert variant.rank is not None
                 side = "finetune" if variant.keep_extras else "base"
                 weights: dict[str, torch.Tensor] = {}
                 for name, tensor in raw[side].items():
-                    if name in decompositions:
-                        assert variant.rank is not None
-                        low_rank = decompositions[name].truncated(variant.rank)
-                        base_weight = raw["base"][name].to(self.device, torch.float32)
-                        if variant.base_hook is not None:
-                            base_weight = variant.base_hook(name, base_weight)
-                        weights[name] = self._final(variant, name, base_weight + low_rank)
+                    if name in carried:
+                        weights[name] = self._final(
+                            variant, name, self._served_matrix(variant, name, raw, decompositions)
+                        )
                     elif side == "base" and variant.base_hook is not None:
                         weights[name] = self._final(variant, name, variant.base_hook(name, tensor.to(self.device)))
                     else:
@@ -628,6 +746,24 @@ def require_transformers() -> None:
             "The behaviour check builds models with transformers and accelerate, which are not installed: "
             "pip install lorafid[behaviour]"
         ) from e
+
+
+def full_rank_of(config: Mapping[str, Any]) -> int | None:
+    """The model's full rank (``LayerStream.full_rank``) from a Llama-family ``config.json``
+    without reading a weight: the largest min(m, n) of q/k/v/o and the MLP matrices; None when
+    the config lacks the sizes.
+
+    Example: hidden 4096, 32 heads of 128, 8 KV heads, MLP 14336 -> 4096.
+    """
+    try:
+        hidden = int(config["hidden_size"])
+        heads = int(config["num_attention_heads"])
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        mlp = int(config["intermediate_size"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return max(min(hidden, heads * head_dim), min(hidden, kv_heads * head_dim), min(hidden, mlp))
 
 
 def read_config_json(source: Source) -> dict[str, Any] | None:
@@ -789,6 +925,11 @@ def _check_pair(
 
 def _head_is_embedding(plan: ModelPlan) -> bool:
     return "lm_head.weight" not in plan.finetune_tensors
+
+
+def _carried_info(name: str, info: TensorInfo) -> bool:
+    """``_carried`` from a tensor's header record: a 2-D block matrix, not an embedding."""
+    return name.startswith("model.layers.") and len(info.shape) == 2 and not is_embedding(name)
 
 
 def _carried(name: str, base: torch.Tensor, finetune: torch.Tensor) -> bool:

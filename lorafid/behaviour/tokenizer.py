@@ -25,7 +25,7 @@ from typing import Any
 from lorafid.behaviour.chat_template import render_user_turns
 from lorafid.behaviour.prompts import Prompt
 from lorafid.errors import LorafidError, MissingModelFileError, TokenizerError
-from lorafid.weights.source import open_source
+from lorafid.weights.source import Source, open_source
 
 TOKENIZER_FILE = "tokenizer.json"
 # Small text files a fast tokenizer reads besides tokenizer.json; nothing executable, no pickles.
@@ -51,8 +51,11 @@ def load_tokenizer(
     token: str | bool | None = None,
     endpoint: str | None = None,
     allow_local: bool = True,
+    source: Source | None = None,
 ) -> Any:
     """The fast tokenizer of a Hub repo or local directory, from its ``tokenizer.json`` fetched whole.
+
+    ``source``: the repo already opened (the forward's), read instead of opening it again.
 
     Only ``tokenizer.json`` and the small text files beside it (``TOKENIZER_SIDE_FILES``) are
     read, at the same pinned commit as the weights; SentencePiece ``tokenizer.model`` files
@@ -70,16 +73,13 @@ def load_tokenizer(
     require_transformers()
     from transformers import PreTrainedTokenizerFast
 
-    with open_source(spec, revision=revision, token=token, endpoint=endpoint, allow_local=allow_local) as source:
-        files = {TOKENIZER_FILE: source.read_small_file(TOKENIZER_FILE, MAX_TOKENIZER_BYTES)}
-        if files[TOKENIZER_FILE] is None:
-            raise MissingModelFileError(
-                f"{source.describe()} has no {TOKENIZER_FILE}; the behaviour check tokenizes with the fine-tune's "
-                "fast tokenizer (tokenizer.json) and never loads SentencePiece or pickled tokenizers. Use a "
-                "revision that has it, or save one with transformers' AutoTokenizer(...).save_pretrained."
-            )
-        files.update({name: source.read_small_file(name, MAX_SIDE_FILE_BYTES) for name in TOKENIZER_SIDE_FILES})
-        where = source.describe()
+    if source is not None:
+        files = _tokenizer_files(source)
+    else:
+        with open_source(spec, revision=revision, token=token, endpoint=endpoint, allow_local=allow_local) as opened:
+            files = _tokenizer_files(opened)
+            source = opened
+    where = source.describe()
     with tempfile.TemporaryDirectory(prefix="lorafid-tokenizer-") as folder:
         for name, content in files.items():
             if content is not None:
@@ -137,6 +137,18 @@ class ChatEncoder:
             if text not in self._ids:
                 self._ids[text] = encode_text(self._tokenizer, chat_turns(self._tokenizer, [text])[0], special=False)
             return self._ids[text]
+
+
+def _tokenizer_files(source: Source) -> dict[str, bytes | None]:
+    files = {TOKENIZER_FILE: source.read_small_file(TOKENIZER_FILE, MAX_TOKENIZER_BYTES)}
+    if files[TOKENIZER_FILE] is None:
+        raise MissingModelFileError(
+            f"{source.describe()} has no {TOKENIZER_FILE}; the behaviour check tokenizes with the fine-tune's "
+            "fast tokenizer (tokenizer.json) and never loads SentencePiece or pickled tokenizers. Use a "
+            "revision that has it, or save one with transformers' AutoTokenizer(...).save_pretrained."
+        )
+    files.update({name: source.read_small_file(name, MAX_SIDE_FILE_BYTES) for name in TOKENIZER_SIDE_FILES})
+    return files
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], *, chat: bool, max_tokens: int) -> list[list[int]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +39,7 @@ def add_behave(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="greedy tokens per prompt side by side, when the models fit (default: 24; 0: none)",
     )
     behave.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    add_threads(behave)
     behave.add_argument("--token", help="Hub token (default: HF_TOKEN or the stored login); never stored")
     behave.add_argument("--base-revision", help="revision of BASE (branch, tag or commit)")
     behave.add_argument("--finetune-revision", help="revision of FINETUNE")
@@ -46,12 +48,48 @@ def add_behave(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_verbose(behave)
 
 
+def add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        help="CPU threads for the local forward passes (default: one per core idle now, at least 1)",
+    )
+
+
+def idle_cores() -> int:
+    """Cores this process may use minus the 1-minute load average, at least 1.
+
+    Why not torch's default (one thread per core): the forward's matmuls are small, and where
+    another job holds a core, OpenMP threads wait for it at every barrier: on a loaded 2-core
+    machine 2 threads made the forward 6-7x slower per token than 1 (BENCHMARKS.md, "Threads").
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform
+        return cores
+    return max(1, min(cores, cores - round(load)))
+
+
+def use_threads(requested: int | None) -> int:
+    """Set torch's CPU threads to ``requested`` or, by default, ``idle_cores()``; returns the count."""
+    import torch
+
+    threads = requested or idle_cores()
+    torch.set_num_threads(threads)
+    return threads
+
+
 def run_behave(args: argparse.Namespace) -> int:
     """Exit 0 with a complete check; 130 on Ctrl-C (the prompts already scored are written to --out)."""
     from lorafid.behaviour.check import BehaviourCheck, BehaviourConfig, describe
     from lorafid.behaviour.prompts import read_prompts
 
     check_writable(args.out)
+    use_threads(args.threads)
     ranks, note = clamped_ranks(tuple(args.ranks), args)
     if note:
         print(f"lorafid behave: note: {note}", file=sys.stderr)

@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lorafid.cli.arguments import add_verbose, check_writable, positive_float, positive_int, quantizations, rank_list
+from lorafid.cli.behave import add_threads, use_threads
 from lorafid.errors import LorafidError
 from lorafid.providers.evidence import candidate_names
 from lorafid.providers.probe import ALL_CHANNELS, DEFAULT_QUANTIZED
@@ -84,6 +85,7 @@ def add_probe(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     probe.add_argument("--seed", type=int, default=0, help="text channel: the seed sent with each request (default 0)")
     probe.add_argument("--device", default="auto", help="where the local candidates run: auto, cpu, cuda or cuda:N")
+    add_threads(probe)
     probe.add_argument("--token", help="Hub token for the two repos (default: HF_TOKEN or the stored login)")
     probe.add_argument("--quiet", action="store_true", help="no progress bars and no table (the verdict still prints)")
     add_verbose(probe)
@@ -95,6 +97,7 @@ def run_probe(args: argparse.Namespace) -> int:
     from lorafid.providers.probe import Probe, ProbeConfig, probe_prompts
 
     check_writable(args.out)
+    use_threads(args.threads)
     texts, prompt_set = probe_prompts(args.prompts)
     api_key = os.environ.get(args.api_key_env) or None
     if api_key is None:

@@ -129,6 +129,57 @@ class Verdict:
     tolerance: float
 
 
+def grid_within(ranks: Sequence[int], full_rank: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the ranks to run, the ranks left out): a rank at or above the model's full rank serves
+    every matrix whole, so with the fine-tune's extras it IS the fine-tune (already a candidate)
+    and with the base's it equals every other such rank: none is run. When no rank is below the
+    full rank, the grid is the full rank alone.
+
+    Example: ranks (16, 32, 64, 128), full rank 48 -> ((16, 32), (64, 128)).
+    """
+    grid = tuple(sorted(set(ranks)))
+    if full_rank is None:
+        return grid, ()
+    below = tuple(r for r in grid if r < full_rank)
+    beyond = tuple(r for r in grid if r >= full_rank)
+    return (below or (full_rank,)), beyond
+
+
+def grid_notes(closest: str, grid: Sequence[int], beyond: Sequence[int], full_rank: int | None) -> str:
+    """Sentences for the verdict about the grid itself: the ranks left out as the fine-tune, and,
+    when the closest candidate is a rank at the grid's edge, ranks beyond it worth checking.
+
+    Example: closest "rank-16", grid (16, 32, ...) -> " The closest candidate is the lowest rank
+    checked (16): a lower rank may fit better; check below it, e.g. --ranks 4,8,16."
+    """
+    notes = ""
+    if beyond and full_rank is not None:
+        listed = ", ".join(map(str, beyond))
+        notes += (
+            f" Ranks {listed} are at or above the model's full rank ({full_rank}): they serve the fine-tune's own "
+            "weights (with its embeddings and norms, the fine-tune itself) and were not run as separate candidates."
+        )
+    rank, _ = parse_candidate(closest)
+    if rank is None or not grid:
+        return notes
+    ordered = sorted(set(grid))
+    if rank == ordered[0] and rank > 1:
+        lower = sorted({max(1, rank // 4), max(1, rank // 2)} - {rank})
+        suggestion = ",".join(map(str, [*lower, rank]))
+        notes += (
+            f" The closest candidate is the lowest rank checked ({rank}): a lower rank may fit better; "
+            f"check below it, e.g. --ranks {suggestion}."
+        )
+    elif rank == ordered[-1] and (full_rank is None or rank < full_rank):
+        higher = sorted({r if full_rank is None else min(r, full_rank) for r in (2 * rank, 4 * rank)} - {rank})
+        suggestion = ",".join(map(str, [rank, *higher]))
+        notes += (
+            f" The closest candidate is the highest rank checked ({rank}): a higher rank may fit better; "
+            f"check above it, e.g. --ranks {suggestion}."
+        )
+    return notes
+
+
 def bootstrap_indices(prompts: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> np.ndarray:
     """(resamples, prompts) indices drawn with replacement; a fixed seed keeps reports reproducible."""
     return np.random.default_rng(seed).integers(0, prompts, size=(resamples, prompts))

@@ -43,7 +43,10 @@ from lorafid.providers.evidence import (
     MIN_PROMPTS_FOR_VERDICT,
     NOISE_FLOOR_NATS,
     PromptScore,
+    Verdict,
     candidate_names,
+    grid_notes,
+    grid_within,
     is_original,
     summarise,
 )
@@ -237,27 +240,29 @@ class Probe:
         )
         self._sources: tuple[Any, Any] | None = None
         self._context: int | None = None  # the fine-tune's max_position_embeddings
+        self._full_rank: int | None = None  # the fine-tune's full rank, from its config.json
         self._tokenizer: Any = None
         self._plan: ProbePlan | None = None
         self._report: ProbeReport | None = None
 
     def plan(self) -> ProbePlan:
-        """Resolve both repos, check them against the config and header limits (``check_models``),
-        load the fine-tune's tokenizer, count requests and tokens: nothing is sent to the provider."""
+        """Resolve both repos, check them against the config and header limits (as the forward's
+        ``LayerStream.plan``), load the fine-tune's tokenizer, count requests and tokens: nothing is
+        sent to the provider."""
         if self._plan is None:
-            from lorafid.behaviour.forward import check_models
+            from lorafid.behaviour.forward import LayerStream
             from lorafid.behaviour.tokenizer import load_tokenizer
 
             c = self.config
-            self._sources = (self._resolve(self.base), self._resolve(self.finetune))
-            check_models(self.base, self.finetune, self._forward_config())  # limits, before the tokenizer
-            self._tokenizer = load_tokenizer(
-                self.finetune,
-                revision=self._sources[1].resolved_sha,
-                token=c.hub_token,
-                endpoint=c.hub_endpoint,
-                allow_local=c.allow_local,
-            )
+            # Both models opened once for all the plan needs, before any request: every check a
+            # forward makes (limits, architecture, names, vocabularies), the resolved commits the
+            # forward then pins, the fine-tune's config and its tokenizer (at that commit).
+            with LayerStream(self.base, self.finetune, self._forward_config()) as stream:
+                stream.plan()
+                base_source, finetune_source = stream.sources
+                self._sources = (base_source.info, finetune_source.info)
+                self._read_config(finetune_source)
+                self._tokenizer = load_tokenizer(self.finetune, source=finetune_source)
             channels = self._logprob_channels()
             every = [len(self._encode(t)) for t in self.texts]  # prompt tokens, by the fine-tune's tokenizer
             if not channels:
@@ -403,7 +408,7 @@ class Probe:
         error = collection.error
         try:
             for observation, by_name in score_candidates(
-                self.base, self.finetune, observations, c.ranks, self._forward_config(), c.quantized
+                self.base, self.finetune, observations, self._grid()[0], self._forward_config(), c.quantized
             ):
                 gathered.append(by_name)
                 scores.append(score_prompt(observation, by_name))
@@ -413,7 +418,8 @@ class Probe:
             if not scores:
                 raise
         scored = [o for o in observations if any(s.prompt_index == o.prompt_index for s in scores)]
-        candidates, verdict = summarise(scores, local_distances(scored, gathered), c.ranks)
+        candidates, verdict = summarise(scores, local_distances(scored, gathered), self._grid()[0])
+        verdict = self._with_grid_notes(verdict)
         complete = collection.complete and error is None and len(scores) == len(texts) - len(collection.unsent)
         self._report = ProbeReport(
             status="complete" if complete else "partial",
@@ -455,10 +461,22 @@ class Probe:
             raise LorafidError("The provider check has not finished: iterate Probe.run() to its end first.")
         return self._report
 
+    def _grid(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(the candidate ranks run, the asked ranks left out: at or above the full rank)."""
+        return grid_within(self.config.ranks, self._full_rank)
+
+    def _with_grid_notes(self, verdict: Verdict) -> Verdict:
+        grid, beyond = self._grid()
+        notes = grid_notes(verdict.closest, grid, beyond, self._full_rank)
+        return replace(verdict, sentence=verdict.sentence + notes) if notes else verdict
+
     def _common_settings(self) -> dict[str, Any]:
         c = self.config
+        grid, _ = self._grid()
         return {
             "ranks": list(c.ranks),
+            "ranks_run": list(grid),  # those below the model's full rank (the others are the fine-tune)
+            "full_rank": self._full_rank,
             "quantized": list(c.quantized),
             "channel": c.channel or "auto",
             "max_requests": c.max_requests,
@@ -487,7 +505,7 @@ class Probe:
             raise ProviderError("Every continuation the provider sent was empty; nothing to score.")
         per_continuation: list[dict[str, Any]] = []
         error = read.error
-        variants = candidate_variants(c.ranks, c.quantized)
+        variants = candidate_variants(self._grid()[0], c.quantized)
         try:
             for _, by_name in score_text(self.base, self.finetune, observations, variants, self._forward_config()):
                 per_continuation.append(by_name)
@@ -497,7 +515,7 @@ class Probe:
             if not per_continuation:
                 raise
         scored = observations[: len(per_continuation)]
-        family = [n for n in candidate_names(c.ranks, c.quantized) if is_original(n)]
+        family = [n for n in candidate_names(self._grid()[0], c.quantized) if is_original(n)]
         # The provider's own token count (a lone continuation's usage) tells whether re-tokenizing
         # its text gave back the tokens it sampled; servers differ on counting the final EOS.
         aligned = [
@@ -510,6 +528,7 @@ class Probe:
         candidates, verdict, evidence = judge(
             concatenated(per_continuation), [o.tokens for o in scored], original_family=family, aligned=aligned
         )
+        verdict = self._with_grid_notes(verdict)
         method = GREEDY if c.channel == GREEDY else TEXT
         tried = [*collection.channels_tried, {"channel": method, "outcome": "used"}]
         return ProbeReport(
@@ -566,19 +585,15 @@ class Probe:
             },
         )
 
-    def _resolve(self, spec: str) -> Any:
-        from lorafid.behaviour.forward import read_config_json
-        from lorafid.weights.source import open_source
+    def _read_config(self, source: Any) -> None:
+        """The fine-tune's context length (it bounds a scored sequence: prompt and sampled
+        continuation) and full rank (ranks at or above it are the fine-tune), from its config.json."""
+        from lorafid.behaviour.forward import full_rank_of, read_config_json
 
-        with open_source(
-            spec, token=self.config.hub_token, endpoint=self.config.hub_endpoint, allow_local=self.config.allow_local
-        ) as source:
-            if spec == self.finetune:
-                # The context length bounds a scored sequence (prompt and sampled continuation).
-                config = read_config_json(source) or {}
-                length = config.get("max_position_embeddings")
-                self._context = length if isinstance(length, int) and not isinstance(length, bool) else None
-            return source.info
+        config = read_config_json(source) or {}
+        length = config.get("max_position_embeddings")
+        self._context = length if isinstance(length, int) and not isinstance(length, bool) else None
+        self._full_rank = full_rank_of(config)
 
     def _described(self, which: int) -> dict[str, str | None]:
         assert self._sources is not None
@@ -603,15 +618,16 @@ class Probe:
         return ChatEncoder(self._tokenizer, self.texts)  # rendered once, under time and size limits
 
     def _forward_config(self) -> Any:
+        """The forward's settings; once the plan has resolved both commits, pinned to them."""
         from lorafid.behaviour.forward import ForwardConfig
 
-        assert self._sources is not None
+        pinned = self._sources
         return ForwardConfig(
             device=self.config.device,
             token=self.config.hub_token,
             endpoint=self.config.hub_endpoint,
-            base_revision=self._sources[0].resolved_sha,
-            finetune_revision=self._sources[1].resolved_sha,
+            base_revision=pinned[0].resolved_sha if pinned else None,
+            finetune_revision=pinned[1].resolved_sha if pinned else None,
             allow_local=self.config.allow_local,
             max_model_bytes=self.config.max_model_bytes,
             max_tensor_bytes=self.config.max_tensor_bytes,

@@ -407,3 +407,49 @@ def test_a_behaviour_document_round_trips_and_damage_is_one_clear_error(full_rep
         BehaviourReport.from_dict({k: v for k, v in full_report.items() if k != "stats"})
     with pytest.raises(ReportFormatError):
         BehaviourReport.from_dict([])
+
+
+def test_progress_advances_per_prompt_through_the_blocks_and_the_continuations(dirs: dict[str, Path]) -> None:
+    """Blocks: one step per (block, variant, prompt), done counting 1..total with the prompt named;
+    continuations: one per (variant, prompt). The full-rank variant with extras is the fine-tune's
+    twin and neither runs nor generates again, yet has its results."""
+    config = BehaviourConfig(ranks=(3, 48), serving="both", prompts=PROMPTS[:3], continuation_tokens=2)
+    check = BehaviourCheck(str(dirs["base"]), str(dirs["full"]), config)
+    steps = list(check.run())
+    report = check.report()
+    layers, run_variants = 2, 5  # finetune, base, rank-3, rank-3+extras, rank-48 (rank-48+extras: the twin)
+    forward = [s for s in steps if s.stage == "forward"]
+    assert [s.done for s in forward] == list(range(1, layers * run_variants * 3 + 1))
+    assert {s.total for s in forward} == {layers * run_variants * 3}
+    assert "block 1/2 · finetune · prompt 1/3" in forward[0].message
+    generating = [s for s in steps if s.stage == "generating" and s.done > 0]
+    assert [s.done for s in generating] == list(range(1, run_variants * 3 + 1))
+    assert report.variants["rank-48+extras"].kl_max == 0.0
+    assert report.continuations is not None
+    for row in report.continuations:
+        assert row["variants"]["rank-48+extras"]["first_divergence"] is None
+
+
+def test_each_model_is_read_once_with_continuations(hub: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the loopback Hub: the forward's reads are kept for the continuations, so the weight
+    bytes served stay within 1.15x the two models' (2x and more when generation read them again).
+    The header probe (100 kB per file, half of this tiny model's 200 kB) is cut to 4 kB, its share
+    of a real model's file."""
+    import lorafid.weights.source
+
+    monkeypatch.setattr(lorafid.weights.source, "HEADER_PROBE_BYTES", 4096)
+    family = model_family("llama", 2)
+    publish(hub, "org/base", family.base)
+    publish(hub, "org/tuned", family.full)
+    weights = [c for m in (family.base, family.full) for n, c in m.files.items() if n.endswith(".safetensors")]
+    config = BehaviourConfig(
+        ranks=(3, 48), prompts=PROMPTS[:2], continuation_tokens=2, endpoint=hub.endpoint, allow_local=False, token=False
+    )
+    hub.clear_requests()
+    report = behave("org/base", "org/tuned", config)
+    assert report.continuations is not None and report.status == "complete"
+    served = hub.bytes_served(weights)
+    assert served <= 1.15 * sum(len(c) for c in weights), served / sum(len(c) for c in weights)
+    # Opened once: one revision lookup per model (the tokenizer is read from the forward's source).
+    for repo in ("org/base", "org/tuned"):
+        assert len(hub.requests_matching(method="GET", path_contains=f"/api/models/{repo}")) == 1, repo

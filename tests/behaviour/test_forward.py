@@ -273,3 +273,53 @@ def test_zero_gpu_block_runs_across_a_process_boundary(
 def identity_block(kernel: Any, config: Any, layer: int, weights: Any, hidden: list[torch.Tensor]) -> Any:
     """A hook whose block changes nothing: shows the hook's results replace the in-process ones."""
     return [h.clone() for h in hidden]
+
+
+def test_ranks_at_or_above_full_rank_are_the_finetune_and_run_once(
+    llama_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Full rank 48 (k/v: 24). Rank 24 serves k/v whole and decomposes only the 48-wide matrices;
+    ranks ≥ 48 decompose nothing; rank-64+extras IS the fine-tune and rank-100 is rank-48's twin:
+    neither runs again, and all match whole-model references."""
+    from lorafid.audit import spectrum as sp
+
+    asked: list[tuple[int, int]] = []
+    decompose = sp.decompose
+
+    def recording(base: torch.Tensor, finetune: torch.Tensor, max_rank: int) -> Any:
+        asked.append((min(base.shape), max_rank))
+        return decompose(base, finetune, max_rank)
+
+    monkeypatch.setattr(sp, "decompose", recording)
+    family = model_family("llama", 2)
+    variants = [FINETUNE, served(24), served(48), served(64, keep_extras=True), served(100)]
+    with LayerStream(str(llama_dirs["base"]), str(llama_dirs["full"])) as stream:
+        assert stream.full_rank() == 48
+        assert stream.twins(variants) == {"rank-64+extras": "finetune", "rank-100": "rank-48"}
+        streamed = dict(stream.logprobs(TEXTS, variants))
+        assert stream.stats.variants_run == 3
+    assert asked and all(rank < k for k, rank in asked)  # k/v (24) served whole, never decomposed
+    assert {k for k, _ in asked} == {48}
+    states = {
+        "rank-24": reference_weights(family.base.tensors, family.full.tensors, 24, False),
+        "rank-48": reference_weights(family.base.tensors, family.full.tensors, 48, False),
+    }
+    for name, state in states.items():
+        for i, expected in enumerate(whole_model_logprobs(family.full.files["config.json"], state, TEXTS)):
+            assert (streamed[i][name] - expected).abs().max().item() < TOLERANCE, (name, i)
+    for i in range(len(TEXTS)):
+        assert torch.equal(streamed[i]["rank-64+extras"], streamed[i]["finetune"])
+        assert torch.equal(streamed[i]["rank-100"], streamed[i]["rank-48"])
+    asked.clear()
+    with LayerStream(str(llama_dirs["base"]), str(llama_dirs["full"])) as stream:
+        list(stream.logprobs(TEXTS[:1], [FINETUNE, served(48)]))
+    assert asked == []  # every matrix whole: nothing to decompose
+
+
+def test_hooked_variants_are_never_twins(llama_dirs: dict[str, Path]) -> None:
+    def hook(name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    with LayerStream(str(llama_dirs["base"]), str(llama_dirs["full"])) as stream:
+        hooked = Variant("rank-64@q", "served", rank=64, keep_extras=True, base_hook=hook)
+        assert stream.twins([FINETUNE, hooked, Variant("f8", "finetune", weight_hook=hook)]) == {}

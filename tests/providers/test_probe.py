@@ -828,3 +828,37 @@ def test_a_probe_reports_progress_as_every_job_does(hub: Any, pair: tuple[str, s
     local = [s for s in rest if s.stage == "local"]
     assert [s.done for s in provider] == list(range(1, len(provider) + 1)) and provider[-1].total == len(provider)
     assert local and local[-1].done == local[-1].total == len(probe.report().prompts)
+
+
+def test_grid_within_the_full_rank_and_the_notes_at_its_edges() -> None:
+    from lorafid.providers.evidence import grid_notes, grid_within
+
+    assert grid_within((16, 32, 64, 128), 48) == ((16, 32), (64, 128))
+    assert grid_within((64, 128), 48) == ((48,), (64, 128))
+    assert grid_within((32, 16), None) == ((16, 32), ())
+    low = grid_notes("rank-16+extras", (16, 32), (), 48)
+    assert "lowest rank checked (16)" in low and "--ranks 4,8,16." in low
+    high = grid_notes("rank-32", (16, 32), (64,), 48)
+    assert "Ranks 64 are at or above the model's full rank (48)" in high
+    assert "highest rank checked (32)" in high and "--ranks 32,48." in high
+    assert grid_notes("rank-64", (16, 32, 64), (), None).endswith("--ranks 64,128,256.")
+    assert grid_notes("rank-16", (8, 16, 32), (), 48) == ""  # inside the grid: nothing to add
+    assert grid_notes(FINETUNE, (8, 16), (), 48) == ""
+
+
+def test_a_rank_below_the_grid_is_flagged_and_ranks_beyond_full_rank_are_not_run(
+    hub: Any, pair: tuple[str, str], serve: Any
+) -> None:
+    """A server of rank 8 checked with ranks 16-128 on a model of full rank 48: the closest is rank 16
+    at the grid's edge, which the verdict says, with ranks to try; 64 and 128 are the fine-tune
+    itself, neither candidates nor run. The fine-tune is opened twice (the plan, with its config
+    and tokenizer; the forward), not three times."""
+    hub.clear_requests()
+    report = run_to_end(_probe(hub, pair, serve("rank-8"), ranks=(16, 32, 64, 128)))
+    assert len(hub.requests_matching(method="GET", path_contains=f"/api/models/{pair[1]}")) == 2
+    assert report.verdict.closest == "rank-16"
+    assert "lowest rank checked (16)" in report.verdict.sentence and "--ranks 4,8,16" in report.verdict.sentence
+    assert "Ranks 64, 128 are at or above the model's full rank (48)" in report.verdict.sentence
+    assert not any(name.startswith(("rank-64", "rank-128")) for name in report.candidates)
+    assert report.settings["ranks"] == [16, 32, 64, 128] and report.settings["ranks_run"] == [16, 32]
+    assert report.settings["full_rank"] == 48
