@@ -515,18 +515,25 @@ class LocalSource(Source):
 
     def _read_small_file(self, name: str, max_bytes: int) -> bytes:
         path = os.path.join(self._root, name)
-        return _read_capped(path, max_bytes, FetchError(f"{path} is more than the {max_bytes} bytes expected of it."))
+        return _read_capped(
+            path,
+            max_bytes,
+            lambda size: FetchError(f"{path} is {size} bytes; more than the {max_bytes} expected of it."),
+        )
 
 
 def _read_small(path: str) -> bytes:
-    too_large = SafetensorsHeaderError(f"{path} is larger than an index is expected to be ({MAX_INDEX_BYTES} bytes).")
+    def too_large(size: int) -> Exception:
+        return SafetensorsHeaderError(f"{path} is {size} bytes; an index is expected to be under {MAX_INDEX_BYTES}.")
+
     return _read_capped(path, MAX_INDEX_BYTES, too_large)
 
 
-def _read_capped(path: str, max_bytes: int, too_large: Exception) -> bytes:
-    """A local file read whole, refused from its size (``too_large``) before any byte is read."""
-    if os.path.getsize(path) > max_bytes:
-        raise too_large
+def _read_capped(path: str, max_bytes: int, too_large: Callable[[int], Exception]) -> bytes:
+    """A local file read whole, refused from its size (``too_large(size)``) before any byte is read."""
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise too_large(size)
     with open(path, "rb") as fh:
         return fh.read()
 
