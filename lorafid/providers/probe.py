@@ -109,6 +109,7 @@ class Passes:
     per_item: list[dict[str, Any]] = field(default_factory=list)  # per observation scored: {candidate: numbers}
     scored: list[str] = field(default_factory=list)  # the candidates scored, in ``candidate_names`` order
     variants_run: int = 0  # forward-equivalents: variants whose blocks ran, over every pass
+    bytes_read: int = 0  # weight bytes read, both models, over every pass
     passes: int = 0
     error: str | None = None  # an interruption: the passes before it are kept
 
@@ -119,6 +120,7 @@ class Passes:
             "candidates_not_scored": [n for n in every if n not in self.scored],
             "passes": self.passes,
             "forward_equivalents": self.variants_run,
+            "weight_bytes_read": self.bytes_read,
         }
 
 
@@ -547,6 +549,7 @@ class Probe:
                     if not first:
                         break
                 passes.variants_run += stream.stats.variants_run
+                passes.bytes_read += stream.stats.bytes_read
                 passes.passes += 1
                 done = set(passes.scored) | set(todo)
                 passes.scored = [n for n in every if n in done]

@@ -943,6 +943,9 @@ def test_the_refined_grid_gives_the_full_grids_verdict_at_fewer_forwards(
     refined = run_to_end(_probe(hub, pair, server, texts))
     assert full.settings["forward_equivalents"] == len(full.candidates) == 12 and full.settings["passes"] == 1
     assert refined.settings["forward_equivalents"] == len(refined.candidates) <= 8
+    # the pair is small: its weights are kept between the passes, so each model is read once
+    assert refined.settings["passes"] > 1
+    assert refined.settings["weight_bytes_read"] == full.settings["weight_bytes_read"] > 0
     assert refined.settings["candidates_scored"] == list(refined.candidates)
     assert set(refined.settings["candidates_not_scored"]) == set(full.candidates) - set(refined.candidates)
     same = ("closest", "matches", "consistent", "rank_range")
@@ -952,3 +955,52 @@ def test_the_refined_grid_gives_the_full_grids_verdict_at_fewer_forwards(
     for name, candidate in refined.candidates.items():
         assert candidate.distance == pytest.approx(full.candidates[name].distance, rel=1e-6, abs=1e-9)
         assert candidate.ruled_out == full.candidates[name].ruled_out
+
+
+def test_an_interruption_after_the_first_pass_keeps_the_candidates_scored_and_says_so(
+    hub: Any, pair: tuple[str, str], serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped while scoring the second pass: the report keeps every prompt of the first (the
+    coarse grid), is partial, and names no unscored candidate as scored, held or ruled out."""
+    import lorafid.providers.probe as probe_module
+    from lorafid.providers.refine import coarse_names
+
+    calls = []
+    scoring = probe_module.score_candidates
+
+    def stopped_in_the_second_pass(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs["names"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        yield from scoring(*args, **kwargs)
+
+    monkeypatch.setattr(probe_module, "score_candidates", stopped_in_the_second_pass)
+    report = run_to_end(_probe(hub, pair, serve("rank-16")))
+    first = coarse_names(RANKS, ("int4-g128",))
+    assert len(calls) == 2 and list(calls[0]) == first and report.settings["passes"] == 1
+    assert report.status == "partial" and report.error == "interrupted while scoring the candidates"
+    assert list(report.candidates) == report.settings["candidates_scored"] == first and len(report.prompts) == 8
+    assert set(report.verdict.consistent) <= set(first)
+    assert "not scored" in report.verdict.sentence and "rank-16" in report.settings["candidates_not_scored"]
+
+
+def test_cli_probe_full_grid_scores_every_candidate_in_one_pass(
+    hub: Any, pair: tuple[str, str], serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """``--full-grid`` keeps the one-pass check (fails if the flag does not reach the probe)."""
+    from lorafid.cli.commands import main
+
+    server = serve("rank-16")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(_texts(server, 6)) + "\n")
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    arguments = ["--model", "tiny-served", *pair, "--ranks", "4,8,16,32", "--prompts", str(prompts), "--quiet"]
+    documents = []
+    for extra in ([], ["--full-grid"]):
+        out = tmp_path / f"probe{len(extra)}.json"
+        assert main(["probe", "--endpoint", server.url, *arguments, "--out", str(out), *extra]) == 0
+        documents.append(json.loads(out.read_text())["settings"])
+    refined, full = documents
+    assert full["forward_equivalents"] == 12 and full["passes"] == 1 and full["candidates_not_scored"] == []
+    assert refined["forward_equivalents"] <= 8 and refined["passes"] > 1 and refined["candidates_not_scored"]
+    assert "a coarse grid first" in capsys.readouterr().err
