@@ -83,6 +83,13 @@ def add_probe(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         f"{', '.join(SCHEMES)}; base:SCHEME adds every rank's extraction served on a quantized base (e.g. "
         f"base:fp8); 'none' for none (default: {','.join(DEFAULT_QUANTIZED)}). Each costs one local forward pass",
     )
+    probe.add_argument(
+        "--full-grid",
+        action="store_true",
+        help="score every candidate (one local forward each); by default, on log-probabilities, a coarse grid is "
+        "scored first, then only the neighbours of the candidates the evidence cannot rule out (the text channel "
+        "always scores every candidate)",
+    )
     probe.add_argument("--seed", type=int, default=0, help="text channel: the seed sent with each request (default 0)")
     probe.add_argument("--device", default="auto", help="where the local candidates run: auto, cpu, cuda or cuda:N")
     add_threads(probe)
@@ -118,14 +125,21 @@ def run_probe(args: argparse.Namespace) -> int:
         max_tokens=min(args.max_tokens, MAX_TOKENS_CAP),
         samples=args.samples,
         quantized=tuple(args.candidates),
+        full_grid=args.full_grid,
         seed=args.seed,
         hub_token=args.token,
         device=args.device,
     )
     job = Probe(args.base, args.finetune, texts, prompt_set, config)
     candidates = candidate_names(config.ranks, config.quantized)
+    how = (
+        ""
+        if config.full_grid
+        else " (on log-probabilities a coarse grid first, then only the neighbours of what the evidence holds)"
+    )
     print(
-        f"lorafid: {len(candidates)} local candidates, one forward pass each: {', '.join(candidates)}", file=sys.stderr
+        f"lorafid: {len(candidates)} local candidates, one forward pass each{how}: {', '.join(candidates)}",
+        file=sys.stderr,
     )
     print(f"lorafid: {job.plan().describe()}", file=sys.stderr)  # before the first request
     bars: dict[str, tqdm] = {}
@@ -135,6 +149,8 @@ def run_probe(args: argparse.Namespace) -> int:
             if step.stage not in bars:
                 label = "provider" if step.stage == "provider" else "local candidates"
                 bars[step.stage] = tqdm(total=step.total, desc=label, unit="prompt", disable=args.quiet)
+            if step.done < bars[step.stage].n:  # the next pass of the refined grid starts over
+                bars[step.stage].reset(total=step.total)
             bars[step.stage].update(step.done - bars[step.stage].n)
         report = job.report()
     finally:

@@ -230,8 +230,9 @@ def summarise(
     return results, _verdict(results, closest, local, total_tokens, tolerance, ranks, len(scores))
 
 
-def _neighbours(name: str, ranks: Sequence[int]) -> list[str]:
-    """Candidates next to ``name`` on the path fine-tune → high ranks → low ranks → base."""
+def neighbours(name: str, ranks: Sequence[int]) -> list[str]:
+    """Candidates next to ``name`` on the path fine-tune → high ranks → low ranks → base, in its
+    serving mode: the verdict's "matches" reach is the furthest of them from ``name``."""
     grid = sorted(set(ranks), reverse=True)
     rank, keep = parse_candidate(name)
     suffix = "+extras" if keep else ""
@@ -257,7 +258,8 @@ def _verdict(
     prompts: int,
 ) -> Verdict:
     best = results[closest]
-    reach = max(local[closest][n] / total_tokens for n in _neighbours(closest, ranks))
+    # A neighbour not scored (an interrupted refinement) cannot set the reach: the scored ones do.
+    reach = max((local[closest][n] / total_tokens for n in neighbours(closest, ranks) if n in local), default=0.0)
     matches = best.distance <= max(tolerance, reach)
     consistent = tuple(n for n, r in results.items() if not r.ruled_out)
     quant = results[FINETUNE_8BIT]

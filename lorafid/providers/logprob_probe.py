@@ -1,8 +1,9 @@
 """The log-probability channels' local side: every candidate over the provider's tokens.
 
 ``score_candidates`` runs the fine-tune, the base, each rank in both serving modes and the
-quantized references through the layer-streamed forward over the very token sequences the
-provider scored; ``gather`` keeps the probabilities of the provider's listed tokens;
+quantized references (or the subset a pass asks for: ``refine``) through the layer-streamed
+forward over the very token sequences the provider scored; ``gather`` keeps the probabilities
+of the provider's listed tokens;
 ``score_prompt`` and ``local_distances`` reduce both sides to per-prompt sums that
 ``evidence`` turns into distances and a verdict.
 
@@ -11,7 +12,7 @@ Not here: reading the provider (``logprob_channel``), the forward pass (``behavi
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,13 +65,17 @@ def gather(observation: Observation, logprobs: torch.Tensor) -> Gathered:
     return Gathered(alt, chosen, rows.argmax(dim=1).numpy())
 
 
-def candidate_variants(ranks: Sequence[int], quantized: Sequence[str] = ()) -> list[Any]:
-    """The behaviour engine's variants for ``candidate_names(ranks, quantized)``."""
+def candidate_variants(
+    ranks: Sequence[int], quantized: Sequence[str] = (), names: Collection[str] | None = None
+) -> list[Any]:
+    """The behaviour engine's variants for ``candidate_names(ranks, quantized)``, or those of them in ``names``."""
     from lorafid.behaviour.forward import Variant  # transformers only when a probe runs
 
     hooks = {quantized_name(q): scheme(q) for q in ("int8", *quantized) if not q.startswith(BASE_QUANTIZED)}
     variants = []
     for name in candidate_names(ranks, quantized):
+        if names is not None and name not in names:
+            continue
         rank, keep = parse_candidate(name)
         if name == FINETUNE:
             variants.append(Variant(name=name, kind="finetune"))
@@ -93,13 +98,20 @@ def score_candidates(
     ranks: Sequence[int],
     config: Any = None,
     quantized: Sequence[str] = (),
+    *,
+    names: Collection[str] | None = None,
+    stream: Any = None,
 ) -> Iterator[tuple[Observation, dict[str, Gathered]]]:
-    """Run every candidate over the observed token sequences, one prompt at a time."""
+    """Run every candidate (or those in ``names``) over the observed token sequences, one prompt at
+    a time; on an open ``LayerStream`` where given (passes of one check share it), else on a new one."""
     from lorafid.behaviour.forward import stream_logprobs
 
     token_ids = [list(o.ids) for o in observations]
-    variants = candidate_variants(ranks, quantized)
-    for text_index, by_name in stream_logprobs(base, finetune, token_ids, variants, config):
+    variants = candidate_variants(ranks, quantized, names)
+    run = (
+        stream.logprobs(token_ids, variants) if stream else stream_logprobs(base, finetune, token_ids, variants, config)
+    )
+    for text_index, by_name in run:
         observation = observations[text_index]
         yield observation, {name: gather(observation, lp) for name, lp in by_name.items()}
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,11 +38,12 @@ from lorafid.compute import ComputeHook
 from lorafid.errors import LimitExceededError, LorafidError, ProviderError
 from lorafid.progress import Progress, in_background
 from lorafid.providers.evidence import (
+    BASE,
     BASE_QUANTIZED,
     BOOTSTRAP_RESAMPLES,
+    FINETUNE,
     MIN_PROMPTS_FOR_VERDICT,
     NOISE_FLOOR_NATS,
-    PromptScore,
     Verdict,
     candidate_names,
     grid_notes,
@@ -76,6 +77,7 @@ from lorafid.providers.openai_api import (
 )
 from lorafid.providers.probe_report import ProbeReport, prompt_rows
 from lorafid.providers.quantize import SCHEMES
+from lorafid.providers.refine import coarse_names, scoring_note, still_needed
 from lorafid.providers.text_channel import (
     GREEDY,
     MAX_SAMPLES,
@@ -95,6 +97,31 @@ DEFAULT_TEXT_REQUESTS = 5  # the text channel's budget when --max-requests is no
 PACKED_PROMPTS = 8  # prompts per echo / prompt_logprobs request under a request budget
 ALL_CHANNELS: tuple[str, ...] = (*CHANNELS, TEXT, GREEDY)
 PACKABLE: tuple[str, ...] = (ECHO, PROMPT_LOGPROBS)
+# Both models' weights are kept between the passes of a refined grid when they weigh at most this
+# (each model then read once); above it, each pass reads them again rather than hold them.
+KEEP_READS_BYTES = 2 * 2**30
+
+
+@dataclass
+class Passes:
+    """The local candidates scored over one check's observations, pass after pass (``refine``)."""
+
+    per_item: list[dict[str, Any]] = field(default_factory=list)  # per observation scored: {candidate: numbers}
+    scored: list[str] = field(default_factory=list)  # the candidates scored, in ``candidate_names`` order
+    variants_run: int = 0  # forward-equivalents: variants whose blocks ran, over every pass
+    bytes_read: int = 0  # weight bytes read, both models, over every pass
+    passes: int = 0
+    error: str | None = None  # an interruption: the passes before it are kept
+
+    def settings(self, every: Sequence[str]) -> dict[str, Any]:
+        """What the report's settings say of the scoring."""
+        return {
+            "candidates_scored": list(self.scored),
+            "candidates_not_scored": [n for n in every if n not in self.scored],
+            "passes": self.passes,
+            "forward_equivalents": self.variants_run,
+            "weight_bytes_read": self.bytes_read,
+        }
 
 
 # -- plan ------------------------------------------------------------------------------------
@@ -187,6 +214,7 @@ class ProbeConfig:
     max_tokens: int = MAX_TOKENS_CAP  # per sampled continuation (text channel)
     samples: int = MAX_SAMPLES  # n per prompt asked of the text channel
     quantized: tuple[str, ...] = DEFAULT_QUANTIZED  # quantized copies of the fine-tune as candidates
+    full_grid: bool = False  # score every candidate in one pass, not a coarse grid refined around the evidence
     seed: int = 0  # sent to the provider with each text request (many do not honour it)
     policy: NetPolicy = field(default_factory=NetPolicy.open, compare=False)
     retry: RetryPolicy = field(default_factory=RetryPolicy, compare=False)
@@ -403,23 +431,29 @@ class Probe:
                 return
         raise_unless_usable(collection)
         observations = [collection.observations[i] for i in sorted(collection.observations)]
-        scores: list[PromptScore] = []
-        gathered: list[dict[str, Gathered]] = []
-        error = collection.error
-        try:
-            for observation, by_name in score_candidates(
-                self.base, self.finetune, observations, self._grid()[0], self._forward_config(), c.quantized
+        grid = self._grid()[0]
+
+        def judged(gathered: Sequence[dict[str, Gathered]]) -> Any:
+            scored = observations[: len(gathered)]
+            scores = [score_prompt(o, g) for o, g in zip(scored, gathered, strict=True)]
+            return scores, summarise(scores, local_distances(scored, gathered), grid)
+
+        def score(stream: Any, items: Sequence[Any], names: Sequence[str]) -> Iterator[dict[str, Any]]:
+            for _, by_name in score_candidates(
+                self.base, self.finetune, items, grid, quantized=c.quantized, names=names, stream=stream
             ):
-                gathered.append(by_name)
-                scores.append(score_prompt(observation, by_name))
-                yield step("local", len(scores), len(observations), "prompts scored")
-        except KeyboardInterrupt:
-            error = "interrupted while scoring the candidates"
-            if not scores:
-                raise
-        scored = [o for o in observations if any(s.prompt_index == o.prompt_index for s in scores)]
-        candidates, verdict = summarise(scores, local_distances(scored, gathered), self._grid()[0])
-        verdict = self._with_grid_notes(verdict)
+                yield by_name
+
+        def verdict_of(gathered: Sequence[dict[str, Gathered]]) -> tuple[Verdict, str]:
+            _, (candidates, verdict) = judged(gathered)
+            return verdict, min((FINETUNE, BASE), key=lambda n: candidates[n].distance)
+
+        passes = yield from self._score_in_passes(
+            observations, score, verdict_of, step, "prompts scored", full=c.full_grid
+        )
+        error = collection.error or passes.error
+        scores, (candidates, verdict) = judged(passes.per_item)
+        verdict = self._with_grid_notes(verdict, passes.scored)
         complete = collection.complete and error is None and len(scores) == len(texts) - len(collection.unsent)
         self._report = ProbeReport(
             status="complete" if complete else "partial",
@@ -432,6 +466,7 @@ class Probe:
             prompt_set={**self.prompt_set, "count": len(texts)},
             settings={
                 **self._common_settings(),
+                **passes.settings(self._every()),
                 "top_k": c.top_k,
                 "max_new_tokens": c.max_new_tokens,
                 "distance": "coarse KL(provider || candidate) on the provider's listed tokens + rest, nats per token",
@@ -465,10 +500,67 @@ class Probe:
         """(the candidate ranks run, the asked ranks left out: at or above the full rank)."""
         return grid_within(self.config.ranks, self._full_rank)
 
-    def _with_grid_notes(self, verdict: Verdict) -> Verdict:
+    def _every(self) -> list[str]:
+        """Every candidate of the grid: what ``--full-grid`` scores."""
+        return candidate_names(self._grid()[0], self.config.quantized)
+
+    def _with_grid_notes(self, verdict: Verdict, scored: Iterable[str]) -> Verdict:
         grid, beyond = self._grid()
         notes = grid_notes(verdict.closest, grid, beyond, self._full_rank)
+        notes += scoring_note(scored, grid, self.config.quantized)
         return replace(verdict, sentence=verdict.sentence + notes) if notes else verdict
+
+    def _score_in_passes(
+        self,
+        items: Sequence[Any],
+        score: Callable[[Any, Sequence[Any], Sequence[str]], Iterator[dict[str, Any]]],
+        verdict_of: Callable[[Sequence[dict[str, Any]]], tuple[Verdict, str]],
+        step: Callable[[str, int, int, str], Progress],
+        what: str,
+        full: bool,
+    ) -> Generator[Progress, None, Passes]:
+        """Score the coarse grid over ``items``, then, pass after pass, the unscored neighbours of
+        what the verdict on the candidates scored so far (``verdict_of``: it, and the nearer end
+        of the path) holds: its closest and every candidate not ruled out, until none is left
+        (``refine.still_needed``); with ``full``, every candidate in one pass. All passes share
+        one opened pair. An interruption keeps the passes before it, and in the first pass the
+        items it scored."""
+        c = self.config
+        grid = self._grid()[0]
+        every = self._every()
+        todo = every if full else coarse_names(grid, c.quantized)
+        passes = Passes()
+        from lorafid.behaviour.forward import LayerStream
+
+        with LayerStream(self.base, self.finetune, self._forward_config()) as stream:
+            stream.keep_reads = not full and stream.plan().size_bytes <= KEEP_READS_BYTES
+            while todo:
+                first = passes.passes == 0
+                targets = items if first else items[: len(passes.per_item)]
+                part: list[dict[str, Any]] = []
+                try:
+                    for by_name in score(stream, targets, todo):
+                        part.append(by_name)
+                        yield step("local", len(part), len(targets), what)
+                except KeyboardInterrupt:
+                    passes.error = "interrupted while scoring the candidates"
+                    if first and not part:
+                        raise
+                    if not first:
+                        break
+                passes.variants_run += stream.stats.variants_run
+                passes.bytes_read += stream.stats.bytes_read
+                passes.passes += 1
+                done = set(passes.scored) | set(todo)
+                passes.scored = [n for n in every if n in done]
+                merged = part if first else [{**old, **new} for old, new in zip(passes.per_item, part, strict=True)]
+                # In the grid's order, so that ties between candidates break as the full grid's do.
+                passes.per_item = [{n: m[n] for n in every if n in m} for m in merged]
+                if full or passes.error:
+                    break
+                verdict, toward = verdict_of(passes.per_item)
+                todo = still_needed(verdict.closest, verdict.consistent, passes.scored, grid, c.quantized, toward)
+        return passes
 
     def _common_settings(self) -> dict[str, Any]:
         c = self.config
@@ -503,32 +595,46 @@ class Probe:
         )
         if not observations:
             raise ProviderError("Every continuation the provider sent was empty; nothing to score.")
-        per_continuation: list[dict[str, Any]] = []
-        error = read.error
-        variants = candidate_variants(self._grid()[0], c.quantized)
-        try:
-            for _, by_name in score_text(self.base, self.finetune, observations, variants, self._forward_config()):
-                per_continuation.append(by_name)
-                yield step("local", len(per_continuation), len(observations), "continuations scored")
-        except KeyboardInterrupt:
-            error = "interrupted while scoring the candidates"
-            if not per_continuation:
-                raise
-        scored = observations[: len(per_continuation)]
-        family = [n for n in candidate_names(self._grid()[0], c.quantized) if is_original(n)]
-        # The provider's own token count (a lone continuation's usage) tells whether re-tokenizing
-        # its text gave back the tokens it sampled; servers differ on counting the final EOS.
-        aligned = [
-            o.provider_tokens is None
-            or o.provider_tokens == o.tokens
-            or (o.finish_reason == "stop" and o.provider_tokens == o.tokens - 1)
-            for o in scored
-        ]
+        grid = self._grid()[0]
+        family = [n for n in self._every() if is_original(n)]
         judge = judge_greedy if c.channel == GREEDY else judge_text
-        candidates, verdict, evidence = judge(
-            concatenated(per_continuation), [o.tokens for o in scored], original_family=family, aligned=aligned
+
+        def judged(per_continuation: Sequence[dict[str, Any]]) -> Any:
+            scored = observations[: len(per_continuation)]
+            # The provider's own token count (a lone continuation's usage) tells whether re-tokenizing
+            # its text gave back the tokens it sampled; servers differ on counting the final EOS.
+            aligned = [
+                o.provider_tokens is None
+                or o.provider_tokens == o.tokens
+                or (o.finish_reason == "stop" and o.provider_tokens == o.tokens - 1)
+                for o in scored
+            ]
+            tokens = [o.tokens for o in scored]
+            return (
+                scored,
+                aligned,
+                judge(concatenated(per_continuation), tokens, original_family=family, aligned=aligned),
+            )
+
+        def score(stream: Any, items: Sequence[Any], names: Sequence[str]) -> Iterator[dict[str, Any]]:
+            variants = candidate_variants(grid, c.quantized, names)
+            for _, by_name in score_text(self.base, self.finetune, items, variants, None, stream=stream):
+                yield by_name
+
+        def verdict_of(per_continuation: Sequence[dict[str, Any]]) -> tuple[Verdict, str]:
+            _, _, (candidates, verdict, _) = judged(per_continuation)
+            return verdict, min((FINETUNE, BASE), key=lambda n: candidates[n].gap)
+
+        # Every candidate, always: sampled text resolves about 2·1.96²/tokens nats per token (0.01
+        # at 800 tokens), so most candidates stay consistent and a refined grid would score nearly
+        # all of them, in more passes; the table then names every candidate, the quantized ones too.
+        passes = yield from self._score_in_passes(
+            observations, score, verdict_of, step, "continuations scored", full=True
         )
-        verdict = self._with_grid_notes(verdict)
+        error = read.error or passes.error
+        per_continuation = passes.per_item
+        scored, aligned, (candidates, verdict, evidence) = judged(per_continuation)
+        verdict = self._with_grid_notes(verdict, passes.scored)
         method = GREEDY if c.channel == GREEDY else TEXT
         tried = [*collection.channels_tried, {"channel": method, "outcome": "used"}]
         return ProbeReport(
@@ -542,6 +648,7 @@ class Probe:
             prompt_set={**self.prompt_set, "count": len(self.texts)},
             settings={
                 **self._common_settings(),
+                **passes.settings(self._every()),
                 "max_tokens": text_plan.max_tokens,
                 "samples": text_plan.samples,
                 "distance": "mean log-likelihood gap to the closest candidate (KL(P||Q) - KL(P||closest)), "

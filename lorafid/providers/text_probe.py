@@ -91,13 +91,23 @@ def token_scores(logprobs: torch.Tensor, observation: TextObservation) -> TokenS
 
 
 def score_text(
-    base: str, finetune: str, observations: Sequence[TextObservation], variants: Sequence[Any], config: Any
+    base: str,
+    finetune: str,
+    observations: Sequence[TextObservation],
+    variants: Sequence[Any],
+    config: Any,
+    *,
+    stream: Any = None,
 ) -> Iterator[tuple[int, dict[str, TokenScores]]]:
-    """(observation index, {candidate: its scores}) one continuation at a time, after the last layer."""
+    """(observation index, {candidate: its scores}) one continuation at a time, after the last layer;
+    on an open ``LayerStream`` where given (passes of one check share it), else on a new one."""
     from lorafid.behaviour.forward import stream_logprobs
 
     token_ids = [list(o.ids) for o in observations]
-    for index, by_name in stream_logprobs(base, finetune, token_ids, variants, config):
+    run = (
+        stream.logprobs(token_ids, variants) if stream else stream_logprobs(base, finetune, token_ids, variants, config)
+    )
+    for index, by_name in run:
         yield index, {name: token_scores(lp, observations[index]) for name, lp in by_name.items()}
 
 

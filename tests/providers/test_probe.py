@@ -862,3 +862,145 @@ def test_a_rank_below_the_grid_is_flagged_and_ranks_beyond_full_rank_are_not_run
     assert not any(name.startswith(("rank-64", "rank-128")) for name in report.candidates)
     assert report.settings["ranks"] == [16, 32, 64, 128] and report.settings["ranks_run"] == [16, 32]
     assert report.settings["full_rank"] == 48
+
+
+# -- a coarse grid, refined around the evidence ------------------------------------------------
+
+
+def _place(name: str) -> tuple[float, float]:
+    """A candidate on a plane: along the path (originals 0, ranks high to low 1..6, base 7) and
+    across the serving modes (the extras' mode nearer the fine-tune, the multi-LoRA one the base)."""
+    from lorafid.providers.evidence import is_original, parse_candidate
+
+    if is_original(name):
+        return (0.1 * [FINETUNE, FINETUNE_8BIT, "finetune-int4-g128"].index(name), 1.0)
+    if name == BASE:
+        return (7.0, 0.0)
+    rank, keep = parse_candidate(name)
+    assert rank is not None
+    return (1.0 + [512, 256, 128, 64, 32, 16].index(rank), 1.0 if keep else 0.0)
+
+
+def _search(served: str, ranks: Any, quantized: Any) -> tuple[list[str], str]:
+    """The refined grid's passes against a provider serving ``served``, on ``_place``'s plane."""
+    from lorafid.providers.refine import coarse_names, still_needed
+
+    scored = coarse_names(ranks, quantized)
+    while True:
+        x, y = _place(served)
+        distance = {n: abs(_place(n)[0] - x) + 0.5 * abs(_place(n)[1] - y) for n in scored}
+        closest = min(scored, key=lambda n: distance[n])
+        toward = min((FINETUNE, BASE), key=lambda n: abs(_place(n)[0] - x) + 0.5 * abs(_place(n)[1] - y))
+        todo = still_needed(closest, [closest], scored, ranks, quantized, toward)
+        if not todo:
+            return scored, closest
+        scored = [*scored, *todo]
+
+
+def test_the_default_check_scores_about_eight_of_sixteen_candidates_and_finds_the_served_one() -> None:
+    """Fails if the first pass grows (e.g. every other rank in both serving modes) or a pass scores
+    more than the search needs (both of a rank's neighbours where the nearer end says which way to
+    go): for the default ranks and candidates, whichever candidate a provider serves (on a plane
+    where distances grow away from it), the passes find it, with its whole neighbourhood scored,
+    in 8 forwards on average and 10 at most."""
+    from lorafid.providers.probe import DEFAULT_QUANTIZED, DEFAULT_RANKS
+    from lorafid.providers.refine import coarse_names, neighbourhood
+
+    every = candidate_names(DEFAULT_RANKS, DEFAULT_QUANTIZED)
+    assert len(every) == 16
+    first = [FINETUNE, FINETUNE_8BIT, "rank-64", "rank-64+extras", BASE]
+    assert coarse_names(DEFAULT_RANKS, DEFAULT_QUANTIZED) == first
+    counts = []
+    for served in every:
+        scored, closest = _search(served, DEFAULT_RANKS, DEFAULT_QUANTIZED)
+        assert closest == served and len(scored) == len(set(scored)), (served, scored)
+        assert set(neighbourhood(served, DEFAULT_RANKS, DEFAULT_QUANTIZED)) <= set(scored)
+        counts.append(len(scored))
+    assert max(counts) <= 10 and sum(counts) <= 8 * len(counts), counts
+    assert _search("rank-32", DEFAULT_RANKS, DEFAULT_QUANTIZED)[0] == [*first, "rank-32", "rank-16", "rank-32+extras"]
+    assert neighbourhood("rank-16", (4, 8, 16, 32)) == ["rank-32", "rank-16+extras", "rank-8"]
+    assert neighbourhood(BASE, (4, 8, 16, 32)) == ["rank-4", "rank-4+extras"]
+    assert set(neighbourhood(FINETUNE, (4, 8, 16, 32), ("int4-g128",))) == {
+        FINETUNE_8BIT,
+        "finetune-int4-g128",
+        "rank-32",
+        "rank-32+extras",
+    }
+
+
+@pytest.mark.parametrize("mode", ["rank-8", "rank-8+extras", "rank-12", "rank-16", "rank-64", "finetune", "base"])
+def test_the_refined_grid_gives_the_full_grids_verdict_at_fewer_forwards(
+    hub: Any, pair: tuple[str, str], serve: Any, mode: str
+) -> None:
+    """The same verdict (sentence up to the note on what was scored, closest, rank interval,
+    candidates held) and the same distances as scoring every candidate, on the loopback servers;
+    the default check (one quantized copy besides the 8-bit reference) runs at most 8 of the
+    full grid's 12 forwards. Fails if the passes score a candidate differently (the reads kept
+    between them, merged results) or stop before the verdict's neighbours are scored."""
+    server = serve(mode)
+    texts = _texts(server)
+    full = run_to_end(_probe(hub, pair, server, texts, full_grid=True))
+    refined = run_to_end(_probe(hub, pair, server, texts))
+    assert full.settings["forward_equivalents"] == len(full.candidates) == 12 and full.settings["passes"] == 1
+    assert refined.settings["forward_equivalents"] == len(refined.candidates) <= 8
+    # the pair is small: its weights are kept between the passes, so each model is read once
+    assert refined.settings["passes"] > 1
+    assert refined.settings["weight_bytes_read"] == full.settings["weight_bytes_read"] > 0
+    assert refined.settings["candidates_scored"] == list(refined.candidates)
+    assert set(refined.settings["candidates_not_scored"]) == set(full.candidates) - set(refined.candidates)
+    same = ("closest", "matches", "consistent", "rank_range")
+    assert {k: getattr(refined.verdict, k) for k in same} == {k: getattr(full.verdict, k) for k in same}
+    assert refined.verdict.sentence.startswith(full.verdict.sentence)
+    assert f"Scored {len(refined.candidates)} of 12 candidates" in refined.verdict.sentence
+    for name, candidate in refined.candidates.items():
+        assert candidate.distance == pytest.approx(full.candidates[name].distance, rel=1e-6, abs=1e-9)
+        assert candidate.ruled_out == full.candidates[name].ruled_out
+
+
+def test_an_interruption_after_the_first_pass_keeps_the_candidates_scored_and_says_so(
+    hub: Any, pair: tuple[str, str], serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped while scoring the second pass: the report keeps every prompt of the first (the
+    coarse grid), is partial, and names no unscored candidate as scored, held or ruled out."""
+    import lorafid.providers.probe as probe_module
+    from lorafid.providers.refine import coarse_names
+
+    calls = []
+    scoring = probe_module.score_candidates
+
+    def stopped_in_the_second_pass(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs["names"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        yield from scoring(*args, **kwargs)
+
+    monkeypatch.setattr(probe_module, "score_candidates", stopped_in_the_second_pass)
+    report = run_to_end(_probe(hub, pair, serve("rank-16")))
+    first = coarse_names(RANKS, ("int4-g128",))
+    assert len(calls) == 2 and list(calls[0]) == first and report.settings["passes"] == 1
+    assert report.status == "partial" and report.error == "interrupted while scoring the candidates"
+    assert list(report.candidates) == report.settings["candidates_scored"] == first and len(report.prompts) == 8
+    assert set(report.verdict.consistent) <= set(first)
+    assert "not scored" in report.verdict.sentence and "rank-16" in report.settings["candidates_not_scored"]
+
+
+def test_cli_probe_full_grid_scores_every_candidate_in_one_pass(
+    hub: Any, pair: tuple[str, str], serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """``--full-grid`` keeps the one-pass check (fails if the flag does not reach the probe)."""
+    from lorafid.cli.commands import main
+
+    server = serve("rank-16")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(_texts(server, 6)) + "\n")
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    arguments = ["--model", "tiny-served", *pair, "--ranks", "4,8,16,32", "--prompts", str(prompts), "--quiet"]
+    documents = []
+    for extra in ([], ["--full-grid"]):
+        out = tmp_path / f"probe{len(extra)}.json"
+        assert main(["probe", "--endpoint", server.url, *arguments, "--out", str(out), *extra]) == 0
+        documents.append(json.loads(out.read_text())["settings"])
+    refined, full = documents
+    assert full["forward_equivalents"] == 12 and full["passes"] == 1 and full["candidates_not_scored"] == []
+    assert refined["forward_equivalents"] <= 8 and refined["passes"] > 1 and refined["candidates_not_scored"]
+    assert "a coarse grid first" in capsys.readouterr().err
