@@ -97,8 +97,9 @@ DEFAULT_TEXT_REQUESTS = 5  # the text channel's budget when --max-requests is no
 PACKED_PROMPTS = 8  # prompts per echo / prompt_logprobs request under a request budget
 ALL_CHANNELS: tuple[str, ...] = (*CHANNELS, TEXT, GREEDY)
 PACKABLE: tuple[str, ...] = (ECHO, PROMPT_LOGPROBS)
-# Both models' weights are kept between the passes of a refined grid when they weigh at most this
-# (each model then read once); above it, each pass reads them again rather than hold them.
+# A refined grid runs in passes, so it is used only where both models' weights can be kept between
+# them (each model is then read once, as in one pass); larger pairs score the whole grid in one pass:
+# reading a real model from the Hub again for each pass costs far more than the forwards it saves.
 KEEP_READS_BYTES = 2 * 2**30
 
 
@@ -528,12 +529,13 @@ class Probe:
         c = self.config
         grid = self._grid()[0]
         every = self._every()
-        todo = every if full else coarse_names(grid, c.quantized)
         passes = Passes()
         from lorafid.behaviour.forward import LayerStream
 
         with LayerStream(self.base, self.finetune, self._forward_config()) as stream:
-            stream.keep_reads = not full and stream.plan().size_bytes <= KEEP_READS_BYTES
+            full = full or stream.plan().size_bytes > KEEP_READS_BYTES  # never read a model twice
+            todo = every if full else coarse_names(grid, c.quantized)
+            stream.keep_reads = not full
             while todo:
                 first = passes.passes == 0
                 targets = items if first else items[: len(passes.per_item)]

@@ -957,6 +957,25 @@ def test_the_refined_grid_gives_the_full_grids_verdict_at_fewer_forwards(
         assert candidate.ruled_out == full.candidates[name].ruled_out
 
 
+def test_a_pair_too_large_to_keep_between_passes_is_scored_in_one_pass_and_read_once(
+    hub: Any, pair: tuple[str, str], serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where both models' weights cannot be kept between passes (a real model), the whole grid is
+    scored in one pass: each model is read once, never once per pass. Fails if the refined grid
+    runs anyway (it would read the weights again for every pass)."""
+    import lorafid.providers.probe as probe_module
+
+    server = serve("rank-12")
+    texts = _texts(server)
+    full = run_to_end(_probe(hub, pair, server, texts, full_grid=True))
+    monkeypatch.setattr(probe_module, "KEEP_READS_BYTES", 1)  # this pair now counts as too large to keep
+    large = run_to_end(_probe(hub, pair, server, texts))
+    assert large.settings["passes"] == 1 and large.settings["candidates_not_scored"] == []
+    assert large.settings["weight_bytes_read"] == full.settings["weight_bytes_read"] > 0
+    assert large.verdict is not None and full.verdict is not None
+    assert large.verdict.sentence == full.verdict.sentence
+
+
 def test_an_interruption_after_the_first_pass_keeps_the_candidates_scored_and_says_so(
     hub: Any, pair: tuple[str, str], serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
