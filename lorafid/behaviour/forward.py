@@ -162,6 +162,7 @@ class ForwardStats:
     peak_weight_bytes: int = 0  # most tensor bytes held at once (read, derived and variant weights)
     elapsed_s: float = 0.0
     compute_s: float = 0.0
+    decompose_s: float = 0.0  # of compute_s: finding the served ranks' directions (``spectrum.decompose``)
     variants_run: int = 0  # variants whose blocks ran; a twin of another (``LayerStream.twins``) is not run again
     block_calls: int = 0  # block runs: one per (block, variant, group of texts of one length)
 
@@ -193,6 +194,9 @@ class LayerStream:
         # models fit): every tensor read is kept, so that each model is read once in all.
         self.keep_reads = False
         self._kept: dict[str, dict[str, torch.Tensor]] = {"base": {}, "finetune": {}}
+        # With ``keep_reads``, each decomposed matrix's directions too (k × max rank, no Δ): the
+        # pass of ``state_dicts`` rebuilds Δ from the kept reads instead of decomposing again.
+        self._kept_directions: dict[str, tuple[torch.Tensor, str, str]] = {}  # name -> (vectors, side, solver)
 
     def __enter__(self) -> LayerStream:
         return self
@@ -473,6 +477,7 @@ class LayerStream:
                 del raw
         self.keep_reads = False
         self._kept = {"base": {}, "finetune": {}}  # every variant is built: the reads are done with
+        self._kept_directions = {}
         for variant in variants:
             yield variant, states.pop(variant.name)
 
@@ -548,7 +553,8 @@ class LayerStream:
         self._held.clear()
         self._hold("read", [t for side in out.values() for t in side.values()])
         if self.keep_reads:
-            self._hold("kept for generation", [t for side in self._kept.values() for t in side.values()])
+            kept = [t for side in self._kept.values() for t in side.values()]
+            self._hold("kept for generation", kept + [v for v, _, _ in self._kept_directions.values()])
         return out
 
     def _pool(self) -> ThreadPoolExecutor:
@@ -605,6 +611,25 @@ class LayerStream:
             base_weight = variant.base_hook(name, base_weight)
         return base_weight + low_rank
 
+    def _decomposition(self, name: str, base: torch.Tensor, finetune: torch.Tensor, max_rank: int) -> sp.Decomposition:
+        """Δ of one carried matrix with its top ``max_rank`` directions (``spectrum.decompose``), or
+        the directions an earlier pass kept (``keep_reads``) with Δ rebuilt as ``decompose`` builds it
+        (float32 W_ft − W_base, the same values)."""
+        kept = self._kept_directions.get(name)
+        # Enough directions kept, or none at all: Δ was zero (``decompose`` keeps none), at any rank.
+        if kept is not None and (kept[0].shape[1] >= max_rank or kept[0].shape[1] == 0):
+            vectors, side, solver = kept
+            delta = finetune.to(self.device, torch.float32, copy=True).sub_(base.to(self.device, torch.float32))
+            return sp.Decomposition(delta=delta, vectors=vectors, side=side, solver=solver)
+        started = time.perf_counter()
+        _, decomposition = sp.decompose(
+            base.to(self.device, torch.float32), finetune.to(self.device, torch.float32), max_rank
+        )
+        self.stats.decompose_s += time.perf_counter() - started
+        if self.keep_reads:  # the directions only: Δ is rebuilt from the kept reads
+            self._kept_directions[name] = (decomposition.vectors, decomposition.side, decomposition.solver)
+        return decomposition
+
     def _block_weights(
         self, variants: Sequence[Variant], raw: dict[str, dict[str, torch.Tensor]], prefix: str
     ) -> Generator[tuple[Variant, dict[str, torch.Tensor]], None, None]:
@@ -621,9 +646,7 @@ class LayerStream:
                 # Ranks at or above this matrix's full rank serve it whole: no directions needed.
                 below = [r for r in ranks if r < min(base.shape)]
                 if below:
-                    _, decompositions[name] = sp.decompose(
-                        base.to(self.device, torch.float32), finetune.to(self.device, torch.float32), max(below)
-                    )
+                    decompositions[name] = self._decomposition(name, base, finetune, max(below))
             self._hold("decompositions", [t for d in decompositions.values() for t in (d.delta, d.vectors)])
         for variant in variants:
             if variant.kind == "served":
