@@ -11,7 +11,8 @@ read of each model serves every variant; the Δ of each matrix is decomposed onc
 matrix is the fine-tune's own), and a variant whose weights equal another's (a rank at or above
 the model's full rank: ``LayerStream.twins``) is not run again. Peak memory ≈ the two models'
 tensors of one block (or of the embedding / head, whichever is larger) + one variant's block +
-activations; with ``keep_reads`` (for generation after the forward) every tensor read is kept.
+activations; with ``keep_reads`` (for generation after the forward) every tensor read is kept,
+and each matrix's directions, so that ``state_dicts`` neither reads nor decomposes again.
 
 Variants (``Variant``):
 - ``finetune``: the fine-tune's weights (the reference);
