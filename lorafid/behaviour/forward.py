@@ -11,7 +11,8 @@ read of each model serves every variant; the Δ of each matrix is decomposed onc
 matrix is the fine-tune's own), and a variant whose weights equal another's (a rank at or above
 the model's full rank: ``LayerStream.twins``) is not run again. Peak memory ≈ the two models'
 tensors of one block (or of the embedding / head, whichever is larger) + one variant's block +
-activations; with ``keep_reads`` (for generation after the forward) every tensor read is kept.
+activations; with ``keep_reads`` (for generation after the forward) every tensor read is kept,
+and each matrix's directions, so that ``state_dicts`` neither reads nor decomposes again.
 
 Variants (``Variant``):
 - ``finetune``: the fine-tune's weights (the reference);
@@ -25,8 +26,10 @@ Variants (``Variant``):
 Blocks run through ``torch.func.functional_call`` on the meta skeleton: the module never owns
 a real tensor, so nothing has to be freed from it and two variants cannot mix weights. The
 rotary embedding is rebuilt on the real device from the config (its buffers stay on meta
-under ``init_empty_weights``); masks come from ``transformers.masking_utils``. Texts run one
-at a time (batch 1): no padding, so results do not depend on how texts are grouped.
+under ``init_empty_weights``); masks come from ``transformers.masking_utils``, built once per
+text length. Texts of one length go through a block in one call (a batch of at most
+``_GROUP_TOKENS`` positions): no padding, so every row is its text's own math and results do
+not depend on how texts are grouped beyond float rounding of the larger matmul.
 
 Supported: ``SUPPORTED_MODEL_TYPES`` (Llama, Mistral, Qwen2, Qwen3 as ``transformers``
 implements them). Not here: tokenization and metrics (``behaviour``), generation with a KV
@@ -74,6 +77,9 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
 VARIANT_KINDS: tuple[str, ...] = ("finetune", "base", "served")
 MAX_CONFIG_BYTES = 2**20  # a config.json is a few kB
 _READERS = 8  # tensors of one block read in parallel (each a range request on the Hub)
+# Most token positions in one block call (texts of one length run together): bounds the call's
+# activations (the MLP's intermediate states, attention scores) to a few hundred MB at 8B sizes.
+_GROUP_TOKENS = 4096
 
 WeightHook = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -157,7 +163,9 @@ class ForwardStats:
     peak_weight_bytes: int = 0  # most tensor bytes held at once (read, derived and variant weights)
     elapsed_s: float = 0.0
     compute_s: float = 0.0
+    decompose_s: float = 0.0  # of compute_s: finding the served ranks' directions (``spectrum.decompose``)
     variants_run: int = 0  # variants whose blocks ran; a twin of another (``LayerStream.twins``) is not run again
+    block_calls: int = 0  # block runs: one per (block, variant, group of texts of one length)
 
 
 @dataclass(frozen=True)
@@ -187,6 +195,9 @@ class LayerStream:
         # models fit): every tensor read is kept, so that each model is read once in all.
         self.keep_reads = False
         self._kept: dict[str, dict[str, torch.Tensor]] = {"base": {}, "finetune": {}}
+        # With ``keep_reads``, each decomposed matrix's directions too (k × max rank, no Δ): the
+        # pass of ``state_dicts`` rebuilds Δ from the kept reads instead of decomposing again.
+        self._kept_directions: dict[str, tuple[torch.Tensor, str, str]] = {}  # name -> (vectors, side, solver)
 
     def __enter__(self) -> LayerStream:
         return self
@@ -312,16 +323,21 @@ class LayerStream:
         stages = layers + 2
         device, dtype = self.device, self.config.dtype
 
-        # Stage 1: embeddings -> hidden states of every (variant, text).
+        # Texts of one length run through each block together (``_length_groups``): one call per
+        # group instead of one per text, no padding, so every row is the text's own batch-1 math.
+        groups = _length_groups(texts, _GROUP_TOKENS)
+        where = {i: (g, row) for g, group in enumerate(groups) for row, i in enumerate(group)}
+
+        # Stage 1: embeddings -> hidden states of every (variant, group of texts).
         embed = "model.embed_tokens.weight"
         raw = self._read({embed}, variants)
         hidden: dict[str, list[torch.Tensor]] = {}
 
         def embed_all(raw: dict[str, dict[str, torch.Tensor]] = raw) -> None:
-            ids = [torch.tensor(t, dtype=torch.long, device=device) for t in texts]
+            ids = [torch.tensor([texts[i] for i in group], dtype=torch.long, device=device) for group in groups]
             for variant in variants:
                 weight = self._extra_weight(variant, embed, raw)
-                hidden[variant.name] = [weight[i].unsqueeze(0) for i in ids]
+                hidden[variant.name] = [weight[i] for i in ids]
                 del weight
 
         self._compute(embed_all)
@@ -331,10 +347,12 @@ class LayerStream:
 
         units = layers * len(variants) * len(texts)  # (block, variant, text) runs, for per-prompt progress
         rotary = _rotary(skeleton, plan.config, device, dtype)
-        positions = [torch.arange(len(t), device=device).unsqueeze(0) for t in texts]
+        # Positions, rotary tables and masks depend on a group's length only: built once per group.
+        positions = [torch.arange(len(texts[group[0]]), device=device).unsqueeze(0) for group in groups]
+        first = hidden[variants[0].name]
         with torch.no_grad():
-            rope = [rotary(hidden[variants[0].name][i], positions[i]) for i in range(len(texts))]
-        masks = [_masks(plan.config, hidden[variants[0].name][i], positions[i]) for i in range(len(texts))]
+            rope = [rotary(first[g], positions[g]) for g in range(len(groups))]
+        masks = [_masks(plan.config, first[g], positions[g]) for g in range(len(groups))]
         kinds = _layer_types(plan.config)
 
         # Stages 2..N+1: one block at a time, every variant through it.
@@ -352,14 +370,16 @@ class LayerStream:
                     hidden[variant.name] = self.config.compute(
                         block_on_device, plan.config, layer, weights, hidden[variant.name]
                     )
+                    self.stats.block_calls += len(groups)
                     del weights
                     unit = (layer * len(variants) + done_variants + 1) * len(texts)
                     yield self._progress(unit, units, started, f"block {layer + 1}/{layers} · {variant.name}")
                     continue
-                for i in range(len(texts)):
+                done_texts = 0
+                for g, group in enumerate(groups):
 
-                    def run_text(
-                        i: int = i,
+                    def run_group(
+                        g: int = g,
                         variant: Variant = variant,
                         weights: Any = weights,
                         block: Any = block,
@@ -368,19 +388,22 @@ class LayerStream:
                         out = torch.func.functional_call(
                             block,
                             weights,
-                            (hidden[variant.name][i],),
+                            (hidden[variant.name][g],),
                             {
-                                "attention_mask": masks[i][kinds[layer]],
-                                "position_ids": positions[i],
-                                "position_embeddings": rope[i],
+                                "attention_mask": masks[g][kinds[layer]],
+                                "position_ids": positions[g],
+                                "position_embeddings": rope[g],
                             },
                         )
-                        hidden[variant.name][i] = out[0] if isinstance(out, tuple) else out
+                        hidden[variant.name][g] = out[0] if isinstance(out, tuple) else out
 
-                    self._compute(run_text)
-                    unit = (layer * len(variants) + done_variants) * len(texts) + i + 1
-                    where = f"block {layer + 1}/{layers} · {variant.name} · prompt {i + 1}/{len(texts)}"
-                    yield self._progress(unit, units, started, where)
+                    self._compute(run_group)
+                    self.stats.block_calls += 1
+                    for i in group:  # progress per prompt, as before the grouping
+                        done_texts += 1
+                        unit = (layer * len(variants) + done_variants) * len(texts) + done_texts
+                        where_ = f"block {layer + 1}/{layers} · {variant.name} · prompt {i + 1}/{len(texts)}"
+                        yield self._progress(unit, units, started, where_)
                 del weights
             building.close()
             del raw
@@ -408,19 +431,24 @@ class LayerStream:
         self._compute(prepare_head)
         del raw
         final_norm = skeleton.model.norm
+        left = [len(group) for group in groups]  # texts of each group still to run through the head
         yield self._report(stages, stages, started)
         for i in range(len(texts)):
             out: dict[str, torch.Tensor] = {}
+            g, row = where[i]
 
-            def run_head(i: int = i, out: dict[str, torch.Tensor] = out) -> None:
+            def run_head(g: int = g, row: int = row, out: dict[str, torch.Tensor] = out) -> None:
                 for variant in variants:
                     norm_weight, head_weight = finals[variant.name]
-                    h = torch.func.functional_call(final_norm, {"weight": norm_weight}, (hidden[variant.name][i],))
+                    text = hidden[variant.name][g][row : row + 1]
+                    h = torch.func.functional_call(final_norm, {"weight": norm_weight}, (text,))
                     logits = (h[0] @ head_weight.T).to(torch.float32)
                     out[variant.name] = torch.log_softmax(logits, dim=-1).cpu()
-                    hidden[variant.name][i] = h[:, :0]  # this text is done: drop its activations
+                    if left[g] == 1:  # the group's last text is done: drop its activations
+                        hidden[variant.name][g] = text.new_zeros(0)  # not a view: frees the group
 
             self._compute(run_head)
+            left[g] -= 1
             for twin, same in twins.items():
                 out[twin] = out[same]
             self.stats.elapsed_s = time.perf_counter() - started
@@ -450,6 +478,7 @@ class LayerStream:
                 del raw
         self.keep_reads = False
         self._kept = {"base": {}, "finetune": {}}  # every variant is built: the reads are done with
+        self._kept_directions = {}
         for variant in variants:
             yield variant, states.pop(variant.name)
 
@@ -525,7 +554,8 @@ class LayerStream:
         self._held.clear()
         self._hold("read", [t for side in out.values() for t in side.values()])
         if self.keep_reads:
-            self._hold("kept for generation", [t for side in self._kept.values() for t in side.values()])
+            kept = [t for side in self._kept.values() for t in side.values()]
+            self._hold("kept for generation", kept + [v for v, _, _ in self._kept_directions.values()])
         return out
 
     def _pool(self) -> ThreadPoolExecutor:
@@ -582,6 +612,25 @@ class LayerStream:
             base_weight = variant.base_hook(name, base_weight)
         return base_weight + low_rank
 
+    def _decomposition(self, name: str, base: torch.Tensor, finetune: torch.Tensor, max_rank: int) -> sp.Decomposition:
+        """Δ of one carried matrix with its top ``max_rank`` directions (``spectrum.decompose``), or
+        the directions an earlier pass kept (``keep_reads``) with Δ rebuilt as ``decompose`` builds it
+        (float32 W_ft − W_base, the same values)."""
+        kept = self._kept_directions.get(name)
+        # Enough directions kept, or none at all: Δ was zero (``decompose`` keeps none), at any rank.
+        if kept is not None and (kept[0].shape[1] >= max_rank or kept[0].shape[1] == 0):
+            vectors, side, solver = kept
+            delta = finetune.to(self.device, torch.float32, copy=True).sub_(base.to(self.device, torch.float32))
+            return sp.Decomposition(delta=delta, vectors=vectors, side=side, solver=solver)
+        started = time.perf_counter()
+        _, decomposition = sp.decompose(
+            base.to(self.device, torch.float32), finetune.to(self.device, torch.float32), max_rank
+        )
+        self.stats.decompose_s += time.perf_counter() - started
+        if self.keep_reads:  # the directions only: Δ is rebuilt from the kept reads
+            self._kept_directions[name] = (decomposition.vectors, decomposition.side, decomposition.solver)
+        return decomposition
+
     def _block_weights(
         self, variants: Sequence[Variant], raw: dict[str, dict[str, torch.Tensor]], prefix: str
     ) -> Generator[tuple[Variant, dict[str, torch.Tensor]], None, None]:
@@ -598,9 +647,7 @@ class LayerStream:
                 # Ranks at or above this matrix's full rank serve it whole: no directions needed.
                 below = [r for r in ranks if r < min(base.shape)]
                 if below:
-                    _, decompositions[name] = sp.decompose(
-                        base.to(self.device, torch.float32), finetune.to(self.device, torch.float32), max(below)
-                    )
+                    decompositions[name] = self._decomposition(name, base, finetune, max(below))
             self._hold("decompositions", [t for d in decompositions.values() for t in (d.delta, d.vectors)])
         for variant in variants:
             if variant.kind == "served":
@@ -661,14 +708,14 @@ def block_forward(
 
     A pure function: it changes none of its arguments and returns new tensors on the device of
     ``hidden``, so it can run in another process (a ZeroGPU worker pickles arguments and
-    results). Rotary embeddings and masks are rebuilt from ``config`` and each text's length
-    (batch 1, positions 0..n-1), exactly as ``LayerStream.logprobs`` builds them.
+    results). Rotary embeddings and masks are rebuilt from ``config`` and each tensor's length
+    (positions 0..n-1), exactly as ``LayerStream.logprobs`` builds them.
 
     Args:
         config: the transformers config (``load_config``), ``_attn_implementation`` "sdpa".
         weights: parameter names relative to the block ("self_attn.q_proj.weight", ...), in
             the compute dtype, on the device of ``hidden``.
-        hidden: one (1, tokens, hidden_size) tensor per text.
+        hidden: (texts, tokens, hidden_size) tensors, each holding texts of one length.
 
     Example: ``block_forward(config, 0, weights, [torch.randn(1, 5, config.hidden_size)])``.
     """
@@ -951,3 +998,18 @@ def _check_inputs(token_ids: Sequence[Sequence[int]], variants: Sequence[Variant
         if bad:
             raise ValueError(f"Text {index} has token id {bad[0]}, outside the vocabulary of {vocab_size}.")
     return texts
+
+
+def _length_groups(texts: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
+    """Indexes of the texts grouped by length, each group at most ``max_tokens`` positions (at
+    least one text), lengths in order of first appearance.
+
+    Example: lengths 3, 5, 3, 3 with ``max_tokens`` 6 -> [[0, 2], [3], [1]].
+    """
+    by_length: dict[int, list[list[int]]] = {}
+    for index, ids in enumerate(texts):
+        chunks = by_length.setdefault(len(ids), [[]])
+        if chunks[-1] and (len(chunks[-1]) + 1) * len(ids) > max_tokens:
+            chunks.append([])
+        chunks[-1].append(index)
+    return [group for chunks in by_length.values() for group in chunks]

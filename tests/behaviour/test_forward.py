@@ -104,6 +104,79 @@ def test_other_supported_architectures_match_transformers(model_type: str, tmp_p
             assert (streamed[i][name] - expected).abs().max().item() < TOLERANCE, (model_type, name, i)
 
 
+def test_texts_of_one_length_run_through_a_block_together_with_their_own_results(
+    llama_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three 4-token texts and a 2-token one: one block call per length group (not per text), in
+    groups of at most ``_GROUP_TOKENS`` positions, and each text's log-probabilities are those
+    of the text run alone and of the whole-model reference."""
+    from lorafid.behaviour import forward
+
+    assert forward._length_groups([[1] * 3, [1] * 5, [1] * 3, [1] * 3], 6) == [[0, 2], [3], [1]]
+    family = model_family("llama", 2)
+    texts = [[1, 5, 6, 7], [1, 20, 21, 22], [30, 31], [2, 9, 8, 7]]
+    variants = [FINETUNE, served(3)]
+    with LayerStream(str(llama_dirs["base"]), str(llama_dirs["full"])) as stream:
+        together = dict(stream.logprobs(texts, variants))
+        assert stream.stats.block_calls == 2 * 2 * 2  # layers x variants x length groups
+    monkeypatch.setattr(forward, "_GROUP_TOKENS", 8)  # two 4-token texts per call at most
+    with LayerStream(str(llama_dirs["base"]), str(llama_dirs["full"])) as stream:
+        capped = dict(stream.logprobs(texts, variants))
+        assert stream.stats.block_calls == 2 * 2 * 3  # the 4-token group split in two
+    states = {
+        "finetune": family.full.tensors,
+        "rank-3": reference_weights(family.base.tensors, family.full.tensors, 3, False),
+    }
+    for i, ids in enumerate(texts):
+        alone = dict(stream_logprobs(str(llama_dirs["base"]), str(llama_dirs["full"]), [ids], variants))[0]
+        for name, state in states.items():
+            assert torch.allclose(together[i][name], alone[name], rtol=0, atol=1e-6), (name, i)
+            assert torch.allclose(capped[i][name], alone[name], rtol=0, atol=1e-6), (name, i)
+            expected = whole_model_logprobs(family.full.files["config.json"], state, [ids])[0]
+            assert (together[i][name] - expected).abs().max().item() < TOLERANCE, (name, i)
+
+
+def test_decomposition_time_is_counted_apart_within_compute(llama_dirs: dict[str, Path]) -> None:
+    """``ForwardStats.decompose_s``: zero with nothing to decompose, else a part of ``compute_s``."""
+    with LayerStream(str(llama_dirs["base"]), str(llama_dirs["full"])) as stream:
+        list(stream.logprobs(TEXTS, [FINETUNE, BASE]))
+        assert stream.stats.decompose_s == 0.0
+        list(stream.logprobs(TEXTS, [FINETUNE, served(3)]))
+        assert 0.0 < stream.stats.decompose_s < stream.stats.compute_s
+
+
+def test_state_dicts_after_a_kept_forward_reuse_its_directions(
+    llama_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``keep_reads`` the forward keeps each matrix's directions: the pass that builds whole
+    models for generation decomposes nothing again, and its weights equal a fresh stream's."""
+    from lorafid.audit import spectrum as sp
+
+    variants = [FINETUNE, served(3), served(16, keep_extras=True)]
+    with LayerStream(str(llama_dirs["base"]), str(llama_dirs["full"])) as fresh:
+        expected = dict(fresh.state_dicts(variants))
+    calls: list[int] = []
+    decompose = sp.decompose
+
+    def counting(base: torch.Tensor, finetune: torch.Tensor, max_rank: int) -> Any:
+        calls.append(max_rank)
+        return decompose(base, finetune, max_rank)
+
+    monkeypatch.setattr(sp, "decompose", counting)
+    with LayerStream(str(llama_dirs["base"]), str(llama_dirs["full"])) as stream:
+        stream.keep_reads = True
+        list(stream.logprobs(TEXTS, variants))
+        assert calls and stream.stats.decompose_s > 0
+        calls.clear()
+        states = dict(stream.state_dicts(variants))
+    assert calls == []  # every direction came from the forward
+    assert states.keys() == expected.keys()
+    for name, state in states.items():
+        assert state.keys() == expected[name].keys()
+        for tensor_name, tensor in state.items():
+            assert torch.equal(tensor, expected[name][tensor_name]), (name, tensor_name)
+
+
 def test_weight_hook_sees_every_weight_of_its_variant(llama_dirs: dict[str, Path]) -> None:
     seen: list[str] = []
 
