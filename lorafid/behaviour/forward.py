@@ -693,14 +693,6 @@ def stream_logprobs(
         yield from stream.logprobs(token_ids, variants)
 
 
-def check_models(base: str, finetune: str, config: ForwardConfig) -> None:
-    """Open both models and run every check a forward makes before reading weights (config and
-    header limits, architecture, names, vocabularies), then close them: e.g. before a probe
-    sends its first request to a provider."""
-    with LayerStream(base, finetune, config) as stream:
-        stream.plan()
-
-
 def block_forward(
     config: Any, layer: int, weights: dict[str, torch.Tensor], hidden: list[torch.Tensor]
 ) -> list[torch.Tensor]:
