@@ -326,3 +326,22 @@ def test_the_hubs_errors_carry_their_fields(app: Served) -> None:
         parse_source_spec("./checkpoint", allow_local=False)
     assert local.value.problem == "'./checkpoint' is a local path; this deployment reads Hub repos only."
     assert str(local.value).startswith(local.value.problem + " Expected a Hub repo ID")  # the CLI's words unchanged
+
+
+@pytest.mark.parametrize("kind", ["behaviour", "probe"])
+def test_a_damaged_stored_check_opens_as_one_line_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A stored document that its typed ``from_dict`` refuses (a field missing) is said in one
+    line on its tab, the same for both checks: the one boundary for stored documents."""
+    monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "home"))
+    dash = board(tmp_path)
+    dash.catalog.share_all = True
+    document = dict(BEHAVIOUR if kind == "behaviour" else probe())
+    del document["prompts"]
+    key = dash.store.put_document(kind, document)
+    opened = dash.open_behaviour_link if kind == "behaviour" else dash.open_probe_link
+    status = dash.behave_status if kind == "behaviour" else dash.probe_status
+    shown = opened(f"?{kind}={key}", None)
+    assert "is incomplete or damaged (missing field 'prompts')" in plain(shown[status])
+    assert dash.tabs not in shown

@@ -17,14 +17,14 @@ import pandas as pd
 from lorafid.audit.store import Store
 from lorafid.behaviour.report import BehaviourReport
 from lorafid.compute import ComputeHook
-from lorafid.errors import LorafidError, ReportFormatError
+from lorafid.errors import LorafidError
 from lorafid.names import parse_ranks
 from lorafid.web.config import MAX_RANK, AppConfig, check_deadline, check_token
 from lorafid.web.downloads import write_download
 from lorafid.web.gallery import Catalog
 from lorafid.web.limits import TOO_MANY_LINKS, VisitorRate, VisitorSlots, visitor_of
 from lorafid.web.links import page_url, stored_key
-from lorafid.web.tabs.common import MAX_INPUT_CHARS, MAX_MESSAGE_CHARS, TEXT_INTERVAL_S, user_errors
+from lorafid.web.tabs.common import MAX_INPUT_CHARS, MAX_MESSAGE_CHARS, TEXT_INTERVAL_S, open_stored_check, user_errors
 from lorafid.web.text import md_text, rounded
 
 BEHAVIOUR_INTRO = """**What does the served extraction do to the model's outputs?** The fine-tune, its base and the
@@ -178,19 +178,12 @@ class BehaviourTab:
             return {self.behave_status: gr.update()}  # an empty dict reads as one value: "needed 9, returned 1"
         if not self.link_rate.allow(visitor_of(request, self.behind_proxy)):
             return {self.behave_status: TOO_MANY_LINKS}
-        document = self.store.load_document("behaviour", key)
-        if document is None or not self.catalog.document_visible(
-            "behaviour", key, document, oauth_token.token if oauth_token else False
-        ):
-            # The same words whether it is missing or private: they reveal nothing.
-            return {
-                self.behave_status: "That behaviour check is not stored on this server, or is of a gated or "
-                "private repo: sign in with an account that can read both repos."
-            }
-        try:
-            report = BehaviourReport.from_dict(document)  # the one boundary for stored documents
-        except ReportFormatError as e:
-            return {self.behave_status: md_text(str(e), MAX_MESSAGE_CHARS)}
+        token = oauth_token.token if oauth_token else False
+        report = open_stored_check(
+            self.store, self.catalog, "behaviour", key, token, BehaviourReport.from_dict, "behaviour check"
+        )
+        if isinstance(report, str):
+            return {self.behave_status: report}
         return self._behaviour_view(report) | {
             self.tabs: gr.Tabs(selected="behaviour"),  # a behaviour link opens on its own tab
             self.behave_base: str(report.base.get("spec") or ""),

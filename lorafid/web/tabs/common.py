@@ -9,12 +9,16 @@ lines while a check streams.
 import functools
 import inspect
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import gradio as gr
 
-from lorafid.errors import LorafidError
-from lorafid.web.text import html_text
+from lorafid.audit.store import Store
+from lorafid.errors import LorafidError, ReportFormatError
+from lorafid.web.gallery import Catalog
+from lorafid.web.text import html_text, md_text
+
+T = TypeVar("T")
 
 TEXT_INTERVAL_S = 0.1  # update a status line at most ten times a second while a check streams
 MAX_INPUT_CHARS = 200  # a Hub repo ID is at most 96 characters, a revision a branch name or SHA
@@ -47,3 +51,31 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _message(error: LorafidError) -> str:
     """The error's sentence for a pop-up: Gradio renders it as HTML, so it is escaped, and cut."""
     return html_text(str(error), MAX_MESSAGE_CHARS)
+
+
+def open_stored_check(
+    store: Store,
+    catalog: Catalog,
+    kind: str,
+    key: str,
+    token: str | bool,
+    decode: Callable[[dict[str, Any]], T],
+    what: str,
+) -> T | str:
+    """A stored check (``kind`` "behaviour" or "probe") for a visitor holding ``token``, read
+    through its document's ``from_dict`` (``decode``); else the words to show instead.
+
+    The audit's visibility rule applies (both repos public when checked, or readable with the
+    visitor's own token now), and a missing check and a private one get the same words, so the
+    answer reveals nothing. A damaged document is its ``ReportFormatError``'s one line.
+    """
+    document = store.load_document(kind, key)
+    if document is None or not catalog.document_visible(kind, key, document, token):
+        return (
+            f"That {what} is not stored on this server, or is of a gated or private repo: sign in with an "
+            "account that can read both repos."
+        )
+    try:
+        return decode(document)
+    except ReportFormatError as e:
+        return md_text(str(e), MAX_MESSAGE_CHARS)

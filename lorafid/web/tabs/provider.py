@@ -15,7 +15,7 @@ import pandas as pd
 
 from lorafid.audit.store import Store
 from lorafid.compute import ComputeHook
-from lorafid.errors import LorafidError, ReportFormatError
+from lorafid.errors import LorafidError
 from lorafid.names import parse_ranks
 from lorafid.providers.netguard import ProbeServerSettings, VisitorBudget
 from lorafid.providers.probe import DEFAULT_QUANTIZED
@@ -27,7 +27,7 @@ from lorafid.web.downloads import write_download
 from lorafid.web.gallery import Catalog
 from lorafid.web.limits import TOO_MANY_LINKS, VisitorRate, VisitorSlots, visitor_of
 from lorafid.web.links import page_url, stored_key
-from lorafid.web.tabs.common import MAX_INPUT_CHARS, MAX_MESSAGE_CHARS, user_errors
+from lorafid.web.tabs.common import MAX_INPUT_CHARS, open_stored_check, user_errors
 from lorafid.web.text import md_text, rounded
 
 PROBE_INTRO = """**Does an API serve this fine-tune, or a rank-r LoRA extracted from it?** The provider's
@@ -244,19 +244,13 @@ class ProviderTab:
             return {self.probe_status: gr.update()}  # an empty dict reads as one value: "needed 11, returned 1"
         if not self.link_rate.allow(visitor_of(request, self.behind_proxy)):
             return {self.probe_status: TOO_MANY_LINKS}
-        stored = self.store.load_document("probe", key)
-        if stored is None or not self.catalog.document_visible(
-            "probe", key, stored, oauth_token.token if oauth_token else False
-        ):
-            # The same words whether it is missing or private: they reveal nothing.
-            return {
-                self.probe_status: "That provider check is not stored on this server, or is of a gated or private "
-                "repo: sign in with an account that can read both repos."
-            }
-        try:
-            document = ProbeReport.from_dict(stored).to_dict()  # the one boundary for stored documents
-        except ReportFormatError as e:
-            return {self.probe_status: md_text(str(e), MAX_MESSAGE_CHARS)}
+        token = oauth_token.token if oauth_token else False
+        report = open_stored_check(
+            self.store, self.catalog, "probe", key, token, ProbeReport.from_dict, "provider check"
+        )
+        if isinstance(report, str):
+            return {self.probe_status: report}
+        document = report.to_dict()
         text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
         path = write_download(self.downloads, f"lorafid-probe-{key}.json", text)
         settings = document.get("settings") or {}
