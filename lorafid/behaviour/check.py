@@ -244,7 +244,7 @@ class BehaviourCheck:
         """Greedy continuations of F, the base and each served variant, if all of them fit at once;
         a ``Progress`` ("generating", prompts × variants done) after each prompt of each variant.
         A variant that is another's twin (``LayerStream.twins``) gets the other's continuations."""
-        from lorafid.behaviour.forward import build_model
+        from lorafid.behaviour.blocks import build_model
 
         generators = list(self.variants)
         needed = self._generation_bytes(stream)

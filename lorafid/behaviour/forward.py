@@ -44,7 +44,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -57,13 +56,22 @@ from lorafid.audit import spectrum as sp
 from lorafid.audit.engine import resolve_device
 from lorafid.audit.pairing import is_embedding, match_names
 from lorafid.behaviour import model_limits
-from lorafid.compute import ComputeHook, kernel_device
+from lorafid.behaviour.architecture import (
+    block_masks,
+    layer_types,
+    load_config,
+    meta_skeleton,
+    parameter_names,
+    read_config_json,
+    require_transformers,
+    rotary_embedding,
+)
+from lorafid.behaviour.blocks import block_on_device
+from lorafid.compute import ComputeHook
 from lorafid.errors import (
     LimitExceededError,
     LorafidError,
-    MissingExtraError,
     MissingModelFileError,
-    UnsupportedArchitectureError,
     VocabularyMismatchError,
 )
 from lorafid.progress import Progress
@@ -71,11 +79,7 @@ from lorafid.weights.safetensors_format import TensorInfo, header_cap
 from lorafid.weights.source import Source, open_source
 from lorafid.weights.tensors import read_tensor, tensor_indexes
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
-"""``config.json`` model types whose blocks share Llama's call signature (checked in tests)."""
-
 VARIANT_KINDS: tuple[str, ...] = ("finetune", "base", "served")
-MAX_CONFIG_BYTES = 2**20  # a config.json is a few kB
 _READERS = 8  # tensors of one block read in parallel (each a range request on the Hub)
 # Most token positions in one block call (texts of one length run together): bounds the call's
 # activations (the MLP's intermediate states, attention scores) to a few hundred MB at 8B sizes.
@@ -248,7 +252,7 @@ class LayerStream:
             max_tensor_bytes=cfg.max_tensor_bytes,
             max_model_bytes=cfg.max_model_bytes,
         )
-        names = _parameter_names(model_config)
+        names = parameter_names(model_config)
         finetune_tensors = _map_names(names, finetune_raw, model_config, where=finetune_source.describe())
         base_tensors = _map_names(names, base_raw, model_config, where=base_source.describe(), head_may_be_tied=True)
         if "lm_head.weight" in finetune_tensors and "lm_head.weight" not in base_tensors:
@@ -318,7 +322,7 @@ class LayerStream:
         self.stats = ForwardStats(
             tokens=sum(len(ids) for ids in texts), layers=plan.config.num_hidden_layers, variants_run=len(variants)
         )
-        skeleton = _skeleton(plan.config)
+        skeleton = meta_skeleton(plan.config)
         layers = plan.config.num_hidden_layers
         stages = layers + 2
         device, dtype = self.device, self.config.dtype
@@ -346,14 +350,14 @@ class LayerStream:
         yield self._report(1, stages, started)
 
         units = layers * len(variants) * len(texts)  # (block, variant, text) runs, for per-prompt progress
-        rotary = _rotary(skeleton, plan.config, device, dtype)
+        rotary = rotary_embedding(skeleton, plan.config, device, dtype)
         # Positions, rotary tables and masks depend on a group's length only: built once per group.
         positions = [torch.arange(len(texts[group[0]]), device=device).unsqueeze(0) for group in groups]
         first = hidden[variants[0].name]
         with torch.no_grad():
             rope = [rotary(first[g], positions[g]) for g in range(len(groups))]
-        masks = [_masks(plan.config, first[g], positions[g]) for g in range(len(groups))]
-        kinds = _layer_types(plan.config)
+        masks = [block_masks(plan.config, first[g], positions[g]) for g in range(len(groups))]
+        kinds = layer_types(plan.config)
 
         # Stages 2..N+1: one block at a time, every variant through it.
         for layer in range(layers):
@@ -691,225 +695,6 @@ def stream_logprobs(
     """
     with LayerStream(base, finetune, config) as stream:
         yield from stream.logprobs(token_ids, variants)
-
-
-def block_forward(
-    config: Any, layer: int, weights: dict[str, torch.Tensor], hidden: list[torch.Tensor]
-) -> list[torch.Tensor]:
-    """Block ``layer`` of the architecture ``config`` with ``weights`` over each text's hidden states.
-
-    A pure function: it changes none of its arguments and returns new tensors on the device of
-    ``hidden``, so it can run in another process (a ZeroGPU worker pickles arguments and
-    results). Rotary embeddings and masks are rebuilt from ``config`` and each tensor's length
-    (positions 0..n-1), exactly as ``LayerStream.logprobs`` builds them.
-
-    Args:
-        config: the transformers config (``load_config``), ``_attn_implementation`` "sdpa".
-        weights: parameter names relative to the block ("self_attn.q_proj.weight", ...), in
-            the compute dtype, on the device of ``hidden``.
-        hidden: (texts, tokens, hidden_size) tensors, each holding texts of one length.
-
-    Example: ``block_forward(config, 0, weights, [torch.randn(1, 5, config.hidden_size)])``.
-    """
-    if not hidden:
-        return []
-    device, dtype = hidden[0].device, hidden[0].dtype
-    skeleton = _skeleton_cached(config)
-    block = skeleton.model.layers[layer]
-    embed = _rotary(skeleton, config, device, dtype)
-    kind = _layer_types(config)[layer]
-    out: list[torch.Tensor] = []
-    with torch.no_grad(), sp.exact_matmul():
-        for h in hidden:
-            positions = torch.arange(h.shape[1], device=device).unsqueeze(0)
-            result = torch.func.functional_call(
-                block,
-                weights,
-                (h,),
-                {
-                    "attention_mask": _masks(config, h, positions)[kind],
-                    "position_ids": positions,
-                    "position_embeddings": embed(h, positions),
-                },
-            )
-            out.append(result[0] if isinstance(result, tuple) else result)
-    return out
-
-
-def block_on_device(
-    config: Any,
-    layer: int,
-    weights: dict[str, torch.Tensor],
-    hidden: list[torch.Tensor],
-    device: str | torch.device | None = None,
-) -> list[torch.Tensor]:
-    """``block_forward`` as a ``lorafid.compute`` kernel: CPU tensors in and out, run on
-    ``device`` (None: the first CUDA device where there is one, else the CPU).
-
-    Module-level (picklable by name) so a worker process can run it.
-    """
-    device = kernel_device(device)
-    on_device = {name: t.to(device) for name, t in weights.items()}
-    result = block_forward(config, layer, on_device, [h.to(device) for h in hidden])
-    return [h.cpu() for h in result]
-
-
-def build_model(config: Any, state: dict[str, torch.Tensor], device: torch.device) -> Any:
-    """A whole causal LM holding ``state`` (from ``LayerStream.state_dicts``), for generation.
-
-    Built on the meta device and given the tensors themselves (no random init, no copy); the
-    rotary embedding, whose buffers are not weights, is rebuilt on the device.
-    """
-    model = _skeleton(config)
-    model.load_state_dict(state, strict=False, assign=True)
-    if "lm_head.weight" not in state:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
-    left = [n for n, t in model.named_parameters() if t.is_meta]
-    if left:
-        raise LorafidError(f"Internal error: no weight for {left[0]} when building the whole model.")
-    return model.eval()
-
-
-def require_transformers() -> None:
-    """Raise a clear error when the ``behaviour`` extra (transformers, accelerate) is not installed.
-
-    Raises:
-        MissingExtraError: naming ``pip install lorafid[behaviour]``.
-    """
-    try:
-        import accelerate  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as e:
-        raise MissingExtraError(
-            "The behaviour check builds models with transformers and accelerate, which are not installed: "
-            "pip install lorafid[behaviour]"
-        ) from e
-
-
-def full_rank_of(config: Mapping[str, Any]) -> int | None:
-    """The model's full rank (``LayerStream.full_rank``) from a Llama-family ``config.json``
-    without reading a weight: the largest min(m, n) of q/k/v/o and the MLP matrices; None when
-    the config lacks the sizes.
-
-    Example: hidden 4096, 32 heads of 128, 8 KV heads, MLP 14336 -> 4096.
-    """
-    try:
-        hidden = int(config["hidden_size"])
-        heads = int(config["num_attention_heads"])
-        head_dim = int(config.get("head_dim") or hidden // heads)
-        kv_heads = int(config.get("num_key_value_heads") or heads)
-        mlp = int(config["intermediate_size"])
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
-        return None
-    return max(min(hidden, heads * head_dim), min(hidden, kv_heads * head_dim), min(hidden, mlp))
-
-
-def read_config_json(source: Source) -> dict[str, Any] | None:
-    """The source's ``config.json`` as a dict, or None when it has none."""
-    raw = source.read_small_file("config.json", MAX_CONFIG_BYTES)
-    if raw is None:
-        return None
-    try:
-        data = json.loads(raw)
-    except ValueError as e:
-        raise MissingModelFileError(f"{source.describe('config.json')} is not valid JSON ({e}).") from e
-    if not isinstance(data, dict):
-        raise MissingModelFileError(f"{source.describe('config.json')} is not a JSON object.")
-    return data
-
-
-def load_config(source: Source) -> Any:
-    """The transformers config of a supported architecture, from the source's ``config.json``.
-
-    Raises:
-        MissingModelFileError: no config.json (a forward needs the architecture).
-        UnsupportedArchitectureError: a model type outside ``SUPPORTED_MODEL_TYPES``.
-    """
-    from transformers import AutoConfig
-
-    data = read_config_json(source)
-    if data is None:
-        raise MissingModelFileError(
-            f"{source.describe()} has no config.json; the behaviour check builds the architecture from the "
-            "fine-tune's config.json. Pass the repo or directory that holds it beside the weights."
-        )
-    model_type = data.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedArchitectureError(
-            f"{source.describe()} is a {model_type or 'model of unknown type'!s} model; the behaviour check runs "
-            f"the Llama family only ({', '.join(SUPPORTED_MODEL_TYPES)}). The weight audit works for any model."
-        )
-    model_limits.check_config(data, source.describe("config.json"))  # before transformers reads a field
-    fields = {k: v for k, v in data.items() if k != "model_type"}
-    config = AutoConfig.for_model(model_type, **fields)
-    # The math is ours to fix: SDPA without padding is exact attention and runs on every device.
-    config._attn_implementation = "sdpa"
-    return config
-
-
-# -- helpers -------------------------------------------------------------------------------
-
-
-def _skeleton(config: Any) -> Any:
-    """The causal LM on the meta device: its modules, no weights."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    return model.eval()
-
-
-_SKELETONS: dict[str, Any] = {}  # config JSON -> meta skeleton; one entry, for block_forward
-
-
-def _skeleton_cached(config: Any) -> Any:
-    """``_skeleton(config)``, built once per architecture in this process (meta: no memory)."""
-    key = config.to_json_string()
-    if key not in _SKELETONS:
-        _SKELETONS.clear()
-        _SKELETONS[key] = _skeleton(config)
-    return _SKELETONS[key]
-
-
-def _rotary(skeleton: Any, config: Any, device: torch.device, dtype: torch.dtype) -> Callable[..., Any]:
-    """The rotary embedding rebuilt on the real device (its buffers are on meta in the skeleton)."""
-    rotary = type(skeleton.model.rotary_emb)(config=config).to(device)
-
-    def embed(hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = rotary(hidden, positions)
-        return cos.to(dtype), sin.to(dtype)
-
-    return embed
-
-
-def _layer_types(config: Any) -> list[str]:
-    """ "full_attention" or "sliding_attention" for each block, as the model classes decide it."""
-    types = getattr(config, "layer_types", None)
-    if types:
-        return list(types)
-    sliding = getattr(config, "sliding_window", None) is not None and config.model_type == "mistral"
-    return ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
-
-
-def _masks(config: Any, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, Any]:
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-    common = {"config": config, "inputs_embeds": hidden, "attention_mask": None, "past_key_values": None}
-    masks = {"full_attention": create_causal_mask(**common, position_ids=positions)}
-    if "sliding_attention" in _layer_types(config):
-        masks["sliding_attention"] = create_sliding_window_causal_mask(**common, position_ids=positions)
-    return masks
-
-
-def _parameter_names(config: Any) -> list[str]:
-    """The parameter names of the architecture, without building it."""
-    model = _skeleton(config)
-    names = [n for n, _ in model.named_parameters()]
-    if "lm_head.weight" not in names:
-        names.append("lm_head.weight")  # tied: named_parameters lists the shared tensor once
-    return names
 
 
 def _map_names(

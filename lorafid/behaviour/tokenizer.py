@@ -68,7 +68,7 @@ def load_tokenizer(
         MissingModelFileError: the repo has no ``tokenizer.json``.
         The sources' errors: RepoNotFoundError, GatedRepoError, InvalidSourceError, ...
     """
-    from lorafid.behaviour.forward import require_transformers
+    from lorafid.behaviour.architecture import require_transformers
 
     require_transformers()
     from transformers import PreTrainedTokenizerFast

@@ -697,7 +697,7 @@ class Probe:
     def _read_config(self, source: Any) -> None:
         """The fine-tune's context length (it bounds a scored sequence: prompt and sampled
         continuation) and full rank (ranks at or above it are the fine-tune), from its config.json."""
-        from lorafid.behaviour.forward import full_rank_of, read_config_json
+        from lorafid.behaviour.architecture import full_rank_of, read_config_json
 
         config = read_config_json(source) or {}
         length = config.get("max_position_embeddings")

@@ -365,7 +365,7 @@ def test_a_compute_hook_gives_the_same_check(
     pickled (as a ZeroGPU worker gets them) give the metrics of the in-process check."""
     import pickle
 
-    from lorafid.behaviour.forward import block_on_device
+    from lorafid.behaviour.blocks import block_on_device
 
     calls: list[int] = []
 

@@ -300,7 +300,7 @@ def test_zero_gpu_block_runs_across_a_process_boundary(
     import types
     from concurrent.futures import ProcessPoolExecutor
 
-    from lorafid.behaviour.forward import block_on_device
+    from lorafid.behaviour.blocks import block_on_device
     from lorafid.compute import run_kernel, zero_gpu_hook
 
     assert zero_gpu_hook({}) is None  # off ZeroGPU every block runs in this process

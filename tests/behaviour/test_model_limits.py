@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lorafid.behaviour import forward
+from lorafid.behaviour import architecture, forward
 from lorafid.behaviour.check import BehaviourCheck, BehaviourConfig
 from lorafid.behaviour.forward import FINETUNE, ForwardConfig, LayerStream
 from lorafid.errors import LimitExceededError
@@ -33,7 +33,8 @@ def nothing_built(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
         return call
 
-    monkeypatch.setattr(forward, "_skeleton", refuse("skeleton"))
+    monkeypatch.setattr(architecture, "meta_skeleton", refuse("skeleton"))  # the architecture's own calls
+    monkeypatch.setattr(forward, "meta_skeleton", refuse("skeleton"))
     monkeypatch.setattr(forward, "read_tensor", refuse("read_tensor"))
     return calls
 
