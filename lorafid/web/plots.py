@@ -68,10 +68,6 @@ METRICS: dict[str, Metric] = {
 """Metrics the dashboard offers, by ``RankMetrics`` field name."""
 
 
-def metric_label(key: str) -> str:
-    return _metric(key).label
-
-
 def pooled_metric(matrices: Sequence[MatrixResult], retained: Sequence[float], metric: str) -> float:
     """``metric`` of a group of matrices whose energy retained at some rank is ``retained``.
 
