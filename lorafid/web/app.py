@@ -42,6 +42,7 @@ from lorafid.web.config import AppConfig
 from lorafid.web.downloads import download_dir
 from lorafid.web.gallery import Catalog, ReportCache
 from lorafid.web.limits import VisitorRate, VisitorSlots
+from lorafid.web.stopping import StopSignals
 from lorafid.web.tabs.adapter import AdapterTab
 from lorafid.web.tabs.audit import AuditTab, provider_choice
 from lorafid.web.tabs.behaviour import BehaviourTab
@@ -112,6 +113,7 @@ class Dashboard(AuditTab, AdapterTab, BehaviourTab, ProviderTab, ResultsTab):
         self.reports = ReportCache(self.catalog)
         self.downloads = download_dir()
         self.visitors = VisitorSlots(config.max_audits_per_visitor)
+        self.stops = StopSignals()  # Stop asks the page's running audit to end and send its last frame
         self.behind_proxy = bool(os.environ.get("SPACE_ID"))  # a Space: its proxy appends x-forwarded-for
         self.probe_settings = ProbeServerSettings.from_env(os.environ)
         self.probe_budget = self.probe_settings.budget()  # per visitor, and for the whole server
@@ -156,14 +158,15 @@ class Dashboard(AuditTab, AdapterTab, BehaviourTab, ProviderTab, ResultsTab):
         )
         self.run_button.click(None, js=SCROLL_TO_PROGRESS_JS, api_visibility="private", queue=False)
         run.then(self.rerender, [self.ref, self.rank, self.metric], view, api_visibility="private", queue=False)
+        # Stop asks the run to end, which sends its own last frame after the ones before it; only a
+        # run that did not end in time (a slow step) or still queued is cancelled from outside.
         self.stop_button.click(
             self.stopped,
             [self.ref, self.rank, self.metric],
             [*view, self.progress, self.gallery, self.refs],
-            cancels=[run],
             api_name="stop",
             queue=False,
-        )
+        ).then(None, cancels=[run], api_visibility="private", queue=False)
         self.download.click(
             self.download_json, [self.ref, self.rank], self.download_file, api_name="download", queue=False
         ).then(

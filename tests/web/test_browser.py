@@ -267,8 +267,16 @@ def test_stop_leaves_a_gallery_row_that_reads_what_the_page_shows(
         wait_for_text(page, "#progress", "Stopped.")
         shown = page.locator("#summary strong").first.inner_text()
         page.locator("#gallery-box button").first.click()  # unfold the gallery
+        wait_for_text(page, "#gallery tbody tr td:nth-child(3)", "keeps")  # its HTML cells render late
         row = page.locator("#gallery tbody tr").first.locator("td").nth(2).inner_text()
+        # Frames the run sent before Stop once arrived after it: the page went back to counting
+        # matrices (or read "Error") under a gallery row of the stopped audit.
+        page.wait_for_timeout(1500)
+        progress_after = page.locator("#progress").inner_text()
+        summary_after = page.locator("#summary strong").first.inner_text()
     assert "keeps" in shown and row.strip() == shown.strip(), (row, shown)
+    assert progress_after.startswith("Stopped.") and "Error" not in progress_after, progress_after
+    assert summary_after == shown, (summary_after, shown)
 
 
 def test_every_tab_is_a_labelled_button_on_a_phone(browser: object, page_url: str) -> None:

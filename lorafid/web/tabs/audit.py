@@ -30,6 +30,7 @@ from lorafid.web.gallery import Catalog, GalleryEntry, ReportCache
 from lorafid.web.limits import TOO_MANY_LINKS, VisitorRate, VisitorSlots, release_memory, visitor_id, visitor_of
 from lorafid.web.links import example_link, page_url, parse_link, parse_query, report_link, resolve_commit
 from lorafid.web.pacing import ProgressMeter, Throttle
+from lorafid.web.stopping import RunSignal, StopSignals
 from lorafid.web.tabs.common import MAX_INPUT_CHARS, MAX_MESSAGE_CHARS, TEXT_INTERVAL_S, user_errors
 from lorafid.web.text import code_span, html_text, md_text, summary_markdown
 from lorafid.web.wording import in_app_words
@@ -41,6 +42,10 @@ its difference to the base (truncated SVD of W_finetune − W_base)? Paste two H
 per matrix. Weights are read by HTTP ranges, never downloaded whole.
 """
 FIGURE_INTERVAL_S = 0.5  # rebuild the charts at most twice a second while an audit streams
+STOPPED_MESSAGE = (
+    "**Stopped.** The matrices finished so far are kept (counted in the table below) and the audit is in "
+    "the gallery as partial: press **Run audit** with the same models to resume from there."
+)
 README_SECTION = "what-the-numbers-mean"  # the README's table of metrics, linked from "How to read this"
 
 
@@ -94,6 +99,7 @@ class AuditTab:
     reports: ReportCache
     downloads: Path
     visitors: VisitorSlots
+    stops: StopSignals  # Stop's requests to the running audits, by page session
     link_rate: VisitorRate  # permalinks opened per visitor (each asks the Hub)
     behind_proxy: bool
     compute: ComputeHook | None
@@ -211,7 +217,7 @@ class AuditTab:
         visitor = visitor_id(
             dict(request.headers or {}), request.client.host if request.client else None, self.behind_proxy
         )
-        with self.visitors.hold(visitor, "run this one"):
+        with self.visitors.hold(visitor, "run this one"), self.stops.running(request.session_hash or "") as stop:
             try:
                 yield from self._stream(
                     base.strip(),
@@ -219,6 +225,7 @@ class AuditTab:
                     config,
                     metric,
                     request,
+                    stop,
                     anonymous=access is False,
                     typed=bool(token.strip()),
                 )
@@ -232,16 +239,19 @@ class AuditTab:
         config: AuditConfig,
         metric: str,
         request: gr.Request,
+        stop: RunSignal,
         *,
         anonymous: bool,
         typed: bool = False,
     ) -> Iterator[dict[Any, Any]]:
-        """The audit's frames: planned grid, live charts (paced by their cost), final charts."""
+        """The audit's frames: planned grid, live charts (paced by their cost), final charts.
+        Stop (``stop.requested``) is seen between two matrices: the job is closed (it keeps what
+        it computed) and the last frame says so."""
         # The gallery folds away: the results appear right under the form, not 1,200 px below.
         yield {self.progress: "Reading both models' headers…", self.gallery_box: gr.Accordion(open=False)}
         job = Audit(base, finetune, config)
         deadline = time.monotonic() + self.config.max_audit_minutes * 60 if self.config.max_audit_minutes else None
-        timed_out = False
+        timed_out = stopped = False
         try:
             with job:
                 plan = job.plan()
@@ -256,12 +266,16 @@ class AuditTab:
                 meter, figures, text = ProgressMeter(), Throttle(FIGURE_INTERVAL_S), Throttle(TEXT_INTERVAL_S)
                 line = ""
                 steps = job.run()  # a generator: closing it keeps what it computed
-                for step in steps:
+                # Stop and the time limit are looked at before each matrix is asked for, so a Stop
+                # pressed while a frame was on its way costs no further matrix.
+                while not (stopped := stop.requested.is_set()):
+                    step = next(steps, None)
+                    if step is None:
+                        break
                     line = meter.line(step)
                     shown = f"{meter.bar(step)}\n\n{line}"
                     if deadline is not None and time.monotonic() > deadline:
                         timed_out = True
-                        steps.close()  # type: ignore[attr-defined]  # keeps every matrix computed so far
                         break
                     if figures.ready():
                         started = time.perf_counter()
@@ -270,12 +284,15 @@ class AuditTab:
                         yield {**frame, self.progress: shown}
                     elif text.ready():
                         yield {self.progress: shown}
+                steps.close()  # type: ignore[attr-defined]  # keeps every matrix computed so far
                 report = job.report()
         except LorafidError as e:
             said = self._in_app_words(e, typed=typed)
             yield self._failed(job, said, metric, request)
             raise said from e
-        if timed_out:
+        if stopped and report.pending:
+            message = STOPPED_MESSAGE
+        elif timed_out:
             done = len(report.matrices)
             message = (
                 f"**Stopped after {self.config.max_audit_minutes:g} minutes**, this server's limit per audit: "
@@ -316,7 +333,11 @@ class AuditTab:
 
     @user_errors
     def stopped(self, ref: str, rank: float, metric: str, request: gr.Request) -> dict[Any, Any]:
-        """After Stop: show everything the store kept (the run's last frame may lag behind)."""
+        """Stop: ask this page's running audit to end. Once it has (its own last frame said so),
+        nothing more to show; else (still queued, or a step that outlasts the wait: it is then
+        cancelled) show everything the store kept."""
+        if self.stops.request_stop(request.session_hash or ""):
+            return {self.progress: gr.skip()}
         release_memory()  # the stopped audit's buffers and headers go back to the OS
         key = ref.removeprefix("store:") if ref.startswith("store:") else ""
         report = self.store.load_report(key) if key else None
@@ -330,8 +351,7 @@ class AuditTab:
         # this line is written, so the line names no number of its own.
         return {
             **self._view(ref, report.with_rank(int(rank)), metric, request),
-            self.progress: "**Stopped.** The matrices finished so far are kept (counted in the table below) and the "
-            "audit is in the gallery as partial: press **Run audit** with the same models to resume from there.",
+            self.progress: STOPPED_MESSAGE,
             **self._gallery(),
         }
 
