@@ -242,9 +242,11 @@ class BehaviourCheck:
         self, stream: Any, tokenizer: Any, plan: Any, started: float
     ) -> Generator[Progress, None, list[dict[str, Any]] | None]:
         """Greedy continuations of F, the base and each served variant, if all of them fit at once;
-        a ``Progress`` ("generating", prompts × variants done) after each prompt of each variant.
+        each variant's prompts in batches (``generation``), a ``Progress`` ("generating", prompts ×
+        variants done) after each batch.
         A variant that is another's twin (``LayerStream.twins``) gets the other's continuations."""
         from lorafid.behaviour.blocks import build_model
+        from lorafid.behaviour.generation import greedy_continuations
 
         generators = list(self.variants)
         needed = self._generation_bytes(stream)
@@ -262,23 +264,16 @@ class BehaviourCheck:
         total = len(generators) * len(self._ids)
         for done_variants, (variant, state) in enumerate(stream.state_dicts(generators)):
             model = build_model(plan.config, state, stream.device)
-            outputs = []
-            with torch.no_grad():
-                for ids in self._ids:
-                    prompt = torch.tensor([ids], device=stream.device)
-                    out = model.generate(
-                        prompt,
-                        attention_mask=torch.ones_like(prompt),
-                        max_new_tokens=self.config.continuation_tokens,
-                        do_sample=False,
-                        pad_token_id=pad,
-                        eos_token_id=eos,
-                    )
-                    outputs.append(out[0, len(ids) :].tolist())
-                    done = done_variants * len(self._ids) + len(outputs)
-                    message = f"{variant.name} · prompt {len(outputs)}/{len(self._ids)}"
-                    yield Progress("generating", done, total, time.perf_counter() - started, message)
-            texts[variant.name] = outputs
+            by_prompt: dict[int, list[int]] = {}
+            batches = greedy_continuations(
+                model, self._ids, self.config.continuation_tokens, pad_id=pad, eos_id=eos, device=stream.device
+            )
+            for batch in batches:
+                by_prompt.update(batch)
+                done = done_variants * len(self._ids) + len(by_prompt)
+                message = f"{variant.name} · {len(by_prompt)}/{len(self._ids)} prompts"
+                yield Progress("generating", done, total, time.perf_counter() - started, message)
+            texts[variant.name] = [by_prompt[i] for i in range(len(self._ids))]
             del model, state
         for twin, same in twins.items():
             texts[twin] = texts[same]

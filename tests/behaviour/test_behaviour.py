@@ -411,7 +411,7 @@ def test_a_behaviour_document_round_trips_and_damage_is_one_clear_error(full_rep
 
 def test_progress_advances_per_prompt_through_the_blocks_and_the_continuations(dirs: dict[str, Path]) -> None:
     """Blocks: one step per (block, variant, prompt), done counting 1..total with the prompt named;
-    continuations: one per (variant, prompt). The full-rank variant with extras is the fine-tune's
+    continuations: one per variant (its prompts in one batch). The full-rank variant with extras is the fine-tune's
     twin and neither runs nor generates again, yet has its results."""
     config = BehaviourConfig(ranks=(3, 48), serving="both", prompts=PROMPTS[:3], continuation_tokens=2)
     check = BehaviourCheck(str(dirs["base"]), str(dirs["full"]), config)
@@ -423,7 +423,9 @@ def test_progress_advances_per_prompt_through_the_blocks_and_the_continuations(d
     assert {s.total for s in forward} == {layers * run_variants * 3}
     assert "block 1/2 · finetune · prompt 1/3" in forward[0].message
     generating = [s for s in steps if s.stage == "generating" and s.done > 0]
-    assert [s.done for s in generating] == list(range(1, run_variants * 3 + 1))
+    # The 3 prompts of a variant are generated in one batch: a step per variant, 3 prompts each.
+    assert [s.done for s in generating] == [3 * v for v in range(1, run_variants + 1)]
+    assert generating[0].message == "finetune · 3/3 prompts"
     assert report.variants["rank-48+extras"].kl_max == 0.0
     assert report.continuations is not None
     for row in report.continuations:
