@@ -202,6 +202,12 @@ class LayerStream:
         # With ``keep_reads``, each decomposed matrix's directions too (k × max rank, no Δ): the
         # pass of ``state_dicts`` rebuilds Δ from the kept reads instead of decomposing again.
         self._kept_directions: dict[str, tuple[torch.Tensor, str, str]] = {}  # name -> (vectors, side, solver)
+        # Set before passes that read the weights again (models too large to keep, read from local
+        # files): the directions alone are kept, so no later pass decomposes again. With
+        # ``direction_rank``, every matrix is decomposed up to that rank in the first pass, the
+        # largest a later pass may ask for.
+        self.keep_directions = False
+        self.direction_rank: int | None = None
 
     def __enter__(self) -> LayerStream:
         return self
@@ -557,9 +563,9 @@ class LayerStream:
         self.stats.bytes_read += sum(job[3].size_bytes for job in jobs)
         self._held.clear()
         self._hold("read", [t for side in out.values() for t in side.values()])
-        if self.keep_reads:
+        if self.keep_reads or self.keep_directions:
             kept = [t for side in self._kept.values() for t in side.values()]
-            self._hold("kept for generation", kept + [v for v, _, _ in self._kept_directions.values()])
+            self._hold("kept between passes", kept + [v for v, _, _ in self._kept_directions.values()])
         return out
 
     def _pool(self) -> ThreadPoolExecutor:
@@ -631,9 +637,20 @@ class LayerStream:
             base.to(self.device, torch.float32), finetune.to(self.device, torch.float32), max_rank
         )
         self.stats.decompose_s += time.perf_counter() - started
-        if self.keep_reads:  # the directions only: Δ is rebuilt from the kept reads
+        if self.keep_reads or self.keep_directions:  # the directions only: Δ is rebuilt from the reads
             self._kept_directions[name] = (decomposition.vectors, decomposition.side, decomposition.solver)
         return decomposition
+
+    def direction_bytes(self, rank: int) -> int:
+        """What ``keep_directions`` holds once every carried matrix is decomposed up to ``rank``:
+        k × rank float32 numbers per 2-D tensor the two models share (an upper bound: the
+        embeddings and head, which are not decomposed, are counted)."""
+        plan = self.plan()
+        return sum(
+            min(info.shape) * min(rank, min(info.shape)) * 4
+            for name, info in plan.finetune_tensors.items()
+            if len(info.shape) == 2 and name in plan.base_tensors
+        )
 
     def _block_weights(
         self, variants: Sequence[Variant], raw: dict[str, dict[str, torch.Tensor]], prefix: str
@@ -651,7 +668,10 @@ class LayerStream:
                 # Ranks at or above this matrix's full rank serve it whole: no directions needed.
                 below = [r for r in ranks if r < min(base.shape)]
                 if below:
-                    decompositions[name] = self._decomposition(name, base, finetune, max(below))
+                    wanted = max(below)
+                    if self.keep_directions and self.direction_rank is not None:
+                        wanted = max(wanted, min(self.direction_rank, min(base.shape) - 1))
+                    decompositions[name] = self._decomposition(name, base, finetune, wanted)
             self._hold("decompositions", [t for d in decompositions.values() for t in (d.delta, d.vectors)])
         for variant in variants:
             if variant.kind == "served":

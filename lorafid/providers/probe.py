@@ -97,10 +97,13 @@ DEFAULT_TEXT_REQUESTS = 5  # the text channel's budget when --max-requests is no
 PACKED_PROMPTS = 8  # prompts per echo / prompt_logprobs request under a request budget
 ALL_CHANNELS: tuple[str, ...] = (*CHANNELS, TEXT, GREEDY)
 PACKABLE: tuple[str, ...] = (ECHO, PROMPT_LOGPROBS)
-# A refined grid runs in passes, so it is used only where both models' weights can be kept between
-# them (each model is then read once, as in one pass); larger pairs score the whole grid in one pass:
-# reading a real model from the Hub again for each pass costs far more than the forwards it saves.
+# A refined grid runs in passes. Where both models' weights can be kept between them, each model is
+# read once, as in one pass. Larger pairs read from local files are read again for each pass (from
+# the disk, often from the page cache) and keep only the Δ directions, so no pass decomposes again;
+# larger pairs from the Hub score the whole grid in one pass: reading a real model over the network
+# again for each pass costs far more than the forwards it saves.
 KEEP_READS_BYTES = 2 * 2**30
+KEEP_DIRECTIONS_BYTES = 8 * 2**30  # the directions of every matrix up to the grid's largest rank
 
 
 @dataclass
@@ -533,9 +536,11 @@ class Probe:
         from lorafid.behaviour.forward import LayerStream
 
         with LayerStream(self.base, self.finetune, self._forward_config()) as stream:
-            full = full or stream.plan().size_bytes > KEEP_READS_BYTES  # never read a model twice
+            full = full or not _passes_pay(stream, grid)
             todo = every if full else coarse_names(grid, c.quantized)
-            stream.keep_reads = not full
+            stream.keep_reads = not full and stream.plan().size_bytes <= KEEP_READS_BYTES
+            stream.keep_directions = not full
+            stream.direction_rank = max(grid, default=None)
             while todo:
                 first = passes.passes == 0
                 targets = items if first else items[: len(passes.per_item)]
@@ -744,3 +749,15 @@ class Probe:
             deadline=self.config.deadline,
             compute=self.config.compute,
         )
+
+
+def _passes_pay(stream: Any, grid: Sequence[int]) -> bool:
+    """Whether a refined grid (``Probe._passes``) costs less than one pass over every candidate:
+    both models' weights fit to be kept between passes (read once in all), or both are local files
+    (read again per pass from the disk) and the directions kept between passes fit
+    ``KEEP_DIRECTIONS_BYTES``. Never reads a model from the Hub twice."""
+    if stream.plan().size_bytes <= KEEP_READS_BYTES:
+        return True
+    local = all(source.info.kind == "local" for source in stream.sources)
+    return local and stream.direction_bytes(max(grid, default=0)) <= KEEP_DIRECTIONS_BYTES
+

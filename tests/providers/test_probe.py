@@ -976,6 +976,49 @@ def test_a_pair_too_large_to_keep_between_passes_is_scored_in_one_pass_and_read_
     assert large.verdict.sentence == full.verdict.sentence
 
 
+def test_a_large_local_pair_is_refined_reading_its_files_again_and_decomposing_once(
+    hub: Any, pair: tuple[str, str], family: Any, serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Models too large to keep between passes but read from local files: the refined grid runs
+    anyway, each pass reads the files again (the disk, not the network), and the Δ directions of
+    the first pass (up to the grid's largest rank) serve every later one: no matrix is
+    decomposed twice. The verdict and distances are the full grid's. Fails if such a pair is
+    scored in one pass (the Hub rule applied to local files) or a later pass decomposes again."""
+    import lorafid.audit.spectrum as spectrum
+    import lorafid.providers.probe as probe_module
+    from tests.llama_models import write_model
+
+    local = (str(write_model(family.base, tmp_path / "base")), str(write_model(family.full, tmp_path / "full")))
+    server = serve("rank-12")
+    texts = _texts(server)
+    full = run_to_end(_probe(hub, local, server, texts, full_grid=True))
+    monkeypatch.setattr(probe_module, "KEEP_READS_BYTES", 1)  # too large to keep the weights
+    decomposed: list[str] = []
+    real = spectrum.decompose
+
+    def counted(base: torch.Tensor, finetune: torch.Tensor, max_rank: int) -> Any:
+        decomposed.append(f"{tuple(base.shape)}@{max_rank}")
+        return real(base, finetune, max_rank)
+
+    monkeypatch.setattr(spectrum, "decompose", counted)
+    refined = run_to_end(_probe(hub, local, server, texts))
+    passes = refined.settings["passes"]
+    assert passes > 1 and refined.settings["forward_equivalents"] < full.settings["forward_equivalents"]
+    assert refined.settings["weight_bytes_read"] == passes * full.settings["weight_bytes_read"]
+    carried = 7 * 2  # q, k, v, o, gate, up, down in each of the 2 blocks
+    assert len(decomposed) == carried, decomposed  # the first pass only, at the grid's largest rank
+    same = ("closest", "matches", "consistent", "rank_range")
+    assert {k: getattr(refined.verdict, k) for k in same} == {k: getattr(full.verdict, k) for k in same}
+    for name, candidate in refined.candidates.items():
+        assert candidate.distance == pytest.approx(full.candidates[name].distance, rel=1e-6, abs=1e-9)
+
+    # The same pair from the Hub, or local directions too large to keep: one pass, read once.
+    monkeypatch.setattr(probe_module, "KEEP_DIRECTIONS_BYTES", 1)
+    one_pass = run_to_end(_probe(hub, local, server, texts))
+    assert one_pass.settings["passes"] == 1
+    assert one_pass.settings["weight_bytes_read"] == full.settings["weight_bytes_read"]
+
+
 def test_an_interruption_after_the_first_pass_keeps_the_candidates_scored_and_says_so(
     hub: Any, pair: tuple[str, str], serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
