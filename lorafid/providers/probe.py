@@ -760,4 +760,3 @@ def _passes_pay(stream: Any, grid: Sequence[int]) -> bool:
         return True
     local = all(source.info.kind == "local" for source in stream.sources)
     return local and stream.direction_bytes(max(grid, default=0)) <= KEEP_DIRECTIONS_BYTES
-
