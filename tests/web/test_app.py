@@ -484,6 +484,29 @@ def test_visibility_check_uses_the_visitors_own_token(served: Served) -> None:
     assert catalog.entries() == []  # the shared gallery lists only public pairs
 
 
+def test_a_server_login_never_opens_a_private_audits_link_for_an_anonymous_visitor(
+    hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With LORAFID_USE_SERVER_TOKEN the server audits with its own login; the audit of a gated
+    repo it ran for a visitor with a token must not open from a link for an anonymous one. Fails
+    if the link's visibility check falls back to the server's login."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("LORAFID_HOME", str(home))
+    monkeypatch.setenv("HF_TOKEN", "hf_server_login")  # reads the gated repo
+    add_models(hub)
+    config = AppConfig(
+        endpoint=hub.endpoint, store_home=home, examples_dir=tmp_path / "none", device="cpu", server_token=True
+    )
+    with serve(config) as url:
+        client = Client(url, verbose=False)
+        link = run(client, finetune=GATED, token="hf_reader_token")[-1][LINK]
+        assert link
+        anonymous = Client(url, verbose=False)  # another visitor, with no token
+        opened = anonymous.predict("?" + link.split("?", 1)[1], 64, "energy_retained", api_name="/open_link")
+    assert opened[3] == {"__type__": "update"}  # no summary shown
+    assert "has not been audited here yet, or its audit is of a gated or private repo" in plain(opened[L_PROGRESS])
+
+
 def test_downloads_are_written_per_request_atomically_and_swept(tmp_path: Path) -> None:
     """Two sessions downloading the same pair at the same rank never get each other's file."""
     import dataclasses

@@ -24,7 +24,7 @@ from lorafid.compute import ComputeHook
 from lorafid.errors import LorafidError
 from lorafid.names import is_commit_sha
 from lorafid.web import plots
-from lorafid.web.config import DEFAULT_RANK, MAX_RANK, AppConfig, audit_config
+from lorafid.web.config import DEFAULT_RANK, MAX_RANK, AppConfig, audit_config, check_token
 from lorafid.web.downloads import write_report_json
 from lorafid.web.gallery import Catalog, GalleryEntry, ReportCache
 from lorafid.web.limits import TOO_MANY_LINKS, VisitorRate, VisitorSlots, release_memory, visitor_id, visitor_of
@@ -402,7 +402,9 @@ class AuditTab:
         }
         if not self.link_rate.allow(visitor_of(request, self.behind_proxy)):
             return out | {self.progress: TOO_MANY_LINKS}
-        token = self._token("", oauth_token)  # their sign-in; no token at all on a public server
+        # Their sign-in; on a public server nothing else, even where it runs audits with its own login
+        # (LORAFID_USE_SERVER_TOKEN): that login would show anyone an audit of a private repo.
+        token = check_token(oauth_token.token if oauth_token else None, private=self.config.allow_local)
         revisions = (link.base_revision, link.finetune_revision)
         found = self.catalog.find_example(link.base, link.finetune, *revisions)
         note = ""
