@@ -369,3 +369,43 @@ def test_a_provider_link_opens_its_rows_in_view(browser: object, results_url: st
     assert page.get_by_role("tab", name="Published results").get_attribute("aria-selected") == "true"
     top = page.evaluate("() => document.querySelector('#providers').getBoundingClientRect().top")
     assert 0 <= top < 450, top  # the providers' table on the first screen, under the audits
+
+
+def test_a_behaviour_link_on_a_phone_opens_on_its_result_with_its_json_and_readable_titles(
+    browser: object, hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 390 px a ?behaviour= link opened at the top, two screens above its result, with an empty
+    JSON slot, and the chart's two titles ran into each other. Now: the status line on the first
+    screen, the JSON to download and the permalink as after a run, the titles apart."""
+    from gradio_client import Client
+
+    from tests.llama_models import model_family, publish
+
+    monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "home"))
+    family = model_family("llama", 2)
+    publish(hub, "org/base", family.base)
+    publish(hub, "org/tuned", family.full)
+    config = AppConfig(
+        endpoint=hub.endpoint, store_home=tmp_path / "home", examples_dir=tmp_path / "none", device="cpu"
+    )
+    with serve(config) as url:
+        final = Client(url, verbose=False).predict(
+            "org/base", "org/tuned", "4,8", "both", False, api_name="/run_behaviour"
+        )
+        link = next(str(v) for v in final if "?behaviour=" in str(v))
+        query = link[link.index("?behaviour=") :].rstrip(")")
+        page = browser.new_page(viewport={"width": 390, "height": 844})  # type: ignore[attr-defined]
+        page.set_default_timeout(60_000)
+        page.goto(url + query)
+        page.wait_for_selector("#behaviour-plot .js-plotly-plot")
+        page.wait_for_timeout(1200)
+        shown = page.evaluate(IN_VIEW_JS, "#behaviour-status")
+        downloads = page.locator("a[href*='lorafid-behaviour-']").count()
+        permalink = page.locator(f"a[href$='{query}']").count()
+        titles = page.evaluate(
+            """() => [...document.querySelectorAll('#behaviour-plot .annotation-text')].slice(0, 2).map((t) => {
+              const r = t.getBoundingClientRect(); return {left: r.left, right: r.right}; })"""
+        )
+    assert shown["scrolled"] > 0 and -5 <= shown["top"] < shown["height"] / 2, shown
+    assert downloads >= 1 and permalink >= 1, (downloads, permalink)
+    assert len(titles) == 2 and titles[0]["right"] + 8 <= titles[1]["left"], titles

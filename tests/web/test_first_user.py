@@ -158,7 +158,7 @@ def test_behaviour_chart_has_a_log_kl_axis_ticks_at_the_ranks_run_and_titles(tmp
     assert figure.layout.yaxis.type == "log"  # 0.07 and 4e-8 are decades apart, not both flat at 0
     assert list(figure.layout.xaxis.tickvals) == [8, 64] and list(figure.layout.xaxis.ticktext) == ["8", "64"]
     titles = [a.text for a in figure.layout.annotations]
-    assert titles[:2] == ["KL(fine-tune ‖ served)<br>nats per token", "top-1 agreement<br>and energy kept"]
+    assert titles[:2] == ["KL per token (nats)<br>fine-tune ‖ served", "top-1 agreement<br>and energy kept"]
     kl = next(t for t in figure.data if t.name == "KL, lora-only")
     assert list(kl.y) == [0.07215251209154244, 3.6580456817669525e-8]
     assert figure.layout.legend.y < 0  # under the axes' titles, not over them

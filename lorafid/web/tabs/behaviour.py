@@ -24,7 +24,14 @@ from lorafid.web.downloads import write_download
 from lorafid.web.gallery import Catalog
 from lorafid.web.limits import TOO_MANY_LINKS, VisitorRate, VisitorSlots, visitor_of
 from lorafid.web.links import page_url, stored_key
-from lorafid.web.tabs.common import MAX_INPUT_CHARS, MAX_MESSAGE_CHARS, TEXT_INTERVAL_S, open_stored_check, user_errors
+from lorafid.web.tabs.common import (
+    MAX_INPUT_CHARS,
+    MAX_MESSAGE_CHARS,
+    TEXT_INTERVAL_S,
+    open_stored_check,
+    scroll_if_linked_js,
+    user_errors,
+)
 from lorafid.web.text import md_text, rounded
 
 BEHAVIOUR_INTRO = """**What does the served extraction do to the model's outputs?** The fine-tune, its base and the
@@ -72,7 +79,7 @@ class BehaviourTab:
             )
             self.behave_chat = gr.Checkbox(label="Wrap prompts in the fine-tune's chat template", value=False)
         self.behave_button = gr.Button("Run behaviour check", variant="primary")
-        self.behave_status = gr.Markdown()
+        self.behave_status = gr.Markdown(elem_id="behaviour-status")
         # No panel label: it covered the figure's titles, which say what is drawn.
         self.behave_plot = gr.Plot(show_label=False, elem_id="behaviour-plot")
         self.behave_table = gr.Dataframe(
@@ -111,7 +118,7 @@ class BehaviourTab:
             js="(query) => [window.location.search]",
             api_visibility="private",
             queue=False,
-        )
+        ).then(None, js=scroll_if_linked_js("behaviour", "#behaviour-status"), api_visibility="private", queue=False)
 
     @user_errors
     def run_behaviour(
@@ -184,7 +191,12 @@ class BehaviourTab:
         )
         if isinstance(report, str):
             return {self.behave_status: report}
+        document = report.to_dict()
+        path = write_download(self.downloads, f"lorafid-behaviour-{key}.json", json.dumps(document, indent=1) + "\n")
+        link = page_url(request.headers, str(request.url)) + f"?behaviour={key}"
         return self._behaviour_view(report) | {
+            self.behave_file: str(path),  # the same download and link as after a run
+            self.behave_link: f"[Permalink]({link})",
             self.tabs: gr.Tabs(selected="behaviour"),  # a behaviour link opens on its own tab
             self.behave_base: str(report.base.get("spec") or ""),
             self.behave_finetune: str(report.finetune.get("spec") or ""),
@@ -265,9 +277,12 @@ def behaviour_figure(document: dict[str, Any], energy_kept: dict[int, float] | N
         rows=1,
         cols=2,
         # Two short lines each: one long line per panel ran into the other's on a phone.
-        subplot_titles=("KL(fine-tune ‖ served)<br>nats per token", "top-1 agreement<br>and energy kept"),
-        horizontal_spacing=0.12,
+        subplot_titles=("KL per token (nats)<br>fine-tune ‖ served", "top-1 agreement<br>and energy kept"),
+        horizontal_spacing=0.14,
     )
+    # Titles of at most 19 characters a line, a size under the axes' text: at 390 px each panel
+    # is ~150 px wide, and the titles at the default size ran into each other.
+    figure.update_annotations(font_size=13)
     positive = [float(v["kl_mean"]) for v in variants.values() if float(v.get("kl_mean") or 0) > 0]
     floor = min(positive) / 10 if positive else 1e-12
     ran: set[int] = set()

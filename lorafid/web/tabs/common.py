@@ -79,3 +79,13 @@ def open_stored_check(
         return decode(document)
     except ReportFormatError as e:
         return md_text(str(e), MAX_MESSAGE_CHARS)
+
+
+def scroll_if_linked_js(parameter: str, selector: str) -> str:
+    """Page-load JS: where the URL has ``?parameter=``, scroll ``selector`` to the top of the
+    screen, after the tab switch has drawn it (scrolling earlier finds nothing to scroll to); on
+    a phone the result sat two screens below the form."""
+    return (
+        f"() => {{ if (new URLSearchParams(window.location.search).get('{parameter}')) "
+        f"setTimeout(() => document.querySelector('{selector}')?.scrollIntoView({{block: 'start'}}), 300); }}"
+    )

@@ -27,7 +27,7 @@ from lorafid.web.downloads import write_download
 from lorafid.web.gallery import Catalog
 from lorafid.web.limits import TOO_MANY_LINKS, VisitorRate, VisitorSlots, visitor_of
 from lorafid.web.links import page_url, stored_key
-from lorafid.web.tabs.common import MAX_INPUT_CHARS, open_stored_check, user_errors
+from lorafid.web.tabs.common import MAX_INPUT_CHARS, open_stored_check, scroll_if_linked_js, user_errors
 from lorafid.web.text import md_text, rounded
 
 PROBE_INTRO = """**Does an API serve this fine-tune, or a rank-r LoRA extracted from it?** The provider's
@@ -101,7 +101,7 @@ class ProviderTab:
                 "quantized base)",
             )
         self.probe_button = gr.Button("Check provider", variant="primary")
-        self.probe_status = gr.Markdown()
+        self.probe_status = gr.Markdown(elem_id="probe-status")
         self.probe_verdict = gr.Markdown()
         self.probe_plot = gr.Plot(label="Distance from the provider, by candidate")
         self.probe_table = gr.Dataframe(
@@ -140,7 +140,7 @@ class ProviderTab:
             js="(query) => [window.location.search]",
             api_visibility="private",
             queue=False,
-        )
+        ).then(None, js=scroll_if_linked_js("probe", "#probe-status"), api_visibility="private", queue=False)
 
     @user_errors
     def run_probe(
@@ -257,9 +257,11 @@ class ProviderTab:
         ranks = settings.get("ranks") or []
         channel = settings.get("channel") if settings.get("channel") in CHANNEL_CHOICES else "auto"
         budget = settings.get("max_requests") if isinstance(settings.get("max_requests"), int) else None
+        link = page_url(request.headers, str(request.url)) + f"?probe={key}"
         return self._probe_view(document) | {
             self.tabs: gr.Tabs(selected="provider-check"),  # a probe link opens on its own tab
             self.probe_file: str(path),
+            self.probe_link: f"[Permalink]({link})",  # as after a run
             self.probe_ranks: ",".join(str(int(r)) for r in ranks),
             self.probe_channel: channel,
             self.probe_requests: budget,
