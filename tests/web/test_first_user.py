@@ -9,6 +9,7 @@ phone's tabs are checked in a real browser in test_browser.py.
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,14 @@ def board(tmp_path: Path) -> Any:
     return dashboard
 
 
+class PageRequest:
+    """What a link handler reads of the Gradio request of a page opened at the server's root."""
+
+    headers: dict[str, str] = {}  # noqa: RUF012  # read only
+    client = None
+    url = "http://127.0.0.1:7860/"
+
+
 def test_a_behaviour_link_opens_the_behaviour_tab_with_rounded_tables(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -136,7 +145,9 @@ def test_a_behaviour_link_opens_the_behaviour_tab_with_rounded_tables(
     dash = board(tmp_path)
     key = dash.store.put_document("behaviour", BEHAVIOUR)
     dash.catalog.share_all = True  # these sources name no commit; visibility has tests of its own
-    shown = dash.open_behaviour_link(f"?behaviour={key}", None)
+    shown = dash.open_behaviour_link(f"?behaviour={key}", PageRequest())
+    assert shown[dash.behave_link] == f"[Permalink](http://127.0.0.1:7860/?behaviour={key})"
+    assert json.loads(Path(shown[dash.behave_file]).read_text())["variants"] == BEHAVIOUR["variants"]
     tabs = shown[dash.tabs]
     assert isinstance(tabs, gr.Tabs) and tabs.selected == "behaviour"
     assert (shown[dash.behave_base], shown[dash.behave_finetune]) == ("org/base", "org/tuned")
@@ -220,7 +231,8 @@ def test_a_probe_link_leaves_the_endpoint_empty_and_says_why(tmp_path: Path, mon
     dash = board(tmp_path)
     key = dash.store.put_document("probe", probe())
     dash.catalog.share_all = True  # these sources name no commit; visibility has tests of its own
-    shown = dash.open_probe_link(f"?probe={key}", None)
+    shown = dash.open_probe_link(f"?probe={key}", PageRequest())
+    assert shown[dash.probe_link] == f"[Permalink](http://127.0.0.1:7860/?probe={key})"
     assert shown[dash.tabs].selected == "provider-check"
     assert shown[dash.probe_endpoint] == ""  # never https://127.0.0.1, a URL that was never checked
     assert "Only the host was kept" in plain(shown[dash.probe_status])
