@@ -44,7 +44,8 @@ from safetensors.torch import save_file
 _STREAMED = """
 import json, sys, time, torch
 import transformers, accelerate  # imported before the clock starts, as in the baseline
-from lorafid.behaviour.forward import BASE, FINETUNE, ForwardConfig, LayerStream, served
+from lorafid.behaviour.forward import ForwardConfig, LayerStream
+from lorafid.behaviour.variants import BASE, FINETUNE, served
 base, tuned, device = sys.argv[1], sys.argv[2], sys.argv[6]
 texts, tokens, vocab = map(int, sys.argv[3:6])
 g = torch.Generator().manual_seed(1)

@@ -51,7 +51,8 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
-    from lorafid.behaviour.forward import BASE, FINETUNE, ForwardConfig, LayerStream, served
+    from lorafid.behaviour.forward import ForwardConfig, LayerStream
+    from lorafid.behaviour.variants import BASE, FINETUNE, served
 
     device = torch.device(args.device)
     variants = [FINETUNE, BASE, *(served(16 * 4**i) for i in range(max(0, args.variants - 2)))][: args.variants]

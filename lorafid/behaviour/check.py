@@ -135,7 +135,7 @@ class BehaviourConfig:
 
     def variants(self) -> list[Any]:
         """F first, then the base, then the served variants by rank (lora-only before keep-extras)."""
-        from lorafid.behaviour.forward import BASE, FINETUNE, served
+        from lorafid.behaviour.variants import BASE, FINETUNE, served
 
         out = [FINETUNE, BASE]
         for rank in sorted(set(self.ranks)):

@@ -14,14 +14,9 @@ tensors of one block (or of the embedding / head, whichever is larger) + one var
 activations; with ``keep_reads`` (for generation after the forward) every tensor read is kept,
 and each matrix's directions, so that ``state_dicts`` neither reads nor decomposes again.
 
-Variants (``Variant``):
-- ``finetune``: the fine-tune's weights (the reference);
-- ``base``: the base's weights;
-- ``served`` at rank r: what a multi-LoRA server runs. Each 2-D matrix inside the blocks is
-  W_base + Δ_r, Δ_r the exact rank-r truncated SVD of W_ft − W_base (the audit's pairing:
-  names matched exactly or after a wrapper prefix). Every tensor a LoRA server cannot carry
-  (embeddings, ``lm_head``, norms, biases) is the base's, or with ``keep_extras`` the
-  fine-tune's (what extractors that save ``modules_to_save`` give).
+Variants (``variants.Variant``: the fine-tune, the base, a served extraction at rank r) and how
+each one's weights are built from the tensors read (``variants.VariantWeights``) are in
+``variants``; here the tensors are read, and the blocks run.
 
 Blocks run through ``torch.func.functional_call`` on the meta skeleton: the module never owns
 a real tensor, so nothing has to be freed from it and two variants cannot mix weights. The
@@ -37,7 +32,7 @@ cache (``build_model`` gives a whole model for that, when it fits).
 
 Example::
 
-    variants = [Variant("finetune", "finetune"), Variant("base", "base"), served(64)]
+    variants = [FINETUNE, BASE, served(64)]  # from lorafid.behaviour.variants
     for index, logprobs in stream_logprobs("org/base", "org/tuned", [[1, 15, 27]], variants):
         logprobs["rank-64"]  # (3, vocab) float32, log-softmax of the next-token logits
 """
@@ -67,6 +62,7 @@ from lorafid.behaviour.architecture import (
     rotary_embedding,
 )
 from lorafid.behaviour.blocks import block_on_device
+from lorafid.behaviour.variants import Variant, VariantWeights
 from lorafid.compute import ComputeHook
 from lorafid.errors import (
     LimitExceededError,
@@ -79,51 +75,10 @@ from lorafid.weights.safetensors_format import TensorInfo, header_cap
 from lorafid.weights.source import Source, open_source
 from lorafid.weights.tensors import read_tensor, tensor_indexes
 
-VARIANT_KINDS: tuple[str, ...] = ("finetune", "base", "served")
 _READERS = 8  # tensors of one block read in parallel (each a range request on the Hub)
 # Most token positions in one block call (texts of one length run together): bounds the call's
 # activations (the MLP's intermediate states, attention scores) to a few hundred MB at 8B sizes.
 _GROUP_TOKENS = 4096
-
-WeightHook = Callable[[str, torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One set of weights to run: the fine-tune, the base, or a served extraction at a rank.
-
-    Example: ``Variant("rank-64+extras", "served", rank=64, keep_extras=True)``.
-    """
-
-    name: str  # "finetune", "base", "rank-64", "rank-64+extras", ...: the key in every result
-    kind: str  # "finetune" | "base" | "served"
-    rank: int | None = None  # for kind == "served": the rank of every block matrix's Δ_r
-    keep_extras: bool = False  # served: tensors a LoRA server cannot carry come from the fine-tune (True) or the base
-    # Applied to every final weight of this variant (model parameter name, float tensor on the
-    # compute device) -> the weight to use, e.g. rounding to 8 bits as a provider might serve it.
-    weight_hook: WeightHook | None = field(default=None, compare=False)
-    # Served variants only: applied to the base's weights before the rank-r delta is added, as a
-    # LoRA server whose base is quantized (e.g. fp8) computes W = Q(W_base) + B·A.
-    base_hook: WeightHook | None = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.kind not in VARIANT_KINDS:
-            raise ValueError(
-                f"Variant {self.name!r}: kind must be one of {', '.join(VARIANT_KINDS)}, not {self.kind!r}"
-            )
-        if self.kind == "served" and (self.rank is None or self.rank < 0):
-            raise ValueError(f"Variant {self.name!r}: a served variant needs a rank ≥ 0")
-        if self.kind != "served" and (self.rank is not None or self.keep_extras or self.base_hook):
-            raise ValueError(f"Variant {self.name!r}: rank, keep_extras and base_hook apply to served variants only")
-
-
-def served(rank: int, keep_extras: bool = False) -> Variant:
-    """The served extraction at ``rank``, named ``rank-R`` or ``rank-R+extras``."""
-    return Variant(f"rank-{rank}{'+extras' if keep_extras else ''}", "served", rank=rank, keep_extras=keep_extras)
-
-
-FINETUNE = Variant("finetune", "finetune")
-BASE = Variant("base", "base")
 
 
 @dataclass(frozen=True)
@@ -201,7 +156,7 @@ class LayerStream:
         self._kept: dict[str, dict[str, torch.Tensor]] = {"base": {}, "finetune": {}}
         # With ``keep_reads``, each decomposed matrix's directions too (k × max rank, no Δ): the
         # pass of ``state_dicts`` rebuilds Δ from the kept reads instead of decomposing again.
-        self._kept_directions: dict[str, tuple[torch.Tensor, str, str]] = {}  # name -> (vectors, side, solver)
+        self._weights = VariantWeights(self.device, self.config.dtype, self._hold, self._add_decompose_time)
         # Set before passes that read the weights again (models too large to keep, read from local
         # files): the directions alone are kept, so no later pass decomposes again. With
         # ``direction_rank``, every matrix is decomposed up to that rank in the first pass, the
@@ -278,7 +233,7 @@ class LayerStream:
         A served rank at or above it keeps every matrix whole (``Decomposition.truncated``)."""
         plan = self.plan()
         return max(
-            (min(info.shape) for name, info in plan.finetune_tensors.items() if _carried_info(name, info)), default=0
+            (min(info.shape) for name, info in plan.finetune_tensors.items() if carried_info(name, info)), default=0
         )
 
     def twins(self, variants: Sequence[Variant]) -> dict[str, str]:
@@ -346,7 +301,7 @@ class LayerStream:
         def embed_all(raw: dict[str, dict[str, torch.Tensor]] = raw) -> None:
             ids = [torch.tensor([texts[i] for i in group], dtype=torch.long, device=device) for group in groups]
             for variant in variants:
-                weight = self._extra_weight(variant, embed, raw)
+                weight = self._weights.extra(variant, embed, raw)
                 hidden[variant.name] = [weight[i] for i in ids]
                 del weight
 
@@ -433,8 +388,8 @@ class LayerStream:
             shared: dict[tuple[str, str], torch.Tensor] = {}
             for variant in variants:
                 finals[variant.name] = (
-                    self._extra_weight(variant, norm, raw, shared),
-                    self._extra_weight(variant, head, raw, shared),
+                    self._weights.extra(variant, norm, raw, shared),
+                    self._weights.extra(variant, head, raw, shared),
                 )
             self._hold("head", list({id(t): t for pair in finals.values() for t in pair}.values()))
 
@@ -478,7 +433,7 @@ class LayerStream:
             raw = self._read(outside, variants)
             for variant in variants:
                 for name in outside:
-                    states[variant.name][name] = self._extra_weight(variant, name, raw)
+                    states[variant.name][name] = self._weights.extra(variant, name, raw)
             del raw
             for layer in range(plan.config.num_hidden_layers):
                 prefix = f"model.layers.{layer}."
@@ -488,7 +443,7 @@ class LayerStream:
                 del raw
         self.keep_reads = False
         self._kept = {"base": {}, "finetune": {}}  # every variant is built: the reads are done with
-        self._kept_directions = {}
+        self._weights.kept.clear()
         for variant in variants:
             yield variant, states.pop(variant.name)
 
@@ -565,7 +520,7 @@ class LayerStream:
         self._hold("read", [t for side in out.values() for t in side.values()])
         if self.keep_reads or self.keep_directions:
             kept = [t for side in self._kept.values() for t in side.values()]
-            self._hold("kept between passes", kept + [v for v, _, _ in self._kept_directions.values()])
+            self._hold("kept between passes", kept + self._weights.kept_vectors())
         return out
 
     def _pool(self) -> ThreadPoolExecutor:
@@ -575,71 +530,16 @@ class LayerStream:
             self._readers = ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="lorafid-forward")
         return self._readers
 
-    def _final(self, variant: Variant, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        weight = tensor.to(self.device, self.config.dtype, non_blocking=True)
-        return variant.weight_hook(name, weight) if variant.weight_hook else weight
+    def _block_weights(
+        self, variants: Sequence[Variant], raw: dict[str, dict[str, torch.Tensor]], prefix: str
+    ) -> Generator[tuple[Variant, dict[str, torch.Tensor]], None, None]:
+        """Each variant's weights of one block (``VariantWeights.block``), directions kept as set."""
+        keep = self.keep_reads or self.keep_directions
+        rank = self.direction_rank if self.keep_directions else None
+        return self._weights.block(variants, raw, prefix, keep=keep, direction_rank=rank)
 
-    def _extra_weight(
-        self,
-        variant: Variant,
-        name: str,
-        raw: dict[str, dict[str, torch.Tensor]],
-        shared: dict[tuple[str, str], torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """A tensor a LoRA server does not carry: the base's, or the fine-tune's where the variant keeps it.
-
-        With ``shared``, variants without a weight hook share one compute-dtype copy per side: an
-        8B model's head is 2.1 GB in float32, and seven variants need two copies, not seven.
-        """
-        side = "finetune" if variant.kind == "finetune" or variant.keep_extras else "base"
-        if name not in raw[side]:
-            raise MissingModelFileError(f"The {side} has no tensor {name}; cannot run the {variant.name} variant.")
-        if shared is None or variant.weight_hook is not None:
-            return self._final(variant, name, raw[side][name])
-        if (side, name) not in shared:
-            shared[side, name] = self._final(variant, name, raw[side][name])
-        return shared[side, name]
-
-    def _served_matrix(
-        self,
-        variant: Variant,
-        name: str,
-        raw: dict[str, dict[str, torch.Tensor]],
-        decompositions: dict[str, sp.Decomposition],
-    ) -> torch.Tensor:
-        """W_base + Δ_r of one carried matrix; at or above its full rank, the fine-tune's own tensor
-        (W_base + Δ = W_ft: nothing to build), unless the base is quantized first (``base_hook``)."""
-        assert variant.rank is not None
-        finetune = raw["finetune"][name]
-        if variant.rank >= min(finetune.shape) and variant.base_hook is None:
-            return finetune
-        base_weight = raw["base"][name].to(self.device, torch.float32)
-        if name in decompositions:
-            low_rank = decompositions[name].truncated(variant.rank)
-        else:  # every asked rank is at or above this matrix's full rank: Δ itself
-            low_rank = finetune.to(self.device, torch.float32) - base_weight
-        if variant.base_hook is not None:
-            base_weight = variant.base_hook(name, base_weight)
-        return base_weight + low_rank
-
-    def _decomposition(self, name: str, base: torch.Tensor, finetune: torch.Tensor, max_rank: int) -> sp.Decomposition:
-        """Δ of one carried matrix with its top ``max_rank`` directions (``spectrum.decompose``), or
-        the directions an earlier pass kept (``keep_reads``) with Δ rebuilt as ``decompose`` builds it
-        (float32 W_ft − W_base, the same values)."""
-        kept = self._kept_directions.get(name)
-        # Enough directions kept, or none at all: Δ was zero (``decompose`` keeps none), at any rank.
-        if kept is not None and (kept[0].shape[1] >= max_rank or kept[0].shape[1] == 0):
-            vectors, side, solver = kept
-            delta = finetune.to(self.device, torch.float32, copy=True).sub_(base.to(self.device, torch.float32))
-            return sp.Decomposition(delta=delta, vectors=vectors, side=side, solver=solver)
-        started = time.perf_counter()
-        _, decomposition = sp.decompose(
-            base.to(self.device, torch.float32), finetune.to(self.device, torch.float32), max_rank
-        )
-        self.stats.decompose_s += time.perf_counter() - started
-        if self.keep_reads or self.keep_directions:  # the directions only: Δ is rebuilt from the reads
-            self._kept_directions[name] = (decomposition.vectors, decomposition.side, decomposition.solver)
-        return decomposition
+    def _add_decompose_time(self, seconds: float) -> None:
+        self.stats.decompose_s += seconds
 
     def direction_bytes(self, rank: int) -> int:
         """What ``keep_directions`` holds once every carried matrix is decomposed up to ``rank``:
@@ -651,48 +551,6 @@ class LayerStream:
             for name, info in plan.finetune_tensors.items()
             if len(info.shape) == 2 and name in plan.base_tensors
         )
-
-    def _block_weights(
-        self, variants: Sequence[Variant], raw: dict[str, dict[str, torch.Tensor]], prefix: str
-    ) -> Generator[tuple[Variant, dict[str, torch.Tensor]], None, None]:
-        """Each variant with its block weights (names relative to the block), one variant alive at a time."""
-        ranks = sorted({v.rank for v in variants if v.kind == "served" and v.rank is not None})
-        decompositions: dict[str, sp.Decomposition] = {}
-        carried: set[str] = set()
-        if ranks:
-            for name, base in raw["base"].items():
-                finetune = raw["finetune"].get(name)
-                if finetune is None or not _carried(name, base, finetune):
-                    continue
-                carried.add(name)
-                # Ranks at or above this matrix's full rank serve it whole: no directions needed.
-                below = [r for r in ranks if r < min(base.shape)]
-                if below:
-                    wanted = max(below)
-                    if self.keep_directions and self.direction_rank is not None:
-                        wanted = max(wanted, min(self.direction_rank, min(base.shape) - 1))
-                    decompositions[name] = self._decomposition(name, base, finetune, wanted)
-            self._hold("decompositions", [t for d in decompositions.values() for t in (d.delta, d.vectors)])
-        for variant in variants:
-            if variant.kind == "served":
-                assert variant.rank is not None
-                side = "finetune" if variant.keep_extras else "base"
-                weights: dict[str, torch.Tensor] = {}
-                for name, tensor in raw[side].items():
-                    if name in carried:
-                        weights[name] = self._final(
-                            variant, name, self._served_matrix(variant, name, raw, decompositions)
-                        )
-                    elif side == "base" and variant.base_hook is not None:
-                        weights[name] = self._final(variant, name, variant.base_hook(name, tensor.to(self.device)))
-                    else:
-                        weights[name] = self._final(variant, name, tensor)
-            else:
-                weights = {name: self._final(variant, name, t) for name, t in raw[variant.kind].items()}
-            self._hold("variant", weights)
-            yield variant, {name.removeprefix(prefix): t for name, t in weights.items()}
-            del weights
-        decompositions.clear()
 
 
 def stream_logprobs(
@@ -771,14 +629,9 @@ def _head_is_embedding(plan: ModelPlan) -> bool:
     return "lm_head.weight" not in plan.finetune_tensors
 
 
-def _carried_info(name: str, info: TensorInfo) -> bool:
-    """``_carried`` from a tensor's header record: a 2-D block matrix, not an embedding."""
+def carried_info(name: str, info: TensorInfo) -> bool:
+    """``variants.carried`` from a tensor's header record: a 2-D block matrix, not an embedding."""
     return name.startswith("model.layers.") and len(info.shape) == 2 and not is_embedding(name)
-
-
-def _carried(name: str, base: torch.Tensor, finetune: torch.Tensor) -> bool:
-    """A block matrix a LoRA server carries as a rank-r delta (the audit's rule: 2-D, not an embedding)."""
-    return base.ndim == 2 and base.shape == finetune.shape and not is_embedding(name)
 
 
 def _check_inputs(token_ids: Sequence[Sequence[int]], variants: Sequence[Variant], vocab_size: int) -> list[list[int]]:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lorafid.behaviour.variants import Variant
 from lorafid.providers.evidence import (
     BASE,
     BASE_QUANTIZED,
@@ -67,10 +68,8 @@ def gather(observation: Observation, logprobs: torch.Tensor) -> Gathered:
 
 def candidate_variants(
     ranks: Sequence[int], quantized: Sequence[str] = (), names: Collection[str] | None = None
-) -> list[Any]:
+) -> list[Variant]:
     """The behaviour engine's variants for ``candidate_names(ranks, quantized)``, or those of them in ``names``."""
-    from lorafid.behaviour.forward import Variant  # transformers only when a probe runs
-
     hooks = {quantized_name(q): scheme(q) for q in ("int8", *quantized) if not q.startswith(BASE_QUANTIZED)}
     variants = []
     for name in candidate_names(ranks, quantized):

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from lorafid.audit.pairing import is_embedding
-from lorafid.behaviour.forward import BASE, FINETUNE, ForwardConfig, LayerStream, Variant, served, stream_logprobs
+from lorafid.behaviour.forward import ForwardConfig, LayerStream, stream_logprobs
+from lorafid.behaviour.variants import BASE, FINETUNE, Variant, served
 from lorafid.errors import (
     GatedRepoError,
     LimitExceededError,

@@ -11,7 +11,8 @@ import pytest
 
 from lorafid.behaviour import architecture, forward
 from lorafid.behaviour.check import BehaviourCheck, BehaviourConfig
-from lorafid.behaviour.forward import FINETUNE, ForwardConfig, LayerStream
+from lorafid.behaviour.forward import ForwardConfig, LayerStream
+from lorafid.behaviour.variants import FINETUNE
 from lorafid.errors import LimitExceededError
 from tests.llama_models import config_dict, model_family, with_files, write_model
 

@@ -23,13 +23,14 @@ from lorafid.web.config import MAX_RANK, AppConfig, check_deadline, check_token
 from lorafid.web.downloads import write_download
 from lorafid.web.gallery import Catalog
 from lorafid.web.limits import TOO_MANY_LINKS, VisitorRate, VisitorSlots, visitor_of
-from lorafid.web.links import page_url, stored_key
+from lorafid.web.links import stored_key
 from lorafid.web.tabs.common import (
     MAX_INPUT_CHARS,
     MAX_MESSAGE_CHARS,
     TEXT_INTERVAL_S,
     open_stored_check,
     scroll_if_linked_js,
+    stored_check_link,
     user_errors,
 )
 from lorafid.web.text import md_text, rounded
@@ -169,10 +170,9 @@ class BehaviourTab:
         key = self.store.put_document("behaviour", document)
         self.catalog.record_document("behaviour", key, document, anonymous=token is False)
         path = write_download(self.downloads, f"lorafid-behaviour-{key}.json", json.dumps(document, indent=1) + "\n")
-        link = page_url(request.headers, str(request.url)) + f"?behaviour={key}"
         yield self._behaviour_view(report) | {
             self.behave_file: str(path),
-            self.behave_link: f"[Permalink]({link})",
+            self.behave_link: stored_check_link(request, "behaviour", key),
         }
 
     def open_behaviour_link(
@@ -193,10 +193,9 @@ class BehaviourTab:
             return {self.behave_status: report}
         document = report.to_dict()
         path = write_download(self.downloads, f"lorafid-behaviour-{key}.json", json.dumps(document, indent=1) + "\n")
-        link = page_url(request.headers, str(request.url)) + f"?behaviour={key}"
         return self._behaviour_view(report) | {
             self.behave_file: str(path),  # the same download and link as after a run
-            self.behave_link: f"[Permalink]({link})",
+            self.behave_link: stored_check_link(request, "behaviour", key),
             self.tabs: gr.Tabs(selected="behaviour"),  # a behaviour link opens on its own tab
             self.behave_base: str(report.base.get("spec") or ""),
             self.behave_finetune: str(report.finetune.get("spec") or ""),

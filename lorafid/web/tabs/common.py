@@ -16,6 +16,7 @@ import gradio as gr
 from lorafid.audit.store import Store
 from lorafid.errors import LorafidError, ReportFormatError
 from lorafid.web.gallery import Catalog
+from lorafid.web.links import page_url
 from lorafid.web.text import html_text, md_text
 
 T = TypeVar("T")
@@ -89,3 +90,12 @@ def scroll_if_linked_js(parameter: str, selector: str) -> str:
         f"() => {{ if (new URLSearchParams(window.location.search).get('{parameter}')) "
         f"setTimeout(() => document.querySelector('{selector}')?.scrollIntoView({{block: 'start'}}), 300); }}"
     )
+
+
+def stored_check_link(request: gr.Request | None, kind: str, key: str) -> str:
+    """The Markdown permalink of a stored check (``?behaviour=KEY``, ``?probe=KEY``) as the
+    visitor's page sees it, behind a proxy too; empty where no request is known (a handler
+    called outside a page)."""
+    if request is None:
+        return ""
+    return f"[Permalink]({page_url(dict(request.headers or {}), str(request.url))}?{kind}={key})"

@@ -26,8 +26,14 @@ from lorafid.web.config import MAX_RANK, AppConfig, check_deadline, check_token
 from lorafid.web.downloads import write_download
 from lorafid.web.gallery import Catalog
 from lorafid.web.limits import TOO_MANY_LINKS, VisitorRate, VisitorSlots, visitor_of
-from lorafid.web.links import page_url, stored_key
-from lorafid.web.tabs.common import MAX_INPUT_CHARS, open_stored_check, scroll_if_linked_js, user_errors
+from lorafid.web.links import stored_key
+from lorafid.web.tabs.common import (
+    MAX_INPUT_CHARS,
+    open_stored_check,
+    scroll_if_linked_js,
+    stored_check_link,
+    user_errors,
+)
 from lorafid.web.text import md_text, rounded
 
 PROBE_INTRO = """**Does an API serve this fine-tune, or a rank-r LoRA extracted from it?** The provider's
@@ -226,11 +232,10 @@ class ProviderTab:
         if report.status != "complete":
             status += f" Partial: {len(report.failed_prompts)} prompts failed; the rest are shown."
         status += self._publish_probe(document)
-        link = page_url(request.headers, str(request.url)) + f"?probe={key}"
         yield self._probe_view(document) | {
             self.probe_status: md_text(status),
             self.probe_file: str(path),
-            self.probe_link: f"[Permalink]({link})",
+            self.probe_link: stored_check_link(request, "probe", key),
         }
 
     def open_probe_link(
@@ -257,11 +262,10 @@ class ProviderTab:
         ranks = settings.get("ranks") or []
         channel = settings.get("channel") if settings.get("channel") in CHANNEL_CHOICES else "auto"
         budget = settings.get("max_requests") if isinstance(settings.get("max_requests"), int) else None
-        link = page_url(request.headers, str(request.url)) + f"?probe={key}"
         return self._probe_view(document) | {
             self.tabs: gr.Tabs(selected="provider-check"),  # a probe link opens on its own tab
             self.probe_file: str(path),
-            self.probe_link: f"[Permalink]({link})",  # as after a run
+            self.probe_link: stored_check_link(request, "probe", key),  # as after a run
             self.probe_ranks: ",".join(str(int(r)) for r in ranks),
             self.probe_channel: channel,
             self.probe_requests: budget,
