@@ -316,6 +316,15 @@ def test_stop_keeps_what_was_computed(served: Served) -> None:
     assert kept["matrices"]
 
 
+def test_stop_after_the_audit_finished_says_there_was_nothing_to_stop(served: Served) -> None:
+    """It said "Stopped. ... in the gallery as partial" of a complete audit."""
+    client = served.client()
+    run(client, rank=8)
+    stopped = client.predict(8, "energy_retained", api_name="/stop")
+    assert stopped[5] == "Nothing to stop: this audit had already finished."
+    assert not re.search(r"partial", stopped[3])  # the table counts every matrix
+
+
 def test_second_run_reads_results_from_the_store(served: Served) -> None:
     run(served.client(), rank=8)
     rows = store_rows(served.home)

@@ -351,7 +351,7 @@ class AuditTab:
         # this line is written, so the line names no number of its own.
         return {
             **self._view(ref, report.with_rank(int(rank)), metric, request),
-            self.progress: STOPPED_MESSAGE,
+            self.progress: STOPPED_MESSAGE if report.pending else "Nothing to stop: this audit had already finished.",
             **self._gallery(),
         }
 
