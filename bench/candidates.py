@@ -15,6 +15,8 @@ the cost of one candidate against one plain forward of one model on the same tok
 issue's target is ≤ 1.2× at hidden ≥ 1024. Also printed: the streamed side's own split
 (compute vs the rest: reading) from ``ForwardStats``, the decompositions' share of it
 (``ForwardStats.decompose_s``), and the ratio with that fixed per-matrix cost taken out.
+``--provider-grid`` runs the provider check's default candidates instead (a full-grid pass):
+the decompositions are shared by more candidates, as in a real check.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--variants", type=int, default=4, help="fine-tune, base, then ranks 16, 64, 256, ...")
+    parser.add_argument(
+        "--provider-grid",
+        action="store_true",
+        help="instead, the provider check's default candidates (its ranks below the full rank in both serving "
+        "modes, the fine-tune, its 8-bit and int4 copies, the base), as one full-grid pass scores them",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -56,6 +64,13 @@ def main() -> None:
 
     device = torch.device(args.device)
     variants = [FINETUNE, BASE, *(served(16 * 4**i) for i in range(max(0, args.variants - 2)))][: args.variants]
+    if args.provider_grid:
+        from lorafid.providers.evidence import grid_within
+        from lorafid.providers.logprob_probe import candidate_variants
+        from lorafid.providers.probe import DEFAULT_QUANTIZED, DEFAULT_RANKS
+
+        ranks, _ = grid_within(DEFAULT_RANKS, args.hidden)  # the model's full rank: q_proj's, hidden × hidden
+        variants = candidate_variants(ranks, DEFAULT_QUANTIZED)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.texts, args.tokens), generator=g)
     with tempfile.TemporaryDirectory(prefix="lorafid-bench-candidates-") as work:
