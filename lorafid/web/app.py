@@ -69,8 +69,8 @@ CSS = """
 #summary table { width: 100%; }
 #summary td { word-break: normal; overflow-wrap: normal; hyphens: none; }  /* "88.28%" never splits */
 #progress progress { width: 100%; height: 0.8em; accent-color: var(--color-accent); }
-/* Published results: headers and cells break between words, never inside one ("Matr/ices"). */
-:is(#results-table, #providers-table) :is(th, td, th *, td *) {
+/* Published results and the checks' tables: headers and cells break between words, never inside one ("Matr/ices"). */
+:is(#results-table, #providers-table, #probe-table, #behaviour-table) :is(th, td, th *, td *) {
   word-break: normal !important; overflow-wrap: normal !important; hyphens: none;
 }
 .phone-cards { display: none; }

@@ -324,7 +324,7 @@ def results_url(hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         yield url
 
 
-HEADERS_JS = """() => [...document.querySelectorAll('#results-table th, #providers-table th')].flatMap((th) => {
+HEADERS_JS = """(selector) => [...document.querySelectorAll(selector)].flatMap((th) => {
   const walker = document.createTreeWalker(th, NodeFilter.SHOW_TEXT); const out = [];
   for (let n = walker.nextNode(); n; n = walker.nextNode()) {
     for (const m of n.textContent.matchAll(/\\S+/g)) { const r = document.createRange();
@@ -349,7 +349,7 @@ def test_published_results_are_readable_on_desktop_and_phone(browser: object, re
     assert overflow <= 1
     if viewport == "desktop":
         assert page.locator("#providers-table").is_visible() and page.locator("#providers-cards").is_hidden()
-        words = page.evaluate(HEADERS_JS)
+        words = page.evaluate(HEADERS_JS, "#results-table th, #providers-table th")
         assert {"Matrices", "Provider", "Requests"} <= {w["word"] for w in words}, words
         assert all(w["lines"] == 1 for w in words), [w for w in words if w["lines"] > 1]  # no "Matr / ices"
     else:
@@ -410,3 +410,31 @@ def test_a_behaviour_link_on_a_phone_opens_on_its_result_with_its_json_and_reada
     assert shown["scrolled"] > 0 and -5 <= shown["top"] < shown["height"] / 2, shown
     assert downloads >= 1 and permalink >= 1, (downloads, permalink)
     assert len(titles) == 2 and titles[0]["right"] + 8 <= titles[1]["left"], titles
+
+
+def test_a_probe_link_on_a_phone_opens_on_its_verdict_with_whole_words_in_its_table(
+    browser: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 390 px a ?probe= link opened two screens above its verdict, and the candidates' table
+    broke "nats/token" inside the word. Now: the status line on the first screen, the JSON and
+    the permalink as after a run, every header word on one line."""
+    from tests.web.test_first_user import probe
+
+    monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "home"))
+    key = Store(tmp_path / "home").put_document("probe", probe())
+    # A private deployment (--allow-local) opens every stored check: visibility has tests of its own.
+    config = AppConfig(store_home=tmp_path / "home", examples_dir=tmp_path / "none", device="cpu", allow_local=True)
+    with serve(config) as url:
+        page = browser.new_page(viewport={"width": 390, "height": 844})  # type: ignore[attr-defined]
+        page.set_default_timeout(30_000)
+        page.goto(f"{url}?probe={key}")
+        wait_for_text(page, "#probe-status", "Stored provider check")
+        page.wait_for_timeout(1200)
+        shown = page.evaluate(IN_VIEW_JS, "#probe-status")
+        downloads = page.locator("a[href*='lorafid-probe-']").count()
+        permalink = page.locator(f"a[href$='?probe={key}']").count()
+        words = page.evaluate(HEADERS_JS, "#probe-table th")
+    assert shown["scrolled"] > 0 and -5 <= shown["top"] < shown["height"] / 2, shown
+    assert downloads >= 1 and permalink >= 1, (downloads, permalink)
+    assert "nats/token" in {w["word"] for w in words}, words
+    assert all(w["lines"] == 1 for w in words), [w for w in words if w["lines"] > 1]

@@ -86,6 +86,7 @@ class BehaviourTab:
         self.behave_table = gr.Dataframe(
             headers=["variant", "KL mean", "KL p95", "KL max", "top-1 agreement", "Δ log-likelihood", "tokens"],
             label="Each variant against the fine-tune",
+            elem_id="behaviour-table",
             interactive=False,
         )
         self.behave_rows = gr.Dataframe(

@@ -113,6 +113,7 @@ class ProviderTab:
         self.probe_table = gr.Dataframe(
             headers=["candidate", "KL nats/token", "95% interval", "top-1 agreement", "evidence"],
             label="Candidates, closest first",
+            elem_id="probe-table",
             interactive=False,
             wrap=True,
         )
