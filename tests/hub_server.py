@@ -106,6 +106,8 @@ class Faults:
     slow_bytes_per_s: float | None = None  # pace every body at this rate
     wrong_content_range: bool = False  # 206 whose Content-Range is one byte off
     times: int | None = None  # budget for the four switches above marked "every"
+    # The next model-info answers (GET /api/models/...): these statuses, then the real answer.
+    api_status_sequence: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -442,6 +444,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
             repo_id, rest = "/".join(parts[2:4]), parts[4:]
+            if self.command == "GET" and (not rest or rest[0] == "revision"):
+                with self.hub._lock:
+                    queued = self.hub.faults.api_status_sequence
+                    failing = queued.pop(0) if queued else None
+                if failing is not None:
+                    self._send_simple(failing, b'{"error": "injected"}', "application/json", {"Retry-After": "0"})
+                    return
             repo = self._repo(repo_id)
             self._check_private(repo)
             if not rest and self.command == "GET":

@@ -21,15 +21,18 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants
 
 from lorafid.errors import LorafidError
-from lorafid.weights.source import parse_source_spec
+from lorafid.retry import RetryPolicy
+from lorafid.weights.source import model_info, parse_source_spec
 
 INDEX_FILE = "batch-index.sqlite3"
+RESOLVERS = 8  # metadata requests in flight at once when a catalogue's commits are resolved
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pairs (
@@ -67,16 +70,18 @@ def hub_endpoint(endpoint: str | None) -> str:
 
 
 def resolve_commits(
-    specs: Iterable[tuple[str, str | None]], *, endpoint: str, token: str | None
+    specs: Iterable[tuple[str, str | None]], *, endpoint: str, token: str | None, retry: RetryPolicy | None = None
 ) -> dict[tuple[str, str | None], HubSide | None]:
     """For each (spec, revision): the repo and the commit it points at now; None for a local path or
     a repo the Hub does not show (the task then reports why). One metadata request per distinct
-    repo and revision; no retry (a pair not resolved is simply audited)."""
+    repo and revision, at most ``RESOLVERS`` at once, each asked again after an answer worth
+    another try (``weights.source.model_info``): a pair not resolved is audited afresh instead of
+    taken from the store, which for a large model costs far more than a few retries."""
     api = HfApi(endpoint=endpoint, token=token)
     out: dict[tuple[str, str | None], HubSide | None] = {}
-    asked: dict[tuple[str, str | None], HubSide | None] = {}
+    where_of: dict[tuple[str, str | None], tuple[str, str | None]] = {}
     for spec, revision in specs:
-        if (spec, revision) in out:
+        if (spec, revision) in out or (spec, revision) in where_of:
             continue
         try:
             info = parse_source_spec(spec, revision=revision, allow_local=True)
@@ -86,17 +91,20 @@ def resolve_commits(
         if info.kind != "hub" or info.repo_id is None:
             out[(spec, revision)] = None
             continue
-        where = (info.repo_id, info.requested_revision)
-        if where not in asked:
-            asked[where] = _commit(api, info.repo_id, info.requested_revision)
-        out[(spec, revision)] = asked[where]
+        where_of[(spec, revision)] = (info.repo_id, info.requested_revision)
+    distinct = list(dict.fromkeys(where_of.values()))
+    policy = retry or RetryPolicy()
+    with ThreadPoolExecutor(max_workers=RESOLVERS, thread_name_prefix="lorafid-resolve") as pool:
+        answers = dict(zip(distinct, pool.map(lambda w: _commit(api, w[0], w[1], policy), distinct), strict=True))
+    for key, where in where_of.items():
+        out[key] = answers[where]
     return out
 
 
-def _commit(api: HfApi, repo_id: str, revision: str | None) -> HubSide | None:
+def _commit(api: HfApi, repo_id: str, revision: str | None, retry: RetryPolicy) -> HubSide | None:
     try:
-        sha = api.model_info(repo_id, revision=revision, timeout=30).sha
-    except Exception:  # missing, gated, offline: the task reports it in one line
+        sha = model_info(api, repo_id, revision, retry).sha
+    except Exception:  # missing, gated, offline after the retries: the task reports it in one line
         return None
     return HubSide(repo_id, sha) if sha else None
 

@@ -33,7 +33,7 @@ from typing import Literal
 from urllib.parse import urljoin, urlsplit
 
 import httpx2
-from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_url
+from huggingface_hub import HfApi, ModelInfo, constants, get_hf_file_metadata, hf_hub_url
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import build_hf_headers
 
@@ -50,7 +50,7 @@ from lorafid.errors import (
     SafetensorsHeaderError,
 )
 from lorafid.names import is_commit_sha, is_repo_id
-from lorafid.retry import RetryPolicy
+from lorafid.retry import RetryPolicy, Transient, retry_after_s, with_retries
 from lorafid.weights.http_ranges import RangeReader, RemoteFile
 from lorafid.weights.safetensors_format import (
     HEADER_BYTES_PER_TENSOR,
@@ -175,6 +175,32 @@ class Source(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def model_info(api: HfApi, repo_id: str, revision: str | None, retry: RetryPolicy) -> ModelInfo:
+    """A repo's metadata at a revision (its commit SHA and files), asked again after an answer
+    worth another try (HTTP 408, 429, 5xx, a dropped connection) as ``retry`` allows: on a busy
+    Hub, or from many batch workers at once, one such answer would fail an audit before it
+    starts. Other answers (missing, gated, private) raise at once; the last transient one
+    raises as itself once the tries are spent, so callers word it as they word any Hub error.
+    """
+
+    def attempt() -> ModelInfo:
+        try:
+            return api.model_info(repo_id, revision=revision, timeout=30)
+        except hf_errors.HfHubHTTPError as e:
+            status = e.response.status_code if e.response is not None else None
+            if status in (408, 429) or (status is not None and status >= 500):
+                raise Transient(f"HTTP {status}", retry_after_s(e.response.headers.get("Retry-After"))) from e
+            raise
+        except httpx2.TransportError as e:
+            raise Transient(f"{type(e).__name__}: {e}") from e
+
+    def give_up(tries: int, last: Transient) -> Exception:
+        cause = last.__cause__
+        return cause if isinstance(cause, Exception) else last
+
+    return with_retries(attempt, retry, what=f"metadata of {repo_id}", give_up=give_up)
 
 
 def parse_source_spec(spec: str, *, revision: str | None = None, allow_local: bool = True) -> SourceInfo:
@@ -330,9 +356,8 @@ class HubSource(Source):
         self.info = info
         self._files = []
         try:
-            model = HfApi(
-                endpoint=self._endpoint, token=token, library_name=LIBRARY_NAME, library_version=__version__
-            ).model_info(self._repo_id, revision=info.requested_revision, timeout=30)
+            api = HfApi(endpoint=self._endpoint, token=token, library_name=LIBRARY_NAME, library_version=__version__)
+            model = model_info(api, self._repo_id, info.requested_revision, retry or RetryPolicy())
         except (hf_errors.HfHubHTTPError, httpx2.TransportError) as e:
             raise self._hub_error(e) from e
         if not is_commit_sha(model.sha or ""):

@@ -541,6 +541,9 @@ def test_stored_results_are_keyed_by_the_hub_endpoint_and_the_commits_read(
         assert not reused and reads > 0 and loss == pytest.approx(reference(31), abs=1e-6)
         reused, loss, reads = audit(hub)  # unchanged: one metadata call per repo, no weights
         assert reused and reads == 0 and loss == pytest.approx(reference(31), abs=1e-6)
+        with hub.inject(api_status_sequence=[503, 429]):  # a busy Hub: asked again, still taken from the store
+            reused, loss, reads = audit(hub)
+        assert reused and reads == 0 and loss == pytest.approx(reference(31), abs=1e-6)
         reused, loss, reads = audit(other)  # same repo IDs, another Hub, other weights
         assert not reused and reads > 0 and loss == pytest.approx(reference(32), abs=1e-6)
         assert audit(hub)[0] and audit(other)[0]  # each Hub's result is kept apart

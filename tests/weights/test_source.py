@@ -432,6 +432,23 @@ def test_missing_and_private_repos(hub: HubServer) -> None:
         assert src.weight_files() == ["model.safetensors"]
 
 
+def test_metadata_is_asked_again_after_an_answer_worth_another_try(hub: HubServer) -> None:
+    """A 503 or a 429 on the repo's metadata failed the audit before it started; now it is
+    asked again, as range reads are. A missing repo is not: one request, at once."""
+    hub.add_repo("org/m", {"model.safetensors": st(tensors(1))})
+    hub.clear_requests()
+    with hub.inject(api_status_sequence=[503, 429]), open_hub(hub, "org/m") as src:
+        assert read_all(src) == raw(tensors(1))
+    assert len(hub.requests_matching(origin="hub", path_contains="/api/models/org/m")) == 3
+    hub.clear_requests()
+    with pytest.raises(RepoNotFoundError):
+        open_hub(hub, "org/nope")
+    assert len(hub.requests_matching(origin="hub", path_contains="/api/")) == 1
+    # Spent tries: the last answer, in the words of any Hub error.
+    with hub.inject(api_status_sequence=[503, 503, 503]), pytest.raises(FetchError, match="HTTP 503"):
+        open_hub(hub, "org/m", retry=RetryPolicy(max_tries=2, base_wait_s=0.001))
+
+
 def test_missing_revision(hub: HubServer) -> None:
     hub.add_repo("org/m", {"model.safetensors": st(tensors())})
     with pytest.raises(RevisionNotFoundError, match="'v9'"):
