@@ -75,9 +75,10 @@ from lorafid.providers.openai_api import (
     RateLimiter,
     RequestBudget,
 )
+from lorafid.providers.passes import score_in_passes
 from lorafid.providers.probe_report import ProbeReport, prompt_rows
 from lorafid.providers.quantize import SCHEMES
-from lorafid.providers.refine import coarse_names, scoring_note, still_needed
+from lorafid.providers.refine import scoring_note
 from lorafid.providers.text_channel import (
     GREEDY,
     MAX_SAMPLES,
@@ -97,37 +98,6 @@ DEFAULT_TEXT_REQUESTS = 5  # the text channel's budget when --max-requests is no
 PACKED_PROMPTS = 8  # prompts per echo / prompt_logprobs request under a request budget
 ALL_CHANNELS: tuple[str, ...] = (*CHANNELS, TEXT, GREEDY)
 PACKABLE: tuple[str, ...] = (ECHO, PROMPT_LOGPROBS)
-# A refined grid runs in passes. Where both models' weights can be kept between them, each model is
-# read once, as in one pass. Larger pairs read from local files are read again for each pass (from
-# the disk, often from the page cache) and keep only the Δ directions, so no pass decomposes again;
-# larger pairs from the Hub score the whole grid in one pass: reading a real model over the network
-# again for each pass costs far more than the forwards it saves.
-KEEP_READS_BYTES = 2 * 2**30
-KEEP_DIRECTIONS_BYTES = 8 * 2**30  # the directions of every matrix up to the grid's largest rank
-
-
-@dataclass
-class Passes:
-    """The local candidates scored over one check's observations, pass after pass (``refine``)."""
-
-    per_item: list[dict[str, Any]] = field(default_factory=list)  # per observation scored: {candidate: numbers}
-    scored: list[str] = field(default_factory=list)  # the candidates scored, in ``candidate_names`` order
-    variants_run: int = 0  # forward-equivalents: variants whose blocks ran, over every pass
-    bytes_read: int = 0  # weight bytes read, both models, over every pass
-    passes: int = 0
-    error: str | None = None  # an interruption: the passes before it are kept
-
-    def settings(self, every: Sequence[str]) -> dict[str, Any]:
-        """What the report's settings say of the scoring."""
-        return {
-            "candidates_scored": list(self.scored),
-            "candidates_not_scored": [n for n in every if n not in self.scored],
-            "passes": self.passes,
-            "forward_equivalents": self.variants_run,
-            "weight_bytes_read": self.bytes_read,
-        }
-
-
 # -- plan ------------------------------------------------------------------------------------
 
 
@@ -452,8 +422,16 @@ class Probe:
             _, (candidates, verdict) = judged(gathered)
             return verdict, min((FINETUNE, BASE), key=lambda n: candidates[n].distance)
 
-        passes = yield from self._score_in_passes(
-            observations, score, verdict_of, step, "prompts scored", full=c.full_grid
+        passes = yield from score_in_passes(
+            self._open_stream,
+            self._grid()[0],
+            self.config.quantized,
+            observations,
+            score,
+            verdict_of,
+            step,
+            "prompts scored",
+            full=c.full_grid,
         )
         error = collection.error or passes.error
         scores, (candidates, verdict) = judged(passes.per_item)
@@ -513,61 +491,6 @@ class Probe:
         notes = grid_notes(verdict.closest, grid, beyond, self._full_rank)
         notes += scoring_note(scored, grid, self.config.quantized)
         return replace(verdict, sentence=verdict.sentence + notes) if notes else verdict
-
-    def _score_in_passes(
-        self,
-        items: Sequence[Any],
-        score: Callable[[Any, Sequence[Any], Sequence[str]], Iterator[dict[str, Any]]],
-        verdict_of: Callable[[Sequence[dict[str, Any]]], tuple[Verdict, str]],
-        step: Callable[[str, int, int, str], Progress],
-        what: str,
-        full: bool,
-    ) -> Generator[Progress, None, Passes]:
-        """Score the coarse grid over ``items``, then, pass after pass, the unscored neighbours of
-        what the verdict on the candidates scored so far (``verdict_of``: it, and the nearer end
-        of the path) holds: its closest and every candidate not ruled out, until none is left
-        (``refine.still_needed``); with ``full``, every candidate in one pass. All passes share
-        one opened pair. An interruption keeps the passes before it, and in the first pass the
-        items it scored."""
-        c = self.config
-        grid = self._grid()[0]
-        every = self._every()
-        passes = Passes()
-        from lorafid.behaviour.forward import LayerStream
-
-        with LayerStream(self.base, self.finetune, self._forward_config()) as stream:
-            full = full or not _passes_pay(stream, grid)
-            todo = every if full else coarse_names(grid, c.quantized)
-            stream.keep_reads = not full and stream.plan().size_bytes <= KEEP_READS_BYTES
-            stream.keep_directions = not full
-            stream.direction_rank = max(grid, default=None)
-            while todo:
-                first = passes.passes == 0
-                targets = items if first else items[: len(passes.per_item)]
-                part: list[dict[str, Any]] = []
-                try:
-                    for by_name in score(stream, targets, todo):
-                        part.append(by_name)
-                        yield step("local", len(part), len(targets), what)
-                except KeyboardInterrupt:
-                    passes.error = "interrupted while scoring the candidates"
-                    if first and not part:
-                        raise
-                    if not first:
-                        break
-                passes.variants_run += stream.stats.variants_run
-                passes.bytes_read += stream.stats.bytes_read
-                passes.passes += 1
-                done = set(passes.scored) | set(todo)
-                passes.scored = [n for n in every if n in done]
-                merged = part if first else [{**old, **new} for old, new in zip(passes.per_item, part, strict=True)]
-                # In the grid's order, so that ties between candidates break as the full grid's do.
-                passes.per_item = [{n: m[n] for n in every if n in m} for m in merged]
-                if full or passes.error:
-                    break
-                verdict, toward = verdict_of(passes.per_item)
-                todo = still_needed(verdict.closest, verdict.consistent, passes.scored, grid, c.quantized, toward)
-        return passes
 
     def _common_settings(self) -> dict[str, Any]:
         c = self.config
@@ -635,8 +558,16 @@ class Probe:
         # Every candidate, always: sampled text resolves about 2·1.96²/tokens nats per token (0.01
         # at 800 tokens), so most candidates stay consistent and a refined grid would score nearly
         # all of them, in more passes; the table then names every candidate, the quantized ones too.
-        passes = yield from self._score_in_passes(
-            observations, score, verdict_of, step, "continuations scored", full=True
+        passes = yield from score_in_passes(
+            self._open_stream,
+            self._grid()[0],
+            self.config.quantized,
+            observations,
+            score,
+            verdict_of,
+            step,
+            "continuations scored",
+            full=True,
         )
         error = read.error or passes.error
         per_continuation = passes.per_item
@@ -731,6 +662,12 @@ class Probe:
             return None
         return ChatEncoder(self._tokenizer, self.texts)  # rendered once, under time and size limits
 
+    def _open_stream(self) -> Any:
+        """Both models opened for the layer-streamed forward (``LayerStream``), as this check runs it."""
+        from lorafid.behaviour.forward import LayerStream  # transformers only when a check runs
+
+        return LayerStream(self.base, self.finetune, self._forward_config())
+
     def _forward_config(self) -> Any:
         """The forward's settings; once the plan has resolved both commits, pinned to them."""
         from lorafid.behaviour.forward import ForwardConfig
@@ -749,14 +686,3 @@ class Probe:
             deadline=self.config.deadline,
             compute=self.config.compute,
         )
-
-
-def _passes_pay(stream: Any, grid: Sequence[int]) -> bool:
-    """Whether a refined grid (``Probe._passes``) costs less than one pass over every candidate:
-    both models' weights fit to be kept between passes (read once in all), or both are local files
-    (read again per pass from the disk) and the directions kept between passes fit
-    ``KEEP_DIRECTIONS_BYTES``. Never reads a model from the Hub twice."""
-    if stream.plan().size_bytes <= KEEP_READS_BYTES:
-        return True
-    local = all(source.info.kind == "local" for source in stream.sources)
-    return local and stream.direction_bytes(max(grid, default=0)) <= KEEP_DIRECTIONS_BYTES

@@ -963,12 +963,12 @@ def test_a_pair_too_large_to_keep_between_passes_is_scored_in_one_pass_and_read_
     """Where both models' weights cannot be kept between passes (a real model), the whole grid is
     scored in one pass: each model is read once, never once per pass. Fails if the refined grid
     runs anyway (it would read the weights again for every pass)."""
-    import lorafid.providers.probe as probe_module
+    import lorafid.providers.passes as passes_module
 
     server = serve("rank-12")
     texts = _texts(server)
     full = run_to_end(_probe(hub, pair, server, texts, full_grid=True))
-    monkeypatch.setattr(probe_module, "KEEP_READS_BYTES", 1)  # this pair now counts as too large to keep
+    monkeypatch.setattr(passes_module, "KEEP_READS_BYTES", 1)  # this pair now counts as too large to keep
     large = run_to_end(_probe(hub, pair, server, texts))
     assert large.settings["passes"] == 1 and large.settings["candidates_not_scored"] == []
     assert large.settings["weight_bytes_read"] == full.settings["weight_bytes_read"] > 0
@@ -985,14 +985,14 @@ def test_a_large_local_pair_is_refined_reading_its_files_again_and_decomposing_o
     decomposed twice. The verdict and distances are the full grid's. Fails if such a pair is
     scored in one pass (the Hub rule applied to local files) or a later pass decomposes again."""
     import lorafid.audit.spectrum as spectrum
-    import lorafid.providers.probe as probe_module
+    import lorafid.providers.passes as passes_module
     from tests.llama_models import write_model
 
     local = (str(write_model(family.base, tmp_path / "base")), str(write_model(family.full, tmp_path / "full")))
     server = serve("rank-12")
     texts = _texts(server)
     full = run_to_end(_probe(hub, local, server, texts, full_grid=True))
-    monkeypatch.setattr(probe_module, "KEEP_READS_BYTES", 1)  # too large to keep the weights
+    monkeypatch.setattr(passes_module, "KEEP_READS_BYTES", 1)  # too large to keep the weights
     decomposed: list[str] = []
     real = spectrum.decompose
 
@@ -1013,7 +1013,7 @@ def test_a_large_local_pair_is_refined_reading_its_files_again_and_decomposing_o
         assert candidate.distance == pytest.approx(full.candidates[name].distance, rel=1e-6, abs=1e-9)
 
     # The same pair from the Hub, or local directions too large to keep: one pass, read once.
-    monkeypatch.setattr(probe_module, "KEEP_DIRECTIONS_BYTES", 1)
+    monkeypatch.setattr(passes_module, "KEEP_DIRECTIONS_BYTES", 1)
     one_pass = run_to_end(_probe(hub, local, server, texts))
     assert one_pass.settings["passes"] == 1
     assert one_pass.settings["weight_bytes_read"] == full.settings["weight_bytes_read"]
