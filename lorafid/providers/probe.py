@@ -666,7 +666,15 @@ class Probe:
         """Both models opened for the layer-streamed forward (``LayerStream``), as this check runs it."""
         from lorafid.behaviour.forward import LayerStream  # transformers only when a check runs
 
-        return LayerStream(self.base, self.finetune, self._forward_config())
+        base, finetune = self.base, self.finetune
+        if self._sources is not None:
+            # Pinned to the commits the plan resolved (``_forward_config``): a Hub repo is then named
+            # without the spec's own @revision, which would conflict with the pinned one.
+            base, finetune = (
+                info.repo_id if info.kind == "hub" and info.repo_id else spec
+                for spec, info in zip((base, finetune), self._sources, strict=True)
+            )
+        return LayerStream(base, finetune, self._forward_config())
 
     def _forward_config(self) -> Any:
         """The forward's settings; once the plan has resolved both commits, pinned to them."""

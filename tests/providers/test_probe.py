@@ -976,6 +976,20 @@ def test_a_pair_too_large_to_keep_between_passes_is_scored_in_one_pass_and_read_
     assert large.verdict.sentence == full.verdict.sentence
 
 
+@pytest.mark.parametrize("channel", [None, "completions-text"])
+def test_a_model_named_with_its_revision_is_checked_at_the_commit_the_plan_resolved(
+    hub: Any, pair: tuple[str, str], serve: Any, channel: str | None
+) -> None:
+    """``org/base@main`` failed once the plan had pinned the commit: the scoring pass opened the
+    spec with its own @main and the pinned SHA ("names revision 'main' but … was also given")."""
+    server = serve("rank-8")
+    options: dict[str, Any] = {"channel": channel, "max_requests": 2} if channel else {}
+    probe = _probe(hub, (pair[0] + "@main", pair[1]), server, **options)
+    report = run_to_end(probe)
+    assert report.verdict is not None and report.status == "complete"
+    assert report.base["revision"] == "main" and len(report.base["sha"]) == 40
+
+
 def test_a_large_local_pair_is_refined_reading_its_files_again_and_decomposing_once(
     hub: Any, pair: tuple[str, str], family: Any, serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
