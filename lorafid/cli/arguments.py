@@ -47,6 +47,17 @@ def positive_int(text: str) -> int:
     return _positive(text, int, "an integer", "at least 1")
 
 
+def non_negative_int(text: str) -> int:
+    """An option's whole number from 0 (``--continuation-tokens 0``: none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def _positive(text: str, kind: Callable[[str], T], what: str, bound: str) -> T:
     try:
         value = kind(text)

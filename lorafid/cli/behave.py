@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lorafid.cli.arguments import add_verbose, check_writable, positive_int, rank_list
+from lorafid.cli.arguments import add_verbose, check_writable, non_negative_int, positive_int, rank_list
 from lorafid.errors import LorafidError
 
 
@@ -34,7 +34,7 @@ def add_behave(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     behave.add_argument("--max-tokens", type=positive_int, default=256, help="tokens per prompt (default: 256)")
     behave.add_argument(
         "--continuation-tokens",
-        type=int,
+        type=non_negative_int,
         default=24,
         help="greedy tokens per prompt side by side, when the models fit (default: 24; 0: none)",
     )
@@ -99,7 +99,7 @@ def run_behave(args: argparse.Namespace) -> int:
         prompts=read_prompts(args.prompts) if args.prompts else None,
         chat_template=args.chat_template,
         max_tokens=max(2, args.max_tokens),
-        continuation_tokens=max(0, args.continuation_tokens),
+        continuation_tokens=args.continuation_tokens,
         device=args.device,
         token=args.token,
         base_revision=args.base_revision,

@@ -12,7 +12,6 @@ from tqdm import tqdm
 from lorafid.cli.arguments import add_verbose, check_writable, positive_float, positive_int, quantizations, rank_list
 from lorafid.cli.behave import add_threads, use_threads
 from lorafid.errors import LorafidError
-from lorafid.providers.evidence import candidate_names
 from lorafid.providers.probe import ALL_CHANNELS, DEFAULT_QUANTIZED
 from lorafid.providers.quantize import SCHEMES
 from lorafid.providers.text_channel import MAX_SAMPLES, MAX_TOKENS_CAP, TEXT
@@ -131,7 +130,8 @@ def run_probe(args: argparse.Namespace) -> int:
         device=args.device,
     )
     job = Probe(args.base, args.finetune, texts, prompt_set, config)
-    candidates = candidate_names(config.ranks, config.quantized)
+    plan = job.plan()  # reads both models' headers: the candidates below are those of this model's grid
+    candidates = job.candidates()
     how = (
         ""
         if config.full_grid
@@ -141,7 +141,7 @@ def run_probe(args: argparse.Namespace) -> int:
         f"lorafid: {len(candidates)} local candidates, one forward pass each{how}: {', '.join(candidates)}",
         file=sys.stderr,
     )
-    print(f"lorafid: {job.plan().describe()}", file=sys.stderr)  # before the first request
+    print(f"lorafid: {plan.describe()}", file=sys.stderr)  # before the first request
     bars: dict[str, tqdm] = {}
 
     try:

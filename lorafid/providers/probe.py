@@ -486,6 +486,12 @@ class Probe:
         """Every candidate of the grid: what ``--full-grid`` scores."""
         return candidate_names(self._grid()[0], self.config.quantized)
 
+    def candidates(self) -> list[str]:
+        """Every local candidate this check may score, nearest the fine-tune first: after the plan
+        has read the models, without the ranks at or above the model's full rank (the fine-tune)."""
+        self.plan()
+        return self._every()
+
     def _with_grid_notes(self, verdict: Verdict, scored: Iterable[str]) -> Verdict:
         grid, beyond = self._grid()
         notes = grid_notes(verdict.closest, grid, beyond, self._full_rank)

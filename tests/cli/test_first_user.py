@@ -193,3 +193,9 @@ def test_a_bad_option_value_is_one_line_naming_the_option(
     with pytest.raises(SystemExit):
         main(["audit", str(base)])  # a missing argument keeps the usage: then it is what helps
     assert "usage:" in capsys.readouterr().err
+    # A negative count was taken as 0 without a word.
+    with pytest.raises(SystemExit) as exited:
+        main(["behave", str(base), str(tuned), "--continuation-tokens", "-1"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorafid behave: --continuation-tokens must be 0 or more") and err.count("\n") == 1

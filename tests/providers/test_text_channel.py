@@ -336,13 +336,16 @@ def test_cli_probe_on_the_text_channel_within_a_budget(
     prompts.write_text("\n".join(vocabulary_prompts(server.tokenizer, 16, words=6)) + "\n")
     out = tmp_path / "probe.json"
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-    arguments = ["--model", "tiny-served", *pair, "--ranks", "4,8,16,32", "--prompts", str(prompts)]
+    arguments = ["--model", "tiny-served", *pair, "--ranks", "4,8,16,32,64", "--prompts", str(prompts)]
     options = ["--channel", TEXT, "--max-requests", "2", "--max-tokens", "100", "--samples", "2", "--out", str(out)]
     code = main(["probe", "--endpoint", server.url, *arguments, *options, "--max-retries", "0"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "Text channel: 2 request(s)" in captured.err and "local candidates, one forward pass each" in captured.err
     assert "finetune-int4-g128" in captured.err  # the default quantized candidate is named before it costs
+    # Rank 64 is at or above this model's full rank (48): the fine-tune itself, not listed as a candidate.
+    listed = next(line for line in captured.err.splitlines() if "local candidates" in line)
+    assert "rank-32+extras" in listed and "rank-64" not in listed and listed.startswith("lorafid: 12 local")
     assert captured.out.startswith("Serves a rank-8 extraction") and "fit z" in captured.out
     document = json.loads(out.read_text())
     assert document["method"] == TEXT and document["requests"]["sent"] == len(server.requests) == 2
