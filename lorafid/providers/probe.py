@@ -423,15 +423,7 @@ class Probe:
             return verdict, min((FINETUNE, BASE), key=lambda n: candidates[n].distance)
 
         passes = yield from score_in_passes(
-            self._open_stream,
-            self._grid()[0],
-            self.config.quantized,
-            observations,
-            score,
-            verdict_of,
-            step,
-            "prompts scored",
-            full=c.full_grid,
+            *self._scoring(), observations, score, verdict_of, step, "prompts scored", full=c.full_grid
         )
         error = collection.error or passes.error
         scores, (candidates, verdict) = judged(passes.per_item)
@@ -565,15 +557,7 @@ class Probe:
         # at 800 tokens), so most candidates stay consistent and a refined grid would score nearly
         # all of them, in more passes; the table then names every candidate, the quantized ones too.
         passes = yield from score_in_passes(
-            self._open_stream,
-            self._grid()[0],
-            self.config.quantized,
-            observations,
-            score,
-            verdict_of,
-            step,
-            "continuations scored",
-            full=True,
+            *self._scoring(), observations, score, verdict_of, step, "continuations scored", full=True
         )
         error = read.error or passes.error
         per_continuation = passes.per_item
@@ -667,6 +651,11 @@ class Probe:
         if not getattr(self._tokenizer, "chat_template", None):
             return None
         return ChatEncoder(self._tokenizer, self.texts)  # rendered once, under time and size limits
+
+    def _scoring(self) -> tuple[Callable[[], Any], tuple[int, ...], tuple[str, ...]]:
+        """What ``passes.score_in_passes`` needs of this check: its pair, opened; its grid; its
+        quantized candidates."""
+        return self._open_stream, self._grid()[0], tuple(self.config.quantized)
 
     def _open_stream(self) -> Any:
         """Both models opened for the layer-streamed forward (``LayerStream``), as this check runs it."""
