@@ -397,3 +397,31 @@ def test_hooked_variants_are_never_twins(llama_dirs: dict[str, Path]) -> None:
     with LayerStream(str(llama_dirs["base"]), str(llama_dirs["full"])) as stream:
         hooked = Variant("rank-64@q", "served", rank=64, keep_extras=True, base_hook=hook)
         assert stream.twins([FINETUNE, hooked, Variant("f8", "finetune", weight_hook=hook)]) == {}
+
+
+def test_each_matrix_is_factored_once_and_each_rank_built_once_for_both_serving_modes(
+    llama_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ranks 3 and 8 in both serving modes: each decomposed matrix's factors are found once per
+    block (not once per variant) and each rank's Δ_r once (both modes share it), with the same
+    log-probabilities as one variant at a time. Fails if a variant makes its own factors or product."""
+    from lorafid.audit import spectrum as sp
+
+    factored: list[int] = []
+    real = sp.Decomposition.factors
+
+    def counted(self: sp.Decomposition, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        factored.append(rank)
+        return real(self, rank)
+
+    texts = [[1, 5, 6, 7, 9], [1, 20, 21]]
+    variants = [FINETUNE, served(3), served(3, keep_extras=True), served(8), served(8, keep_extras=True)]
+    monkeypatch.setattr(sp.Decomposition, "factors", counted)
+    with LayerStream(str(llama_dirs["base"]), str(llama_dirs["full"])) as stream:
+        together = dict(stream.logprobs(texts, variants))
+    assert factored and set(factored) == {8} and len(factored) == 2 * 7  # 2 blocks x 7 matrices, at the top rank
+    for variant in variants[1:]:  # each alone: its own factors and product, as before
+        with LayerStream(str(llama_dirs["base"]), str(llama_dirs["full"])) as stream:
+            alone = dict(stream.logprobs(texts, [FINETUNE, variant]))
+        for i in range(len(texts)):
+            torch.testing.assert_close(together[i][variant.name], alone[i][variant.name], rtol=1e-5, atol=1e-6)
