@@ -480,6 +480,13 @@ def _texts(server: Any, count: int = 8) -> list[str]:
     return list(vocabulary_prompts(server.tokenizer, count))
 
 
+def _prompt_file(server: Any, folder: Path, count: int) -> Path:
+    """A ``--prompts`` file of ``count`` texts in the served model's words."""
+    path = folder / "prompts.txt"
+    path.write_text("\n".join(_texts(server, count)) + "\n")
+    return path
+
+
 def _probe(hub: Any, pair: tuple[str, str], server: Any, texts: list[str] | None = None, **options: Any) -> Any:
     from lorafid.providers.probe import Probe, ProbeConfig
 
@@ -593,8 +600,7 @@ def test_cli_probe(
     from lorafid.cli.commands import main
 
     server = serve("rank-16")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(_texts(server, 6)) + "\n")
+    prompts = _prompt_file(server, tmp_path, 6)
     out = tmp_path / "probe.json"
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
     monkeypatch.setenv("PROVIDER_KEY", "sk-cli-secret")
@@ -685,8 +691,7 @@ def test_cli_probe_that_loses_the_provider_midway_keeps_a_partial_report(
     from lorafid.cli.commands import main
 
     server = serve("rank-8", fail_after=6)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(_texts(server, 8)) + "\n")
+    prompts = _prompt_file(server, tmp_path, 8)
     out = tmp_path / "probe.json"
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
     arguments = ["--model", "tiny-served", *pair, "--ranks", "4,8,16,32", "--prompts", str(prompts)]
@@ -1067,8 +1072,7 @@ def test_cli_probe_full_grid_scores_every_candidate_in_one_pass(
     from lorafid.cli.commands import main
 
     server = serve("rank-16")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(_texts(server, 6)) + "\n")
+    prompts = _prompt_file(server, tmp_path, 6)
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
     arguments = ["--model", "tiny-served", *pair, "--ranks", "4,8,16,32", "--prompts", str(prompts), "--quiet"]
     documents = []

@@ -20,7 +20,6 @@ from lorafid.compute import ComputeHook
 from lorafid.errors import LorafidError
 from lorafid.names import parse_ranks
 from lorafid.web.config import MAX_RANK, AppConfig, check_deadline, check_token
-from lorafid.web.downloads import write_download
 from lorafid.web.gallery import Catalog
 from lorafid.web.limits import TOO_MANY_LINKS, VisitorRate, VisitorSlots, visitor_of
 from lorafid.web.links import stored_key
@@ -30,6 +29,7 @@ from lorafid.web.tabs.common import (
     TEXT_INTERVAL_S,
     open_stored_check,
     scroll_if_linked_js,
+    stored_check_download,
     stored_check_link,
     user_errors,
 )
@@ -170,9 +170,9 @@ class BehaviourTab:
         document = report.to_dict()
         key = self.store.put_document("behaviour", document)
         self.catalog.record_document("behaviour", key, document, anonymous=token is False)
-        path = write_download(self.downloads, f"lorafid-behaviour-{key}.json", json.dumps(document, indent=1) + "\n")
+        path = stored_check_download(self.downloads, "behaviour", key, json.dumps(document, indent=1))
         yield self._behaviour_view(report) | {
-            self.behave_file: str(path),
+            self.behave_file: path,
             self.behave_link: stored_check_link(request, "behaviour", key),
         }
 
@@ -193,9 +193,9 @@ class BehaviourTab:
         if isinstance(report, str):
             return {self.behave_status: report}
         document = report.to_dict()
-        path = write_download(self.downloads, f"lorafid-behaviour-{key}.json", json.dumps(document, indent=1) + "\n")
+        path = stored_check_download(self.downloads, "behaviour", key, json.dumps(document, indent=1))
         return self._behaviour_view(report) | {
-            self.behave_file: str(path),  # the same download and link as after a run
+            self.behave_file: path,  # the same download and link as after a run
             self.behave_link: stored_check_link(request, "behaviour", key),
             self.tabs: gr.Tabs(selected="behaviour"),  # a behaviour link opens on its own tab
             self.behave_base: str(report.base.get("spec") or ""),

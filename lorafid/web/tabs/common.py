@@ -9,12 +9,14 @@ lines while a check streams.
 import functools
 import inspect
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import gradio as gr
 
 from lorafid.audit.store import Store
 from lorafid.errors import LorafidError, ReportFormatError
+from lorafid.web.downloads import write_download
 from lorafid.web.gallery import Catalog
 from lorafid.web.links import page_url
 from lorafid.web.text import html_text, md_text
@@ -99,3 +101,9 @@ def stored_check_link(request: gr.Request | None, kind: str, key: str) -> str:
     if request is None:
         return ""
     return f"[Permalink]({page_url(dict(request.headers or {}), str(request.url))}?{kind}={key})"
+
+
+def stored_check_download(downloads: Path, kind: str, key: str, text: str) -> str:
+    """The JSON of a stored check (``kind`` "behaviour" or "probe"), written for this request
+    as ``lorafid-KIND-KEY.json``: after a run and when a link opens it, the same file."""
+    return str(write_download(downloads, f"lorafid-{kind}-{key}.json", text + "\n"))

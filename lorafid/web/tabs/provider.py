@@ -5,7 +5,6 @@ request budget (``lorafid.providers.netguard``), announces the number of request
 is sent, stores each check (no key, no URL path) and reopens one from ``?probe=KEY``.
 """
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from lorafid.providers.probe_report import ProbeReport
 from lorafid.providers.quantize import SCHEMES
 from lorafid.web import plots
 from lorafid.web.config import MAX_RANK, AppConfig, check_deadline, check_token
-from lorafid.web.downloads import write_download
 from lorafid.web.gallery import Catalog
 from lorafid.web.limits import TOO_MANY_LINKS, VisitorRate, VisitorSlots, visitor_of
 from lorafid.web.links import stored_key
@@ -31,6 +29,7 @@ from lorafid.web.tabs.common import (
     MAX_INPUT_CHARS,
     open_stored_check,
     scroll_if_linked_js,
+    stored_check_download,
     stored_check_link,
     user_errors,
 )
@@ -228,14 +227,14 @@ class ProviderTab:
         document = report.to_dict()
         key = self.store.put_document("probe", document)
         self.catalog.record_document("probe", key, document, anonymous=hub_token is False)
-        path = write_download(self.downloads, f"lorafid-probe-{key}.json", report.to_json() + "\n")
+        path = stored_check_download(self.downloads, "probe", key, report.to_json())
         status = f"Read by {report.method}; {report.requests['sent']} requests sent."
         if report.status != "complete":
             status += f" Partial: {len(report.failed_prompts)} prompts failed; the rest are shown."
         status += self._publish_probe(document)
         yield self._probe_view(document) | {
             self.probe_status: md_text(status),
-            self.probe_file: str(path),
+            self.probe_file: path,
             self.probe_link: stored_check_link(request, "probe", key),
         }
 
@@ -257,15 +256,14 @@ class ProviderTab:
         if isinstance(report, str):
             return {self.probe_status: report}
         document = report.to_dict()
-        text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
-        path = write_download(self.downloads, f"lorafid-probe-{key}.json", text)
+        path = stored_check_download(self.downloads, "probe", key, report.to_json())
         settings = document.get("settings") or {}
         ranks = settings.get("ranks") or []
         channel = settings.get("channel") if settings.get("channel") in CHANNEL_CHOICES else "auto"
         budget = settings.get("max_requests") if isinstance(settings.get("max_requests"), int) else None
         return self._probe_view(document) | {
             self.tabs: gr.Tabs(selected="provider-check"),  # a probe link opens on its own tab
-            self.probe_file: str(path),
+            self.probe_file: path,
             self.probe_link: stored_check_link(request, "probe", key),  # as after a run
             self.probe_ranks: ",".join(str(int(r)) for r in ranks),
             self.probe_channel: channel,
