@@ -34,7 +34,7 @@ import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ from lorafid.compute import ComputeHook
 from lorafid.errors import LorafidError
 from lorafid.progress import Progress, run_to_end
 from lorafid.weights.source import Source
+
+if TYPE_CHECKING:
+    from lorafid.behaviour.direction_cache import DirectionCache
 
 SERVING_MODES: tuple[str, ...] = ("lora-only", "keep-extras", "both")
 # -- metrics -------------------------------------------------------------------------------
@@ -132,6 +135,8 @@ class BehaviourConfig:
     max_tensors: int | None = None
     deadline: float | None = None  # time.monotonic() after which the check stops (LimitExceededError)
     compute: ComputeHook | None = field(default=None, repr=False)  # where blocks run: see ForwardConfig.compute
+    # Directions of Δ kept between runs (see ForwardConfig.direction_cache); None: decompose every run.
+    direction_cache: DirectionCache | None = field(default=None, repr=False, compare=False)
 
     def variants(self) -> list[Any]:
         """F first, then the base, then the served variants by rank (lora-only before keep-extras)."""
@@ -179,6 +184,7 @@ class BehaviourCheck:
             max_tensors=cfg.max_tensors,
             deadline=cfg.deadline,
             compute=cfg.compute,
+            direction_cache=cfg.direction_cache,
         )
         self.prompts = list(cfg.prompts) if cfg.prompts is not None else builtin_prompts()
         if not self.prompts:
@@ -231,6 +237,8 @@ class BehaviourCheck:
                 "tokens_per_variant": stream.stats.tokens,
                 "forward_s": stream.stats.elapsed_s,
                 "compute_s": stream.stats.compute_s,
+                "decompose_s": stream.stats.decompose_s,
+                "matrices_from_direction_cache": stream.stats.directions_cached,
             }
             if cfg.continuation_tokens > 0:
                 yield Progress("generating", 0, len(self.prompts), time.perf_counter() - started, "")

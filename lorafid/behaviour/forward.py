@@ -62,6 +62,7 @@ from lorafid.behaviour.architecture import (
     rotary_embedding,
 )
 from lorafid.behaviour.blocks import block_on_device
+from lorafid.behaviour.direction_cache import DirectionCache
 from lorafid.behaviour.variants import Variant, VariantWeights
 from lorafid.compute import ComputeHook
 from lorafid.errors import (
@@ -110,6 +111,8 @@ class ForwardConfig:
     # With a hook, each variant's block is ``block_on_device`` (a pure kernel: its block weights
     # and hidden states in, new hidden states out), e.g. in a ZeroGPU worker (``zero_gpu_hook``).
     compute: ComputeHook | None = field(default=None, repr=False)
+    # Directions of Δ kept on disk between runs (``direction_cache``); None decomposes every run.
+    direction_cache: DirectionCache | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -123,6 +126,7 @@ class ForwardStats:
     elapsed_s: float = 0.0
     compute_s: float = 0.0
     decompose_s: float = 0.0  # of compute_s: finding the served ranks' directions (``spectrum.decompose``)
+    directions_cached: int = 0  # matrices whose directions came from ``ForwardConfig.direction_cache``
     variants_run: int = 0  # variants whose blocks ran; a twin of another (``LayerStream.twins``) is not run again
     block_calls: int = 0  # block runs: one per (block, variant, group of texts of one length)
 
@@ -156,7 +160,9 @@ class LayerStream:
         self._kept: dict[str, dict[str, torch.Tensor]] = {"base": {}, "finetune": {}}
         # With ``keep_reads``, each decomposed matrix's directions too (k × max rank, no Δ): the
         # pass of ``state_dicts`` rebuilds Δ from the kept reads instead of decomposing again.
-        self._weights = VariantWeights(self.device, self.config.dtype, self._hold, self._add_decompose_time)
+        self._weights = VariantWeights(
+            self.device, self.config.dtype, self._hold, self._add_decompose_time, self.config.direction_cache
+        )
         # Set before passes that read the weights again (models too large to keep, read from local
         # files): the directions alone are kept, so no later pass decomposes again. With
         # ``direction_rank``, every matrix is decomposed up to that rank in the first pass, the
@@ -441,6 +447,7 @@ class LayerStream:
                 for variant, weights in self._block_weights(variants, raw, prefix):
                     states[variant.name].update({prefix + n: t for n, t in weights.items()})
                 del raw
+        self.stats.directions_cached = self._weights.cached
         self.keep_reads = False
         self._kept = {"base": {}, "finetune": {}}  # every variant is built: the reads are done with
         self._weights.kept.clear()
@@ -463,6 +470,7 @@ class LayerStream:
         with torch.no_grad(), sp.exact_matmul():
             item = next(building)
         self.stats.compute_s += time.perf_counter() - started
+        self.stats.directions_cached = self._weights.cached
         return item
 
     def _progress(self, unit: int, units: int, started: float, where: str) -> ForwardProgress:

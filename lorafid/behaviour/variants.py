@@ -10,7 +10,7 @@ quantized base).
 ``VariantWeights`` builds them: Δ of each matrix is decomposed once (``spectrum.decompose``)
 for every asked rank below its full rank; at or above it, a served matrix is the fine-tune's
 own tensor. Between passes over the same weights only the directions are kept (k × rank, not
-Δ), and Δ is rebuilt from the tensors read again.
+Δ), and Δ is rebuilt from the tensors read again; between runs, in a ``DirectionCache`` on disk.
 
 Not here: reading the tensors and running the blocks (``forward``), the linear algebra
 (``spectrum``).
@@ -26,6 +26,7 @@ import torch
 
 from lorafid.audit import spectrum as sp
 from lorafid.audit.pairing import is_embedding
+from lorafid.behaviour.direction_cache import CachedDirections, DirectionCache
 from lorafid.errors import MissingModelFileError
 
 VARIANT_KINDS: tuple[str, ...] = ("finetune", "base", "served")
@@ -81,10 +82,13 @@ class VariantWeights:
         dtype: torch.dtype,
         hold: Callable[[str, Mapping[str, torch.Tensor] | Sequence[torch.Tensor]], None],
         timed: Callable[[float], None],
+        cache: DirectionCache | None = None,
     ) -> None:
         self.device, self.dtype = device, dtype
         self._hold, self._timed = hold, timed
+        self.cache = cache
         self.kept: dict[str, tuple[torch.Tensor, str, str]] = {}  # name -> (vectors, side, solver)
+        self.cached = 0  # matrices whose directions came from ``cache``, not a decomposition
 
     def kept_vectors(self) -> list[torch.Tensor]:
         """The directions kept between passes (for the memory count)."""
@@ -141,14 +145,23 @@ class VariantWeights:
         self, name: str, base: torch.Tensor, finetune: torch.Tensor, max_rank: int, keep: bool
     ) -> sp.Decomposition:
         """Δ of one carried matrix with its top ``max_rank`` directions (``spectrum.decompose``), or
-        the directions an earlier pass kept with Δ rebuilt as ``decompose`` builds it (float32
-        W_ft − W_base, the same values). With ``keep``, the directions found are kept."""
+        the directions an earlier pass kept, or an earlier run (``cache``), with Δ rebuilt as
+        ``decompose`` builds it (float32 W_ft − W_base, the same values). With ``keep``, the
+        directions found are kept for a later pass; with a cache, decomposed ones are stored."""
         kept = self.kept.get(name)
         # Enough directions kept, or none at all: Δ was zero (``decompose`` keeps none), at any rank.
         if kept is not None and (kept[0].shape[1] >= max_rank or kept[0].shape[1] == 0):
-            vectors, side, solver = kept
-            delta = finetune.to(self.device, torch.float32, copy=True).sub_(base.to(self.device, torch.float32))
-            return sp.Decomposition(delta=delta, vectors=vectors, side=side, solver=solver)
+            return self._rebuilt(base, finetune, *kept)
+        key = self.cache.key(base, finetune) if self.cache is not None else None
+        if self.cache is not None and key is not None:
+            side = "right" if base.shape[0] >= base.shape[1] else "left"
+            found = self.cache.load(key, max_rank, int(base.shape[1] if side == "right" else base.shape[0]), side)
+            if found is not None:
+                self.cached += 1
+                vectors = found.vectors.to(self.device)
+                if keep:
+                    self.kept[name] = (vectors, found.side, found.solver)
+                return self._rebuilt(base, finetune, vectors, found.side, found.solver)
         started = time.perf_counter()
         _, decomposition = sp.decompose(
             base.to(self.device, torch.float32), finetune.to(self.device, torch.float32), max_rank
@@ -156,7 +169,16 @@ class VariantWeights:
         self._timed(time.perf_counter() - started)
         if keep:  # the directions only: Δ is rebuilt from the reads
             self.kept[name] = (decomposition.vectors, decomposition.side, decomposition.solver)
+        if self.cache is not None and key is not None:
+            self.cache.store(key, CachedDirections(decomposition.vectors, decomposition.side, decomposition.solver))
         return decomposition
+
+    def _rebuilt(
+        self, base: torch.Tensor, finetune: torch.Tensor, vectors: torch.Tensor, side: str, solver: str
+    ) -> sp.Decomposition:
+        """Directions found before, with Δ rebuilt as ``decompose`` builds it (float32 W_ft − W_base)."""
+        delta = finetune.to(self.device, torch.float32, copy=True).sub_(base.to(self.device, torch.float32))
+        return sp.Decomposition(delta=delta, vectors=vectors, side=side, solver=solver)
 
     def block(
         self,

@@ -8,6 +8,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -40,6 +41,7 @@ def add_behave(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     behave.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     add_threads(behave)
+    add_direction_cache(behave)
     behave.add_argument("--token", help="Hub token (default: HF_TOKEN or the stored login); never stored")
     behave.add_argument("--base-revision", help="revision of BASE (branch, tag or commit)")
     behave.add_argument("--finetune-revision", help="revision of FINETUNE")
@@ -54,6 +56,33 @@ def add_threads(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         help="CPU threads for the local forward passes (default: one per core idle now, at least 1)",
     )
+
+
+def add_direction_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-direction-cache",
+        action="store_true",
+        help="decompose every matrix again instead of reusing the directions an earlier check of this pair kept "
+        "(kept under $LORAFID_HOME/directions, at most LORAFID_DIRECTION_CACHE_GB, default 4; 0 turns it off)",
+    )
+
+
+def direction_cache(args: argparse.Namespace) -> Any:
+    """The ``DirectionCache`` a check uses: the environment's, unless ``--no-direction-cache``."""
+    from lorafid.behaviour.direction_cache import DirectionCache
+
+    return None if args.no_direction_cache else DirectionCache.from_environment()
+
+
+def say_cached(stats: dict[str, Any], quiet: bool) -> None:
+    """One stderr line when an earlier run's directions were reused (a check of the pair made before)."""
+    cached = int(stats.get("matrices_from_direction_cache") or 0)
+    if cached and not quiet:
+        print(
+            f"lorafid: the directions of {cached} matrices came from an earlier check of this pair "
+            "(the direction cache; --no-direction-cache decomposes them again)",
+            file=sys.stderr,
+        )
 
 
 def idle_cores() -> int:
@@ -104,6 +133,7 @@ def run_behave(args: argparse.Namespace) -> int:
         token=args.token,
         base_revision=args.base_revision,
         finetune_revision=args.finetune_revision,
+        direction_cache=direction_cache(args),
     )
     check = BehaviourCheck(args.base, args.finetune, config)
     bar = tqdm(total=1, desc="behave", disable=args.quiet)
@@ -133,6 +163,7 @@ def run_behave(args: argparse.Namespace) -> int:
             raise LorafidError(f"Cannot write {args.out}: {e.strerror}.") from e
     if not args.quiet or interrupted:
         print(describe(report))
+    say_cached(report.stats, args.quiet)
     if interrupted:
         print("lorafid: interrupted; the prompts scored so far are in the report.", file=sys.stderr)
         return 130

@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lorafid.cli.arguments import add_verbose, check_writable, positive_float, positive_int, quantizations, rank_list
-from lorafid.cli.behave import add_threads, use_threads
+from lorafid.cli.behave import add_direction_cache, add_threads, direction_cache, say_cached, use_threads
 from lorafid.errors import LorafidError
 from lorafid.providers.probe import ALL_CHANNELS, DEFAULT_QUANTIZED
 from lorafid.providers.quantize import SCHEMES
@@ -92,6 +92,7 @@ def add_probe(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     probe.add_argument("--seed", type=int, default=0, help="text channel: the seed sent with each request (default 0)")
     probe.add_argument("--device", default="auto", help="where the local candidates run: auto, cpu, cuda or cuda:N")
     add_threads(probe)
+    add_direction_cache(probe)
     probe.add_argument("--token", help="Hub token for the two repos (default: HF_TOKEN or the stored login)")
     probe.add_argument("--quiet", action="store_true", help="no progress bars and no table (the verdict still prints)")
     add_verbose(probe)
@@ -128,6 +129,7 @@ def run_probe(args: argparse.Namespace) -> int:
         seed=args.seed,
         hub_token=args.token,
         device=args.device,
+        direction_cache=direction_cache(args),
     )
     job = Probe(args.base, args.finetune, texts, prompt_set, config)
     plan = job.plan()  # reads both models' headers: the candidates below are those of this model's grid
@@ -163,6 +165,7 @@ def run_probe(args: argparse.Namespace) -> int:
             raise LorafidError(f"Cannot write {args.out}: {e.strerror}.") from e
     if report.verdict is not None:
         print(report.verdict.sentence)
+    say_cached(report.settings, args.quiet)
     if not args.quiet:
         print(f"\nread by {report.method}; {report.requests['sent']} requests sent\n{report.table()}")
     if report.status != "complete":

@@ -34,6 +34,7 @@ class Passes:
     scored: list[str] = field(default_factory=list)  # the candidates scored, in ``candidate_names`` order
     variants_run: int = 0  # forward-equivalents: variants whose blocks ran, over every pass
     bytes_read: int = 0  # weight bytes read, both models, over every pass
+    directions_cached: int = 0  # matrices whose directions an earlier run kept (``direction_cache``)
     passes: int = 0
     error: str | None = None  # an interruption: the passes before it are kept
 
@@ -45,6 +46,7 @@ class Passes:
             "passes": self.passes,
             "forward_equivalents": self.variants_run,
             "weight_bytes_read": self.bytes_read,
+            "matrices_from_direction_cache": self.directions_cached,
         }
 
 
@@ -89,6 +91,7 @@ def score_in_passes(
                     break
             passes.variants_run += stream.stats.variants_run
             passes.bytes_read += stream.stats.bytes_read
+            passes.directions_cached = stream.stats.directions_cached  # counted over the stream's life
             passes.passes += 1
             done = set(passes.scored) | set(todo)
             passes.scored = [n for n in every if n in done]

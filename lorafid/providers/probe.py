@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from lorafid.compute import ComputeHook
@@ -91,6 +91,9 @@ from lorafid.providers.text_channel import (
 from lorafid.providers.text_evidence import fit_z, judge_greedy, judge_text
 from lorafid.providers.text_probe import concatenated, observe, score_text
 from lorafid.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from lorafid.behaviour.direction_cache import DirectionCache
 
 DEFAULT_RANKS: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
 DEFAULT_QUANTIZED: tuple[str, ...] = ("int4-g128",)  # besides the 8-bit reference, always a candidate
@@ -202,6 +205,8 @@ class ProbeConfig:
     deadline: float | None = None  # time.monotonic() after which the local forward stops
     # Where the local forward's blocks run (``lorafid.compute``; a ZeroGPU Space's hook).
     compute: ComputeHook | None = field(default=None, compare=False, repr=False)
+    # Directions of Δ kept between runs (``ForwardConfig.direction_cache``); None: decompose every run.
+    direction_cache: DirectionCache | None = field(default=None, compare=False, repr=False)
     transport: Any = field(default=None, compare=False, repr=False)  # replaces HTTP (tests)
 
 
@@ -688,4 +693,5 @@ class Probe:
             max_tensors=self.config.max_tensors,
             deadline=self.config.deadline,
             compute=self.config.compute,
+            direction_cache=self.config.direction_cache,
         )

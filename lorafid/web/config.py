@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lorafid.audit.engine import AuditConfig
 from lorafid.audit.store import Store
+from lorafid.behaviour.direction_cache import CAP_ENVIRONMENT, DEFAULT_CAP_GB, DirectionCache, cap_gigabytes
 from lorafid.compute import ComputeHook
 from lorafid.errors import LorafidError
 
@@ -44,13 +45,15 @@ class AppConfig:
     device: str = "auto"
     examples_dir: Path = EXAMPLES_DIR
     store_home: Path | None = field(default=None)  # None = LORAFID_HOME / user cache
+    # Disk kept for the checks' directions of Δ between runs, under store_home (0: none).
+    direction_cache_gb: float = DEFAULT_CAP_GB
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, allow_local: bool = False) -> AppConfig:
         """Read ``LORAFID_ALLOW_LOCAL``, ``LORAFID_CONCURRENCY``, ``LORAFID_MAX_QUEUE``,
         ``LORAFID_MAX_MODEL_GB``, ``LORAFID_MAX_TENSOR_GB``, ``LORAFID_MAX_TENSORS``,
         ``LORAFID_MAX_AUDIT_MINUTES``, ``LORAFID_MAX_AUDITS_PER_VISITOR``,
-        ``LORAFID_USE_SERVER_TOKEN``, ``LORAFID_DEVICE`` and ``OAUTH_CLIENT_ID`` (set on
+        ``LORAFID_USE_SERVER_TOKEN``, ``LORAFID_DEVICE``, ``LORAFID_DIRECTION_CACHE_GB`` and ``OAUTH_CLIENT_ID`` (set on
         Spaces with ``hf_oauth: true``).
 
         Example: {"LORAFID_MAX_MODEL_GB": "40"} -> max_model_bytes=40_000_000_000.
@@ -71,7 +74,12 @@ class AppConfig:
             oauth=bool(env.get("OAUTH_CLIENT_ID")),
             server_token=env.get("LORAFID_USE_SERVER_TOKEN", "").lower() in _TRUE,
             device=env.get("LORAFID_DEVICE") or "auto",
+            direction_cache_gb=cap_gigabytes(env.get(CAP_ENVIRONMENT)),
         )
+
+    def direction_cache(self) -> DirectionCache | None:
+        """Where the behaviour and provider checks keep directions of Δ between runs (None: off)."""
+        return DirectionCache.under(self.store_home, self.direction_cache_gb)
 
 
 def _positive_setting(env: Mapping[str, str], name: str, kind: type[int] | type[float]) -> float | None:

@@ -1038,6 +1038,38 @@ def test_a_large_local_pair_is_refined_reading_its_files_again_and_decomposing_o
     assert one_pass.settings["weight_bytes_read"] == full.settings["weight_bytes_read"]
 
 
+def test_a_second_probe_of_a_pair_takes_its_directions_from_the_cache_with_the_same_verdict(
+    hub: Any, pair: tuple[str, str], serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a direction cache, a second probe of the pair (another provider, another day) decomposes
+    no matrix: every direction comes from the first probe's entries, and the verdict and distances
+    are the first's. Fails if the probe does not hand its cache to the forward."""
+    import lorafid.audit.spectrum as spectrum
+    from lorafid.behaviour.direction_cache import DirectionCache
+
+    server = serve("rank-12")
+    texts = _texts(server)
+    cache = DirectionCache(tmp_path / "directions")
+    first = run_to_end(_probe(hub, pair, server, texts, direction_cache=cache))
+    carried = 7 * 2  # q, k, v, o, gate, up, down in each of the 2 blocks
+    assert first.settings["matrices_from_direction_cache"] == 0
+    assert len(list(cache.directory.glob("*.safetensors"))) == carried
+    decomposed: list[int] = []
+    real = spectrum.decompose
+
+    def counted(base: torch.Tensor, finetune: torch.Tensor, max_rank: int) -> Any:
+        decomposed.append(max_rank)
+        return real(base, finetune, max_rank)
+
+    monkeypatch.setattr(spectrum, "decompose", counted)
+    second = run_to_end(_probe(hub, pair, server, texts, direction_cache=cache))
+    assert decomposed == [] and second.settings["matrices_from_direction_cache"] == carried
+    same = ("closest", "matches", "consistent", "rank_range", "sentence")
+    assert {k: getattr(second.verdict, k) for k in same} == {k: getattr(first.verdict, k) for k in same}
+    for name, candidate in second.candidates.items():
+        assert candidate.distance == first.candidates[name].distance
+
+
 def test_an_interruption_after_the_first_pass_keeps_the_candidates_scored_and_says_so(
     hub: Any, pair: tuple[str, str], serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

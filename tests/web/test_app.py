@@ -356,6 +356,13 @@ def test_links_and_settings() -> None:
     for name, bad in (("LORAFID_CONCURRENCY", "two"), ("LORAFID_MAX_QUEUE", "0"), ("LORAFID_MAX_MODEL_GB", "-1")):
         with pytest.raises(LorafidError, match=rf"{name}='{bad}' is not a positive .*; unset it or set e.g."):
             AppConfig.from_env({name: bad})
+    # The checks' direction cache: under the store's home, 4 GB unless set, off at 0.
+    cached = AppConfig(store_home=Path("/srv/lorafid")).direction_cache()
+    assert cached is not None and cached.directory == Path("/srv/lorafid/directions") and cached.cap_bytes == 4 * 10**9
+    assert AppConfig.from_env({"LORAFID_DIRECTION_CACHE_GB": "0"}).direction_cache() is None
+    assert AppConfig.from_env({"LORAFID_DIRECTION_CACHE_GB": "0.5"}).direction_cache_gb == 0.5
+    with pytest.raises(LorafidError, match=r"LORAFID_DIRECTION_CACHE_GB='lots' is not a size"):
+        AppConfig.from_env({"LORAFID_DIRECTION_CACHE_GB": "lots"})
     assert page_url({"x-forwarded-host": "me-lorafid.hf.space", "x-forwarded-proto": "https"}, "http://x/") == (
         "https://me-lorafid.hf.space/"
     )

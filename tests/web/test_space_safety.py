@@ -134,6 +134,21 @@ def test_a_behaviour_check_takes_one_of_the_visitors_slots(dashboard: Any, hub: 
     assert hub.requests == []
 
 
+def test_the_checks_keep_their_directions_under_the_stores_home_unless_turned_off(
+    hub: HubServer, models: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second check of a pair on the server decomposes nothing; the entries live under the store's
+    home (bounded by LORAFID_DIRECTION_CACHE_GB), and 0 writes none."""
+    monkeypatch.setenv("LORAFID_HOME", str(tmp_path / "elsewhere"))
+    board = _dashboard(hub, tmp_path)
+    list(board.run_behaviour("org/base", "org/tuned", "4", "lora-only", False, request=_Request()))
+    assert list((tmp_path / "home" / "directions").glob("*.safetensors"))
+    assert not (tmp_path / "elsewhere").exists()
+    off = _dashboard(hub, tmp_path / "off", direction_cache_gb=0)
+    list(off.run_behaviour("org/base", "org/tuned", "4", "lora-only", False, request=_Request()))
+    assert not (tmp_path / "off" / "home" / "directions").exists()
+
+
 # -- 6: no server login for anonymous visitors; stored checks under the audit's visibility rule ----
 
 

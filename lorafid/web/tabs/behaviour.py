@@ -149,6 +149,7 @@ class BehaviourTab:
             max_generate_bytes=BEHAVIOUR_GENERATE_BYTES,
             device=self.config.device,
             compute=self.compute,
+            direction_cache=self.config.direction_cache(),
             token=token,
             endpoint=self.config.endpoint,
             allow_local=self.config.allow_local,

@@ -196,6 +196,7 @@ class ProviderTab:
             max_tensors=self.config.max_tensors,
             deadline=check_deadline(self.config),
             compute=self.compute,  # the local candidates' blocks on ZeroGPU's GPU, as the other checks
+            direction_cache=self.config.direction_cache(),
             channel=None if channel in (None, "auto") else channel,
             max_requests=int(budget) if budget is not None else None,
             quantized=schemes,
