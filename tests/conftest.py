@@ -10,6 +10,16 @@ import pytest
 
 from tests.hub_server import HubServer
 
+# -- Home ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def own_home(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Nothing a test runs writes into the user's own lorafid home (the store, the direction cache),
+    and no test sees what an earlier one left there. A test may set LORAFID_HOME itself after this."""
+    monkeypatch.setenv("LORAFID_HOME", str(tmp_path_factory.mktemp("lorafid_home")))
+
+
 # -- Hub server ----------------------------------------------------------------------------
 
 
