@@ -15,7 +15,9 @@ words. Each round runs, interleaved (``bench.timing``), two fresh processes:
   prompt (the fine-tune and the base twice each: as many forwards as the check's variants).
 
 Both include interpreter start, imports and loading the models. The ratio per round is the
-issue's target: ≤ 1.5×.
+issue's target: ≤ 1.5×. ``--direction-cache off`` (default) runs ``behave --no-direction-cache``:
+every round decomposes, a first check of the pair; ``warm`` lets it use a direction cache filled
+by an untimed run before the rounds: a later check of the same pair.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--direction-cache", choices=("off", "warm"), default="off")
     args = parser.parse_args()
     args.tokens = args.words
     from transformers import PreTrainedTokenizerFast
@@ -63,6 +66,7 @@ def main() -> None:
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MALLOC_MMAP_THRESHOLD_": str(2**20)}
     with tempfile.TemporaryDirectory(prefix="lorafid-bench-behave-") as work:
+        env["LORAFID_HOME"] = str(Path(work) / "home")  # the direction cache of this run only
         base, tuned = write_pair(Path(work), args, args.layers)
         for name, content in build_tokenizer().items():
             (tuned / name).write_bytes(content)
@@ -76,6 +80,10 @@ def main() -> None:
             "--max-tokens", str(args.words + 2), "--threads", str(args.threads), "--device", args.device,
             "--quiet", "--out", str(out),
         ]  # fmt: skip
+        if args.direction_cache == "off":
+            behave.append("--no-direction-cache")
+        else:
+            subprocess.run(behave, check=True, env=env, capture_output=True)  # untimed: fills the cache
         plain = [sys.executable, "-c", _PLAIN, str(base), str(tuned), str(prompts), str(args.words + 2), args.device]
         seconds, _ = interleaved(
             {
@@ -86,7 +94,8 @@ def main() -> None:
         )
     print(
         f"hidden {args.hidden} · {args.layers} layers · {args.prompts} prompts x ~{args.words} tokens · "
-        f"{args.threads} threads · {args.repeats} interleaved rounds · 4 variants / 4 forwards per prompt"
+        f"{args.threads} threads · {args.repeats} interleaved rounds · 4 variants / 4 forwards per prompt · "
+        f"direction cache {args.direction_cache}"
     )
     print(f"lorafid behave process: {spread(seconds['lorafid behave'], ' s')}")
     print(f"plain transformers process: {spread(seconds['plain'], ' s')}")

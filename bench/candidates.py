@@ -17,6 +17,12 @@ issue's target is ≤ 1.2× at hidden ≥ 1024. Also printed: the streamed side'
 (``ForwardStats.decompose_s``), and the ratio with that fixed per-matrix cost taken out.
 ``--provider-grid`` runs the provider check's default candidates instead (a full-grid pass):
 the decompositions are shared by more candidates, as in a real check.
+
+``--direction-cache`` says where the streamed side's directions come from: ``off`` (default:
+every round decomposes every matrix, a first check of the pair), ``fill`` (every round starts
+from an empty ``DirectionCache``: decomposes, hashes both tensors and writes each entry: what the
+cache adds to a first check), ``warm`` (a cache filled by an untimed run before the rounds: a
+later check of the same pair).
 """
 
 from __future__ import annotations
@@ -54,11 +60,13 @@ def main() -> None:
         help="instead, the provider check's default candidates (its ranks below the full rank in both serving "
         "modes, the fine-tune, its 8-bit and int4 copies, the base), as one full-grid pass scores them",
     )
+    parser.add_argument("--direction-cache", choices=("off", "fill", "warm"), default="off")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
+    from lorafid.behaviour.direction_cache import DirectionCache
     from lorafid.behaviour.forward import ForwardConfig, LayerStream
     from lorafid.behaviour.variants import BASE, FINETUNE, served
 
@@ -79,8 +87,17 @@ def main() -> None:
         stats: dict[str, Any] = {}
         decompose_s: list[float] = []  # per round
 
+        rounds = iter(range(10**6))
+
+        def cache() -> DirectionCache | None:
+            if args.direction_cache == "off":
+                return None
+            name = "warm" if args.direction_cache == "warm" else f"fill-{next(rounds)}"  # fill: empty each round
+            return DirectionCache(Path(work) / "directions" / name)
+
         def streamed() -> None:
-            with LayerStream(str(base), str(tuned), ForwardConfig(device=args.device)) as stream:
+            config = ForwardConfig(device=args.device, direction_cache=cache())
+            with LayerStream(str(base), str(tuned), config) as stream:
                 for _ in stream.logprobs(ids.tolist(), variants):
                     pass
                 stats["compute_s"], stats["elapsed_s"] = stream.stats.compute_s, stream.stats.elapsed_s
@@ -92,11 +109,15 @@ def main() -> None:
                     for row in ids:
                         torch.log_softmax(model(row[None].to(device)).logits.float(), -1).cpu()
 
+        if args.direction_cache == "warm":
+            streamed()  # untimed: fills the cache the rounds read
+            decompose_s.clear()
         seconds, _ = interleaved({"streamed": streamed, "plain": plain}, args.repeats, device)
     names = ", ".join(v.name for v in variants)
     print(
         f"hidden {args.hidden} · {args.layers} layers · {args.texts} texts x {args.tokens} tokens · "
-        f"{torch.get_num_threads()} threads · {args.repeats} interleaved rounds · variants: {names}"
+        f"{torch.get_num_threads()} threads · {args.repeats} interleaved rounds · direction cache "
+        f"{args.direction_cache} · variants: {names}"
     )
     print(f"streamed, {len(variants)} variants: {spread(seconds['streamed'], ' s')}")
     print(f"plain transformers x {len(variants)}: {spread(seconds['plain'], ' s')}")
