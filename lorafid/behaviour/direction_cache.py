@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -156,6 +157,21 @@ class DirectionCache:
             self._evict()
         except OSError as error:
             log.warning("Direction cache: could not keep an entry in %s (%s).", self.directory, error)
+
+    def warn_if_too_small(self, needed: int) -> bool:
+        """Log (and return True) when a pair's directions, ``needed`` bytes, cannot all stay here:
+        its entries would push each other out, and a later check would decompose again."""
+        if needed <= self.cap_bytes:
+            return False
+        log.warning(
+            "The directions of this pair take %.1f GB, more than the direction cache's %.1f GB: a later check "
+            "will decompose again. Set %s=%d or more to keep them.",
+            needed / 1e9,
+            self.cap_bytes / 1e9,
+            CAP_ENVIRONMENT,
+            math.ceil(needed / 1e9),
+        )
+        return True
 
     def size_bytes(self) -> int:
         """Bytes of all entries now on disk."""

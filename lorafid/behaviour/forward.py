@@ -289,6 +289,8 @@ class LayerStream:
         self.stats = ForwardStats(
             tokens=sum(len(ids) for ids in texts), layers=plan.config.num_hidden_layers, variants_run=len(variants)
         )
+        self._weights.cached = 0  # counted per forward, as every other stat
+        self._warn_if_the_cache_is_too_small(variants)
         skeleton = meta_skeleton(plan.config)
         layers = plan.config.num_hidden_layers
         stages = layers + 2
@@ -548,6 +550,12 @@ class LayerStream:
 
     def _add_decompose_time(self, seconds: float) -> None:
         self.stats.decompose_s += seconds
+
+    def _warn_if_the_cache_is_too_small(self, variants: Sequence[Variant]) -> None:
+        cache = self.config.direction_cache
+        ranks = [v.rank for v in variants if v.kind == "served" and v.rank is not None]
+        if cache is not None and ranks:
+            cache.warn_if_too_small(self.direction_bytes(max(ranks)))
 
     def direction_bytes(self, rank: int) -> int:
         """What ``keep_directions`` holds once every carried matrix is decomposed up to ``rank``:

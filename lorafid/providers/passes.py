@@ -91,7 +91,7 @@ def score_in_passes(
                     break
             passes.variants_run += stream.stats.variants_run
             passes.bytes_read += stream.stats.bytes_read
-            passes.directions_cached = stream.stats.directions_cached  # counted over the stream's life
+            passes.directions_cached += stream.stats.directions_cached
             passes.passes += 1
             done = set(passes.scored) | set(todo)
             passes.scored = [n for n in every if n in done]

@@ -126,6 +126,25 @@ def test_a_damaged_entry_is_deleted_and_decomposed_again(
     assert len(entries(cache)) == matrices  # the three written again
 
 
+def test_each_forward_counts_its_own_cached_matrices_and_a_cache_too_small_for_the_pair_says_so(
+    pair: tuple[Path, Path], tmp_path: Path, decompositions: list[int], caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = DirectionCache(tmp_path / "directions")
+    with LayerStream(str(pair[0]), str(pair[1]), ForwardConfig(device="cpu", direction_cache=cache)) as stream:
+        list(stream.logprobs(TEXTS, VARIANTS))
+        assert stream.stats.directions_cached == 0
+        list(stream.logprobs(TEXTS, VARIANTS))  # nothing kept in the stream: the entries serve it
+        assert stream.stats.directions_cached == len(decompositions) > 0
+        needed = stream.direction_bytes(16)
+    assert "more than the direction cache" not in caplog.text
+    small = DirectionCache(tmp_path / "small", cap_bytes=needed // 2)
+    with caplog.at_level(logging.WARNING, logger="lorafid.behaviour.direction_cache"):
+        run(pair, small)
+    assert f"take {needed / 1e9:.1f} GB, more than the direction cache's" in caplog.text
+    assert "Set LORAFID_DIRECTION_CACHE_GB=1 or more" in caplog.text
+    assert small.size_bytes() <= small.cap_bytes
+
+
 def test_the_directory_stays_under_its_cap_dropping_the_least_recently_used(tmp_path: Path) -> None:
     entry_bytes = 64 * 8 * 4
     cache = DirectionCache(tmp_path / "directions", cap_bytes=3 * entry_bytes + 3 * 200)  # three, with headers
