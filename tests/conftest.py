@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import huggingface_hub.constants
 import pytest
@@ -18,6 +19,30 @@ def own_home(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathF
     """Nothing a test runs writes into the user's own lorafid home (the store, the direction cache),
     and no test sees what an earlier one left there. A test may set LORAFID_HOME itself after this."""
     monkeypatch.setenv("LORAFID_HOME", str(tmp_path_factory.mktemp("lorafid_home")))
+
+
+# -- Decompositions ------------------------------------------------------------------------
+
+
+class Decomposed(NamedTuple):
+    shape: tuple[int, ...]  # of Δ
+    max_rank: int
+
+
+@pytest.fixture
+def decompositions(monkeypatch: pytest.MonkeyPatch) -> list[Decomposed]:
+    """Every ``spectrum.decompose`` call the test makes, in order (the real one still runs)."""
+    from lorafid.audit import spectrum
+
+    calls: list[Decomposed] = []
+    decompose = spectrum.decompose
+
+    def recorded(base: Any, finetune: Any, max_rank: int) -> Any:
+        calls.append(Decomposed(tuple(base.shape), max_rank))
+        return decompose(base, finetune, max_rank)
+
+    monkeypatch.setattr(spectrum, "decompose", recorded)
+    return calls
 
 
 # -- Hub server ----------------------------------------------------------------------------

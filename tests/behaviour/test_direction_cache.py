@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import torch
 
-from lorafid.audit import spectrum as sp
 from lorafid.behaviour.direction_cache import CachedDirections, DirectionCache, cap_gigabytes
 from lorafid.behaviour.forward import ForwardConfig, LayerStream
 from lorafid.behaviour.variants import BASE, FINETUNE, served
@@ -36,20 +35,6 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return write_model(family.base, root / "base"), write_model(family.full, root / "full")
 
 
-@pytest.fixture
-def decompositions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The ranks ``spectrum.decompose`` was asked for, one per call."""
-    calls: list[int] = []
-    decompose = sp.decompose
-
-    def counting(base: torch.Tensor, finetune: torch.Tensor, max_rank: int) -> Any:
-        calls.append(max_rank)
-        return decompose(base, finetune, max_rank)
-
-    monkeypatch.setattr(sp, "decompose", counting)
-    return calls
-
-
 def run(pair: tuple[Path, Path], cache: DirectionCache | None, variants: list[Any] = VARIANTS) -> tuple[Any, Any]:
     """Log-probabilities of every text and variant, and the forward's stats."""
     with LayerStream(str(pair[0]), str(pair[1]), ForwardConfig(device="cpu", direction_cache=cache)) as stream:
@@ -62,7 +47,7 @@ def entries(cache: DirectionCache) -> list[Path]:
 
 
 def test_a_second_forward_of_a_pair_decomposes_nothing_and_gives_the_same_numbers(
-    pair: tuple[Path, Path], tmp_path: Path, decompositions: list[int]
+    pair: tuple[Path, Path], tmp_path: Path, decompositions: list[Any]
 ) -> None:
     uncached, _ = run(pair, None)
     matrices = len(decompositions)
@@ -82,18 +67,18 @@ def test_a_second_forward_of_a_pair_decomposes_nothing_and_gives_the_same_number
 
 
 def test_an_entry_serves_lower_ranks_and_is_replaced_for_higher_ones(
-    pair: tuple[Path, Path], tmp_path: Path, decompositions: list[int]
+    pair: tuple[Path, Path], tmp_path: Path, decompositions: list[Any]
 ) -> None:
     cache = DirectionCache(tmp_path / "directions")
     run(pair, cache, [FINETUNE, served(8)])
-    assert set(decompositions) == {8}
+    assert {call.max_rank for call in decompositions} == {8}
     decompositions.clear()
     _, stats = run(pair, cache, [FINETUNE, served(4)])  # rank 4 is within the 8 kept
     assert decompositions == [] and stats.directions_cached > 0
     reference, _ = run(pair, None, [FINETUNE, served(12)])
     decompositions.clear()
     higher, stats = run(pair, cache, [FINETUNE, served(12)])  # more than kept: decomposed again
-    assert set(decompositions) == {12} and stats.directions_cached == 0
+    assert {call.max_rank for call in decompositions} == {12} and stats.directions_cached == 0
     for name in ("rank-12",):
         assert all(torch.equal(higher[t][name], reference[t][name]) for t in reference)
     decompositions.clear()
@@ -102,7 +87,7 @@ def test_an_entry_serves_lower_ranks_and_is_replaced_for_higher_ones(
 
 
 def test_a_damaged_entry_is_deleted_and_decomposed_again(
-    pair: tuple[Path, Path], tmp_path: Path, decompositions: list[int], caplog: pytest.LogCaptureFixture
+    pair: tuple[Path, Path], tmp_path: Path, decompositions: list[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     cache = DirectionCache(tmp_path / "directions")
     reference, _ = run(pair, cache)
@@ -127,7 +112,7 @@ def test_a_damaged_entry_is_deleted_and_decomposed_again(
 
 
 def test_each_forward_counts_its_own_cached_matrices_and_a_cache_too_small_for_the_pair_says_so(
-    pair: tuple[Path, Path], tmp_path: Path, decompositions: list[int], caplog: pytest.LogCaptureFixture
+    pair: tuple[Path, Path], tmp_path: Path, decompositions: list[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     cache = DirectionCache(tmp_path / "directions")
     with LayerStream(str(pair[0]), str(pair[1]), ForwardConfig(device="cpu", direction_cache=cache)) as stream:

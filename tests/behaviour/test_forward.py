@@ -147,23 +147,15 @@ def test_decomposition_time_is_counted_apart_within_compute(llama_dirs: dict[str
 
 
 def test_state_dicts_after_a_kept_forward_reuse_its_directions(
-    llama_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    llama_dirs: dict[str, Path], decompositions: list[Any]
 ) -> None:
     """With ``keep_reads`` the forward keeps each matrix's directions: the pass that builds whole
     models for generation decomposes nothing again, and its weights equal a fresh stream's."""
-    from lorafid.audit import spectrum as sp
-
     variants = [FINETUNE, served(3), served(16, keep_extras=True)]
     with LayerStream(str(llama_dirs["base"]), str(llama_dirs["full"])) as fresh:
         expected = dict(fresh.state_dicts(variants))
-    calls: list[int] = []
-    decompose = sp.decompose
-
-    def counting(base: torch.Tensor, finetune: torch.Tensor, max_rank: int) -> Any:
-        calls.append(max_rank)
-        return decompose(base, finetune, max_rank)
-
-    monkeypatch.setattr(sp, "decompose", counting)
+    calls = decompositions
+    calls.clear()
     with LayerStream(str(llama_dirs["base"]), str(llama_dirs["full"])) as stream:
         stream.keep_reads = True
         list(stream.logprobs(TEXTS, variants))
@@ -350,21 +342,11 @@ def identity_block(kernel: Any, config: Any, layer: int, weights: Any, hidden: l
 
 
 def test_ranks_at_or_above_full_rank_are_the_finetune_and_run_once(
-    llama_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    llama_dirs: dict[str, Path], decompositions: list[Any]
 ) -> None:
     """Full rank 48 (k/v: 24). Rank 24 serves k/v whole and decomposes only the 48-wide matrices;
     ranks ≥ 48 decompose nothing; rank-64+extras IS the fine-tune and rank-100 is rank-48's twin:
     neither runs again, and all match whole-model references."""
-    from lorafid.audit import spectrum as sp
-
-    asked: list[tuple[int, int]] = []
-    decompose = sp.decompose
-
-    def recording(base: torch.Tensor, finetune: torch.Tensor, max_rank: int) -> Any:
-        asked.append((min(base.shape), max_rank))
-        return decompose(base, finetune, max_rank)
-
-    monkeypatch.setattr(sp, "decompose", recording)
     family = model_family("llama", 2)
     variants = [FINETUNE, served(24), served(48), served(64, keep_extras=True), served(100)]
     with LayerStream(str(llama_dirs["base"]), str(llama_dirs["full"])) as stream:
@@ -372,6 +354,7 @@ def test_ranks_at_or_above_full_rank_are_the_finetune_and_run_once(
         assert stream.twins(variants) == {"rank-64+extras": "finetune", "rank-100": "rank-48"}
         streamed = dict(stream.logprobs(TEXTS, variants))
         assert stream.stats.variants_run == 3
+    asked = [(min(call.shape), call.max_rank) for call in decompositions]
     assert asked and all(rank < k for k, rank in asked)  # k/v (24) served whole, never decomposed
     assert {k for k, _ in asked} == {48}
     states = {
@@ -384,10 +367,10 @@ def test_ranks_at_or_above_full_rank_are_the_finetune_and_run_once(
     for i in range(len(TEXTS)):
         assert torch.equal(streamed[i]["rank-64+extras"], streamed[i]["finetune"])
         assert torch.equal(streamed[i]["rank-100"], streamed[i]["rank-48"])
-    asked.clear()
+    decompositions.clear()
     with LayerStream(str(llama_dirs["base"]), str(llama_dirs["full"])) as stream:
         list(stream.logprobs(TEXTS[:1], [FINETUNE, served(48)]))
-    assert asked == []  # every matrix whole: nothing to decompose
+    assert decompositions == []  # every matrix whole: nothing to decompose
 
 
 def test_hooked_variants_are_never_twins(llama_dirs: dict[str, Path]) -> None:

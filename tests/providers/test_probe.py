@@ -996,14 +996,19 @@ def test_a_model_named_with_its_revision_is_checked_at_the_commit_the_plan_resol
 
 
 def test_a_large_local_pair_is_refined_reading_its_files_again_and_decomposing_once(
-    hub: Any, pair: tuple[str, str], family: Any, serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hub: Any,
+    pair: tuple[str, str],
+    family: Any,
+    serve: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    decompositions: list[Any],
 ) -> None:
     """Models too large to keep between passes but read from local files: the refined grid runs
     anyway, each pass reads the files again (the disk, not the network), and the Δ directions of
     the first pass (up to the grid's largest rank) serve every later one: no matrix is
     decomposed twice. The verdict and distances are the full grid's. Fails if such a pair is
     scored in one pass (the Hub rule applied to local files) or a later pass decomposes again."""
-    import lorafid.audit.spectrum as spectrum
     import lorafid.providers.passes as passes_module
     from tests.llama_models import write_model
 
@@ -1012,20 +1017,13 @@ def test_a_large_local_pair_is_refined_reading_its_files_again_and_decomposing_o
     texts = _texts(server)
     full = run_to_end(_probe(hub, local, server, texts, full_grid=True))
     monkeypatch.setattr(passes_module, "KEEP_READS_BYTES", 1)  # too large to keep the weights
-    decomposed: list[str] = []
-    real = spectrum.decompose
-
-    def counted(base: torch.Tensor, finetune: torch.Tensor, max_rank: int) -> Any:
-        decomposed.append(f"{tuple(base.shape)}@{max_rank}")
-        return real(base, finetune, max_rank)
-
-    monkeypatch.setattr(spectrum, "decompose", counted)
+    decompositions.clear()
     refined = run_to_end(_probe(hub, local, server, texts))
     passes = refined.settings["passes"]
     assert passes > 1 and refined.settings["forward_equivalents"] < full.settings["forward_equivalents"]
     assert refined.settings["weight_bytes_read"] == passes * full.settings["weight_bytes_read"]
     carried = 7 * 2  # q, k, v, o, gate, up, down in each of the 2 blocks
-    assert len(decomposed) == carried, decomposed  # the first pass only, at the grid's largest rank
+    assert len(decompositions) == carried, decompositions  # the first pass only, at the grid's largest rank
     same = ("closest", "matches", "consistent", "rank_range")
     assert {k: getattr(refined.verdict, k) for k in same} == {k: getattr(full.verdict, k) for k in same}
     for name, candidate in refined.candidates.items():
@@ -1039,12 +1037,11 @@ def test_a_large_local_pair_is_refined_reading_its_files_again_and_decomposing_o
 
 
 def test_a_second_probe_of_a_pair_takes_its_directions_from_the_cache_with_the_same_verdict(
-    hub: Any, pair: tuple[str, str], serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hub: Any, pair: tuple[str, str], serve: Any, tmp_path: Path, decompositions: list[Any]
 ) -> None:
     """With a direction cache, a second probe of the pair (another provider, another day) decomposes
     no matrix: every direction comes from the first probe's entries, and the verdict and distances
     are the first's. Fails if the probe does not hand its cache to the forward."""
-    import lorafid.audit.spectrum as spectrum
     from lorafid.behaviour.direction_cache import DirectionCache
 
     server = serve("rank-12")
@@ -1054,16 +1051,9 @@ def test_a_second_probe_of_a_pair_takes_its_directions_from_the_cache_with_the_s
     carried = 7 * 2  # q, k, v, o, gate, up, down in each of the 2 blocks
     assert first.settings["matrices_from_direction_cache"] == 0
     assert len(list(cache.directory.glob("*.safetensors"))) == carried
-    decomposed: list[int] = []
-    real = spectrum.decompose
-
-    def counted(base: torch.Tensor, finetune: torch.Tensor, max_rank: int) -> Any:
-        decomposed.append(max_rank)
-        return real(base, finetune, max_rank)
-
-    monkeypatch.setattr(spectrum, "decompose", counted)
+    decompositions.clear()
     second = run_to_end(_probe(hub, pair, server, texts, direction_cache=cache))
-    assert decomposed == [] and second.settings["matrices_from_direction_cache"] == carried
+    assert decompositions == [] and second.settings["matrices_from_direction_cache"] == carried
     same = ("closest", "matches", "consistent", "rank_range", "sentence")
     assert {k: getattr(second.verdict, k) for k in same} == {k: getattr(first.verdict, k) for k in same}
     for name, candidate in second.candidates.items():
