@@ -124,6 +124,8 @@ class DirectionCache:
             return None
         try:
             found = self._read(path)
+        except FileNotFoundError:
+            return None  # evicted meanwhile by another check
         except (OSError, SafetensorError, ValueError) as error:
             log.warning("Direction cache: %s is damaged (%s); it is deleted and decomposed again.", path.name, error)
             path.unlink(missing_ok=True)

@@ -152,7 +152,7 @@ def test_the_directory_stays_under_its_cap_dropping_the_least_recently_used(tmp_
     assert small.size_bytes() == 0
 
 
-def test_an_entry_is_used_only_for_its_side_length_and_rank(tmp_path: Path) -> None:
+def test_an_entry_is_used_only_for_its_side_length_and_rank(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cache = DirectionCache(tmp_path / "directions")
     key = DirectionCache.key(torch.ones(6, 4), torch.zeros(6, 4))
     cache.store(key, CachedDirections(torch.eye(4)[:, :2], "right", "float32-refined"))
@@ -160,6 +160,19 @@ def test_an_entry_is_used_only_for_its_side_length_and_rank(tmp_path: Path) -> N
     assert found is not None and found.solver == "float32-refined" and torch.equal(found.vectors, torch.eye(4)[:, :2])
     assert cache.load(key, 3, 4, "right") is None  # only 2 kept
     assert cache.load(key, 2, 6, "right") is None and cache.load(key, 2, 4, "left") is None
+    evicted = DirectionCache.key(torch.ones(6, 4), torch.full((6, 4), 2.0))
+    cache.store(evicted, CachedDirections(torch.eye(4)[:, :2], "right", "float64"))
+    path = cache.directory / f"{evicted}.safetensors"
+    real_read = DirectionCache._read
+
+    def deleted_first(at: Path) -> CachedDirections:  # another check evicts it between the two steps
+        at.unlink()
+        return real_read(at)
+
+    with pytest.MonkeyPatch.context() as patch, caplog.at_level(logging.WARNING):
+        patch.setattr(DirectionCache, "_read", staticmethod(deleted_first))
+        assert cache.load(evicted, 2, 4, "right") is None and not path.exists()
+    assert "damaged" not in caplog.text  # gone, not damaged
     unchanged = DirectionCache.key(torch.ones(6, 4), torch.ones(6, 4))
     cache.store(unchanged, CachedDirections(torch.zeros(4, 0), "right", "float64"))  # Δ = 0: no directions
     found = cache.load(unchanged, 3, 4, "right")
