@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +154,7 @@ class LayerStream:
         self._plan: ModelPlan | None = None
         self._held: dict[str, int] = {}  # what is materialised now, by purpose: bytes
         self._readers: ThreadPoolExecutor | None = None
+        self._ahead: ThreadPoolExecutor | None = None  # reads the next stage's tensors (``_read_ahead``)
         # Set before a forward whose weights ``state_dicts`` will want next (generation when the
         # models fit): every tensor read is kept, so that each model is read once in all.
         self.keep_reads = False
@@ -177,6 +178,11 @@ class LayerStream:
         self.close()
 
     def close(self) -> None:
+        # A read ahead may be in flight (a stopped check): its queued tensor reads are cancelled and
+        # only those already running are waited for, as before there was a read ahead.
+        if self._ahead is not None:
+            self._ahead.shutdown(wait=False, cancel_futures=True)
+            self._ahead = None
         if self._readers is not None:
             self._readers.shutdown(wait=True, cancel_futures=True)
             self._readers = None
@@ -301,9 +307,19 @@ class LayerStream:
         groups = _length_groups(texts, _GROUP_TOKENS)
         where = {i: (g, row) for g, group in enumerate(groups) for row, i in enumerate(group)}
 
+        # Each stage's tensors are read while the stage before runs (``_read_ahead``): over the
+        # network, reading and computing overlap instead of adding up.
+        head = "model.embed_tokens.weight" if _head_is_embedding(plan) else "lm_head.weight"
+        norm = "model.norm.weight"
+        stage_names = [
+            *({n for n in plan.finetune_tensors if n.startswith(f"model.layers.{layer}.")} for layer in range(layers)),
+            {norm} if _head_is_embedding(plan) else {norm, head},
+        ]
+
         # Stage 1: embeddings -> hidden states of every (variant, group of texts).
         embed = "model.embed_tokens.weight"
         raw = self._read({embed}, variants)
+        ahead = self._read_ahead(stage_names[0], variants)
         hidden: dict[str, list[torch.Tensor]] = {}
 
         def embed_all(raw: dict[str, dict[str, torch.Tensor]] = raw) -> None:
@@ -331,8 +347,8 @@ class LayerStream:
         # Stages 2..N+1: one block at a time, every variant through it.
         for layer in range(layers):
             prefix = f"model.layers.{layer}."
-            names = {n for n in plan.finetune_tensors if n.startswith(prefix)}
-            raw = self._read(names, variants)
+            raw = self._accept(*ahead.result())
+            ahead = self._read_ahead(stage_names[layer + 1], variants)
             if tied_embedding is not None:  # held through the blocks, for the head: counted too
                 self._hold("tied embedding", [t for tensors in tied_embedding.values() for t in tensors.values()])
             block = skeleton.model.layers[layer]
@@ -383,9 +399,7 @@ class LayerStream:
             self._held.clear()
 
         # Stage N+2: final norm and head, text by text, all variants at once.
-        head = "model.embed_tokens.weight" if _head_is_embedding(plan) else "lm_head.weight"
-        norm = "model.norm.weight"
-        raw = self._read({norm} if tied_embedding else {norm, head}, variants)
+        raw = self._accept(*ahead.result())
         if tied_embedding is not None:  # kept from stage 1: read once
             for side, tensors in tied_embedding.items():
                 raw[side].update(tensors)
@@ -502,11 +516,30 @@ class LayerStream:
 
     def _read(self, names: set[str], variants: Sequence[Variant]) -> dict[str, dict[str, torch.Tensor]]:
         """{"base": {name: tensor}, "finetune": {...}} for the sides some variant needs, read in parallel."""
+        out, jobs = self._reads(names, variants)
+        return self._accept(self._fetch(out, jobs), jobs)
+
+    def _read_ahead(self, names: set[str], variants: Sequence[Variant]) -> Future[Any]:
+        """Start ``_read`` of ``names`` on a thread of its own; ``_accept(*future.result())`` takes it.
+
+        Its bytes count as held from now on (``stats.peak_weight_bytes``): while one stage runs,
+        the next stage's tensors arrive beside it.
+        """
+        out, jobs = self._reads(names, variants)
+        self._held["read ahead"] = sum(job[3].size_bytes for job in jobs)
+        self.stats.peak_weight_bytes = max(self.stats.peak_weight_bytes, sum(self._held.values()))
+        if self._ahead is None:
+            self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafid-read-ahead")
+        return self._ahead.submit(lambda: (self._fetch(out, jobs), jobs))
+
+    def _reads(
+        self, names: set[str], variants: Sequence[Variant]
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], list[tuple[str, str, Source, TensorInfo]]]:
+        """What reading ``names`` takes: the tensors kept by an earlier pass, and the reads left to do."""
         plan = self.plan()
         base_source, finetune_source = self.sources_unchecked()
         need_base = any(v.kind != "finetune" for v in variants)
         need_finetune = any(v.kind != "base" for v in variants)
-        pin = self.device.type == "cuda"
         jobs: list[tuple[str, str, Source, TensorInfo]] = []
         out: dict[str, dict[str, torch.Tensor]] = {"base": {}, "finetune": {}}
         for name in sorted(names):
@@ -520,11 +553,25 @@ class LayerStream:
                     out[side][name] = self._kept[side][name]
                 else:
                     jobs.append((side, name, source, index[name]))
+        return out, jobs
+
+    def _fetch(
+        self, out: dict[str, dict[str, torch.Tensor]], jobs: list[tuple[str, str, Source, TensorInfo]]
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Run the reads (in parallel) into ``out``. Touches nothing else: it may run on the read-ahead thread."""
+        pin = self.device.type == "cuda"
         tensors = list(self._pool().map(lambda job: read_tensor(job[2], job[3], pin), jobs))
         for (side, name, _, _), tensor in zip(jobs, tensors, strict=True):
             out[side][name] = tensor
-            if self.keep_reads:
-                self._kept[side][name] = tensor
+        return out
+
+    def _accept(
+        self, out: dict[str, dict[str, torch.Tensor]], jobs: list[tuple[str, str, Source, TensorInfo]]
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Count what was read (bytes, memory held) and keep it where asked; returns ``out``."""
+        if self.keep_reads:
+            for side, name, _, _ in jobs:
+                self._kept[side][name] = out[side][name]
         self.stats.bytes_read += sum(job[3].size_bytes for job in jobs)
         self._held.clear()
         self._hold("read", [t for side in out.values() for t in side.values()])

@@ -170,6 +170,47 @@ def test_state_dicts_after_a_kept_forward_reuse_its_directions(
             assert torch.equal(tensor, expected[name][tensor_name]), (name, tensor_name)
 
 
+def test_each_stage_is_read_while_the_stage_before_runs(
+    llama_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over the network reading and computing overlap: the next block's tensors are read while this
+    block's variants are built and run. A weight hook on block 0 waits (at most 5 s) for a read of
+    block 1 to start: with blocks read one after another it never does before block 0 is done. The
+    results, the bytes read and the peak held (which counts the block read ahead) are checked too."""
+    import threading
+
+    import lorafid.behaviour.forward as forward_module
+
+    block_1_read = threading.Event()
+    real_read = forward_module.read_tensor
+
+    def reading(source: Any, info: Any, pin: bool = False) -> torch.Tensor:
+        if info.name.startswith("model.layers.1."):
+            block_1_read.set()
+        return real_read(source, info, pin)
+
+    seen_while_block_0_ran: list[bool] = []
+
+    def waiting(name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name.startswith("model.layers.0.") and not seen_while_block_0_ran:
+            seen_while_block_0_ran.append(block_1_read.wait(timeout=5))
+        return weight
+
+    with LayerStream(str(llama_dirs["base"]), str(llama_dirs["full"])) as stream:
+        expected = dict(stream.logprobs(TEXTS, [FINETUNE, served(3)]))
+        one_at_a_time = stream.stats
+    monkeypatch.setattr(forward_module, "read_tensor", reading)
+    hooked = Variant("finetune-hooked", "finetune", weight_hook=waiting)
+    with LayerStream(str(llama_dirs["base"]), str(llama_dirs["full"])) as stream:
+        got = dict(stream.logprobs(TEXTS, [hooked, served(3)]))
+        stats = stream.stats
+    assert seen_while_block_0_ran == [True]
+    assert stats.bytes_read == one_at_a_time.bytes_read
+    for i in expected:
+        assert torch.equal(got[i]["finetune-hooked"], expected[i]["finetune"])
+        assert torch.equal(got[i]["rank-3"], expected[i]["rank-3"])
+
+
 def test_weight_hook_sees_every_weight_of_its_variant(llama_dirs: dict[str, Path]) -> None:
     seen: list[str] = []
 
