@@ -5,13 +5,14 @@ comes from the fine-tune's ``config.json`` through ``transformers``, built on th
 (``accelerate.init_empty_weights``): it holds no weights. Then, for each block i, the block's
 tensors of both models are read from the same range-read sources as the audit, every
 variant's weights for that block are made from them, the hidden states of every text and
-every variant go through it, and the tensors are dropped before block i + 1 is read. One
-read of each model serves every variant; the Δ of each matrix is decomposed once
+every variant go through it, and the tensors are dropped once block i has run; block i + 1 is
+read while block i runs (on a thread of its own: over the network reading and computing overlap
+instead of adding up). One read of each model serves every variant; the Δ of each matrix is decomposed once
 (``spectrum.decompose``) for all asked ranks below its full rank (at or above it, a served
 matrix is the fine-tune's own), and a variant whose weights equal another's (a rank at or above
 the model's full rank: ``LayerStream.twins``) is not run again. Peak memory ≈ the two models'
-tensors of one block (or of the embedding / head, whichever is larger) + one variant's block +
-activations; with ``keep_reads`` (for generation after the forward) every tensor read is kept,
+tensors of one block and of the next (or of the embedding / head, whichever is larger) + one
+variant's block + activations; with ``keep_reads`` (for generation after the forward) every tensor read is kept,
 and each matrix's directions, so that ``state_dicts`` neither reads nor decomposes again.
 
 Variants (``variants.Variant``: the fine-tune, the base, a served extraction at rank r) and how
