@@ -17,7 +17,8 @@ and each matrix's directions, so that ``state_dicts`` neither reads nor decompos
 
 Variants (``variants.Variant``: the fine-tune, the base, a served extraction at rank r) and how
 each one's weights are built from the tensors read (``variants.VariantWeights``) are in
-``variants``; here the tensors are read, and the blocks run.
+``variants``; opening and checking the pair (``ModelPlan``) in ``model_plan``; here the tensors
+are read, and the blocks run.
 
 Blocks run through ``torch.func.functional_call`` on the meta skeleton: the module never owns
 a real tensor, so nothing has to be freed from it and two variants cannot mix weights. The
@@ -50,32 +51,26 @@ import torch
 
 from lorafid.audit import spectrum as sp
 from lorafid.audit.engine import resolve_device
-from lorafid.audit.pairing import is_embedding, match_names
-from lorafid.behaviour import model_limits
 from lorafid.behaviour.architecture import (
     block_masks,
     layer_types,
-    load_config,
     meta_skeleton,
-    parameter_names,
-    read_config_json,
     require_transformers,
     rotary_embedding,
 )
 from lorafid.behaviour.blocks import block_on_device
 from lorafid.behaviour.direction_cache import DirectionCache
+from lorafid.behaviour.model_plan import ModelPlan, carried_info, check_pair
 from lorafid.behaviour.variants import Variant, VariantWeights
 from lorafid.compute import ComputeHook
 from lorafid.errors import (
     LimitExceededError,
     LorafidError,
-    MissingModelFileError,
-    VocabularyMismatchError,
 )
 from lorafid.progress import Progress
-from lorafid.weights.safetensors_format import TensorInfo, header_cap
+from lorafid.weights.safetensors_format import TensorInfo
 from lorafid.weights.source import Source, open_source
-from lorafid.weights.tensors import read_tensor, tensor_indexes
+from lorafid.weights.tensors import read_tensor
 
 _READERS = 8  # tensors of one block read in parallel (each a range request on the Hub)
 # Most token positions in one block call (texts of one length run together): bounds the call's
@@ -130,16 +125,6 @@ class ForwardStats:
     directions_cached: int = 0  # matrices whose directions came from ``ForwardConfig.direction_cache``
     variants_run: int = 0  # variants whose blocks ran; a twin of another (``LayerStream.twins``) is not run again
     block_calls: int = 0  # block runs: one per (block, variant, group of texts of one length)
-
-
-@dataclass(frozen=True)
-class ModelPlan:
-    """Both models opened and checked, the architecture known: what a forward needs to start."""
-
-    config: Any  # the fine-tune's transformers config
-    base_tensors: dict[str, TensorInfo]  # model parameter name -> record in the base
-    finetune_tensors: dict[str, TensorInfo]
-    size_bytes: int  # weight bytes of both models
 
 
 class LayerStream:
@@ -199,7 +184,7 @@ class LayerStream:
         return self._sources
 
     def plan(self) -> ModelPlan:
-        """Open both sources, read headers and the config, check the pair. Idempotent.
+        """Open both sources, read headers and the config, check the pair (``model_plan.check_pair``). Idempotent.
 
         Raises:
             MissingModelFileError, UnsupportedArchitectureError, VocabularyMismatchError,
@@ -212,27 +197,13 @@ class LayerStream:
             open_source(spec, revision=rev, token=cfg.token, endpoint=cfg.endpoint, allow_local=cfg.allow_local)
             for spec, rev in zip(self._specs, (cfg.base_revision, cfg.finetune_revision), strict=True)
         )
-        base_source, finetune_source = self.sources_unchecked()
-        model_config = load_config(finetune_source)  # its size fields are bounded there
-        base_config = read_config_json(base_source)
-        cap = header_cap(cfg.max_tensors) if cfg.max_tensors else None  # a flood of tiny tensors: refused unread
-        base_raw, finetune_raw = tensor_indexes(base_source, finetune_source, max_header_bytes=cap)
-        # Every limit from the headers' byte counts, before the skeleton is built or a tensor read.
-        size = model_limits.check_headers(
+        self._plan = check_pair(
             self._specs,
-            (base_raw, finetune_raw),
-            model_config.num_hidden_layers,
+            self.sources_unchecked(),
             max_tensors=cfg.max_tensors,
             max_tensor_bytes=cfg.max_tensor_bytes,
             max_model_bytes=cfg.max_model_bytes,
         )
-        names = parameter_names(model_config)
-        finetune_tensors = _map_names(names, finetune_raw, model_config, where=finetune_source.describe())
-        base_tensors = _map_names(names, base_raw, model_config, where=base_source.describe(), head_may_be_tied=True)
-        if "lm_head.weight" in finetune_tensors and "lm_head.weight" not in base_tensors:
-            base_tensors["lm_head.weight"] = base_tensors["model.embed_tokens.weight"]  # a base with a tied head
-        _check_pair(model_config, base_config, base_tensors, finetune_tensors, self._specs)
-        self._plan = ModelPlan(model_config, base_tensors, finetune_tensors, size)
         return self._plan
 
     def sources_unchecked(self) -> tuple[Source, Source]:
@@ -310,11 +281,11 @@ class LayerStream:
 
         # Each stage's tensors are read while the stage before runs (``_read_ahead``): over the
         # network, reading and computing overlap instead of adding up.
-        head = "model.embed_tokens.weight" if _head_is_embedding(plan) else "lm_head.weight"
+        head = "model.embed_tokens.weight" if plan.head_is_embedding else "lm_head.weight"
         norm = "model.norm.weight"
         stage_names = [
             *({n for n in plan.finetune_tensors if n.startswith(f"model.layers.{layer}.")} for layer in range(layers)),
-            {norm} if _head_is_embedding(plan) else {norm, head},
+            {norm} if plan.head_is_embedding else {norm, head},
         ]
 
         # Stage 1: embeddings -> hidden states of every (variant, group of texts).
@@ -331,7 +302,7 @@ class LayerStream:
                 del weight
 
         self._compute(embed_all)
-        tied_embedding = raw if _head_is_embedding(plan) else None
+        tied_embedding = raw if plan.head_is_embedding else None
         del raw
         yield self._report(1, stages, started)
 
@@ -637,65 +608,6 @@ def stream_logprobs(
     """
     with LayerStream(base, finetune, config) as stream:
         yield from stream.logprobs(token_ids, variants)
-
-
-def _map_names(
-    names: list[str], tensors: Mapping[str, TensorInfo], config: Any, *, where: str, head_may_be_tied: bool = False
-) -> dict[str, TensorInfo]:
-    """Model parameter name -> the checkpoint's record, by exact name or under the wrapper prefix
-    that the audit's pairing learns from the two name sets ("model." added or dropped, ...).
-
-    A checkpoint with tied embeddings usually has no ``lm_head.weight``; it is left out here and
-    the head reads ``model.embed_tokens.weight``.
-    """
-    found = dict(match_names(names, tensors))
-    out = {name: tensors[found[name]] for name in names if name in found}
-    missing = [
-        n
-        for n in names
-        if n not in out
-        and not (n == "lm_head.weight" and (head_may_be_tied or getattr(config, "tie_word_embeddings", False)))
-    ]
-    if missing:
-        raise MissingModelFileError(
-            f"{where} lacks {len(missing)} weight(s) of a {config.model_type} model with this config.json, "
-            f"e.g. {missing[0]}. Is config.json the one of these weights?"
-        )
-    return out
-
-
-def _check_pair(
-    config: Any,
-    base_config: dict[str, Any] | None,
-    base: dict[str, TensorInfo],
-    finetune: dict[str, TensorInfo],
-    specs: tuple[str, str],
-) -> None:
-    """Refuse a base of another vocabulary or shape: its distributions are not comparable."""
-    base_vocab = base["model.embed_tokens.weight"].shape[0]
-    finetune_vocab = finetune["model.embed_tokens.weight"].shape[0]
-    config_vocab = (base_config or {}).get("vocab_size", base_vocab)
-    if base_vocab != finetune_vocab or config_vocab != config.vocab_size:
-        raise VocabularyMismatchError(
-            f"The base {specs[0]} has a vocabulary of {base_vocab} tokens and the fine-tune {specs[1]} of "
-            f"{finetune_vocab}: next-token distributions over different vocabularies cannot be compared. "
-            "Use the base the fine-tune was trained from (the weight audit compares the shared rows)."
-        )
-    for name, info in finetune.items():
-        if name in base and base[name].shape != info.shape:
-            raise MissingModelFileError(
-                f"{name} is {list(base[name].shape)} in the base and {list(info.shape)} in the fine-tune; "
-                "the two are not the same architecture."
-            )
-
-
-def _head_is_embedding(plan: ModelPlan) -> bool:
-    return "lm_head.weight" not in plan.finetune_tensors
-
-
-def carried_info(name: str, info: TensorInfo) -> bool:
-    """``variants.carried`` from a tensor's header record: a 2-D block matrix, not an embedding."""
-    return name.startswith("model.layers.") and len(info.shape) == 2 and not is_embedding(name)
 
 
 def _check_inputs(token_ids: Sequence[Sequence[int]], variants: Sequence[Variant], vocab_size: int) -> list[list[int]]:

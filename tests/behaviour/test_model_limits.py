@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lorafid.behaviour import architecture, forward
+from lorafid.behaviour import architecture, forward, model_plan
 from lorafid.behaviour.check import BehaviourCheck, BehaviourConfig
 from lorafid.behaviour.forward import ForwardConfig, LayerStream
 from lorafid.behaviour.variants import FINETUNE
@@ -61,7 +61,7 @@ def test_a_huge_config_field_is_refused_by_name_before_anything_is_built(
     family: Any, tmp_path: Path, nothing_built: list[str], monkeypatch: pytest.MonkeyPatch, field: str, value: int
 ) -> None:
     read_headers: list[int] = []
-    monkeypatch.setattr(forward, "tensor_indexes", lambda *a, **k: read_headers.append(1))
+    monkeypatch.setattr(model_plan, "tensor_indexes", lambda *a, **k: read_headers.append(1))
     base, tuned = _pair(family, tmp_path, **{field: value})
     with LayerStream(base, tuned) as stream, pytest.raises(LimitExceededError, match=rf"{field} is {value:,}, above"):
         stream.plan()
@@ -109,13 +109,13 @@ def test_a_tensor_limit_caps_the_header_length_before_it_is_fetched(
     from lorafid.weights.safetensors_format import header_cap
 
     asked: list[int | None] = []
-    real = forward.tensor_indexes
+    real = model_plan.tensor_indexes
 
     def indexes(*sources: Any, max_header_bytes: int | None = None) -> Any:
         asked.append(max_header_bytes)
         return real(*sources, max_header_bytes=max_header_bytes)
 
-    monkeypatch.setattr(forward, "tensor_indexes", indexes)
+    monkeypatch.setattr(model_plan, "tensor_indexes", indexes)
     base, tuned = _pair(family, tmp_path)
     with LayerStream(base, tuned, ForwardConfig(device="cpu", max_tensors=50)) as stream:
         stream.plan()
