@@ -48,12 +48,24 @@ def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=4)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_pair_arguments(parser)
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """What the candidates score: ``--texts`` random texts of ``--tokens`` tokens, ``--variants`` of them."""
     parser.add_argument("--texts", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--variants", type=int, default=4, help="fine-tune, base, then ranks 16, 64, 256, ...")
+
+
+def first_variants(count: int) -> list[Any]:
+    """The fine-tune, the base, then served ranks 16, 64, 256, ... (lora-only): ``count`` in all."""
+    from lorafid.behaviour.variants import BASE, FINETUNE, served
+
+    return [FINETUNE, BASE, *(served(16 * 4**i) for i in range(max(0, count - 2)))][:count]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_pair_arguments(parser)
+    add_workload_arguments(parser)
     parser.add_argument(
         "--provider-grid",
         action="store_true",
@@ -68,10 +80,9 @@ def main() -> None:
 
     from lorafid.behaviour.direction_cache import DirectionCache
     from lorafid.behaviour.forward import ForwardConfig, LayerStream
-    from lorafid.behaviour.variants import BASE, FINETUNE, served
 
     device = torch.device(args.device)
-    variants = [FINETUNE, BASE, *(served(16 * 4**i) for i in range(max(0, args.variants - 2)))][: args.variants]
+    variants = first_variants(args.variants)
     if args.provider_grid:
         from lorafid.providers.evidence import grid_within
         from lorafid.providers.logprob_probe import candidate_variants

@@ -25,7 +25,7 @@ import torch
 
 from bench.before_after import load_revision
 from bench.behaviour import write_pair
-from bench.candidates import add_pair_arguments
+from bench.candidates import add_pair_arguments, add_workload_arguments, first_variants
 from bench.capped_hub import serve_in_child
 from bench.timing import interleaved, ratios, spread
 
@@ -33,9 +33,7 @@ from bench.timing import interleaved, ratios, spread
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_pair_arguments(parser)
-    parser.add_argument("--texts", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--variants", type=int, default=4, help="fine-tune, base, then ranks 16, 64, 256, ...")
+    add_workload_arguments(parser)
     parser.add_argument("--mb-per-s", type=float, default=40.0, help="the Hub's aggregate rate (0: uncapped)")
     parser.add_argument("--direction-cache", choices=("off", "warm"), default="off")
     parser.add_argument("--rev", default="1bc7ae8", help="the forward without read-ahead (default 1bc7ae8)")
@@ -43,10 +41,9 @@ def main() -> None:
     args = parser.parse_args()
     from lorafid.behaviour import forward as current
     from lorafid.behaviour.direction_cache import DirectionCache
-    from lorafid.behaviour.variants import BASE, FINETUNE, served
 
     before = load_revision(args.rev, "lorafid/behaviour/forward.py")
-    variants = [FINETUNE, BASE, *(served(16 * 4**i) for i in range(max(0, args.variants - 2)))][: args.variants]
+    variants = first_variants(args.variants)
     ids = torch.randint(0, args.vocab, (args.texts, args.tokens), generator=torch.Generator().manual_seed(1)).tolist()
     with tempfile.TemporaryDirectory(prefix="lorafid-bench-read-ahead-") as work:
         base, tuned = write_pair(Path(work), args, args.layers)
