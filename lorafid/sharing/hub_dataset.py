@@ -109,6 +109,9 @@ class Registry:
         self._listing: tuple[float, list[RegistryEntry]] | None = None
         self._probes: tuple[float, list[dict[str, Any]]] | None = None
         self._down: tuple[float, str] | None = None  # (until, why) after a connection failure
+        # One download per file at a time: two downloads of one path into ``cache_dir`` race, and a
+        # reader could find the file gone between its download and its read.
+        self._downloading: dict[str, threading.Lock] = {}
 
     @property
     def url(self) -> str:
@@ -291,16 +294,22 @@ class Registry:
         """A file of the dataset, from the local cache or one download (None: missing, if allowed)."""
         local = self.cache_dir / path
         if not local.is_file():
-            self._check_up()
-            try:
-                self.api.hf_hub_download(self.repo_id, path, repo_type="dataset", local_dir=self.cache_dir)
-            except RemoteEntryNotFoundError as e:
-                if missing_ok:
-                    return None
-                raise RegistryError(f"{path} is missing from the registry {self.repo_id}.") from e
-            except NETWORK_ERRORS as e:
-                self._note_failure(e)
-                raise RegistryError(f"Could not download {path} from the registry {self.repo_id} ({reason(e)}).") from e
+            with self._lock:
+                downloading = self._downloading.setdefault(path, threading.Lock())
+            with downloading:
+                if not local.is_file():  # another reader may have fetched it meanwhile
+                    self._check_up()
+                    try:
+                        self.api.hf_hub_download(self.repo_id, path, repo_type="dataset", local_dir=self.cache_dir)
+                    except RemoteEntryNotFoundError as e:
+                        if missing_ok:
+                            return None
+                        raise RegistryError(f"{path} is missing from the registry {self.repo_id}.") from e
+                    except NETWORK_ERRORS as e:
+                        self._note_failure(e)
+                        raise RegistryError(
+                            f"Could not download {path} from the registry {self.repo_id} ({reason(e)})."
+                        ) from e
         return local.read_bytes()
 
 

@@ -659,6 +659,35 @@ def test_published_provider_check_shows_in_a_second_readers_table(hub: HubServer
     assert table_rows(other.entries(), hub_url="", registry=other, probes=[elsewhere])[0][column] == ""
 
 
+def test_readers_at_once_download_each_file_once_and_all_get_it(hub: HubServer, store: Store, tmp_path: Path) -> None:
+    """The dashboard reads the registry from several handlers at once (the results table, a
+    permalink, another visitor). Each file not yet cached is downloaded once and every reader
+    gets its bytes. Before, concurrent downloads of one path raced, and a reader could find the
+    file gone between its download and its read (FileNotFoundError, seen in a CI run)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    audited = run_audit(hub, store)
+    writer = RegistryWriter(registry(hub, tmp_path), tmp_path / "outbox", interval_s=3600)
+    writer.submit(audited)
+    path = writer.submit_probe(probe_document(audited))
+    writer.flush()
+    reader = registry(hub, tmp_path, token=False, name="reader-cache")
+    hub.clear_requests()
+    start = threading.Barrier(8)
+
+    def read_at_once(_: int) -> list[dict[str, Any]]:
+        start.wait()
+        return reader.probes(refresh=True)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        seen = list(pool.map(read_at_once, range(8)))
+    assert all(len(found) == 1 and found[0]["path"] == path for found in seen)
+    file_name = path.rsplit("/", 1)[-1]
+    downloads = [r for r in hub.requests_matching(method="GET", path_contains=file_name) if "/resolve/" in r.path]
+    assert len(downloads) == 1, [r.path for r in downloads]
+
+
 def test_provider_checks_of_gated_or_private_pairs_are_never_published(hub: HubServer, store: Store) -> None:
     public = run_audit(hub, store)
     gated = run_audit(hub, store, GATED, token="visitor-token")
