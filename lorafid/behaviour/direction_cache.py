@@ -2,9 +2,9 @@
 
 The behaviour check and the provider check serve every rank-r variant from the top directions
 of Δ = W_ft − W_base (``spectrum.decompose``). Finding them is a fixed cost per matrix, O(k³)
-whatever the number of tokens scored: at hidden 1024 on one CPU thread about 0.2 s a matrix,
-as much as 1.8× the forwards of a short check (BENCHMARKS.md, section 6e), and minutes per
-matrix for an 8B model on a CPU. Users run many checks of one pair (a provider check per
+whatever the number of tokens scored: on one CPU thread about 0.2 s a matrix at hidden 1024 (as
+much as 0.8× the forwards of a short check: BENCHMARKS.md, section 6e) and 9 s at 4096, roughly
+half an hour for the 224 matrices of an 8B model. Users run many checks of one pair (a provider check per
 provider, a behaviour check after it, the same provider on another day), so the directions
 are kept here between runs and every later check of the pair skips its decompositions.
 
