@@ -489,7 +489,7 @@ class LayerStream:
     def _read(self, names: set[str], variants: Sequence[Variant]) -> dict[str, dict[str, torch.Tensor]]:
         """{"base": {name: tensor}, "finetune": {...}} for the sides some variant needs, read in parallel."""
         out, jobs = self._reads(names, variants)
-        return self._accept(self._fetch(out, jobs), jobs)
+        return self._accept(self._fetch(out, jobs, self._pool()), jobs)
 
     def _read_ahead(self, names: set[str], variants: Sequence[Variant]) -> Future[Any]:
         """Start ``_read`` of ``names`` on a thread of its own; ``_accept(*future.result())`` takes it.
@@ -502,7 +502,10 @@ class LayerStream:
         self.stats.peak_weight_bytes = max(self.stats.peak_weight_bytes, sum(self._held.values()))
         if self._ahead is None:
             self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafid-read-ahead")
-        return self._ahead.submit(lambda: (self._fetch(out, jobs), jobs))
+        # The reader pool is taken here, on the main thread: a read ahead still starting when the
+        # stream is closed then fails on the closed pool instead of opening a new one.
+        pool = self._pool()
+        return self._ahead.submit(lambda: (self._fetch(out, jobs, pool), jobs))
 
     def _reads(
         self, names: set[str], variants: Sequence[Variant]
@@ -528,11 +531,15 @@ class LayerStream:
         return out, jobs
 
     def _fetch(
-        self, out: dict[str, dict[str, torch.Tensor]], jobs: list[tuple[str, str, Source, TensorInfo]]
+        self,
+        out: dict[str, dict[str, torch.Tensor]],
+        jobs: list[tuple[str, str, Source, TensorInfo]],
+        pool: ThreadPoolExecutor,
     ) -> dict[str, dict[str, torch.Tensor]]:
-        """Run the reads (in parallel) into ``out``. Touches nothing else: it may run on the read-ahead thread."""
+        """Run the reads (in parallel, on ``pool``) into ``out``. Touches nothing else: it may run on
+        the read-ahead thread."""
         pin = self.device.type == "cuda"
-        tensors = list(self._pool().map(lambda job: read_tensor(job[2], job[3], pin), jobs))
+        tensors = list(pool.map(lambda job: read_tensor(job[2], job[3], pin), jobs))
         for (side, name, _, _), tensor in zip(jobs, tensors, strict=True):
             out[side][name] = tensor
         return out

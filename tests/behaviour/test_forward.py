@@ -211,6 +211,42 @@ def test_each_stage_is_read_while_the_stage_before_runs(
         assert torch.equal(got[i]["rank-3"], expected[i]["rank-3"])
 
 
+def test_a_stream_closed_with_a_read_ahead_in_flight_leaves_no_reader_behind(
+    llama_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check stopped while block 1 is being read ahead: closing waits only for the reads already
+    running, opens no reader pool again, and leaves no reader thread alive."""
+    import threading
+
+    import lorafid.behaviour.forward as forward_module
+
+    reading_block_1, release = threading.Event(), threading.Event()
+    real_read = forward_module.read_tensor
+
+    def slow_block_1(source: Any, info: Any, pin: bool = False) -> torch.Tensor:
+        if info.name.startswith("model.layers.1."):
+            reading_block_1.set()
+            release.wait(timeout=10)
+        return real_read(source, info, pin)
+
+    monkeypatch.setattr(forward_module, "read_tensor", slow_block_1)
+    before = set(threading.enumerate())  # readers of other tests' streams are not this test's
+    stream = LayerStream(str(llama_dirs["base"]), str(llama_dirs["full"]))
+    events = stream.events(TEXTS, [FINETUNE, served(3)])
+    for event in events:  # into block 0: block 1 is being read ahead
+        if getattr(event, "stage", "") == "forward":
+            break
+    assert reading_block_1.wait(timeout=10)
+    events.close()
+    threading.Timer(0.3, release.set).start()
+    stream.close()
+    assert stream._readers is None and stream._ahead is None
+    readers = [t for t in set(threading.enumerate()) - before if t.name.startswith(("lorafid-forward", "lorafid-read"))]
+    for thread in readers:
+        thread.join(timeout=5)
+    assert [t.name for t in readers if t.is_alive()] == []
+
+
 def test_weight_hook_sees_every_weight_of_its_variant(llama_dirs: dict[str, Path]) -> None:
     seen: list[str] = []
 
