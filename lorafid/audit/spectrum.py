@@ -273,12 +273,19 @@ def decompose(base: torch.Tensor, finetune: torch.Tensor, max_rank: int) -> tupl
         del gram
     eigen_dtype = "float64" if solver == "float64" else "float32"
     spectrum = _spectrum(base.shape, eigenvalues.cpu().numpy(), stats, eigen_dtype)
-    side = "right" if delta.shape[0] >= delta.shape[1] else "left"
+    side = direction_side(delta.shape)
     if spectrum.unchanged:
         top = top[:, :0]  # Δ = 0: every rank-r truncation is 0, with no directions
     # Row-major, as directions read back from a file are: the product Δ·V_r then takes the same
     # kernel (and rounding) whether the directions are fresh or kept (``direction_cache``).
     return spectrum, Decomposition(delta=delta, vectors=top.contiguous(), side=side, solver=solver)
+
+
+def direction_side(shape: torch.Size | tuple[int, ...]) -> str:
+    """Which side of an m × n Δ the Gram matrix, and so the directions, are on: "right" (m ≥ n:
+    ΔᵀΔ, V of length n) or "left" (m < n: ΔΔᵀ, U of length m). Either way a direction has
+    min(m, n) entries."""
+    return "right" if shape[0] >= shape[1] else "left"
 
 
 REFINE_ERROR_BUDGET = 5e-7
@@ -461,7 +468,7 @@ def _gram_lower(delta: torch.Tensor) -> torch.Tensor:
     the diagonal are skipped, block by block: 1.55 s instead of 2.8 s for a 14336×4096 Δ
     on 2 CPU cores, with bit-identical entries. GPUs get the plain product (not measured).
     """
-    x = delta if delta.shape[0] >= delta.shape[1] else delta.T  # Gram = xᵀx, k×k
+    x = delta if direction_side(delta.shape) == "right" else delta.T  # Gram = xᵀx, k×k
     k = x.shape[1]
     if delta.device.type != "cpu" or k <= _GRAM_BLOCK:
         return x.T @ x

@@ -71,7 +71,8 @@ def cap_gigabytes(text: str | None) -> float:
 
 @dataclass(frozen=True)
 class CachedDirections:
-    """The top directions of one Δ as ``spectrum.Decomposition`` holds them."""
+    """The top directions of one Δ as ``spectrum.Decomposition`` holds them, found before: by an
+    earlier pass over the same weights (``VariantWeights.kept``) or an earlier run (this cache)."""
 
     vectors: torch.Tensor  # float32, k × rank, columns by decreasing σ; rank 0 means Δ = 0
     side: str  # "right" (V, n × r) or "left" (U, m × r)

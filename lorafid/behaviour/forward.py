@@ -148,7 +148,12 @@ class LayerStream:
         # With ``keep_reads``, each decomposed matrix's directions too (k × max rank, no Δ): the
         # pass of ``state_dicts`` rebuilds Δ from the kept reads instead of decomposing again.
         self._weights = VariantWeights(
-            self.device, self.config.dtype, self._hold, self._add_decompose_time, self.config.direction_cache
+            self.device,
+            self.config.dtype,
+            self._hold,
+            self._add_decompose_time,
+            self.config.direction_cache,
+            self._add_cached_directions,
         )
         # Set before passes that read the weights again (models too large to keep, read from local
         # files): the directions alone are kept, so no later pass decomposes again. With
@@ -267,7 +272,6 @@ class LayerStream:
         self.stats = ForwardStats(
             tokens=sum(len(ids) for ids in texts), layers=plan.config.num_hidden_layers, variants_run=len(variants)
         )
-        self._weights.cached = 0  # counted per forward, as every other stat
         self._warn_if_the_cache_is_too_small(variants)
         skeleton = meta_skeleton(plan.config)
         layers = plan.config.num_hidden_layers
@@ -435,7 +439,6 @@ class LayerStream:
                 for variant, weights in self._block_weights(variants, raw, prefix):
                     states[variant.name].update({prefix + n: t for n, t in weights.items()})
                 del raw
-        self.stats.directions_cached = self._weights.cached
         self.keep_reads = False
         self._kept = {"base": {}, "finetune": {}}  # every variant is built: the reads are done with
         self._weights.kept.clear()
@@ -458,7 +461,6 @@ class LayerStream:
         with torch.no_grad(), sp.exact_matmul():
             item = next(building)
         self.stats.compute_s += time.perf_counter() - started
-        self.stats.directions_cached = self._weights.cached
         return item
 
     def _progress(self, unit: int, units: int, started: float, where: str) -> ForwardProgress:
@@ -483,7 +485,11 @@ class LayerStream:
     def _hold(self, purpose: str, tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> None:
         """Record that these tensors are materialised now (for ``stats.peak_weight_bytes``)."""
         values = tensors.values() if isinstance(tensors, Mapping) else tensors
-        self._held[purpose] = sum(t.numel() * t.element_size() for t in values)
+        self._hold_bytes(purpose, sum(t.numel() * t.element_size() for t in values))
+
+    def _hold_bytes(self, purpose: str, size: int) -> None:
+        """Record that ``size`` bytes are held now for ``purpose`` (``_hold``, or bytes still arriving)."""
+        self._held[purpose] = size
         self.stats.peak_weight_bytes = max(self.stats.peak_weight_bytes, sum(self._held.values()))
 
     def _read(self, names: set[str], variants: Sequence[Variant]) -> dict[str, dict[str, torch.Tensor]]:
@@ -498,8 +504,7 @@ class LayerStream:
         the next stage's tensors arrive beside it.
         """
         out, jobs = self._reads(names, variants)
-        self._held["read ahead"] = sum(job[3].size_bytes for job in jobs)
-        self.stats.peak_weight_bytes = max(self.stats.peak_weight_bytes, sum(self._held.values()))
+        self._hold_bytes("read ahead", sum(job[3].size_bytes for job in jobs))
         if self._ahead is None:
             self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafid-read-ahead")
         # The reader pool is taken here, on the main thread: a read ahead still starting when the
@@ -576,6 +581,9 @@ class LayerStream:
 
     def _add_decompose_time(self, seconds: float) -> None:
         self.stats.decompose_s += seconds
+
+    def _add_cached_directions(self) -> None:
+        self.stats.directions_cached += 1
 
     def _warn_if_the_cache_is_too_small(self, variants: Sequence[Variant]) -> None:
         cache = self.config.direction_cache

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -83,16 +83,16 @@ class VariantWeights:
         hold: Callable[[str, Mapping[str, torch.Tensor] | Sequence[torch.Tensor]], None],
         timed: Callable[[float], None],
         cache: DirectionCache | None = None,
+        reused: Callable[[], None] = lambda: None,
     ) -> None:
         self.device, self.dtype = device, dtype
-        self._hold, self._timed = hold, timed
+        self._hold, self._timed, self._reused = hold, timed, reused
         self.cache = cache
-        self.kept: dict[str, tuple[torch.Tensor, str, str]] = {}  # name -> (vectors, side, solver)
-        self.cached = 0  # matrices whose directions came from ``cache``, not a decomposition
+        self.kept: dict[str, CachedDirections] = {}  # matrix name -> its directions, between passes
 
     def kept_vectors(self) -> list[torch.Tensor]:
         """The directions kept between passes (for the memory count)."""
-        return [vectors for vectors, _, _ in self.kept.values()]
+        return [kept.vectors for kept in self.kept.values()]
 
     def final(self, variant: Variant, name: str, tensor: torch.Tensor) -> torch.Tensor:
         weight = tensor.to(self.device, self.dtype, non_blocking=True)
@@ -150,35 +150,34 @@ class VariantWeights:
         directions found are kept for a later pass; with a cache, decomposed ones are stored."""
         kept = self.kept.get(name)
         # Enough directions kept, or none at all: Δ was zero (``decompose`` keeps none), at any rank.
-        if kept is not None and (kept[0].shape[1] >= max_rank or kept[0].shape[1] == 0):
-            return self._rebuilt(base, finetune, *kept)
-        key = self.cache.key(base, finetune) if self.cache is not None else None
-        if self.cache is not None and key is not None:
-            side = "right" if base.shape[0] >= base.shape[1] else "left"
-            found = self.cache.load(key, max_rank, int(base.shape[1] if side == "right" else base.shape[0]), side)
+        if kept is not None and (kept.vectors.shape[1] >= max_rank or kept.vectors.shape[1] == 0):
+            return self._rebuilt(base, finetune, kept)
+        cache = self.cache
+        key = cache.key(base, finetune) if cache is not None else ""
+        if cache is not None:
+            found = cache.load(key, max_rank, min(base.shape), sp.direction_side(base.shape))
             if found is not None:
-                self.cached += 1
-                vectors = found.vectors.to(self.device)
+                self._reused()
+                found = replace(found, vectors=found.vectors.to(self.device))
                 if keep:
-                    self.kept[name] = (vectors, found.side, found.solver)
-                return self._rebuilt(base, finetune, vectors, found.side, found.solver)
+                    self.kept[name] = found
+                return self._rebuilt(base, finetune, found)
         started = time.perf_counter()
         _, decomposition = sp.decompose(
             base.to(self.device, torch.float32), finetune.to(self.device, torch.float32), max_rank
         )
         self._timed(time.perf_counter() - started)
+        directions = CachedDirections(decomposition.vectors, decomposition.side, decomposition.solver)
         if keep:  # the directions only: Δ is rebuilt from the reads
-            self.kept[name] = (decomposition.vectors, decomposition.side, decomposition.solver)
-        if self.cache is not None and key is not None:
-            self.cache.store(key, CachedDirections(decomposition.vectors, decomposition.side, decomposition.solver))
+            self.kept[name] = directions
+        if cache is not None:
+            cache.store(key, directions)
         return decomposition
 
-    def _rebuilt(
-        self, base: torch.Tensor, finetune: torch.Tensor, vectors: torch.Tensor, side: str, solver: str
-    ) -> sp.Decomposition:
+    def _rebuilt(self, base: torch.Tensor, finetune: torch.Tensor, found: CachedDirections) -> sp.Decomposition:
         """Directions found before, with Δ rebuilt as ``decompose`` builds it (float32 W_ft − W_base)."""
         delta = finetune.to(self.device, torch.float32, copy=True).sub_(base.to(self.device, torch.float32))
-        return sp.Decomposition(delta=delta, vectors=vectors, side=side, solver=solver)
+        return sp.Decomposition(delta=delta, vectors=found.vectors, side=found.side, solver=found.solver)
 
     def block(
         self,
