@@ -60,6 +60,11 @@ class Transient(Exception):
         self.retry_after_s = retry_after_s
 
 
+def worth_retrying(status: int) -> bool:
+    """An HTTP status worth another try from the Hub or its CDN: 408, 429 or any 5xx."""
+    return status in (408, 429) or status >= 500
+
+
 def retry_after_s(value: str | None, *, now: float | None = None) -> float | None:
     """``Retry-After`` as seconds: a number or an HTTP date (RFC 9110). None when absent or unreadable."""
     if not value:

@@ -39,31 +39,25 @@ def quantizations(text: str) -> tuple[str, ...]:
 
 def positive_float(text: str) -> float:
     """An option's number above 0 (``--rate 0.5``)."""
-    return _positive(text, float, "a number", "more than 0")
+    return _number(text, float, "a number", "more than 0", lambda v: v > 0)
 
 
 def positive_int(text: str) -> int:
     """An option's whole number from 1 (``--concurrency 4``)."""
-    return _positive(text, int, "an integer", "at least 1")
+    return _number(text, int, "an integer", "at least 1", lambda v: v > 0)
 
 
 def non_negative_int(text: str) -> int:
     """An option's whole number from 0 (``--continuation-tokens 0``: none)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return value
+    return _number(text, int, "an integer", "0 or more", lambda v: v >= 0)
 
 
-def _positive(text: str, kind: Callable[[str], T], what: str, bound: str) -> T:
+def _number(text: str, kind: Callable[[str], T], what: str, bound: str, within: Callable[[T], bool]) -> T:
     try:
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-    if not value > 0:
+    if not within(value):  # also NaN for floats
         raise argparse.ArgumentTypeError(f"must be {bound}")
     return value
 

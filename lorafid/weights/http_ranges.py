@@ -33,7 +33,7 @@ import httpx2
 from huggingface_hub import get_session
 
 from lorafid.errors import FetchError
-from lorafid.retry import RetryPolicy, Transient, retry_after_s, with_retries
+from lorafid.retry import RetryPolicy, Transient, retry_after_s, with_retries, worth_retrying
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class RangeReader:
                 status = response.status_code
                 if status == 403:
                     raise _Expired()
-                if status in (408, 429) or status >= 500:
+                if worth_retrying(status):
                     raise Transient(f"HTTP {status}", retry_after_s(response.headers.get("Retry-After")))
                 if status == 200:
                     raise FetchError(

@@ -50,7 +50,7 @@ from lorafid.errors import (
     SafetensorsHeaderError,
 )
 from lorafid.names import is_commit_sha, is_repo_id
-from lorafid.retry import RetryPolicy, Transient, retry_after_s, with_retries
+from lorafid.retry import RetryPolicy, Transient, retry_after_s, with_retries, worth_retrying
 from lorafid.weights.http_ranges import RangeReader, RemoteFile
 from lorafid.weights.safetensors_format import (
     HEADER_BYTES_PER_TENSOR,
@@ -190,7 +190,7 @@ def model_info(api: HfApi, repo_id: str, revision: str | None, retry: RetryPolic
             return api.model_info(repo_id, revision=revision, timeout=30)
         except hf_errors.HfHubHTTPError as e:
             status = e.response.status_code if e.response is not None else None
-            if status in (408, 429) or (status is not None and status >= 500):
+            if status is not None and worth_retrying(status):
                 raise Transient(f"HTTP {status}", retry_after_s(e.response.headers.get("Retry-After"))) from e
             raise
         except httpx2.TransportError as e:
